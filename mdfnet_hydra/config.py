@@ -1,0 +1,326 @@
+"""Structured-config schema for every config group.
+
+Hydra merges `conf/**.yaml` on top of these dataclasses (the primary config lists `train_schema`
+first), so a misspelt key or a value of the wrong type fails at composition time with the offending
+key named, instead of an hour into a job. Each dataclass mirrors the module that consumes it.
+
+This module imports nothing heavy: the entry point registers the schema before torch is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+
+class Modality(str, Enum):
+    vision = "vision"
+    text = "text"
+    clinical = "clinical"
+
+
+class StageName(str, Enum):
+    stage1 = "stage1"
+    stage2 = "stage2"
+
+
+class UncertainPolicy(str, Enum):
+    ones = "ones"  # U-Ones: uncertain counts as positive
+    zeros = "zeros"  # U-Zeros: uncertain counts as negative
+    ignore = "ignore"  # U-Ignore: masked out of loss and metrics
+
+
+class BlankPolicy(str, Enum):
+    mask = "mask"  # "not mentioned" is masked out of loss and metrics
+    zeros = "zeros"  # "not mentioned" counts as negative (CheXpert convention)
+
+
+class VisionSource(str, Enum):
+    config = "config"  # build an open_clip image tower from `open_clip_config`, random weights
+    pretrained = "pretrained"  # load `name_or_path` (hf-hub:<id> or local-dir:<dir>)
+
+
+class TextSource(str, Enum):
+    config = "config"  # build from `model_config` with random weights, tokenizer trained on train text
+    pretrained = "pretrained"  # AutoModel / AutoTokenizer from a hub id or a local directory
+
+
+class TokenOutput(str, Enum):
+    tokens = "tokens"  # per-token states, pooled by the fusion's learned attention
+    pooled = "pooled"  # the encoder's own pooled embedding, one vector
+
+
+class FusionKind(str, Enum):
+    attention = "attention"  # transformer layer over one token per modality
+    concat = "concat"  # concatenation + MLP
+
+
+class LossName(str, Enum):
+    bce = "bce"
+    focal = "focal"
+    combined = "combined"
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class SchedulerName(str, Enum):
+    warmup_cosine = "warmup_cosine"
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 on CUDA where supported, else fp16 with a grad scaler; fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class CheckpointName(str, Enum):
+    best_mean = "best_mean"
+    best_auroc = "best_auroc"
+    best_rare = "best_rare"
+    last = "last"
+
+
+@dataclass
+class PathsConfig:
+    root: str = "outputs"
+    data_dir: str = "outputs/data"
+    run_dir: str = MISSING
+
+
+@dataclass
+class SyntheticConfig:
+    num_samples: int = 4000
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class LabelPolicyConfig:
+    uncertain: UncertainPolicy = UncertainPolicy.ignore
+    blank: BlankPolicy = BlankPolicy.mask
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    root: str = MISSING
+    manifest: str = "manifest.parquet"
+    # Set for the synthetic dataset: generated into `root` on first use.
+    synthetic: Optional[SyntheticConfig] = None
+    labels: LabelPolicyConfig = field(default_factory=LabelPolicyConfig)
+    # Keep at most this many samples per split (seeded subset): the seed's --use-small-sample.
+    small_sample: Optional[int] = None
+    num_workers: int = 0
+
+
+@dataclass
+class ModalityConfig:
+    name: str = MISSING
+    inputs: List[Modality] = MISSING
+
+
+@dataclass
+class VisionConfig:
+    name: str = MISSING
+    source: VisionSource = VisionSource.config
+    name_or_path: Optional[str] = None
+    # open_clip model config ({embed_dim, vision_cfg}) for source=config.
+    open_clip_config: Optional[Dict[str, Any]] = None
+    image_size: int = 224
+    mean: List[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: List[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    output: TokenOutput = TokenOutput.tokens
+
+
+@dataclass
+class TextConfig:
+    name: str = MISSING
+    source: TextSource = TextSource.config
+    name_or_path: Optional[str] = None
+    # transformers config kwargs (with `model_type`) for source=config.
+    model_config: Optional[Dict[str, Any]] = None
+    tokenizer_vocab_size: int = 1000
+    max_length: int = 128
+    output: TokenOutput = TokenOutput.tokens
+    pooling: str = "cls"  # for output=pooled: "cls" or "mean"
+
+
+@dataclass
+class ClinicalEncoderConfig:
+    hidden_dims: List[int] = field(default_factory=lambda: [512, 512, 512])
+    dropout: float = 0.1
+
+
+@dataclass
+class FusionConfig:
+    kind: FusionKind = FusionKind.attention
+    dim: int = 256
+    heads: int = 4
+    layers: int = 1
+    dropout: float = 0.3
+
+
+@dataclass
+class HeadConfig:
+    hidden_dim: int = 256
+    dropout1: float = 0.3
+    dropout2: float = 0.2
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    clinical: ClinicalEncoderConfig = field(default_factory=ClinicalEncoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    run: List[StageName] = MISSING
+    # A checkpoint whose weights (and fitted preprocessing) start the first phase of `run`.
+    init_from: Optional[str] = None
+
+
+@dataclass
+class PhaseConfig:
+    epochs: int = MISSING
+    warmup_epochs: int = 0
+    freeze_encoders: bool = MISSING
+    lr: float = MISSING  # fusion and head, unless lr_fusion / lr_head are set
+    lr_fusion: Optional[float] = None
+    lr_head: Optional[float] = None
+    lr_encoders: float = MISSING  # unused while encoders are frozen
+    early_stopping_patience: Optional[int] = None
+
+
+@dataclass
+class PhasesConfig:
+    stage1: PhaseConfig = field(default_factory=PhaseConfig)
+    stage2: PhaseConfig = field(default_factory=PhaseConfig)
+
+
+@dataclass
+class LossConfig:
+    name: LossName = LossName.combined
+    bce_weight: float = 0.7
+    focal_weight: float = 0.3
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.adamw
+    weight_decay: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    name: SchedulerName = SchedulerName.warmup_cosine
+    warmup_start_factor: float = 0.01
+    min_lr_ratio: float = 0.01
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_epochs: int = 5
+    keep_last: int = 3
+    # Labels averaged for `best_rare`; empty means the `num_rare` rarest in the training split.
+    rare_labels: List[str] = field(default_factory=list)
+    num_rare: int = 4
+    # Which best checkpoint a two-stage run hands to stage 2 and evaluates at the end.
+    select: CheckpointName = CheckpointName.best_mean
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Precision = Precision.auto
+    batch_size: int = 16
+    grad_accum: int = 2
+    max_grad_norm: Optional[float] = None
+    log_every_n_steps: int = 10
+    limit_train_batches: Optional[int] = None
+    limit_val_batches: Optional[int] = None
+    threshold: float = 0.5  # decision threshold for F1
+    eval_test: bool = True
+    resume: bool = True  # continue from checkpoints/last.pth when the stage directory has one
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    modality: ModalityConfig = field(default_factory=ModalityConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    phases: PhasesConfig = field(default_factory=PhasesConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def to_plain(node: Any) -> Any:
+    """A DictConfig / ListConfig as plain Python containers (resolved); anything else unchanged."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return node
+
+
+def register_configs() -> None:
+    """Store the schema so `conf/train.yaml` can list `train_schema` first in its defaults."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A composed config that is well-typed but cannot run; raised before any work starts."""
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks the schema cannot express. Fails at start, naming the key and what to pass instead."""
+    problems: list[str] = []
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        # a plain copy drops the node types that let `+key=value` slip past the schema
+        plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]))
+        OmegaConf.merge(schema, OmegaConf.create(plain))
+    except Exception as err:  # omegaconf's ConfigKeyError / ValidationError name the key
+        problems.append(f"config does not match the schema: {err}")
+    if OmegaConf.is_missing(cfg.data, "root"):
+        problems.append(f"data={cfg.data.name} needs data.root=<prepared dataset directory>")
+    inputs = list(cfg.modality.inputs)
+    if not inputs or len(set(inputs)) != len(inputs):
+        problems.append(f"modality.inputs must list distinct modalities from {[m.value for m in Modality]}, got {inputs}")
+    run = [StageName(s) for s in cfg.stage.run]
+    if run not in ([StageName.stage1], [StageName.stage2], [StageName.stage1, StageName.stage2]):
+        problems.append(f"stage.run must be [stage1], [stage2] or [stage1, stage2], got {[s.value for s in run]}")
+    from mdfnet_hydra.labels import CHEXPERT_LABELS
+
+    unknown = [name for name in cfg.trainer.checkpoint.rare_labels if name not in CHEXPERT_LABELS]
+    if unknown:
+        problems.append(f"trainer.checkpoint.rare_labels has unknown labels {unknown}; choose from {list(CHEXPERT_LABELS)}")
+    for key in ("batch_size", "grad_accum", "log_every_n_steps"):
+        if int(cfg.trainer[key]) < 1:
+            problems.append(f"trainer.{key} must be >= 1")
+    if min(cfg.loss.bce_weight, cfg.loss.focal_weight) < 0 or cfg.loss.bce_weight + cfg.loss.focal_weight <= 0:
+        problems.append("loss.bce_weight and loss.focal_weight must be >= 0 and not both 0")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,1 @@
+"""Prepared-dataset format, the synthetic generator, preprocessing and the torch Dataset."""

@@ -1,0 +1,49 @@
+"""Masked multi-label losses: BCE, sigmoid focal loss, and their weighted combination.
+
+Every term is summed over valid (mask = 1) label slots and divided by the number of label slots in
+the batch (batch x 14), masked slots counting as zero. A constant denominator keeps the loss of a
+batch split across DDP ranks equal to the mean of the ranks' losses.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mdfnet_hydra.config import LossConfig
+
+
+class LossTerms(NamedTuple):
+    total: torch.Tensor  # what is optimised: bce_weight * bce + focal_weight * focal
+    bce: torch.Tensor
+    focal: torch.Tensor
+
+
+def focal_elementwise(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """Sigmoid focal loss (Lin et al.): alpha_t (1 - p_t)^gamma BCE; alpha < 0 disables weighting."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = bce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
+class MultiLabelLoss(nn.Module):
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.bce_weight = float(cfg.bce_weight)
+        self.focal_weight = float(cfg.focal_weight)
+        self.alpha = float(cfg.focal_alpha)
+        self.gamma = float(cfg.focal_gamma)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> LossTerms:
+        logits = logits.float()
+        denominator = float(targets.numel())
+        bce = (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * mask).sum() / denominator
+        focal = (focal_elementwise(logits, targets, self.alpha, self.gamma) * mask).sum() / denominator
+        return LossTerms(self.bce_weight * bce + self.focal_weight * focal, bce, focal)

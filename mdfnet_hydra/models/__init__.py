@@ -1,0 +1,1 @@
+"""Encoders (vision, text, clinical), fusion, head and the assembled MDF-Net."""

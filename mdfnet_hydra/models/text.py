@@ -1,0 +1,112 @@
+"""Clinical text encoder: any transformers encoder (ModernBERT, BERT, RoBERTa) via AutoModel, or a
+test-size model built from a config with a WordPiece tokenizer trained on the training text."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from mdfnet_hydra.config import to_plain, TextConfig, TextSource, TokenOutput
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+class TextEncoder(nn.Module):
+    """(input_ids, attention_mask) -> (tokens (B, L, H), padding mask (B, L), True = padding)."""
+
+    def __init__(self, backbone: nn.Module, output: TokenOutput, pooling: str = "cls") -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.output = TokenOutput(output)
+        self.pooling = pooling
+        self.out_dim = backbone.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.output is TokenOutput.tokens:
+            return hidden, attention_mask == 0
+        if self.pooling == "mean":
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        else:
+            pooled = hidden[:, 0]
+        return pooled.unsqueeze(1), None
+
+
+def train_wordpiece(texts: Sequence[str], vocab_size: int):
+    """A BERT-style WordPiece tokenizer trained offline; deterministic for the same texts."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    tokenizer.train_from_iterator(list(texts), trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return _wrap(tokenizer)
+
+
+def tokenizer_from_json(serialised: str):
+    from tokenizers import Tokenizer
+
+    return _wrap(Tokenizer.from_str(serialised))
+
+
+def _wrap(tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def build_tokenizer(cfg: TextConfig, train_texts: Sequence[str], saved_json: Optional[str] = None):
+    """The tokenizer: loaded with the pretrained model, restored from a checkpoint, or trained."""
+    if cfg.source is TextSource.pretrained:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(_require_path(cfg))
+    if saved_json is not None:
+        return tokenizer_from_json(saved_json)
+    return train_wordpiece(train_texts, cfg.tokenizer_vocab_size)
+
+
+def serialise_tokenizer(cfg: TextConfig, tokenizer) -> Optional[str]:
+    """What a checkpoint must carry to rebuild the tokenizer (nothing for pretrained ones)."""
+    if cfg.source is TextSource.pretrained:
+        return None
+    return tokenizer.backend_tokenizer.to_str()
+
+
+def build_text_encoder(cfg: TextConfig, tokenizer) -> TextEncoder:
+    from transformers import AutoConfig, AutoModel
+
+    if cfg.source is TextSource.pretrained:
+        backbone = AutoModel.from_pretrained(_require_path(cfg), attn_implementation="sdpa")
+    else:
+        if not cfg.model_config:
+            raise ValueError(f"model.text '{cfg.name}': source=config needs model_config")
+        kwargs: dict[str, Any] = dict(to_plain(cfg.model_config))
+        model_type = kwargs.pop("model_type")
+        special = {f"{n}_token_id": tokenizer.convert_tokens_to_ids(t) for n, t in
+                   (("pad", "[PAD]"), ("cls", "[CLS]"), ("sep", "[SEP]"), ("bos", "[CLS]"), ("eos", "[SEP]"))}
+        config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **special, **kwargs)
+        backbone = AutoModel.from_config(config, attn_implementation="sdpa")
+    return TextEncoder(backbone, cfg.output, cfg.pooling)
+
+
+def _require_path(cfg: TextConfig) -> str:
+    if not cfg.name_or_path:
+        raise ValueError("model.text.name_or_path is required for source=pretrained")
+    return cfg.name_or_path
+

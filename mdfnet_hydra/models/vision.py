@@ -1,0 +1,122 @@
+"""Image encoder: an open_clip image tower (timm ViT trunk), built from a config or loaded from
+BiomedCLIP's open_clip files. Only the image tower is ever built: the text tower would need a
+second hub model we do not use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mdfnet_hydra.config import to_plain, TokenOutput, VisionConfig, VisionSource
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+class VisionEncoder(nn.Module):
+    """images (B, 3, H, W) -> tokens (B, N, width); N = 1 for the pooled embedding."""
+
+    def __init__(self, visual: nn.Module, output: TokenOutput) -> None:
+        super().__init__()
+        self.output = TokenOutput(output)
+        if self.output is TokenOutput.tokens:
+            # The CLS + patch tokens of the trunk; the open_clip projection head is not used.
+            self.trunk = visual.trunk
+            self.out_dim = visual.trunk.num_features
+        else:
+            self.visual = visual
+            self.out_dim = visual.head.proj.out_features if hasattr(visual.head, "proj") else visual.trunk.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.output is TokenOutput.tokens:
+            return self.trunk.forward_features(images)
+        return self.visual(images).unsqueeze(1)
+
+
+def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
+    from open_clip.model import _build_vision_tower
+
+    if cfg.source is VisionSource.config:
+        if not cfg.open_clip_config:
+            raise ValueError(f"model.vision '{cfg.name}': source=config needs open_clip_config")
+        model_cfg = to_plain(cfg.open_clip_config)
+        visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"])
+    else:
+        model_cfg, state = load_open_clip_files(cfg.name_or_path)
+        visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"])
+        tower = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        if not tower:
+            raise ValueError(f"{cfg.name_or_path}: the weights hold no 'visual.*' (image tower) keys")
+        visual.load_state_dict(tower, strict=True)
+    _set_input_size(visual, cfg.image_size)
+    return VisionEncoder(visual, cfg.output)
+
+
+def build_image_transform(cfg: VisionConfig) -> Callable:
+    """open_clip's eval transform (resize, centre crop, RGB, normalise) at the encoder's size."""
+    from open_clip.transform import image_transform
+
+    return image_transform(cfg.image_size, is_train=False, mean=tuple(cfg.mean), std=tuple(cfg.std))
+
+
+def load_open_clip_files(name_or_path: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read open_clip_config.json's model_cfg and the weights from `local-dir:<dir>` or `hf-hub:<id>`."""
+    if not name_or_path:
+        raise ValueError("model.vision.name_or_path is required for source=pretrained")
+    if name_or_path.startswith("local-dir:"):
+        directory = Path(name_or_path[len("local-dir:"):]).expanduser()
+        files = {p.name: p for p in directory.iterdir()} if directory.is_dir() else {}
+    elif name_or_path.startswith("hf-hub:"):
+        files = _hub_files(name_or_path[len("hf-hub:"):])
+    else:
+        raise ValueError(f"model.vision.name_or_path must start with 'hf-hub:' or 'local-dir:', got {name_or_path!r}")
+    if OPEN_CLIP_CONFIG not in files:
+        raise FileNotFoundError(f"{name_or_path}: no {OPEN_CLIP_CONFIG} found")
+    model_cfg = json.loads(Path(files[OPEN_CLIP_CONFIG]).read_text())["model_cfg"]
+    weights = next((files[w] for w in WEIGHT_FILES if w in files), None)
+    if weights is None:
+        raise FileNotFoundError(f"{name_or_path}: none of {WEIGHT_FILES} found")
+    if str(weights).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+    else:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    return model_cfg, state
+
+
+def _hub_files(repo_id: str) -> dict[str, Path]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    files: dict[str, Path] = {}
+    for name in (OPEN_CLIP_CONFIG,) + WEIGHT_FILES:
+        try:
+            files[name] = Path(hf_hub_download(repo_id, name))
+        except EntryNotFoundError:
+            continue
+        except (LocalEntryNotFoundError, OSError) as err:
+            raise FileNotFoundError(
+                f"could not load the BiomedCLIP image tower '{repo_id}' ({name}): not in the Hugging Face "
+                f"cache and the hub is unreachable or HF_HUB_OFFLINE=1. Download it on a connected machine "
+                f"and pass model.vision.name_or_path=local-dir:<dir> (see README). Cause: {err}"
+            ) from err
+        if name in WEIGHT_FILES:
+            break
+    return files
+
+
+def _set_input_size(visual: nn.Module, image_size: int) -> None:
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None and getattr(trunk, "dynamic_img_size", False):
+        return
+    if trunk is not None and hasattr(trunk, "set_input_size"):
+        patch_embed = getattr(trunk, "patch_embed", None)
+        current = getattr(patch_embed, "img_size", None)
+        if current is not None and tuple(current) != (image_size, image_size):
+            trunk.set_input_size(img_size=image_size)
+

@@ -1,0 +1,113 @@
+"""A training job: data and preprocessing once, then each phase of `stage.run` in its own directory.
+
+Stage 2 of a two-stage job starts from stage 1's selected best checkpoint. A phase whose directory
+already holds metrics.json is complete and is skipped, and an interrupted phase resumes from its
+`last` checkpoint, so re-running a job (a requeued SLURM job) continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from mdfnet_hydra.checkpoint import load_checkpoint
+from mdfnet_hydra.config import ConfigError, to_plain, validate_config
+from mdfnet_hydra.data.dataset import Collator, SplitData, load_splits
+from mdfnet_hydra.data.preprocessing import Preprocessing
+from mdfnet_hydra.labels import CHEXPERT_LABELS
+from mdfnet_hydra.metrics import rarest_labels
+from mdfnet_hydra.models.mdfnet import build_model
+from mdfnet_hydra.report import format_summary
+from mdfnet_hydra.runtime import Runtime, seed_everything
+from mdfnet_hydra.tracking import attach_log_file, detach_log_file
+from mdfnet_hydra.trainer import PhaseTrainer
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> float:
+    """Train every phase of `stage.run`; return the last phase's validation mean AUROC (NaN if undefined)."""
+    validate_config(cfg)
+    if logging.getLogger("mdfnet_hydra").level == logging.NOTSET:
+        logging.getLogger("mdfnet_hydra").setLevel(logging.INFO)  # progress even outside Hydra's logging setup
+    runtime = Runtime.from_config(cfg.trainer)
+    run_dir = Path(cfg.paths.run_dir)
+    handler = attach_log_file(run_dir / "logs" / "train.log") if runtime.is_main else None
+    try:
+        return _run(cfg, runtime, run_dir)
+    finally:
+        detach_log_file(handler)
+
+
+def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> float:
+    modalities = [m.value for m in cfg.modality.inputs]
+    phases = [s.value for s in cfg.stage.run]
+    log.info("mdfnet-hydra: modality %s (%s), stages %s, data %s", cfg.modality.name, ", ".join(modalities), " -> ".join(phases), cfg.data.name)
+    log.info("%s; global batch %d, gradient accumulation %d", runtime.describe(), cfg.trainer.batch_size, cfg.trainer.grad_accum)
+    seed_everything(int(cfg.seed))
+    root, splits = load_splits(cfg.data, int(cfg.seed))
+    log.info("data %s: %s", root, ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+
+    init = _initial_checkpoint(cfg, modalities)
+    prep = Preprocessing.create(cfg.model, modalities, splits["train"], state=init["preprocessing"] if init else None)
+    datasets = {name: prep.dataset(split, root, cfg.model) for name, split in splits.items() if len(split)}
+    rare = _rare_labels(cfg, splits["train"])
+    extras = {
+        "modalities": modalities,
+        "label_names": list(CHEXPERT_LABELS),
+        "preprocessing": prep.state(),
+        "config": to_plain(cfg),
+    }
+    weights = init["model"] if init else None
+    results: dict[str, dict[str, Any]] = {}
+    for name in phases:
+        directory = run_dir / name
+        done = directory / "metrics.json"
+        if done.is_file():
+            log.info("%s: already complete in %s, skipping", name, directory)
+            results[name] = json.loads(done.read_text())
+        else:
+            if runtime.is_main:
+                directory.mkdir(parents=True, exist_ok=True)
+                (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            seed_everything(int(cfg.seed))
+            model = build_model(cfg.model, modalities, prep.clinical_dim, prep.tokenizer)
+            if weights is not None:
+                model.load_state_dict(weights)
+            trainer = PhaseTrainer(cfg, name, model, datasets, Collator(prep.pad_id), runtime, directory, rare, extras)
+            results[name] = trainer.fit()
+        weights = load_checkpoint(results[name]["checkpoint_path"])["model"]
+
+    objective = results[phases[-1]]["val"]["auroc_mean"]
+    if runtime.is_main:
+        summary = {"objective": objective, "objective_name": "val auroc_mean", "final_stage": phases[-1], "stages": results}
+        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        log.info("\n%s", format_summary(results, run_dir))
+    return float("nan") if objective is None else float(objective)
+
+
+def _initial_checkpoint(cfg: DictConfig, modalities: list[str]) -> dict | None:
+    if not cfg.stage.init_from:
+        return None
+    ckpt = load_checkpoint(cfg.stage.init_from)
+    if ckpt.get("modalities") != modalities:
+        raise ConfigError(
+            f"stage.init_from={cfg.stage.init_from} was trained with modalities {ckpt.get('modalities')}, "
+            f"but modality={cfg.modality.name} uses {modalities}"
+        )
+    log.info("initialising from %s (stage %s, epoch %s)", cfg.stage.init_from, ckpt.get("stage"), ckpt.get("epoch"))
+    return ckpt
+
+
+def _rare_labels(cfg: DictConfig, train: SplitData) -> list[int]:
+    chosen = list(cfg.trainer.checkpoint.rare_labels)
+    if chosen:
+        return [CHEXPERT_LABELS.index(name) for name in chosen]
+    return rarest_labels(train.targets, train.mask, int(cfg.trainer.checkpoint.num_rare))
+
+

@@ -1,0 +1,46 @@
+"""The compact end-of-job table: per-label and mean AUROC of the selected checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from mdfnet_hydra.labels import CHEXPERT_LABELS
+
+
+def _cell(value: Optional[float]) -> str:
+    return "  n/a" if value is None else f"{value:.3f}"
+
+
+def format_summary(results: dict[str, dict[str, Any]], run_dir: Path) -> str:
+    final_name = list(results)[-1]
+    final = results[final_name]
+    val, test = final["val"], final.get("test")
+    lines = [
+        f"AUROC of {final_name}'s {final['selected_checkpoint']} checkpoint (epoch {final['best_epoch']}):",
+        f"  {'label':<28} {'val':>6} {'test':>6}  val pos/neg",
+    ]
+    for name in CHEXPERT_LABELS:
+        lines.append(
+            f"  {name:<28} {_cell(val['auroc'][name]):>6} {_cell(test['auroc'][name] if test else None):>6}"
+            f"  {val['positives'][name]}/{val['negatives'][name]}"
+        )
+    defined = len(CHEXPERT_LABELS) - len(val["undefined_labels"])
+    lines.append(f"  {'mean (' + str(defined) + ' defined labels)':<28} {_cell(val['auroc_mean']):>6} {_cell(test['auroc_mean'] if test else None):>6}")
+    lines.append(f"  {'mean AUPRC':<28} {_cell(val['auprc_mean']):>6} {_cell(test['auprc_mean'] if test else None):>6}")
+    lines.append(f"  {'macro F1 @ ' + str(val['threshold']):<28} {_cell(val['f1_macro']):>6} {_cell(test['f1_macro'] if test else None):>6}")
+    if val["undefined_labels"]:
+        lines.append(f"  undefined on val (no positives or no negatives), left out of the mean: {', '.join(val['undefined_labels'])}")
+    for name, result in results.items():
+        mean = result["val"]["auroc_mean"]
+        lines.append(
+            f"  {name}: val mean AUROC {_cell(mean).strip()} at epoch {result['best_epoch']} of {result['epochs_run']}"
+            f"{' (early stop)' if result['stopped_early'] else ''}, {result['wall_time_s']:.0f}s"
+        )
+    lines.append("Wrote:")
+    lines.append(f"  run        {run_dir}  (config: .hydra/, log: logs/train.log, summary: metrics.json)")
+    for name in results:
+        stage_dir = run_dir / name
+        lines.append(f"  {name:<10} {stage_dir}  (config.yaml, logs/, tensorboard/, checkpoints/, metrics.json, predictions/)")
+    lines.append(f"  TensorBoard: tensorboard --logdir {run_dir}")
+    return "\n".join(lines)

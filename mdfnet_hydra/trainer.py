@@ -1,0 +1,396 @@
+"""One training phase (stage 1 or stage 2) as a plain PyTorch loop.
+
+Per epoch: train with gradient accumulation, evaluate on the whole validation split, log to
+TensorBoard, keep `last` / best / periodic checkpoints, stop early on validation mean AUROC. At
+the end the selected best checkpoint is reloaded and evaluated on validation and test, and its
+predictions are saved for later evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from mdfnet_hydra.checkpoint import CheckpointManager, load_checkpoint
+from mdfnet_hydra.config import CheckpointName, PhaseConfig
+from mdfnet_hydra.data.dataset import MultimodalDataset
+from mdfnet_hydra.labels import CHEXPERT_LABELS, tag_name
+from mdfnet_hydra.losses import MultiLabelLoss
+from mdfnet_hydra.metrics import compute_metrics
+from mdfnet_hydra.models.mdfnet import MDFNet
+from mdfnet_hydra.optim import build_optimizer, build_scheduler
+from mdfnet_hydra.runtime import Runtime
+from mdfnet_hydra.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+# metric key in compute_metrics' output that each best checkpoint maximises
+BEST_MONITORS = {
+    CheckpointName.best_mean.value: "auroc_mean",
+    CheckpointName.best_auroc.value: "auroc_micro",
+    CheckpointName.best_rare.value: "auroc_rare",
+}
+
+
+@dataclass
+class Best:
+    value: Optional[float] = None
+    epoch: Optional[int] = None
+
+
+@dataclass
+class PhaseState:
+    """What `last.pth` must restore besides model / optimizer / scheduler to resume exactly."""
+
+    epoch: int = 0
+    global_step: int = 0
+    bad_epochs: int = 0
+    best: dict[str, Best] = field(default_factory=lambda: {k: Best() for k in BEST_MONITORS})
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PhaseState":
+        state = cls(**{k: v for k, v in d.items() if k != "best"})
+        state.best = {k: Best(**v) for k, v in d["best"].items()}
+        return state
+
+
+@dataclass
+class Prediction:
+    probs: np.ndarray
+    loss: float
+    indices: np.ndarray
+
+
+class PhaseTrainer:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        phase_name: str,
+        model: MDFNet,
+        datasets: dict[str, MultimodalDataset],
+        collate,
+        runtime: Runtime,
+        directory: Path,
+        rare: list[int],
+        checkpoint_extras: dict[str, Any],
+    ) -> None:
+        self.cfg = cfg
+        self.name = phase_name
+        self.phase: PhaseConfig = cfg.phases[phase_name]
+        self.trainer_cfg = cfg.trainer
+        self.runtime = runtime
+        self.directory = directory
+        self.rare = rare
+        self.extras = checkpoint_extras
+        self.datasets = datasets
+        self.model = model.to(runtime.device)
+        self.model.set_encoders_frozen(bool(self.phase.freeze_encoders))
+        self.loss_fn = MultiLabelLoss(cfg.loss)
+        self.loaders = self._loaders(collate)
+        n_batches = len(self.loaders["train"])
+        if self.trainer_cfg.limit_train_batches:
+            n_batches = min(n_batches, int(self.trainer_cfg.limit_train_batches))
+        if n_batches == 0:
+            raise ValueError(
+                f"the training split ({len(datasets['train'])} samples) is smaller than one batch "
+                f"({self.trainer_cfg.batch_size}); lower trainer.batch_size"
+            )
+        self.accum = max(1, min(int(self.trainer_cfg.grad_accum), n_batches))
+        self.steps_per_epoch = n_batches // self.accum
+        self.batches_per_epoch = self.steps_per_epoch * self.accum
+        self.optimizer = build_optimizer(self.model, self.phase, cfg.optimizer)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            cfg.scheduler,
+            warmup_steps=int(self.phase.warmup_epochs) * self.steps_per_epoch,
+            total_steps=int(self.phase.epochs) * self.steps_per_epoch,
+        )
+        self.scaler = runtime.grad_scaler()
+        self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.checkpoints = CheckpointManager(
+            directory / "checkpoints",
+            int(self.trainer_cfg.checkpoint.every_n_epochs),
+            int(self.trainer_cfg.checkpoint.keep_last),
+            enabled=runtime.is_main,
+        )
+        self.state = PhaseState()
+
+    # ------------------------------------------------------------------ setup
+    def _loaders(self, collate) -> dict[str, DataLoader]:
+        from torch.utils.data import DistributedSampler
+
+        rt, tc = self.runtime, self.trainer_cfg
+        per_rank = int(tc.batch_size) // rt.world_size
+        sampler = DistributedSampler(
+            self.datasets["train"], num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=int(self.cfg.seed), drop_last=True
+        )
+        common = dict(collate_fn=collate, num_workers=int(self.cfg.data.num_workers), pin_memory=rt.device.type == "cuda")
+        loaders = {"train": DataLoader(self.datasets["train"], batch_size=per_rank, sampler=sampler, drop_last=True, **common)}
+        for split in ("val", "test"):
+            if split in self.datasets and len(self.datasets[split]):
+                loaders[split] = DataLoader(self.datasets[split], batch_size=per_rank, shuffle=False, **common)
+        return loaders
+
+    @property
+    def effective_batch_size(self) -> int:
+        per_rank = int(self.trainer_cfg.batch_size) // self.runtime.world_size
+        return per_rank * self.runtime.world_size * self.accum
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, metrics: Optional[dict], full: bool) -> dict[str, Any]:
+        state = {
+            "format": 1,
+            "stage": self.name,
+            "epoch": self.state.epoch,
+            "model": self.model.state_dict(),
+            "metrics": _scalars(metrics or {}),
+            **self.extras,
+        }
+        if full:
+            state.update(
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(),
+                trainer_state=self.state.to_dict(),
+                torch_rng=torch.get_rng_state(),
+            )
+        return state
+
+    def _try_resume(self) -> None:
+        last = self.checkpoints.path(CheckpointName.last.value)
+        if not (self.trainer_cfg.resume and last.is_file()):
+            return
+        ckpt = load_checkpoint(last)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = PhaseState.from_dict(ckpt["trainer_state"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        log.info("%s: resumed from %s after epoch %d", self.name, last, self.state.epoch)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        tracker = Tracker(self.directory, enabled=self.runtime.is_main)
+        try:
+            self._try_resume()
+            self._train(tracker)
+        finally:
+            tracker.close()
+        return self._finish()
+
+    def _train(self, tracker: Tracker) -> None:
+        epochs = int(self.phase.epochs)
+        patience = self.phase.early_stopping_patience
+        log.info(
+            "%s: %d epochs (warmup %d), %s encoders, lr %s, %d steps/epoch, effective batch %d (%d x %d ranks x %d accumulation)",
+            self.name, epochs, self.phase.warmup_epochs, "frozen" if self.phase.freeze_encoders else "trainable",
+            ", ".join(f"{g['name']} {g['lr']:.1e}" for g in self.optimizer.param_groups), self.steps_per_epoch,
+            self.effective_batch_size, int(self.trainer_cfg.batch_size) // self.runtime.world_size,
+            self.runtime.world_size, self.accum,
+        )
+        while self.state.epoch < epochs and not (patience is not None and self.state.bad_epochs >= int(patience)):
+            start = time.perf_counter()
+            epoch = self.state.epoch + 1
+            train_loss = self._train_epoch(epoch, tracker)
+            val = self.predict("val", limit=self.trainer_cfg.limit_val_batches)
+            metrics = self._metrics("val", val)
+            self.state.epoch = epoch
+            improved = self._update_best(metrics)
+            self.state.elapsed_s += time.perf_counter() - start
+            self._log_epoch(tracker, epoch, epochs, train_loss, val.loss, metrics, time.perf_counter() - start)
+            self._save_epoch(metrics, improved)
+        if self.state.epoch < epochs:
+            log.info("%s: early stop after epoch %d (no val mean AUROC gain for %d epochs)", self.name, self.state.epoch, patience)
+
+    def _train_epoch(self, epoch: int, tracker: Tracker) -> dict[str, float]:
+        self.model.train()
+        self.loaders["train"].sampler.set_epoch(epoch)
+        device = self.runtime.device
+        totals = torch.zeros(3, device=device)
+        interval_samples, interval_start = 0, time.perf_counter()
+        clip = self.trainer_cfg.max_grad_norm
+        log_every = max(1, int(self.trainer_cfg.log_every_n_steps))
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(self.loaders["train"]):
+            if i >= self.batches_per_epoch:
+                break
+            batch = self._to_device(batch)
+            with self.runtime.autocast():
+                logits = self.model(batch)
+            terms = self.loss_fn(logits, batch["targets"], batch["mask"])
+            self.scaler.scale(terms.total / self.accum).backward()
+            totals += torch.stack([terms.total.detach(), terms.bce.detach(), terms.focal.detach()])
+            interval_samples += batch["targets"].shape[0] * self.runtime.world_size
+            if (i + 1) % self.accum:
+                continue
+            step = self.state.global_step + 1
+            logging_step = step % log_every == 0 or (i + 1) == self.batches_per_epoch
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = None
+            if clip is not None or logging_step:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(clip) if clip is not None else math.inf)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.state.global_step = step
+            if logging_step:
+                loss = float(terms.total.detach())  # host sync only at logging intervals
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"{self.name}: non-finite loss ({loss}) at epoch {epoch}, step {step}")
+                elapsed = time.perf_counter() - interval_start
+                throughput = interval_samples / max(elapsed, 1e-9)
+                tracker.scalar("batch/loss", loss, step)
+                tracker.scalar("batch/grad_norm", float(grad_norm), step)
+                tracker.scalar("batch/samples_per_sec", throughput, step)
+                if device.type == "cuda":
+                    tracker.scalar("batch/gpu_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30, step)
+                log.info(
+                    "%s epoch %d step %d/%d | loss %.4f | grad norm %.3f | %.0f samples/s",
+                    self.name, epoch, (i + 1) // self.accum, self.steps_per_epoch, loss, float(grad_norm), throughput,
+                )
+                interval_samples, interval_start = 0, time.perf_counter()
+        means = (totals / self.batches_per_epoch).tolist()
+        if not all(math.isfinite(v) for v in means):
+            raise FloatingPointError(f"{self.name}: non-finite training loss in epoch {epoch}: {means}")
+        return {"combined": means[0], "bce": means[1], "focal": means[2]}
+
+    @torch.no_grad()
+    def predict(self, split: str, limit: Optional[int] = None) -> Prediction:
+        self.model.eval()
+        probs, indices, loss_sum, n = [], [], 0.0, 0
+        for i, batch in enumerate(self.loaders[split]):
+            if limit is not None and i >= int(limit):
+                break
+            batch = self._to_device(batch)
+            with self.runtime.autocast():
+                logits = self.model(batch)
+            terms = self.loss_fn(logits, batch["targets"], batch["mask"])
+            loss_sum += float(terms.total) * batch["targets"].shape[0]
+            n += batch["targets"].shape[0]
+            probs.append(torch.sigmoid(logits.float()).cpu())
+            indices.append(batch["index"].cpu())
+        return Prediction(torch.cat(probs).numpy(), loss_sum / max(n, 1), torch.cat(indices).numpy())
+
+    def _metrics(self, split: str, pred: Prediction) -> dict:
+        data = self.datasets[split].split
+        return compute_metrics(
+            pred.probs, data.targets[pred.indices], data.mask[pred.indices],
+            threshold=float(self.trainer_cfg.threshold), rare=self.rare,
+        )
+
+    def _update_best(self, metrics: dict) -> list[str]:
+        improved = []
+        for name, key in BEST_MONITORS.items():
+            value, best = metrics[key], self.state.best[name]
+            if value is not None and (best.value is None or value > best.value):
+                best.value, best.epoch = value, self.state.epoch
+                improved.append(name)
+        if CheckpointName.best_mean.value in improved:
+            self.state.bad_epochs = 0
+        else:
+            self.state.bad_epochs += 1
+        return improved
+
+    def _save_epoch(self, metrics: dict, improved: list[str]) -> None:
+        weights_only = self._checkpoint(metrics, full=False)
+        for name in improved:
+            self.checkpoints.save(name, weights_only)
+        self.checkpoints.save_periodic(self.state.epoch, weights_only)
+        self.checkpoints.save(CheckpointName.last.value, self._checkpoint(metrics, full=True))
+
+    def _log_epoch(self, tracker: Tracker, epoch: int, epochs: int, train: dict, val_loss: float, m: dict, seconds: float) -> None:
+        tracker.scalars("train", {f"loss_{k}": v for k, v in train.items()}, epoch)
+        tracker.scalar("val/loss", val_loss, epoch)
+        tracker.scalars("val", {k: m[k] for k in ("auroc_mean", "auroc_micro", "auroc_rare", "auroc_min", "auprc_mean", "f1_macro", "f1_micro")}, epoch)
+        tracker.scalars("val/auroc", {tag_name(k): v for k, v in m["auroc"].items()}, epoch)
+        seen: set[str] = set()
+        for group in self.optimizer.param_groups:
+            if group["name"] not in seen:
+                seen.add(group["name"])
+                tracker.scalar(f"lr/{group['name']}", group["lr"], epoch)
+        best = self.state.best[CheckpointName.best_mean.value]
+        remaining = (epochs - epoch) * self.state.elapsed_s / max(epoch, 1)
+        log.info(
+            "%s epoch %d/%d | train loss %.4f (bce %.4f, focal %.4f) | val loss %.4f | val mean AUROC %s (best %s @ %s) | %.1fs, ETA %.0fs",
+            self.name, epoch, epochs, train["combined"], train["bce"], train["focal"], val_loss,
+            _fmt(m["auroc_mean"]), _fmt(best.value), best.epoch, seconds, remaining,
+        )
+
+    # ------------------------------------------------------------------ end of phase
+    def _finish(self) -> dict[str, Any]:
+        select = CheckpointName(self.trainer_cfg.checkpoint.select).value
+        if self.state.best[select].epoch is None:
+            select = CheckpointName.last.value  # no defined metric ever (tiny debug splits)
+        selected = self.checkpoints.path(select)
+        self.model.load_state_dict(load_checkpoint(selected)["model"])
+        result: dict[str, Any] = {
+            "stage": self.name,
+            "modalities": list(self.extras["modalities"]),
+            "selected_checkpoint": select,
+            "checkpoint_path": str(selected),
+            "best_epoch": self.state.best[select].epoch or self.state.epoch,
+            "epochs_run": self.state.epoch,
+            "stopped_early": self.state.epoch < int(self.phase.epochs),
+            "best": {k: asdict(v) for k, v in self.state.best.items()},
+            "rare_labels": [CHEXPERT_LABELS[j] for j in self.rare],
+            "effective_batch_size": self.effective_batch_size,
+            "train_samples": len(self.datasets["train"]),
+            "wall_time_s": self.state.elapsed_s,
+        }
+        for split in ("val", "test"):
+            if split not in self.loaders or (split == "test" and not self.trainer_cfg.eval_test):
+                result[split] = None
+                continue
+            pred = self.predict(split)
+            result[split] = {"loss": pred.loss, **self._metrics(split, pred)}
+            if self.runtime.is_main:
+                self._save_predictions(split, pred)
+        if self.runtime.is_main:
+            (self.directory / "metrics.json").write_text(json.dumps(result, indent=2))
+        return result
+
+    def _save_predictions(self, split: str, pred: Prediction) -> None:
+        """Probabilities with labels for later evaluation; patient ids replaced by group numbers."""
+        data = self.datasets[split].split
+        idx = pred.indices
+        out = self.directory / "predictions"
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            out / f"{split}.npz",
+            probs=pred.probs.astype(np.float32),
+            targets=data.targets[idx],
+            mask=data.mask[idx],
+            raw_labels=data.raw_labels[idx],
+            sample_id=data.frame["sample_id"].to_numpy(dtype=str)[idx],
+            group=data.group[idx],
+            label_names=np.array(CHEXPERT_LABELS),
+        )
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _scalars(metrics: dict) -> dict:
+    """The summary numbers of a metrics dict (plain floats / None) for the checkpoint."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
+

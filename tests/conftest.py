@@ -1,0 +1,63 @@
+"""Shared fixtures: an offline environment, a small synthetic dataset, and config composition."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mdfnet_hydra.config import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+SMALL_DATA = ["data.synthetic.num_samples=480", "data.synthetic.image_size=32"]
+
+register_configs()
+
+
+@pytest.fixture(scope="session")
+def output_root(tmp_path_factory) -> Path:
+    """One output root per test session so the small synthetic dataset is generated once."""
+    return tmp_path_factory.mktemp("outputs")
+
+
+def make_cfg(overrides: list[str], run_dir: Path, output_root: Path) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF)):
+        small = [] if "data=processed" in overrides else SMALL_DATA
+        cfg = compose("train", overrides=[f"paths.root={output_root}", *small, *overrides])
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+    return cfg
+
+
+@pytest.fixture
+def cfg_factory(tmp_path, output_root):
+    def factory(*overrides: str, run_dir: Path | None = None) -> DictConfig:
+        return make_cfg(list(overrides), run_dir or tmp_path / "run", output_root)
+
+    return factory
+
+
+def run_cli(*args: str, cwd: Path = REPO, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real entry point, in a subprocess, as a user runs it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mdfnet_hydra.train", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def config_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def plain(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=False)

@@ -1,0 +1,90 @@
+"""Composition: every option of every group composes; mistakes fail at start with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import config_options, run_cli
+from mdfnet_hydra.config import ConfigError, Modality, StageName, validate_config
+
+GROUPS = ["data", "modality", "model/vision", "model/text", "stage", "phases", "loss", "optimizer", "scheduler", "trainer", "debug"]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_of_every_group_composes(cfg_factory, group):
+    options = config_options(group)
+    assert options, f"conf/{group} is empty"
+    for option in options:
+        extra = ["data.root=/some/prepared/dir"] if (group, option) == ("data", "processed") else []
+        cfg = cfg_factory(f"{group}={option}", *extra)
+        OmegaConf.to_container(cfg.model, resolve=True)  # every interpolation resolves
+        if group in ("modality", "stage", "data", "loss", "optimizer"):
+            node = cfg[group] if group != "data" else cfg.data
+            assert node.name == option
+
+
+def test_modality_group_is_the_seven_combinations(cfg_factory):
+    expected = {
+        "vision": ["vision"], "text": ["text"], "clinical": ["clinical"],
+        "vision_text": ["vision", "text"], "vision_clinical": ["vision", "clinical"],
+        "text_clinical": ["text", "clinical"], "all": ["vision", "text", "clinical"],
+    }
+    assert set(config_options("modality")) == set(expected)
+    for name, inputs in expected.items():
+        cfg = cfg_factory(f"modality={name}")
+        assert [Modality(m).value for m in cfg.modality.inputs] == inputs
+
+
+def test_defaults_are_the_spec(cfg_factory):
+    cfg = cfg_factory("phases=spec")
+    s1, s2 = cfg.phases.stage1, cfg.phases.stage2
+    assert (s1.epochs, s1.warmup_epochs, s1.lr, s1.freeze_encoders) == (15, 3, 1e-3, True)
+    assert (s2.epochs, s2.warmup_epochs, s2.lr_encoders, s2.lr, s2.freeze_encoders) == (30, 3, 1e-5, 1e-4, False)
+    assert s2.early_stopping_patience == 5
+    assert (cfg.trainer.batch_size, cfg.trainer.grad_accum, cfg.optimizer.weight_decay) == (16, 2, 1e-4)
+    assert (cfg.model.fusion.dropout, cfg.model.head.dropout1, cfg.model.head.dropout2) == (0.3, 0.3, 0.2)
+    assert (cfg.loss.name.value, cfg.loss.bce_weight, cfg.loss.focal_weight, cfg.loss.focal_alpha, cfg.loss.focal_gamma) == (
+        "combined", 0.7, 0.3, 0.25, 2.0)
+    assert [StageName(s).value for s in cfg.stage.run] == ["stage1", "stage2"]
+    assert cfg.modality.name == "all" and cfg.data.name == "synthetic"
+
+
+def test_synthetic_data_shortens_epochs_but_processed_data_uses_the_spec(cfg_factory):
+    synthetic = cfg_factory()
+    processed = cfg_factory("data=processed", "data.root=/prepared")
+    assert synthetic.phases.stage1.epochs < 15 and synthetic.phases.stage2.epochs < 30
+    assert synthetic.phases.stage1.lr == 1e-3 and synthetic.phases.stage2.lr_encoders == 1e-5
+    assert (processed.phases.stage1.epochs, processed.phases.stage2.epochs) == (15, 30)
+
+
+def test_processed_data_without_root_fails_at_start(cfg_factory):
+    with pytest.raises(ConfigError, match=r"data=processed needs data.root"):
+        validate_config(cfg_factory("data=processed"))
+
+
+def test_appended_unknown_key_fails_validation(cfg_factory):
+    with pytest.raises(ConfigError, match="trainer"):
+        validate_config(cfg_factory("+trainer.gradient_acumulation=4"))
+
+
+def test_unknown_rare_label_fails_validation(cfg_factory):
+    with pytest.raises(ConfigError, match="Pleural Otter"):
+        validate_config(cfg_factory("trainer.checkpoint.rare_labels=[Pleural Otter]"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("modality=vision_txt", "Could not find 'modality/vision_txt'"),
+        ("optimizer.lrr=0.1", "Could not override 'optimizer.lrr'"),
+        ("modality.inputs=[vision,txt]", "txt"),
+        ("loss=huber", "Could not find 'loss/huber'"),
+        ("trainer.batch_size=sixteen", "batch_size"),
+    ],
+)
+def test_cli_rejects_mistakes_before_any_work(tmp_path, override, message):
+    result = run_cli(override, f"hydra.run.dir={tmp_path / 'run'}", f"paths.root={tmp_path}", timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not (tmp_path / "data").exists(), "nothing may be generated or trained before the config is valid"

@@ -1,0 +1,32 @@
+"""Minutes-long end-to-end checks (`pytest -m slow`; CI runs them after the default suite)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from mdfnet_hydra.benchmarks.modality_gap import collect, main as modality_gap
+
+
+@pytest.mark.slow
+def test_default_command_learns_and_reports(tmp_path):
+    """`python -m mdfnet_hydra.train` exactly as the README runs it (outputs redirected)."""
+    result = run_cli(env_extra={"MDFNET_OUTPUT_ROOT": str(tmp_path)}, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (summary_path,) = tmp_path.glob("runs/*/*/metrics.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["objective"] >= 0.75, summary["objective"]
+    assert "AUROC of stage2's best_mean checkpoint" in result.stdout
+
+
+@pytest.mark.slow
+def test_full_model_beats_every_single_modality(tmp_path):
+    out = tmp_path / "sweep"
+    code = modality_gap(["--out", str(out), f"paths.root={tmp_path}"])
+    scores = collect(out)
+    full = scores["all"]["val"][0]
+    for single in ("vision", "text", "clinical"):
+        assert scores[single]["val"][0] < full - 0.02, (single, scores[single]["val"][0], full)
+    assert code == 0
