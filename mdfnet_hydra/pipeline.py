@@ -63,7 +63,7 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> float:
         "preprocessing": prep.state(),
         "config": to_plain(cfg),
     }
-    weights = init["model"] if init else None
+    start_from: Path | dict | None = init  # the checkpoint (or its path) the next phase starts from
     results: dict[str, dict[str, Any]] = {}
     for name in phases:
         directory = run_dir / name
@@ -77,11 +77,12 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> float:
                 (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             seed_everything(int(cfg.seed))
             model = build_model(cfg.model, modalities, prep.clinical_dim, prep.tokenizer)
-            if weights is not None:
-                model.load_state_dict(weights)
+            if start_from is not None:
+                ckpt = load_checkpoint(start_from) if isinstance(start_from, Path) else start_from
+                model.load_state_dict(ckpt["model"])
             trainer = PhaseTrainer(cfg, name, model, datasets, Collator(prep.pad_id), runtime, directory, rare, extras)
             results[name] = trainer.fit()
-        weights = load_checkpoint(results[name]["checkpoint_path"])["model"]
+        start_from = directory / "checkpoints" / f"{results[name]['selected_checkpoint']}.pth"
 
     objective = results[phases[-1]]["val"]["auroc_mean"]
     if runtime.is_main:

@@ -212,3 +212,41 @@ def test_cli_runs_one_directory_with_table(tmp_path):
     out = result.stdout
     assert "AUROC of stage2's best_mean checkpoint" in out and "Pleural Effusion" in out and "Wrote:" in out
     assert str(runs[0]) in out
+
+
+def test_bf16_autocast_path_trains_on_cpu(cfg_factory):
+    assert math.isfinite(run(cfg_factory("debug=fast", "stage=stage1", "modality=vision_text", "trainer.precision=bf16")))
+
+
+def test_fp16_without_cuda_is_refused_clearly(cfg_factory):
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        run(cfg_factory("debug=fast", "trainer.precision=fp16", "trainer.device=cpu"))
+
+
+def test_gradient_clipping_bounds_the_update(cfg_factory, tmp_path):
+    plain_sgd = ("debug=fast", "stage=stage1", "modality=clinical", "optimizer=sgd", "optimizer.weight_decay=0",
+                 "optimizer.momentum=0", "optimizer.nesterov=false")
+    clipped_cfg = cfg_factory(*plain_sgd, "trainer.max_grad_norm=1e-9", run_dir=tmp_path / "clipped")
+    run(clipped_cfg)
+    run(cfg_factory(*plain_sgd, run_dir=tmp_path / "free"))
+    init = _initial_model(clipped_cfg).state_dict()
+
+    def largest_change(name):
+        trained = load_checkpoint(tmp_path / name / "stage1" / "checkpoints" / "last.pth")["model"]
+        return max((trained[k] - init[k]).abs().max().item() for k in init if k.startswith("head."))
+
+    assert largest_change("clipped") < 1e-9
+    assert largest_change("free") > 1e-6
+
+
+def test_same_seed_gives_identical_weights_across_processes(tmp_path):
+    """Reproducibility a comparison between configurations relies on: two separate runs, same seed."""
+    common = ("debug=fast", "stage=stage1", f"paths.root={tmp_path}", "data.synthetic.num_samples=300", "data.synthetic.image_size=32")
+    for name, hashseed in (("a", "1"), ("b", "2")):
+        result = run_cli(*common, f"hydra.run.dir={tmp_path / name}", env_extra={"PYTHONHASHSEED": hashseed})
+        assert result.returncode == 0, result.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "a" / "stage1" / "checkpoints" / "last.pth")
+    b = load_checkpoint(tmp_path / "b" / "stage1" / "checkpoints" / "last.pth")
+    assert a["preprocessing"]["tokenizer_json"] == b["preprocessing"]["tokenizer_json"]
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
