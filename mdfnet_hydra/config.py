@@ -249,10 +249,21 @@ class CheckpointConfig:
 
 @dataclass
 class TrainerConfig:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (data-parallel workers use cuda:<local rank>)
     precision: Precision = Precision.auto
-    batch_size: int = 16
+    batch_size: int = 16  # per device (the spec's "16 per GPU")
+    # If set, the batch per optimizer micro-step over all devices: per-device = global / world size.
+    global_batch_size: Optional[int] = None
     grad_accum: int = 2
+    # Data parallelism (launch.py): workers per node, nodes, rendezvous, restarts, process-group backend
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_backend: str = "c10d"  # c10d (any node may join) | static (node_rank + rdzv_endpoint of node 0)
+    rdzv_endpoint: Optional[str] = None  # host:port of node 0; single node: localhost, free port
+    rdzv_id: Optional[str] = None
+    max_restarts: int = 2
+    backend: Optional[str] = None  # nccl on CUDA, gloo on CPU
     max_grad_norm: Optional[float] = None
     log_every_n_steps: int = 10
     limit_train_batches: Optional[int] = None
@@ -317,7 +328,7 @@ def validate_config(cfg: DictConfig) -> None:
     unknown = [name for name in cfg.trainer.checkpoint.rare_labels if name not in CHEXPERT_LABELS]
     if unknown:
         problems.append(f"trainer.checkpoint.rare_labels has unknown labels {unknown}; choose from {list(CHEXPERT_LABELS)}")
-    for key in ("batch_size", "grad_accum", "log_every_n_steps"):
+    for key in ("batch_size", "grad_accum", "log_every_n_steps", "nproc_per_node", "nnodes"):
         if int(cfg.trainer[key]) < 1:
             problems.append(f"trainer.{key} must be >= 1")
     if min(cfg.loss.bce_weight, cfg.loss.focal_weight) < 0 or cfg.loss.bce_weight + cfg.loss.focal_weight <= 0:

@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.checkpoint import load_checkpoint
 from mdfnet_hydra.config import ConfigError, to_plain, validate_config
-from mdfnet_hydra.data.dataset import Collator, SplitData, load_splits
+from mdfnet_hydra.data.dataset import Collator, SplitData, load_splits, resolve_root
 from mdfnet_hydra.data.preprocessing import Preprocessing
+from mdfnet_hydra.distributed import barrier, broadcast_from_main, destroy_process_group, init_process_group, worker_env
 from mdfnet_hydra.labels import CHEXPERT_LABELS
 from mdfnet_hydra.metrics import rarest_labels
 from mdfnet_hydra.models.mdfnet import build_model
@@ -31,25 +32,44 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> float:
-    """Train every phase of `stage.run`; return the last phase's validation mean AUROC (NaN if undefined)."""
+    """Train every phase of `stage.run`; return the last phase's validation mean AUROC (NaN if undefined).
+
+    Every rank of a data-parallel job runs this; only rank 0 logs progress and writes files.
+    """
     validate_config(cfg)
-    if logging.getLogger("mdfnet_hydra").level == logging.NOTSET:
-        logging.getLogger("mdfnet_hydra").setLevel(logging.INFO)  # progress even outside Hydra's logging setup
-    runtime = Runtime.from_config(cfg.trainer)
-    run_dir = Path(cfg.paths.run_dir)
+    env = worker_env(nproc_per_node=int(cfg.trainer.nproc_per_node))
+    runtime = Runtime.from_config(cfg.trainer, env)
+    if runtime.distributed:
+        init_process_group(env, runtime.backend)
+    package_log = logging.getLogger("mdfnet_hydra")
+    if not runtime.is_main:
+        package_log.setLevel(logging.WARNING)
+    elif package_log.level == logging.NOTSET:
+        package_log.setLevel(logging.INFO)  # progress even outside Hydra's logging setup
+    # every rank reads (checkpoints to resume or continue from) where rank 0 writes
+    run_dir = Path(broadcast_from_main(str(cfg.paths.run_dir)))
     handler = attach_log_file(run_dir / "logs" / "train.log") if runtime.is_main else None
     try:
         return _run(cfg, runtime, run_dir)
     finally:
         detach_log_file(handler)
+        destroy_process_group()
 
 
 def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> float:
     modalities = [m.value for m in cfg.modality.inputs]
     phases = [s.value for s in cfg.stage.run]
     log.info("mdfnet-hydra: modality %s (%s), stages %s, data %s", cfg.modality.name, ", ".join(modalities), " -> ".join(phases), cfg.data.name)
-    log.info("%s; global batch %d, gradient accumulation %d", runtime.describe(), cfg.trainer.batch_size, cfg.trainer.grad_accum)
+    per_device = runtime.per_device_batch(cfg.trainer)
+    log.info("%s", runtime.describe())
+    log.info(
+        "effective batch %d = %d per device x %d worker(s) x %d accumulation step(s)",
+        per_device * runtime.world_size * cfg.trainer.grad_accum, per_device, runtime.world_size, cfg.trainer.grad_accum,
+    )
     seed_everything(int(cfg.seed))
+    if runtime.is_main:
+        resolve_root(cfg.data)  # generate the synthetic dataset once, not on every rank
+    barrier()
     root, splits = load_splits(cfg.data, int(cfg.seed))
     log.info("data %s: %s", root, ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
 

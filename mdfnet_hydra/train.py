@@ -1,24 +1,37 @@
 """Entry point: `python -m mdfnet_hydra.train [group=option ...] [key=value ...]`.
 
-Imports stay light here; torch and the encoders load only once the job runs.
+Works the same as a plain command, as `trainer.nproc_per_node=N` (this job launches the workers),
+and under `torchrun ... -m mdfnet_hydra.train` (every worker runs this, agreeing on one run
+directory). Imports stay light here; torch and the encoders load only once the job runs.
 """
 
 from __future__ import annotations
 
+import sys
+
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.config import register_configs
+from mdfnet_hydra.distributed import agreed_now, process_rank
 
 register_configs()
+OmegaConf.register_resolver("agreed_now", agreed_now, replace=True)
 
 
 @hydra.main(config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from mdfnet_hydra.pipeline import run
+    from mdfnet_hydra.launch import run_job
 
-    return run(cfg)
+    return run_job(cfg)
+
+
+def _quiet_non_zero_ranks() -> None:
+    """Under torchrun / srun only rank 0 writes Hydra's `.hydra/` record into the shared run directory."""
+    if process_rank() != 0 and not any(a.startswith("hydra.output_subdir=") for a in sys.argv):
+        sys.argv.append("hydra.output_subdir=null")
 
 
 if __name__ == "__main__":
+    _quiet_non_zero_ranks()
     main()

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader
 from mdfnet_hydra.checkpoint import CheckpointManager, load_checkpoint
 from mdfnet_hydra.config import CheckpointName, PhaseConfig
 from mdfnet_hydra.data.dataset import MultimodalDataset
+from mdfnet_hydra.distributed import all_gather_rows, barrier
 from mdfnet_hydra.labels import CHEXPERT_LABELS, tag_name
 from mdfnet_hydra.losses import MultiLabelLoss
 from mdfnet_hydra.metrics import compute_metrics
@@ -99,6 +101,10 @@ class PhaseTrainer:
         self.datasets = datasets
         self.model = model.to(runtime.device)
         self.model.set_encoders_frozen(bool(self.phase.freeze_encoders))
+        self.per_device_batch = runtime.per_device_batch(cfg.trainer)
+        # Frozen parameters (stage 1 encoders) have requires_grad=False, so DDP leaves them out of
+        # its gradient buckets: no all-reduce traffic for weights that do not train.
+        self.forward = self._wrap_ddp() if runtime.distributed else self.model
         self.loss_fn = MultiLabelLoss(cfg.loss)
         self.loaders = self._loaders(collate)
         n_batches = len(self.loaders["train"])
@@ -130,25 +136,33 @@ class PhaseTrainer:
         self.state = PhaseState()
 
     # ------------------------------------------------------------------ setup
+    def _wrap_ddp(self) -> torch.nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=device_ids)
+
     def _loaders(self, collate) -> dict[str, DataLoader]:
+        """Seeded DistributedSampler shards (num_replicas=1 alone), so one worker with the global
+        batch sees exactly the samples that N workers with global / N each see together."""
         from torch.utils.data import DistributedSampler
 
-        rt, tc = self.runtime, self.trainer_cfg
-        per_rank = int(tc.batch_size) // rt.world_size
-        sampler = DistributedSampler(
+        rt = self.runtime
+        common = dict(collate_fn=collate, num_workers=int(self.cfg.data.num_workers), pin_memory=rt.device.type == "cuda")
+        train_sampler = DistributedSampler(
             self.datasets["train"], num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=int(self.cfg.seed), drop_last=True
         )
-        common = dict(collate_fn=collate, num_workers=int(self.cfg.data.num_workers), pin_memory=rt.device.type == "cuda")
-        loaders = {"train": DataLoader(self.datasets["train"], batch_size=per_rank, sampler=sampler, drop_last=True, **common)}
+        loaders = {"train": DataLoader(self.datasets["train"], batch_size=self.per_device_batch, sampler=train_sampler, drop_last=True, **common)}
         for split in ("val", "test"):
             if split in self.datasets and len(self.datasets[split]):
-                loaders[split] = DataLoader(self.datasets[split], batch_size=per_rank, shuffle=False, **common)
+                # padded by repetition to equal shards; the duplicates are dropped after gathering
+                sampler = DistributedSampler(self.datasets[split], num_replicas=rt.world_size, rank=rt.rank, shuffle=False)
+                loaders[split] = DataLoader(self.datasets[split], batch_size=self.per_device_batch, sampler=sampler, **common)
         return loaders
 
     @property
     def effective_batch_size(self) -> int:
-        per_rank = int(self.trainer_cfg.batch_size) // self.runtime.world_size
-        return per_rank * self.runtime.world_size * self.accum
+        return self.per_device_batch * self.runtime.world_size * self.accum
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
@@ -200,11 +214,10 @@ class PhaseTrainer:
         epochs = int(self.phase.epochs)
         patience = self.phase.early_stopping_patience
         log.info(
-            "%s: %d epochs (warmup %d), %s encoders, lr %s, %d steps/epoch, effective batch %d (%d x %d ranks x %d accumulation)",
+            "%s: %d epochs (warmup %d), %s encoders, lr %s, %d steps/epoch, effective batch %d (%d per device x %d worker(s) x %d accumulation)",
             self.name, epochs, self.phase.warmup_epochs, "frozen" if self.phase.freeze_encoders else "trainable",
             ", ".join(f"{g['name']} {g['lr']:.1e}" for g in self.optimizer.param_groups), self.steps_per_epoch,
-            self.effective_batch_size, int(self.trainer_cfg.batch_size) // self.runtime.world_size,
-            self.runtime.world_size, self.accum,
+            self.effective_batch_size, self.per_device_batch, self.runtime.world_size, self.accum,
         )
         while self.state.epoch < epochs and not (patience is not None and self.state.bad_epochs >= int(patience)):
             start = time.perf_counter()
@@ -233,13 +246,16 @@ class PhaseTrainer:
             if i >= self.batches_per_epoch:
                 break
             batch = self._to_device(batch)
-            with self.runtime.autocast():
-                logits = self.model(batch)
-            terms = self.loss_fn(logits, batch["targets"], batch["mask"])
-            self.scaler.scale(terms.total / self.accum).backward()
+            syncing = (i + 1) % self.accum == 0
+            # within an accumulation window only the last backward all-reduces gradients
+            with nullcontext() if syncing or not self.runtime.distributed else self.forward.no_sync():
+                with self.runtime.autocast():
+                    logits = self.forward(batch)
+                terms = self.loss_fn(logits, batch["targets"], batch["mask"])
+                self.scaler.scale(terms.total / self.accum).backward()
             totals += torch.stack([terms.total.detach(), terms.bce.detach(), terms.focal.detach()])
             interval_samples += batch["targets"].shape[0] * self.runtime.world_size
-            if (i + 1) % self.accum:
+            if not syncing:
                 continue
             step = self.state.global_step + 1
             logging_step = step % log_every == 0 or (i + 1) == self.batches_per_epoch
@@ -275,20 +291,24 @@ class PhaseTrainer:
 
     @torch.no_grad()
     def predict(self, split: str, limit: Optional[int] = None) -> Prediction:
+        """Probabilities over the whole split: every rank predicts its shard, then all gather."""
         self.model.eval()
-        probs, indices, loss_sum, n = [], [], 0.0, 0
+        logits, indices = [], []
         for i, batch in enumerate(self.loaders[split]):
             if limit is not None and i >= int(limit):
                 break
             batch = self._to_device(batch)
             with self.runtime.autocast():
-                logits = self.model(batch)
-            terms = self.loss_fn(logits, batch["targets"], batch["mask"])
-            loss_sum += float(terms.total) * batch["targets"].shape[0]
-            n += batch["targets"].shape[0]
-            probs.append(torch.sigmoid(logits.float()).cpu())
-            indices.append(batch["index"].cpu())
-        return Prediction(torch.cat(probs).numpy(), loss_sum / max(n, 1), torch.cat(indices).numpy())
+                logits.append(self.model(batch).float())
+            indices.append(batch["index"])
+        all_logits = all_gather_rows(torch.cat(logits)).cpu()
+        all_indices = all_gather_rows(torch.cat(indices)).cpu().numpy()
+        indices_unique, first = np.unique(all_indices, return_index=True)
+        all_logits = all_logits[torch.from_numpy(first)]
+        data = self.datasets[split]
+        idx = torch.from_numpy(indices_unique)
+        loss = self.loss_fn(all_logits, data.targets[idx], data.mask[idx]).total.item()
+        return Prediction(torch.sigmoid(all_logits).numpy(), loss, indices_unique)
 
     def _metrics(self, split: str, pred: Prediction) -> dict:
         data = self.datasets[split].split
@@ -341,6 +361,7 @@ class PhaseTrainer:
         if self.state.best[select].epoch is None:
             select = CheckpointName.last.value  # no defined metric ever (tiny debug splits)
         selected = self.checkpoints.path(select)
+        barrier()  # rank 0 has written the checkpoint every rank now loads
         self.model.load_state_dict(load_checkpoint(selected)["model"])
         result: dict[str, Any] = {
             "stage": self.name,
@@ -366,6 +387,7 @@ class PhaseTrainer:
                 self._save_predictions(split, pred)
         if self.runtime.is_main:
             (self.directory / "metrics.json").write_text(json.dumps(result, indent=2))
+        barrier()
         return result
 
     def _save_predictions(self, split: str, pred: Prediction) -> None:

@@ -1,0 +1,157 @@
+"""Who am I in a distributed job, and the few collectives the trainer needs.
+
+A process is a worker of a data-parallel job when torchrun / torch's elastic agent started it
+(RANK, LOCAL_RANK, WORLD_SIZE set) or when SLURM started one task per GPU (SLURM_PROCID,
+SLURM_LOCALID, SLURM_NTASKS). Otherwise it is a single process, or the Hydra job that launches
+workers itself (see launch.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Mapping, Optional
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    source: str  # "torchrun" or "slurm"
+
+
+def worker_env(environ: Mapping[str, str] = os.environ, nproc_per_node: int = 1) -> Optional[WorkerEnv]:
+    """This process's place in a data-parallel job, or None for a single process / a launcher."""
+    if all(k in environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return WorkerEnv(int(environ["RANK"]), int(environ["LOCAL_RANK"]), int(environ["WORLD_SIZE"]), "torchrun")
+    ntasks = int(environ.get("SLURM_NTASKS", "1"))
+    # One SLURM task per GPU: the tasks are the workers. With one task per node the task is a
+    # launcher (nproc_per_node > 1) and its elastic agent sets RANK etc. for the workers.
+    if "SLURM_PROCID" in environ and ntasks > 1 and nproc_per_node == 1:
+        return WorkerEnv(int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", "0")), ntasks, "slurm")
+    return None
+
+
+def slurm_master(environ: Mapping[str, str] = os.environ) -> tuple[str, int]:
+    """Address of the job's first node and a port derived from the job id (same on every task)."""
+    from submitit.slurm.slurm import SlurmJobEnvironment  # parses SLURM_JOB_NODELIST ("gpu[07-08]")
+
+    hosts = SlurmJobEnvironment().hostnames
+    port = 20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000
+    return hosts[0], port
+
+
+def default_backend(device_type: str) -> str:
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def init_process_group(env: WorkerEnv, backend: str) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    timeout = timedelta(minutes=30)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # The elastic agent keeps one store for all restarts of the worker group, so a restarted
+        # rank can read the dead group's gloo / NCCL addresses before its peers replace them
+        # (seen with torch 2.14: "connectFullMesh failed ... Connection refused"). Keys under a
+        # per-attempt prefix are always this group's own.
+        store = dist.PrefixStore(
+            f"mdfnet_hydra/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/",
+            dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size, is_master=False, timeout=timeout),
+        )
+        dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+        return
+    if env.source == "slurm" and "MASTER_ADDR" not in os.environ:
+        host, port = slurm_master()
+        os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port))
+    dist.init_process_group(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=timeout)
+
+
+def destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_from_main(value: str) -> str:
+    """Rank 0's value on every rank (e.g. the run directory, so all ranks read what rank 0 writes)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def process_rank(environ: Mapping[str, str] = os.environ) -> int:
+    """This process's global rank before any process group exists (0 when not a worker)."""
+    env = worker_env(environ)
+    return env.rank if env is not None else 0
+
+
+def all_gather_rows(tensor):
+    """Concatenate equally shaped per-rank tensors along dim 0 in rank order (identity when alone)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+# ---------------------------------------------------------------- one run directory for all ranks
+_AGREED: Optional[datetime] = None
+
+
+def agreed_now(fmt: str) -> str:
+    """`${now:...}` that every rank of a torchrun job resolves to the same instant.
+
+    The first rank to ask writes its clock into the elastic agent's store; the others read it, so
+    a run started with `torchrun -m mdfnet_hydra.train` gets one output directory, not one per rank
+    (and keeps it when the agent restarts the workers).
+    """
+    global _AGREED
+    if _AGREED is None:
+        _AGREED = _store_agreed_time() if _in_torchrun_group() else (_slurm_start_time() or datetime.now())
+    return _AGREED.strftime(fmt)
+
+
+def _in_torchrun_group() -> bool:
+    env = os.environ
+    return int(env.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in env and "MASTER_PORT" in env
+
+
+def _slurm_start_time() -> Optional[datetime]:
+    """All tasks of a SLURM job see the same start time (Slurm >= 22.05 exports it)."""
+    start = os.environ.get("SLURM_JOB_START_TIME")
+    if start and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return datetime.fromtimestamp(int(start))
+    return None
+
+
+def _store_agreed_time() -> datetime:
+    from torch.distributed import TCPStore
+
+    env = os.environ
+    store = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=120))
+    key = f"mdfnet_hydra/run_time/{env.get('TORCHELASTIC_RUN_ID', 'run')}"
+    mine = datetime.now().isoformat()
+    agreed = store.compare_set(key, "", mine)
+    return datetime.fromisoformat(agreed.decode() if isinstance(agreed, bytes) else agreed)

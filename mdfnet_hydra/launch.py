@@ -1,0 +1,104 @@
+"""What the entry point does with a composed config: train here, or start data-parallel workers.
+
+- `trainer.nproc_per_node=N` (and/or `trainer.nnodes`): this Hydra job becomes the launcher. It
+  starts N workers per node with torch's elastic agent (the engine behind torchrun: rendezvous,
+  RANK / LOCAL_RANK / WORLD_SIZE, restarts up to `trainer.max_restarts`) and returns rank 0's result.
+- Already a worker (started by torchrun, or one SLURM task per GPU): train directly.
+- Otherwise: train in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from mdfnet_hydra.config import ConfigError, TrainConfig, validate_config
+from mdfnet_hydra.distributed import worker_env
+
+log = logging.getLogger(__name__)
+
+
+def run_job(cfg: DictConfig) -> float:
+    validate_config(cfg)
+    tc = cfg.trainer
+    topology = slurm_topology() if worker_env(nproc_per_node=tc.nproc_per_node) is None else None
+    if worker_env(nproc_per_node=tc.nproc_per_node) is None and (tc.nproc_per_node > 1 or tc.nnodes > 1 or topology):
+        return launch_workers(cfg, topology)
+    from mdfnet_hydra.pipeline import run
+
+    return run(cfg)
+
+
+def slurm_topology(environ=os.environ) -> Optional[tuple[int, int, str, str]]:
+    """(nnodes, node_rank, rendezvous endpoint, run id) for one SLURM task per node on several nodes."""
+    nodes = int(environ.get("SLURM_NNODES", "1"))
+    if "SLURM_JOB_ID" not in environ or nodes < 2 or int(environ.get("SLURM_NTASKS", "1")) != nodes:
+        return None
+    from mdfnet_hydra.distributed import slurm_master
+
+    host, port = slurm_master(environ)
+    return nodes, int(environ.get("SLURM_NODEID", "0")), f"{host}:{port}", f"slurm-{environ['SLURM_JOB_ID']}"
+
+
+def launch_workers(cfg: DictConfig, topology: Optional[tuple[int, int, str, str]] = None) -> float:
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    tc = cfg.trainer
+    nproc = int(tc.nproc_per_node)
+    if topology is not None:
+        nnodes, node_rank, endpoint, run_id = topology
+        backend = "c10d"
+    else:
+        nnodes, node_rank, endpoint, run_id = int(tc.nnodes), int(tc.node_rank), tc.rdzv_endpoint, tc.rdzv_id
+        backend = tc.rdzv_backend
+        if nnodes == 1 and not endpoint:  # like `torchrun --standalone`
+            backend, endpoint = "c10d", "localhost:0"
+        elif not endpoint:
+            raise ConfigError("trainer.nnodes > 1 needs trainer.rdzv_endpoint=<host of node 0>:<port>")
+    if not run_id:
+        run_id = uuid.uuid4().hex if nnodes == 1 else "mdfnet"
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    config = LaunchConfig(
+        min_nodes=nnodes,
+        max_nodes=nnodes,
+        nproc_per_node=nproc,
+        run_id=run_id,
+        rdzv_backend=backend,
+        rdzv_endpoint=endpoint,
+        rdzv_configs={"rank": node_rank} if backend == "static" else {},
+        max_restarts=int(tc.max_restarts),
+        start_method="spawn",
+        monitor_interval=0.5,
+    )
+    log.info(
+        "launching %d worker(s) per node on %d node(s) (rendezvous %s at %s, up to %d restarts)",
+        nproc, nnodes, backend, endpoint, tc.max_restarts,
+    )
+    payload = OmegaConf.to_yaml(cfg, resolve=True)
+    results = elastic_launch(config, entrypoint=worker)(payload)
+    rank = min(results)  # global rank 0 on node 0; the lowest local worker elsewhere
+    return float(results[rank])
+
+
+def worker(payload: str) -> float:
+    """Entry point of a spawned worker: the launcher's resolved config, then the pipeline."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_worker)(payload)
+
+
+def _worker(payload: str) -> float:
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(payload))
+    if not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s", "%H:%M:%S"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
+    from mdfnet_hydra.pipeline import run
+
+    return run(cfg)

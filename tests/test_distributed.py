@@ -1,0 +1,201 @@
+"""Data-parallel training on CPU with gloo, through the real entry point, torchrun and the elastic agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from mdfnet_hydra.checkpoint import load_checkpoint
+from mdfnet_hydra.distributed import WorkerEnv, worker_env
+from mdfnet_hydra.labels import CHEXPERT_LABELS
+
+SMALL = ("data.synthetic.num_samples=300", "data.synthetic.image_size=32")
+# no dropout, so one worker and two workers draw no different random numbers
+NO_DROPOUT = ("model.fusion.dropout=0", "model.head.dropout1=0", "model.head.dropout2=0", "model.clinical.dropout=0")
+EXPECTED_STAGE_FILES = {"config.yaml", "logs", "tensorboard", "checkpoints", "metrics.json", "predictions"}
+
+
+def only_run_dir(root: Path) -> Path:
+    runs = [p for p in (root / "runs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def assert_complete_run(run_dir: Path) -> None:
+    assert {"stage1", "stage2", ".hydra", "logs", "metrics.json"} <= {p.name for p in run_dir.iterdir()}
+    for stage in ("stage1", "stage2"):
+        assert EXPECTED_STAGE_FILES <= {p.name for p in (run_dir / stage).iterdir()}
+        assert (run_dir / stage / "checkpoints" / "best_mean.pth").is_file()
+
+
+@pytest.fixture(scope="module")
+def one_and_two_workers(tmp_path_factory):
+    """The same job with a global batch of 16: one process, and two gloo workers of 8."""
+    roots = {}
+    for workers in (1, 2):
+        root = tmp_path_factory.mktemp(f"workers{workers}")
+        result = run_cli(
+            "debug=fast", *SMALL, *NO_DROPOUT, f"paths.root={root}", "trainer.global_batch_size=16",
+            f"trainer.nproc_per_node={workers}", "data.small_sample=null", "trainer.limit_train_batches=6",
+            "trainer.limit_val_batches=null", "phases.stage1.epochs=2", "phases.stage2.epochs=2",
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        roots[workers] = (only_run_dir(root), result)
+    return roots
+
+
+def test_two_workers_match_one_worker(one_and_two_workers):
+    (one, _), (two, _) = one_and_two_workers[1], one_and_two_workers[2]
+    for stage in ("stage1", "stage2"):
+        a = load_checkpoint(one / stage / "checkpoints" / "last.pth")
+        b = load_checkpoint(two / stage / "checkpoints" / "last.pth")
+        assert a["epoch"] == b["epoch"] == 2
+        for key in a["model"]:
+            torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-4, atol=1e-5, msg=f"{stage} {key}")
+        ma = json.loads((one / stage / "metrics.json").read_text())["val"]
+        mb = json.loads((two / stage / "metrics.json").read_text())["val"]
+        assert mb["loss"] == pytest.approx(ma["loss"], abs=1e-5)
+        for name in CHEXPERT_LABELS:
+            if ma["auroc"][name] is None:
+                assert mb["auroc"][name] is None
+            else:
+                assert mb["auroc"][name] == pytest.approx(ma["auroc"][name], abs=1e-4)
+        # metrics cover the whole validation split, not rank 0's shard
+        assert sum(mb["positives"].values()) + sum(mb["negatives"].values()) == sum(ma["positives"].values()) + sum(ma["negatives"].values())
+
+
+def test_entry_point_with_two_workers_writes_one_complete_run(one_and_two_workers):
+    run_dir, result = one_and_two_workers[2]
+    assert_complete_run(run_dir)
+    head = (run_dir / "logs" / "train.log").read_text().splitlines()[:4]
+    assert any("world size 2 (backend gloo" in line and "device cpu" in line for line in head), head
+    assert any("effective batch 32 = 8 per device x 2 worker(s) x 2 accumulation" in line for line in head), head
+    stage_log = (run_dir / "stage1" / "logs" / "train.log").read_text()
+    assert stage_log.count("stage1 epoch 1/2 |") == 1, "only rank 0 logs"
+    assert "launching 2 worker(s) per node" in result.stdout + result.stderr
+
+
+def test_torchrun_gives_the_same_single_run_directory(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mdfnet_hydra.train",
+         "debug=fast", *SMALL, f"paths.root={tmp_path}", "modality=vision_clinical"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = only_run_dir(tmp_path)
+    assert_complete_run(run_dir)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["stages"]["stage2"]["effective_batch_size"] == 16 * 2 * 2
+    assert (run_dir / "logs" / "train.log").read_text().count("world size 2") == 1
+
+
+def _worker_pids(launcher_pid: int) -> list[int]:
+    """The elastic agent's spawned workers: children of the launcher running multiprocessing's spawn_main."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher_pid and b"spawn_main" in cmdline:
+            pids.append(int(proc.name))
+    return sorted(pids)
+
+
+def test_killed_worker_is_restarted_and_training_resumes(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    epochs = 8
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mdfnet_hydra.train", "debug=fast", *SMALL, f"paths.root={tmp_path}", "stage=stage1",
+         "modality=vision_text", "trainer.nproc_per_node=2", "trainer.max_restarts=1", f"phases.stage1.epochs={epochs}",
+         "trainer.limit_train_batches=null", "data.small_sample=null", "trainer.global_batch_size=8",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    last = tmp_path / "run" / "stage1" / "checkpoints" / "last.pth"
+    killed_after = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file():
+            epoch = load_checkpoint(last)["epoch"]
+            if 2 <= epoch < epochs - 2:
+                victims = _worker_pids(proc.pid)
+                if len(victims) == 2:
+                    os.kill(victims[-1], signal.SIGKILL)
+                    killed_after = epoch
+                    break
+        time.sleep(0.2)
+    output, _ = proc.communicate(timeout=600)
+    assert killed_after is not None, "never caught the job mid-training:\n" + output[-3000:]
+    assert proc.returncode == 0, output[-4000:]
+    log = (tmp_path / "run" / "stage1" / "logs" / "train.log").read_text()
+    resumed = [int(m) for m in re.findall(r"stage1: resumed from .*last\.pth after epoch (\d+)", log)]
+    assert resumed and resumed[0] >= killed_after, log[-3000:]
+    metrics = json.loads((tmp_path / "run" / "stage1" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == epochs
+    assert log.count(f"stage1 epoch 1/{epochs} |") == 1, "epochs before the kill are not trained again"
+
+
+def test_worker_environment_detection(monkeypatch):
+    assert worker_env({}) is None
+    assert worker_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}) == WorkerEnv(3, 1, 8, "torchrun")
+    slurm_per_gpu = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"}
+    assert worker_env(slurm_per_gpu) == WorkerEnv(5, 1, 8, "slurm")
+    # one task per node: the task launches the node's workers itself
+    assert worker_env({**slurm_per_gpu, "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}, nproc_per_node=4) is None
+    assert worker_env({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None
+
+
+def test_slurm_one_task_per_node_topology(monkeypatch):
+    from mdfnet_hydra.launch import slurm_topology
+
+    env = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NTASKS": "2", "SLURM_NODEID": "1",
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_JOB_NUM_NODES": "2"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert slurm_topology(env) == (2, 1, f"gpu07:{20000 + 4242}", "slurm-4242")
+    assert slurm_topology({**env, "SLURM_NTASKS": "8"}) is None  # one task per GPU instead
+
+
+def test_frozen_encoders_stay_out_of_ddp_buckets(cfg_factory, monkeypatch):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from test_model import build
+
+    model, _, _ = build(cfg_factory())
+    model.set_encoders_frozen(True)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29000 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        synced = DistributedDataParallel(model)._get_ddp_logging_data()["num_parameter_tensors"]
+    finally:
+        dist.destroy_process_group()
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert synced == trainable < len(list(model.parameters()))
+
+
+def test_data_parallel_jobs_inside_a_multirun(tmp_path):
+    result = run_cli("--multirun", "modality=clinical,vision_clinical", "trainer.nproc_per_node=2", "debug=fast",
+                     "stage=stage1", *SMALL, f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    for job, modalities in (("0", ["clinical"]), ("1", ["vision", "clinical"])):
+        summary = json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())
+        assert summary["stages"]["stage1"]["modalities"] == modalities
+        assert summary["stages"]["stage1"]["effective_batch_size"] == 16 * 2 * 2
+        assert (tmp_path / "sweep" / job / ".hydra" / "overrides.yaml").is_file()
