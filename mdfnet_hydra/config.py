@@ -214,7 +214,7 @@ class PhasesConfig:
 class LossConfig:
     name: LossName = LossName.combined
     bce_weight: float = 0.7
-    focal_weight: float = 0.3
+    focal_weight: Optional[float] = None  # None: 1 - bce_weight (so sweeping bce_weight keeps the sum 1)
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
 
@@ -271,7 +271,25 @@ class TrainerConfig:
     threshold: float = 0.5  # decision threshold for F1
     eval_test: bool = True
     resume: bool = True  # continue from checkpoints/last.pth when the stage directory has one
+    # Wall-time budget of the whole job (all stages): seconds, or "90m", "12h", "1d". Training stops
+    # cleanly when it runs out and the job returns the best validation metric reached so far.
+    max_time: Optional[str] = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass
+class HparamsConfig:
+    """Sweep settings the job itself needs; the sweeper's own settings live in hydra.sweeper."""
+
+    name: str = MISSING
+    objective: str = "single"  # single: val mean AUROC; multi: (val mean AUROC, val min per-label AUROC)
+    n_trials: int = 100  # the study's total: re-running the command runs only the missing trials
+    # Trials that fail (exception, NaN loss, out of memory, undefined objective) are recorded and the
+    # sweep goes on; more than max_failure_rate x n_trials failures abort it.
+    max_failure_rate: float = 0.2
+    study_name: str = MISSING
+    # The search space in the sweeper's syntax, e.g. {"phases.stage1.lr": "tag(log, interval(5e-4, 2e-3))"}
+    space: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -287,6 +305,21 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    hparams: Optional[HparamsConfig] = None
+
+
+def parse_duration(value: Optional[str]) -> Optional[float]:
+    """Seconds from "3600", "3600s", "90m", "12h" or "1d" (None stays None)."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except (ValueError, IndexError):
+        raise ConfigError(f"trainer.max_time must be seconds or a number with s/m/h/d, got {value!r}") from None
 
 
 def to_plain(node: Any) -> Any:
@@ -331,7 +364,14 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "grad_accum", "log_every_n_steps", "nproc_per_node", "nnodes"):
         if int(cfg.trainer[key]) < 1:
             problems.append(f"trainer.{key} must be >= 1")
-    if min(cfg.loss.bce_weight, cfg.loss.focal_weight) < 0 or cfg.loss.bce_weight + cfg.loss.focal_weight <= 0:
+    focal = cfg.loss.focal_weight if cfg.loss.focal_weight is not None else 1.0 - cfg.loss.bce_weight
+    if min(cfg.loss.bce_weight, focal) < 0 or cfg.loss.bce_weight + focal <= 0:
         problems.append("loss.bce_weight and loss.focal_weight must be >= 0 and not both 0")
+    try:
+        parse_duration(cfg.trainer.max_time)
+    except ConfigError as err:
+        problems.append(str(err))
+    if cfg.get("hparams") is not None and cfg.hparams.objective not in ("single", "multi"):
+        problems.append(f"hparams.objective must be 'single' or 'multi', got {cfg.hparams.objective!r}")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

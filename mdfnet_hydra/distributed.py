@@ -8,13 +8,11 @@ workers itself (see launch.py).
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Mapping, Optional
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

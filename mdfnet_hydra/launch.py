@@ -9,11 +9,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import sys
+import traceback
 import uuid
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,17 +25,90 @@ from mdfnet_hydra.config import ConfigError, TrainConfig, validate_config
 from mdfnet_hydra.distributed import worker_env
 
 log = logging.getLogger(__name__)
+FAILURE_FILE = "failure.json"
 
 
-def run_job(cfg: DictConfig) -> float:
+def run_job(cfg: DictConfig) -> Union[float, list[float]]:
+    """The task function's body. Returns the sweep objective: validation mean AUROC, or with
+    `hparams.objective=multi` the pair (mean AUROC, minimum per-label AUROC); NaN when undefined.
+
+    In a multirun a failing job (exception, NaN loss, out of memory) is recorded in its directory
+    (failure.json) and returns NaN, which Optuna records as a failed trial, so one bad trial never
+    ends a sweep; past `hparams.max_failure_rate` the sweep is aborted. A single run fails loudly.
+    """
     validate_config(cfg)
+    if not in_multirun():
+        return objective_value(cfg, train(cfg))
+    run_dir = Path(cfg.paths.run_dir)
+    failure = run_dir / FAILURE_FILE
+    failure.unlink(missing_ok=True)  # a resumed or requeued trial starts with a clean record
+    try:
+        value = objective_value(cfg, train(cfg))
+        if any(math.isnan(v) for v in _as_list(value)):
+            _record_failure(failure, "objective undefined (no epoch finished, or no label with both classes in val)", None)
+        return value
+    except Exception as err:  # noqa: BLE001 - every failure becomes a failed trial with its reason
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        log.error("job failed: %s", reason)
+        _record_failure(failure, reason, traceback.format_exc())
+        _abort_if_too_many_failures(cfg, run_dir.parent, reason)
+        return objective_value(cfg, {})
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train here, or start the data-parallel workers and return rank 0's job summary."""
     tc = cfg.trainer
-    topology = slurm_topology() if worker_env(nproc_per_node=tc.nproc_per_node) is None else None
-    if worker_env(nproc_per_node=tc.nproc_per_node) is None and (tc.nproc_per_node > 1 or tc.nnodes > 1 or topology):
-        return launch_workers(cfg, topology)
+    if worker_env(nproc_per_node=tc.nproc_per_node) is None:
+        topology = slurm_topology()
+        if tc.nproc_per_node > 1 or tc.nnodes > 1 or topology is not None:
+            return launch_workers(cfg, topology)
     from mdfnet_hydra.pipeline import run
 
     return run(cfg)
+
+
+def objective_value(cfg: DictConfig, summary: dict) -> Union[float, list[float]]:
+    mean = _nan_if_none(summary.get("objective"))
+    if cfg.get("hparams") is not None and cfg.hparams.objective == "multi":
+        return [mean, _nan_if_none(summary.get("auroc_min"))]
+    return mean
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+class SweepAborted(RuntimeError):
+    """More trials failed than hparams.max_failure_rate allows."""
+
+
+def _record_failure(path: Path, reason: str, trace: Optional[str]) -> None:
+    if worker_env() is None or worker_env().rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"status": "failed", "reason": reason, "traceback": trace}, indent=2))
+
+
+def _abort_if_too_many_failures(cfg: DictConfig, sweep_dir: Path, reason: str) -> None:
+    if cfg.get("hparams") is None:
+        return  # plain multiruns (ablations) run every job and report failures in the summary
+    failed = len(list(sweep_dir.glob(f"*/{FAILURE_FILE}")))
+    allowed = cfg.hparams.max_failure_rate * cfg.hparams.n_trials
+    if failed > allowed:
+        raise SweepAborted(
+            f"{failed} trials failed, more than hparams.max_failure_rate={cfg.hparams.max_failure_rate} x "
+            f"{cfg.hparams.n_trials} trials allows; aborting the sweep. Last failure: {reason}"
+        )
+
+
+def _as_list(value: Union[float, list[float]]) -> list[float]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _nan_if_none(value: Optional[float]) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def slurm_topology(environ=os.environ) -> Optional[tuple[int, int, str, str]]:
@@ -45,7 +122,7 @@ def slurm_topology(environ=os.environ) -> Optional[tuple[int, int, str, str]]:
     return nodes, int(environ.get("SLURM_NODEID", "0")), f"{host}:{port}", f"slurm-{environ['SLURM_JOB_ID']}"
 
 
-def launch_workers(cfg: DictConfig, topology: Optional[tuple[int, int, str, str]] = None) -> float:
+def launch_workers(cfg: DictConfig, topology: Optional[tuple[int, int, str, str]] = None) -> dict:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     tc = cfg.trainer
@@ -82,17 +159,17 @@ def launch_workers(cfg: DictConfig, topology: Optional[tuple[int, int, str, str]
     payload = OmegaConf.to_yaml(cfg, resolve=True)
     results = elastic_launch(config, entrypoint=worker)(payload)
     rank = min(results)  # global rank 0 on node 0; the lowest local worker elsewhere
-    return float(results[rank])
+    return results[rank]
 
 
-def worker(payload: str) -> float:
+def worker(payload: str) -> dict:
     """Entry point of a spawned worker: the launcher's resolved config, then the pipeline."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
     return record(_worker)(payload)
 
 
-def _worker(payload: str) -> float:
+def _worker(payload: str) -> dict:
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(payload))
     if not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stdout)

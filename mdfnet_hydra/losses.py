@@ -37,7 +37,7 @@ class MultiLabelLoss(nn.Module):
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
         self.bce_weight = float(cfg.bce_weight)
-        self.focal_weight = float(cfg.focal_weight)
+        self.focal_weight = float(cfg.focal_weight) if cfg.focal_weight is not None else 1.0 - self.bce_weight
         self.alpha = float(cfg.focal_alpha)
         self.gamma = float(cfg.focal_gamma)
 

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.checkpoint import load_checkpoint
-from mdfnet_hydra.config import ConfigError, to_plain, validate_config
+from mdfnet_hydra.config import ConfigError, parse_duration, to_plain, validate_config
 from mdfnet_hydra.data.dataset import Collator, SplitData, load_splits, resolve_root
 from mdfnet_hydra.data.preprocessing import Preprocessing
 from mdfnet_hydra.distributed import barrier, broadcast_from_main, destroy_process_group, init_process_group, worker_env
@@ -31,8 +31,8 @@ from mdfnet_hydra.trainer import PhaseTrainer
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> float:
-    """Train every phase of `stage.run`; return the last phase's validation mean AUROC (NaN if undefined).
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train every phase of `stage.run`; return the job summary (written to <run>/metrics.json).
 
     Every rank of a data-parallel job runs this; only rank 0 logs progress and writes files.
     """
@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> float:
         destroy_process_group()
 
 
-def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> float:
+def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
     modalities = [m.value for m in cfg.modality.inputs]
     phases = [s.value for s in cfg.stage.run]
     log.info("mdfnet-hydra: modality %s (%s), stages %s, data %s", cfg.modality.name, ", ".join(modalities), " -> ".join(phases), cfg.data.name)
@@ -84,13 +84,18 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> float:
         "config": to_plain(cfg),
     }
     start_from: Path | dict | None = init  # the checkpoint (or its path) the next phase starts from
+    budget = parse_duration(cfg.trainer.max_time)
     results: dict[str, dict[str, Any]] = {}
     for name in phases:
         directory = run_dir / name
         done = directory / "metrics.json"
+        spent = sum(r["wall_time_s"] for r in results.values())
         if done.is_file():
             log.info("%s: already complete in %s, skipping", name, directory)
             results[name] = json.loads(done.read_text())
+        elif budget is not None and spent >= budget:
+            log.info("%s: skipped, trainer.max_time (%.0fs) is spent", name, budget)
+            break
         else:
             if runtime.is_main:
                 directory.mkdir(parents=True, exist_ok=True)
@@ -100,16 +105,32 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> float:
             if start_from is not None:
                 ckpt = load_checkpoint(start_from) if isinstance(start_from, Path) else start_from
                 model.load_state_dict(ckpt["model"])
-            trainer = PhaseTrainer(cfg, name, model, datasets, Collator(prep.pad_id), runtime, directory, rare, extras)
+            trainer = PhaseTrainer(cfg, name, model, datasets, Collator(prep.pad_id), runtime, directory, rare, extras,
+                                   time_budget_s=None if budget is None else budget - spent)
             results[name] = trainer.fit()
+        if results[name]["selected_checkpoint"] is None:
+            break  # no epoch finished within the time budget
         start_from = directory / "checkpoints" / f"{results[name]['selected_checkpoint']}.pth"
 
-    objective = results[phases[-1]]["val"]["auroc_mean"]
+    summary = summarise_job(results)
     if runtime.is_main:
-        summary = {"objective": objective, "objective_name": "val auroc_mean", "final_stage": phases[-1], "stages": results}
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         log.info("\n%s", format_summary(results, run_dir))
-    return float("nan") if objective is None else float(objective)
+    return summary
+
+
+def summarise_job(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The job's result: the last stage that produced validation metrics (NaN objective if none)."""
+    evaluated = [name for name, r in results.items() if r.get("val")]
+    final = evaluated[-1] if evaluated else None
+    val = results[final]["val"] if final else {}
+    return {
+        "objective": val.get("auroc_mean"),
+        "objective_name": "val auroc_mean",
+        "auroc_min": val.get("auroc_min"),
+        "final_stage": final,
+        "stages": results,
+    }
 
 
 def _initial_checkpoint(cfg: DictConfig, modalities: list[str]) -> dict | None:

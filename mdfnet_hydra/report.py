@@ -13,7 +13,10 @@ def _cell(value: Optional[float]) -> str:
 
 
 def format_summary(results: dict[str, dict[str, Any]], run_dir: Path) -> str:
-    final_name = list(results)[-1]
+    evaluated = [name for name, r in results.items() if r.get("val")]
+    if not evaluated:
+        return f"No epoch finished (trainer.max_time spent before the first one); nothing to report. Run: {run_dir}"
+    final_name = evaluated[-1]
     final = results[final_name]
     val, test = final["val"], final.get("test")
     lines = [
@@ -32,10 +35,12 @@ def format_summary(results: dict[str, dict[str, Any]], run_dir: Path) -> str:
     if val["undefined_labels"]:
         lines.append(f"  undefined on val (no positives or no negatives), left out of the mean: {', '.join(val['undefined_labels'])}")
     for name, result in results.items():
+        if not result.get("val"):
+            continue
         mean = result["val"]["auroc_mean"]
         lines.append(
             f"  {name}: val mean AUROC {_cell(mean).strip()} at epoch {result['best_epoch']} of {result['epochs_run']}"
-            f"{' (early stop)' if result['stopped_early'] else ''}, {result['wall_time_s']:.0f}s"
+            f"{' (stopped by ' + result['stopped_by'].replace('_', ' ') + ')' if result.get('stopped_by') else ''}, {result['wall_time_s']:.0f}s"
         )
     lines.append("Wrote:")
     lines.append(f"  run        {run_dir}  (config: .hydra/, log: logs/train.log, summary: metrics.json)")

@@ -10,17 +10,19 @@ from __future__ import annotations
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mdfnet_hydra.config import register_configs
-from mdfnet_hydra.distributed import agreed_now, process_rank
+from mdfnet_hydra.distributed import process_rank
+from mdfnet_hydra.resolvers import register_resolvers
 
 register_configs()
-OmegaConf.register_resolver("agreed_now", agreed_now, replace=True)
+register_resolvers()
 
 
 @hydra.main(config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig):
+    """Returns the sweep objective (validation mean AUROC, or [mean, min] for hparams.objective=multi)."""
     from mdfnet_hydra.launch import run_job
 
     return run_job(cfg)

@@ -89,6 +89,7 @@ class PhaseTrainer:
         directory: Path,
         rare: list[int],
         checkpoint_extras: dict[str, Any],
+        time_budget_s: Optional[float] = None,
     ) -> None:
         self.cfg = cfg
         self.name = phase_name
@@ -98,6 +99,8 @@ class PhaseTrainer:
         self.directory = directory
         self.rare = rare
         self.extras = checkpoint_extras
+        self.time_budget_s = time_budget_s  # what is left of trainer.max_time for this phase
+        self.out_of_time = False
         self.datasets = datasets
         self.model = model.to(runtime.device)
         self.model.set_encoders_frozen(bool(self.phase.freeze_encoders))
@@ -221,8 +224,10 @@ class PhaseTrainer:
         )
         while self.state.epoch < epochs and not (patience is not None and self.state.bad_epochs >= int(patience)):
             start = time.perf_counter()
+            if self._time_is_up(start):
+                break
             epoch = self.state.epoch + 1
-            train_loss = self._train_epoch(epoch, tracker)
+            train_loss = self._train_epoch(epoch, tracker, start)
             val = self.predict("val", limit=self.trainer_cfg.limit_val_batches)
             metrics = self._metrics("val", val)
             self.state.epoch = epoch
@@ -230,14 +235,34 @@ class PhaseTrainer:
             self.state.elapsed_s += time.perf_counter() - start
             self._log_epoch(tracker, epoch, epochs, train_loss, val.loss, metrics, time.perf_counter() - start)
             self._save_epoch(metrics, improved)
-        if self.state.epoch < epochs:
+            if self.out_of_time:
+                break
+        if self.out_of_time:
+            log.info("%s: trainer.max_time reached after %.0fs in epoch %d; keeping the best checkpoint so far",
+                     self.name, self.state.elapsed_s, self.state.epoch + (0 if self.state.epoch else 1))
+        elif self.state.epoch < epochs:
             log.info("%s: early stop after epoch %d (no val mean AUROC gain for %d epochs)", self.name, self.state.epoch, patience)
 
-    def _train_epoch(self, epoch: int, tracker: Tracker) -> dict[str, float]:
+    def _time_is_up(self, since: float) -> bool:
+        """Whether the time budget is spent; the same answer on every rank (rank clocks differ)."""
+        if self.time_budget_s is None:
+            return False
+        spent = self.state.elapsed_s + time.perf_counter() - since >= self.time_budget_s
+        if self.runtime.distributed:
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(spent)], device=self.runtime.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            spent = bool(flag.item())
+        self.out_of_time = self.out_of_time or spent
+        return spent
+
+    def _train_epoch(self, epoch: int, tracker: Tracker, epoch_start: float) -> dict[str, float]:
         self.model.train()
         self.loaders["train"].sampler.set_epoch(epoch)
         device = self.runtime.device
         totals = torch.zeros(3, device=device)
+        batches = 0
         interval_samples, interval_start = 0, time.perf_counter()
         clip = self.trainer_cfg.max_grad_norm
         log_every = max(1, int(self.trainer_cfg.log_every_n_steps))
@@ -254,6 +279,7 @@ class PhaseTrainer:
                 terms = self.loss_fn(logits, batch["targets"], batch["mask"])
                 self.scaler.scale(terms.total / self.accum).backward()
             totals += torch.stack([terms.total.detach(), terms.bce.detach(), terms.focal.detach()])
+            batches += 1
             interval_samples += batch["targets"].shape[0] * self.runtime.world_size
             if not syncing:
                 continue
@@ -284,7 +310,9 @@ class PhaseTrainer:
                     self.name, epoch, (i + 1) // self.accum, self.steps_per_epoch, loss, float(grad_norm), throughput,
                 )
                 interval_samples, interval_start = 0, time.perf_counter()
-        means = (totals / self.batches_per_epoch).tolist()
+                if self._time_is_up(epoch_start):
+                    break
+        means = (totals / max(batches, 1)).tolist()
         if not all(math.isfinite(v) for v in means):
             raise FloatingPointError(f"{self.name}: non-finite training loss in epoch {epoch}: {means}")
         return {"combined": means[0], "bce": means[1], "focal": means[2]}
@@ -357,26 +385,33 @@ class PhaseTrainer:
 
     # ------------------------------------------------------------------ end of phase
     def _finish(self) -> dict[str, Any]:
-        select = CheckpointName(self.trainer_cfg.checkpoint.select).value
-        if self.state.best[select].epoch is None:
-            select = CheckpointName.last.value  # no defined metric ever (tiny debug splits)
-        selected = self.checkpoints.path(select)
-        barrier()  # rank 0 has written the checkpoint every rank now loads
-        self.model.load_state_dict(load_checkpoint(selected)["model"])
         result: dict[str, Any] = {
             "stage": self.name,
             "modalities": list(self.extras["modalities"]),
-            "selected_checkpoint": select,
-            "checkpoint_path": str(selected),
-            "best_epoch": self.state.best[select].epoch or self.state.epoch,
             "epochs_run": self.state.epoch,
-            "stopped_early": self.state.epoch < int(self.phase.epochs),
+            "stopped_early": self.state.epoch < int(self.phase.epochs) and not self.out_of_time,
+            "stopped_by": "max_time" if self.out_of_time else ("early_stopping" if self.state.epoch < int(self.phase.epochs) else None),
             "best": {k: asdict(v) for k, v in self.state.best.items()},
             "rare_labels": [CHEXPERT_LABELS[j] for j in self.rare],
             "effective_batch_size": self.effective_batch_size,
             "train_samples": len(self.datasets["train"]),
             "wall_time_s": self.state.elapsed_s,
         }
+        if self.state.epoch == 0:  # the time budget ran out before the first epoch
+            result.update(selected_checkpoint=None, checkpoint_path=None, best_epoch=None, val=None, test=None)
+            self._write_result(result)
+            return result
+        select = CheckpointName(self.trainer_cfg.checkpoint.select).value
+        if self.state.best[select].epoch is None:
+            select = CheckpointName.last.value  # no defined metric ever (tiny debug splits)
+        selected = self.checkpoints.path(select)
+        barrier()  # rank 0 has written the checkpoint every rank now loads
+        self.model.load_state_dict(load_checkpoint(selected)["model"])
+        result.update(
+            selected_checkpoint=select,
+            checkpoint_path=str(selected),
+            best_epoch=self.state.best[select].epoch or self.state.epoch,
+        )
         for split in ("val", "test"):
             if split not in self.loaders or (split == "test" and not self.trainer_cfg.eval_test):
                 result[split] = None
@@ -385,10 +420,13 @@ class PhaseTrainer:
             result[split] = {"loss": pred.loss, **self._metrics(split, pred)}
             if self.runtime.is_main:
                 self._save_predictions(split, pred)
+        self._write_result(result)
+        return result
+
+    def _write_result(self, result: dict[str, Any]) -> None:
         if self.runtime.is_main:
             (self.directory / "metrics.json").write_text(json.dumps(result, indent=2))
         barrier()
-        return result
 
     def _save_predictions(self, split: str, pred: Prediction) -> None:
         """Probabilities with labels for later evaluation; patient ids replaced by group numbers."""

@@ -15,12 +15,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mdfnet_hydra.config import register_configs
+from mdfnet_hydra.resolvers import register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 SMALL_DATA = ["data.synthetic.num_samples=480", "data.synthetic.image_size=32"]
 
 register_configs()
+register_resolvers()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from conftest import config_options, run_cli
 from mdfnet_hydra.config import ConfigError, Modality, StageName, validate_config
 
-GROUPS = ["data", "modality", "model/vision", "model/text", "stage", "phases", "loss", "optimizer", "scheduler", "trainer", "debug"]
+GROUPS = ["data", "modality", "model/vision", "model/text", "stage", "phases", "loss", "optimizer", "scheduler", "trainer",
+          "debug", "experiment", "hparams", "hparams/space"]
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -17,7 +18,9 @@ def test_every_option_of_every_group_composes(cfg_factory, group):
     assert options, f"conf/{group} is empty"
     for option in options:
         extra = ["data.root=/some/prepared/dir"] if (group, option) == ("data", "processed") else []
-        cfg = cfg_factory(f"{group}={option}", *extra)
+        if group == "hparams/space":
+            extra = ["hparams=bayesian"]
+        cfg = cfg_factory(*extra, f"{group}={option}")
         OmegaConf.to_container(cfg.model, resolve=True)  # every interpolation resolves
         if group in ("modality", "stage", "data", "loss", "optimizer"):
             node = cfg[group] if group != "data" else cfg.data
@@ -44,8 +47,11 @@ def test_defaults_are_the_spec(cfg_factory):
     assert s2.early_stopping_patience == 5
     assert (cfg.trainer.batch_size, cfg.trainer.grad_accum, cfg.optimizer.weight_decay) == (16, 2, 1e-4)
     assert (cfg.model.fusion.dropout, cfg.model.head.dropout1, cfg.model.head.dropout2) == (0.3, 0.3, 0.2)
-    assert (cfg.loss.name.value, cfg.loss.bce_weight, cfg.loss.focal_weight, cfg.loss.focal_alpha, cfg.loss.focal_gamma) == (
-        "combined", 0.7, 0.3, 0.25, 2.0)
+    from mdfnet_hydra.losses import MultiLabelLoss
+
+    loss = MultiLabelLoss(cfg.loss)
+    assert (cfg.loss.name.value, loss.bce_weight, loss.alpha, loss.gamma) == ("combined", 0.7, 0.25, 2.0)
+    assert loss.focal_weight == pytest.approx(0.3)
     assert [StageName(s).value for s in cfg.stage.run] == ["stage1", "stage2"]
     assert cfg.modality.name == "all" and cfg.data.name == "synthetic"
 

@@ -31,7 +31,7 @@ CHECKPOINTS = {"best_auroc.pth", "best_mean.pth", "best_rare.pth", "last.pth", "
 def two_stage(tmp_path_factory, output_root):
     run_dir = tmp_path_factory.mktemp("two_stage")
     cfg = make_cfg([*SMALL_RUN, "phases.stage1.epochs=2", "phases.stage2.epochs=2"], run_dir, output_root)
-    objective = run(cfg)
+    objective = run(cfg)["objective"]
     return cfg, run_dir, objective
 
 
@@ -147,7 +147,7 @@ def test_checkpoint_reloads_and_reproduces_saved_predictions(two_stage):
 
 @pytest.mark.parametrize("modality", ["vision", "text", "clinical", "vision_text", "vision_clinical", "text_clinical", "all"])
 def test_every_modality_trains(cfg_factory, tmp_path, modality):
-    objective = run(cfg_factory("debug=fast", f"modality={modality}"))
+    objective = run(cfg_factory("debug=fast", f"modality={modality}"))["objective"]
     assert math.isfinite(objective) and 0.0 <= objective <= 1.0
     stage2 = json.loads((tmp_path / "run" / "stage2" / "metrics.json").read_text())
     assert stage2["modalities"] == modality.replace("all", "vision_text_clinical").split("_")
@@ -155,7 +155,7 @@ def test_every_modality_trains(cfg_factory, tmp_path, modality):
 
 @pytest.mark.parametrize("loss, optimizer", [("bce", "sgd"), ("focal", "adamw")])
 def test_loss_and_optimizer_choices_train(cfg_factory, loss, optimizer):
-    assert math.isfinite(run(cfg_factory("debug=fast", "stage=stage1", f"loss={loss}", f"optimizer={optimizer}")))
+    assert math.isfinite(run(cfg_factory("debug=fast", "stage=stage1", f"loss={loss}", f"optimizer={optimizer}"))["objective"])
 
 
 def test_periodic_checkpoints_keep_the_last_three(cfg_factory, tmp_path):
@@ -183,10 +183,10 @@ def test_interrupted_phase_resumes_to_the_same_weights(cfg_factory, tmp_path, mo
 
     original = PhaseTrainer._train_epoch
 
-    def killed_in_epoch_3(self, epoch, tracker):
+    def killed_in_epoch_3(self, epoch, *args):
         if epoch == 3:
             raise RuntimeError("worker killed")
-        return original(self, epoch, tracker)
+        return original(self, epoch, *args)
 
     monkeypatch.setattr(PhaseTrainer, "_train_epoch", killed_in_epoch_3)
     with pytest.raises(RuntimeError, match="worker killed"):
@@ -215,7 +215,7 @@ def test_cli_runs_one_directory_with_table(tmp_path):
 
 
 def test_bf16_autocast_path_trains_on_cpu(cfg_factory):
-    assert math.isfinite(run(cfg_factory("debug=fast", "stage=stage1", "modality=vision_text", "trainer.precision=bf16")))
+    assert math.isfinite(run(cfg_factory("debug=fast", "stage=stage1", "modality=vision_text", "trainer.precision=bf16"))["objective"])
 
 
 def test_fp16_without_cuda_is_refused_clearly(cfg_factory):

@@ -264,7 +264,7 @@ def _texts(rng: np.random.Generator, t: np.ndarray, patient_index: np.ndarray, n
     n = t.shape[0]
     sex = np.where(rng.random(n_patients) < 0.5, "M", "F")[patient_index]
     chosen = []
-    for phrase, bias, coefs in PHRASES:
+    for _phrase, bias, coefs in PHRASES:
         p = 1.0 / (1.0 + np.exp(-(bias + TEXT_EVIDENCE * _score(t, coefs))))
         chosen.append(rng.random(n) < p)
     question_scores = np.stack([_score(t, c) + rng.normal(0, 0.8, n) for _, c in QUESTIONS], axis=1)

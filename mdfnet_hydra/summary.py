@@ -1,0 +1,109 @@
+"""`results_summary.csv` for a sweep directory: one row per job.
+
+Written at the end of every multirun by a Hydra callback (configured in conf/train.yaml), and
+rebuilt for any sweep directory with
+
+    python -m mdfnet_hydra.summary <sweep dir>
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from mdfnet_hydra.labels import CHEXPERT_LABELS
+
+SUMMARY_FILE = "results_summary.csv"
+BASE_COLUMNS = [
+    "job", "overrides", "modality", "stage", "status", "reason",
+    "val_auroc_mean", "test_auroc_mean", "val_auroc_min", "test_auroc_min",
+    "val_auprc_mean", "test_auprc_mean", "val_f1_macro", "val_f1_micro", "test_f1_macro", "test_f1_micro",
+    "best_epoch", "epochs_run", "stopped_by", "wall_time_s",
+]
+LABEL_COLUMNS = [f"val_auroc/{name}" for name in CHEXPERT_LABELS] + [f"test_auroc/{name}" for name in CHEXPERT_LABELS]
+
+
+def job_row(job_dir: Path) -> Optional[dict[str, Any]]:
+    """One job directory as a row; None for directories that are not Hydra jobs."""
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        return None
+    overrides = [str(o) for o in OmegaConf.load(overrides_file)]
+    config = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
+    row: dict[str, Any] = {
+        "job": job_dir.name,
+        "overrides": " ".join(overrides),
+        "modality": config.modality.name,
+        "stage": config.stage.name,
+    }
+    failure = job_dir / "failure.json"
+    summary_file = job_dir / "metrics.json"
+    if failure.is_file():
+        row.update(status="failed", reason=json.loads(failure.read_text())["reason"])
+    elif not summary_file.is_file():
+        row.update(status="incomplete", reason="no metrics.json (running, killed or requeued)")
+        return row
+    else:
+        row["status"] = "completed"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        final = summary["stages"].get(summary.get("final_stage") or "", {})
+        row["stage"] = f"{config.stage.name}:{summary.get('final_stage')}"
+        for split in ("val", "test"):
+            metrics = final.get(split) or {}
+            for key in ("auroc_mean", "auroc_min", "auprc_mean", "f1_macro", "f1_micro"):
+                row[f"{split}_{key}"] = metrics.get(key)
+            for name in CHEXPERT_LABELS:
+                row[f"{split}_auroc/{name}"] = (metrics.get("auroc") or {}).get(name)
+        row["best_epoch"] = final.get("best_epoch")
+        row["epochs_run"] = final.get("epochs_run")
+        row["stopped_by"] = final.get("stopped_by")
+        row["wall_time_s"] = round(sum(s.get("wall_time_s", 0.0) for s in summary["stages"].values()), 1)
+    return row
+
+
+def write_summary(sweep_dir: str | Path) -> Path:
+    sweep_dir = Path(sweep_dir)
+    rows = [row for d in sorted(p for p in sweep_dir.iterdir() if p.is_dir()) if (row := job_row(d)) is not None]
+    rows.sort(key=lambda r: _job_order(r["job"]))
+    out = sweep_dir / SUMMARY_FILE
+    with out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=BASE_COLUMNS + LABEL_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return out
+
+
+def _job_order(name: str) -> tuple[int, str]:
+    head = name.split("_", 1)[0]
+    return (int(head), name) if head.isdigit() else (sys.maxsize, name)
+
+
+class WriteSummary(Callback):
+    """Hydra callback: results_summary.csv at the sweep root when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if sweep_dir.is_dir():
+            out = write_summary(sweep_dir)
+            print(f"[mdfnet-hydra] sweep summary: {out}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not Path(args[0]).is_dir():
+        print("usage: python -m mdfnet_hydra.summary <sweep directory>", file=sys.stderr)
+        return 2
+    print(write_summary(args[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

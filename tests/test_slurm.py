@@ -1,0 +1,133 @@
+"""Submission to a real SLURM cluster (CI starts one: .ci/slurm/start-local-slurm.sh).
+
+Skipped where no cluster answers, unless MDFNET_REQUIRE_SLURM=1 (as in CI), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from mdfnet_hydra.checkpoint import load_checkpoint
+from mdfnet_hydra.summary import SUMMARY_FILE
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return probe.returncode == 0 and any(s in probe.stdout for s in ("idle", "mixed", "allocated"))
+
+
+if not _cluster_up():
+    if os.environ.get("MDFNET_REQUIRE_SLURM") == "1":
+        raise RuntimeError("MDFNET_REQUIRE_SLURM=1 but no SLURM cluster answers (start .ci/slurm/start-local-slurm.sh)")
+    pytest.skip("no SLURM cluster (CI starts one with .ci/slurm/start-local-slurm.sh)", allow_module_level=True)
+
+pytestmark = pytest.mark.slurm
+
+TINY = ("debug=fast", "data.synthetic.num_samples=300", "data.synthetic.image_size=32")
+# a 2-core test node: one CPU per task, two tasks at once
+SMALL_JOBS = ("hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
+              "hydra.launcher.timeout_min=20", "hydra.launcher.array_parallelism=2",
+              f"hydra.launcher.setup=[\"export HF_HUB_OFFLINE=1\"]")
+
+
+def submitted(sweep_dir: Path) -> list[str]:
+    """SLURM ids of the submitit job folders: "12_0" ... for array tasks, "12" for a lone job."""
+    folder = sweep_dir / ".submitit"
+    return sorted(p.name for p in folder.iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)) if folder.is_dir() else []
+
+
+def array_ids(sweep_dir: Path) -> set[str]:
+    return {name.split("_")[0] for name in submitted(sweep_dir)}
+
+
+def final_states(job_id: str, wait_s: float = 60) -> list[str]:
+    """sacct states of an array's tasks once SLURM has finished them (results can land first)."""
+    deadline = time.time() + wait_s
+    while True:
+        accounting = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"], capture_output=True, text=True)
+        states = [line.split("|")[1] for line in accounting.stdout.split()]
+        if all(s not in ("RUNNING", "PENDING", "COMPLETING", "REQUEUED") for s in states) or time.time() > deadline:
+            return states
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_ablations_run_as_one_job_array(tmp_path):
+    sweep_dir = tmp_path / "ablations"
+    result = run_cli("--multirun", "experiment=ablations", *TINY, *SMALL_JOBS, f"paths.root={tmp_path}",
+                     f"hydra.sweep.dir={sweep_dir}", timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ids = array_ids(sweep_dir)
+    assert len(ids) == 1, f"one SLURM job array, got {ids}"
+    assert len(submitted(sweep_dir)) == 7 and all("_" in name for name in submitted(sweep_dir))
+    states = final_states(ids.pop())
+    assert states == ["COMPLETED"] * 7, states
+    with (sweep_dir / SUMMARY_FILE).open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["modality"] for r in rows] == ["vision", "text", "clinical", "vision_text", "vision_clinical", "text_clinical", "all"]
+    assert all(r["status"] == "completed" and float(r["val_auroc_mean"]) > 0 for r in rows)
+    for row in rows:
+        job = sweep_dir / row["job"]
+        assert (job / "stage2" / "checkpoints" / "best_mean.pth").is_file()
+        assert (job / "stage2" / "predictions" / "test.npz").is_file()
+
+
+def test_job_with_two_tasks_trains_data_parallel(tmp_path):
+    sweep_dir = tmp_path / "ddp"
+    result = run_cli("--multirun", "modality=clinical", "stage=stage1", *TINY, *SMALL_JOBS, "hydra.launcher.tasks_per_node=2",
+                     f"paths.root={tmp_path}", f"hydra.sweep.dir={sweep_dir}", timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = (sweep_dir / "0" / "logs" / "train.log").read_text()
+    assert "world size 2 (backend gloo, rank 0)" in log
+    assert "effective batch 64 = 16 per device x 2 worker(s)" in log
+    assert json.loads((sweep_dir / "0" / "metrics.json").read_text())["objective"] is not None
+
+
+@pytest.mark.slow
+def test_timeout_signal_requeues_and_resumes_from_checkpoint(tmp_path):
+    sweep_dir = tmp_path / "requeue"
+    epochs = 12
+    command = [sys.executable, "-m", "mdfnet_hydra.train", "--multirun", "modality=vision_text", "stage=stage1", *TINY,
+               *SMALL_JOBS, "hydra.launcher.max_num_timeout=2", f"phases.stage1.epochs={epochs}",
+               "trainer.limit_train_batches=null", "data.small_sample=null", "trainer.global_batch_size=8",
+               f"paths.root={tmp_path}", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = sweep_dir / "0" / "stage1" / "checkpoints" / "last.pth"
+    signalled_at = None
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None and signalled_at is None:
+            if last.is_file() and load_checkpoint(last)["epoch"] >= 2 and submitted(sweep_dir):
+                signalled_at = load_checkpoint(last)["epoch"]
+                # what SLURM sends signal_delay_s before the time limit
+                subprocess.run(["scancel", "--signal=USR2", "--full", submitted(sweep_dir)[0]], check=True)
+            time.sleep(0.5)
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", *submitted(sweep_dir)])
+    assert signalled_at is not None and signalled_at < epochs, output[-3000:]
+    assert proc.returncode == 0, output[-4000:]
+    log = (sweep_dir / "0" / "stage1" / "logs" / "train.log").read_text()
+    resumed = [int(e) for e in re.findall(r"stage1: resumed from .*last\.pth after epoch (\d+)", log)]
+    assert resumed and resumed[0] >= signalled_at, log[-3000:]
+    assert log.count(f"stage1 epoch 1/{epochs} |") == 1, "the requeued job continues, it does not start over"
+    metrics = json.loads((sweep_dir / "0" / "stage1" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == epochs
+    submitit_logs = "".join(p.read_text() for p in (sweep_dir / ".submitit").rglob("*.err"))
+    assert "requeue" in submitit_logs.lower()

@@ -1,0 +1,146 @@
+"""Sweeps through the real entry point: Optuna presets with SQLite studies, resume, failures,
+multi-objective, the experiment presets, the time budget and results_summary.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import optuna
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import run_cli
+from mdfnet_hydra.summary import SUMMARY_FILE, main as summary_main
+
+TINY = ("debug=fast", "data.synthetic.num_samples=300", "data.synthetic.image_size=32")
+
+
+def sweep(tmp_path, *overrides, expect_ok=True):
+    result = run_cli("--multirun", *TINY, f"paths.root={tmp_path}", *overrides)
+    if expect_ok:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def load_study(sweep_dir):
+    (name,) = optuna.get_all_study_names(storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+
+
+def summary_rows(sweep_dir):
+    with (sweep_dir / SUMMARY_FILE).open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_bayesian_study_persists_and_resumes(tmp_path):
+    common = ("hparams=bayesian", "modality=clinical", "stage=stage1")
+    sweep(tmp_path, *common, "hparams.n_trials=2")
+    sweep_dir = tmp_path / "sweeps" / "bayesian-clinical-stage1"
+    study = load_study(sweep_dir)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    rows = summary_rows(sweep_dir)
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    # every trial's value is the val mean AUROC its run directory recorded
+    recorded = sorted(float(r["val_auroc_mean"]) for r in rows)
+    assert sorted(t.value for t in study.trials) == pytest.approx(recorded)
+    assert set(study.trials[0].params) == {
+        "phases.stage1.lr", "phases.stage2.lr_encoders", "phases.stage2.lr_fusion", "optimizer.weight_decay",
+        "model.fusion.dropout", "model.head.dropout1", "loss.bce_weight", "loss.focal_alpha", "loss.focal_gamma"}
+
+    # the same command with a larger budget continues the study: one more trial, no collisions
+    sweep(tmp_path, *common, "hparams.n_trials=3")
+    study = load_study(sweep_dir)
+    assert len(study.trials) == 3 and study.trials[2].state == optuna.trial.TrialState.COMPLETE
+    assert study.trials[2].params != study.trials[0].params, "a resumed study does not redraw old trials"
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
+    assert len(jobs) == 3 and len(summary_rows(sweep_dir)) == 3
+    # and once the budget is reached, running it again trains nothing
+    again = sweep(tmp_path, *common, "hparams.n_trials=3")
+    assert "Launching" not in again.stdout + again.stderr
+    assert len(load_study(sweep_dir).trials) == 3
+
+
+def test_grid_records_failed_and_nan_trials_and_goes_on(tmp_path):
+    result = sweep(tmp_path, "hparams=grid", "hparams/space=none", "modality=clinical", "stage=stage1", "optimizer=sgd",
+                   "model.fusion.heads=choice(4,3)", "phases.stage1.lr=choice(1e-3,1e20)", "hparams.max_failure_rate=0.9",
+                   "hparams.n_trials=4")
+    sweep_dir = tmp_path / "sweeps" / "grid-clinical-stage1"
+    study = load_study(sweep_dir)
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "FAIL", "FAIL", "FAIL"], states
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"][0]
+    assert complete.params == {"model.fusion.heads": 4, "phases.stage1.lr": 1e-3}
+    rows = {r["overrides"].split(" hparams")[0]: r for r in summary_rows(sweep_dir)}
+    assert len(rows) == 4
+    reasons = [r["reason"] for r in rows.values() if r["status"] == "failed"]
+    assert sum("non-finite loss" in r for r in reasons) == 1, reasons  # lr 1e20: NaN loss
+    assert sum("divisible by num_heads" in r for r in reasons) == 2, reasons  # 3 heads: exception
+    assert "aborting the sweep" not in result.stdout + result.stderr
+
+
+def test_too_many_failures_abort_the_sweep(tmp_path):
+    result = sweep(tmp_path, "hparams=grid", "hparams/space=none", "modality=clinical", "stage=stage1",
+                   "model.fusion.heads=choice(3,5)", "hparams.n_trials=2", "hparams.max_failure_rate=0.25",
+                   expect_ok=False)
+    assert result.returncode != 0
+    assert "aborting the sweep" in result.stdout + result.stderr
+
+
+def test_random_search_multi_objective_pareto_front(tmp_path):
+    result = sweep(tmp_path, "hparams=random", "hparams.objective=multi", "hparams.n_trials=2", "modality=clinical", "stage=stage1")
+    assert "RandomSampler" in result.stdout + result.stderr
+    sweep_dir = tmp_path / "sweeps" / "random-clinical-stage1"
+    study = load_study(sweep_dir)
+    assert len(study.directions) == 2
+    rows = {r["job"]: r for r in summary_rows(sweep_dir)}
+    for trial in study.trials:
+        assert len(trial.values) == 2
+        mean, minimum = trial.values
+        assert minimum <= mean
+    front = OmegaConf.load(sweep_dir / "optimization_results.yaml")
+    assert len(front.solutions) >= 1
+    assert {tuple(s["values"]) for s in front.solutions} <= {tuple(t.values) for t in study.trials}
+    assert all(float(r["val_auroc_min"]) <= float(r["val_auroc_mean"]) for r in rows.values())
+
+
+def test_baselines_preset_and_summary_rebuild(tmp_path):
+    sweep(tmp_path, "experiment=baselines", "stage=stage1", f"hydra.sweep.dir={tmp_path / 'baselines'}")
+    sweep_dir = tmp_path / "baselines"
+    rows = summary_rows(sweep_dir)
+    assert [(r["job"], r["modality"], r["status"]) for r in rows] == [
+        ("0_vision", "vision", "completed"), ("1_text", "text", "completed"), ("2_clinical", "clinical", "completed")]
+    for r in rows:
+        defined = [float(r[f"val_auroc/{n}"]) for n in json.loads((sweep_dir / r["job"] / "metrics.json").read_text())
+                   ["stages"]["stage1"]["val"]["auroc"] if r[f"val_auroc/{n}"] != ""]
+        assert float(r["val_auroc_mean"]) == pytest.approx(sum(defined) / len(defined), abs=1e-6)
+        assert r["best_epoch"] == "1" and float(r["wall_time_s"]) > 0
+    original = (sweep_dir / SUMMARY_FILE).read_text()
+    (sweep_dir / SUMMARY_FILE).unlink()
+    assert summary_main([str(sweep_dir)]) == 0
+    assert (sweep_dir / SUMMARY_FILE).read_text() == original
+
+
+def test_ablations_preset_lists_all_seven_combinations(cfg_factory):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF)):
+        cfg = compose("train", overrides=["experiment=ablations"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params.modality.split(",") == [
+        "vision", "text", "clinical", "vision_text", "vision_clinical", "text_clinical", "all"]
+
+
+def test_time_budget_stops_cleanly_with_the_best_so_far(cfg_factory, tmp_path):
+    from mdfnet_hydra.pipeline import run
+
+    summary = run(cfg_factory("debug=fast", "modality=clinical", "phases.stage1.epochs=500", "trainer.max_time=4s"))
+    stage1 = summary["stages"]["stage1"]
+    assert stage1["stopped_by"] == "max_time" and 1 <= stage1["epochs_run"] < 500
+    assert "stage2" not in summary["stages"], "no budget left for stage 2"
+    assert summary["final_stage"] == "stage1" and math.isfinite(summary["objective"])
+    assert summary["objective"] == pytest.approx(stage1["best"]["best_mean"]["value"], abs=0.05)
+    nothing = run(cfg_factory("debug=fast", "modality=clinical", "trainer.max_time=0", run_dir=tmp_path / "zero"))
+    assert nothing["objective"] is None and nothing["stages"] == {}
