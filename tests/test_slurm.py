@@ -46,7 +46,9 @@ SMALL_JOBS = ("hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.l
 def submitted(sweep_dir: Path) -> list[str]:
     """SLURM ids of the submitit job folders: "12_0" ... for array tasks, "12" for a lone job."""
     folder = sweep_dir / ".submitit"
-    return sorted(p.name for p in folder.iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)) if folder.is_dir() else []
+    names = sorted(p.name for p in folder.iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)) if folder.is_dir() else []
+    tasks = [n for n in names if "_" in n]  # an array also has a folder of its own for the submission script
+    return tasks or names
 
 
 def array_ids(sweep_dir: Path) -> set[str]:
@@ -129,5 +131,5 @@ def test_timeout_signal_requeues_and_resumes_from_checkpoint(tmp_path):
     assert log.count(f"stage1 epoch 1/{epochs} |") == 1, "the requeued job continues, it does not start over"
     metrics = json.loads((sweep_dir / "0" / "stage1" / "metrics.json").read_text())
     assert metrics["epochs_run"] == epochs
-    submitit_logs = "".join(p.read_text() for p in (sweep_dir / ".submitit").rglob("*.err"))
-    assert "requeue" in submitit_logs.lower()
+    submitit_logs = "".join(p.read_text() for p in (sweep_dir / ".submitit").rglob("*_log.*"))
+    assert "Requeued job" in submitit_logs

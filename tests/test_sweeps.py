@@ -144,3 +144,12 @@ def test_time_budget_stops_cleanly_with_the_best_so_far(cfg_factory, tmp_path):
     assert summary["objective"] == pytest.approx(stage1["best"]["best_mean"]["value"], abs=0.05)
     nothing = run(cfg_factory("debug=fast", "modality=clinical", "trainer.max_time=0", run_dir=tmp_path / "zero"))
     assert nothing["objective"] is None and nothing["stages"] == {}
+
+
+def test_submitit_local_launcher_runs_the_same_jobs(tmp_path):
+    sweep_dir = tmp_path / "local"
+    sweep(tmp_path, "modality=clinical,text", "stage=stage1", "hydra/launcher=submitit_local",
+          "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep_dir}")
+    rows = summary_rows(sweep_dir)
+    assert [(r["modality"], r["status"]) for r in rows] == [("clinical", "completed"), ("text", "completed")]
+    assert (sweep_dir / ".submitit").is_dir(), "jobs went through submitit"
