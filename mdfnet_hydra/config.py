@@ -308,6 +308,56 @@ class TrainConfig:
     hparams: Optional[HparamsConfig] = None
 
 
+# ---------------------------------------------------------------- python -m mdfnet_hydra.prepare
+@dataclass
+class MimicPathsConfig:
+    cxr_jpg: str = MISSING  # MIMIC-CXR-JPG 2.x: mimic-cxr-2.0.0-{metadata,chexpert,split}.csv(.gz) + files/
+    reports: str = MISSING  # MIMIC-CXR reports: files/pXX/pXXXXXXXX/sXXXXXXXX.txt
+    ed: str = MISSING  # MIMIC-IV-ED: edstays, triage (in <ed> or <ed>/ed)
+    hosp: str = MISSING  # MIMIC-IV: patients (in <hosp> or <hosp>/hosp)
+
+
+@dataclass
+class LinkConfig:
+    slack_hours: float = 6.0  # a study up to this long before arrival / after departure still links
+    keep_unlinked: bool = True  # studies with no ED stay: kept with missing triage features, or dropped
+
+
+@dataclass
+class SplitConfig:
+    kind: str = "official"  # official (mimic-cxr-2.0.0-split) | random (seeded, by patient)
+    seed: int = 0
+    fractions: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+
+
+@dataclass
+class ReportTextConfig:
+    # Report sections used as input text, in this order. findings / impression are where the
+    # CheXpert labels come from: they need allow_label_source=true.
+    sections: List[str] = field(default_factory=lambda: ["indication", "history", "reason_for_exam"])
+    chief_complaint: bool = True
+    allow_label_source: bool = False
+
+
+@dataclass
+class ImagesConfig:
+    size: int = 256  # shorter side in pixels after resizing
+    quality: int = 95
+    workers: int = 4
+
+
+@dataclass
+class PrepareConfig:
+    mimic: MimicPathsConfig = field(default_factory=MimicPathsConfig)
+    output_dir: str = MISSING
+    views: List[str] = field(default_factory=lambda: ["PA", "AP"])  # in order of preference
+    one_image_per_study: bool = True
+    link: LinkConfig = field(default_factory=LinkConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    text: ReportTextConfig = field(default_factory=ReportTextConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+
+
 def parse_duration(value: Optional[str]) -> Optional[float]:
     """Seconds from "3600", "3600s", "90m", "12h" or "1d" (None stays None)."""
     if value is None:
@@ -330,8 +380,9 @@ def to_plain(node: Any) -> Any:
 
 
 def register_configs() -> None:
-    """Store the schema so `conf/train.yaml` can list `train_schema` first in its defaults."""
+    """Store the schemas so `conf/train.yaml` / `conf/prepare.yaml` can list them first in their defaults."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
 
 
 class ConfigError(ValueError):

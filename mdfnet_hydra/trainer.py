@@ -410,7 +410,7 @@ class PhaseTrainer:
         result.update(
             selected_checkpoint=select,
             checkpoint_path=str(selected),
-            best_epoch=self.state.best[select].epoch or self.state.epoch,
+            best_epoch=self.state.best[select].epoch if select in self.state.best else self.state.epoch,
         )
         for split in ("val", "test"):
             if split not in self.loaders or (split == "test" and not self.trainer_cfg.eval_test):

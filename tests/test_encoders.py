@@ -4,6 +4,7 @@ on-disk layouts (open_clip's `local-dir:` files; a transformers model + tokenize
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -83,3 +84,38 @@ def test_any_local_bert_family_text_encoder_trains(cfg_factory, tmp_path, family
     trained = load_checkpoint(tmp_path / "run" / "stage1" / "checkpoints" / "last.pth")["model"]
     for key, value in saved.items():
         assert torch.equal(trained[f"encoders.text.backbone.{key}"], value), key
+
+
+@pytest.mark.parametrize("group, repo, option", [
+    ("model/vision=biomedclip", "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "model.vision.name_or_path=local-dir:"),
+    ("model/text=clinical_modernbert", "Simonlee711/Clinical_ModernBERT", "model.text.name_or_path="),
+])
+def test_uncached_hub_model_fails_with_what_to_do(cfg_factory, group, repo, option):
+    from mdfnet_hydra.models.hub import ModelUnavailableError
+    from mdfnet_hydra.models.text import build_tokenizer
+    from mdfnet_hydra.models.vision import build_vision_encoder
+
+    cfg = cfg_factory(group)
+    with pytest.raises(ModelUnavailableError) as err:
+        if group.startswith("model/vision"):
+            build_vision_encoder(cfg.model.vision)
+        else:
+            build_tokenizer(cfg.model.text, [])
+    message = str(err.value)
+    assert repo in message and option in message and "HF_HUB_OFFLINE is set" in message and "cache (" in message
+
+
+def test_pretrained_vision_uses_its_own_preprocessing(cfg_factory, tmp_path, open_clip_dir):
+    from torchvision.transforms import Normalize
+
+    from mdfnet_hydra.models.vision import build_image_transform
+
+    directory, _ = open_clip_dir
+    custom = tmp_path / "custom"
+    shutil.copytree(directory, custom)
+    config = json.loads((custom / "open_clip_config.json").read_text())
+    config["preprocess_cfg"] = {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.6, 0.7]}
+    (custom / "open_clip_config.json").write_text(json.dumps(config))
+    cfg = cfg_factory("model/vision=biomedclip", f"model.vision.name_or_path=local-dir:{custom}", "model.vision.image_size=64")
+    (normalize,) = [t for t in build_image_transform(cfg.model.vision).transforms if isinstance(t, Normalize)]
+    assert tuple(normalize.mean) == (0.1, 0.2, 0.3) and tuple(normalize.std) == (0.5, 0.6, 0.7)

@@ -89,7 +89,7 @@ def build_tokenizer(cfg: TextConfig, train_texts: Sequence[str], saved_json: Opt
     if cfg.source is TextSource.pretrained:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(_require_path(cfg))
+        return _from_pretrained(AutoTokenizer, cfg)
     if saved_json is not None:
         return tokenizer_from_json(saved_json)
     return train_wordpiece(train_texts, cfg.tokenizer_vocab_size)
@@ -106,7 +106,7 @@ def build_text_encoder(cfg: TextConfig, tokenizer) -> TextEncoder:
     from transformers import AutoConfig, AutoModel
 
     if cfg.source is TextSource.pretrained:
-        backbone = AutoModel.from_pretrained(_require_path(cfg), attn_implementation="sdpa")
+        backbone = _from_pretrained(AutoModel, cfg, attn_implementation="sdpa")
     else:
         if not cfg.model_config:
             raise ValueError(f"model.text '{cfg.name}': source=config needs model_config")
@@ -119,8 +119,18 @@ def build_text_encoder(cfg: TextConfig, tokenizer) -> TextEncoder:
     return TextEncoder(backbone, cfg.output, cfg.pooling)
 
 
-def _require_path(cfg: TextConfig) -> str:
+def _from_pretrained(factory, cfg: TextConfig, **kwargs):
+    """A local directory as is; a hub id from the cache, or the hub when it is reachable."""
+    from pathlib import Path
+
+    from mdfnet_hydra.models.hub import hub_reachable, unavailable
+
     if not cfg.name_or_path:
         raise ValueError("model.text.name_or_path is required for source=pretrained")
-    return cfg.name_or_path
+    if Path(cfg.name_or_path).expanduser().is_dir():
+        return factory.from_pretrained(str(Path(cfg.name_or_path).expanduser()), **kwargs)
+    try:
+        return factory.from_pretrained(cfg.name_or_path, local_files_only=not hub_reachable(), **kwargs)
+    except OSError as err:
+        raise unavailable("text encoder", cfg.name_or_path, "model.text.name_or_path=<local model directory>", err) from err
 

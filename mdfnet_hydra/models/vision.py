@@ -57,25 +57,32 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
 
 
 def build_image_transform(cfg: VisionConfig) -> Callable:
-    """open_clip's eval transform (resize, centre crop, RGB, normalise) at the encoder's size."""
+    """open_clip's eval transform (resize, centre crop, RGB, normalise) at the encoder's size, with
+    the pretrained model's own preprocess_cfg (mean, std, interpolation, resize mode) when it has one."""
     from open_clip.transform import image_transform
 
-    return image_transform(cfg.image_size, is_train=False, mean=tuple(cfg.mean), std=tuple(cfg.std))
+    preprocess: dict[str, Any] = {}
+    if cfg.source is VisionSource.pretrained:
+        preprocess = dict(load_open_clip_config(cfg.name_or_path).get("preprocess_cfg") or {})
+    return image_transform(
+        cfg.image_size,
+        is_train=False,
+        mean=tuple(preprocess.get("mean") or cfg.mean),
+        std=tuple(preprocess.get("std") or cfg.std),
+        resize_mode=preprocess.get("resize_mode"),
+        interpolation=preprocess.get("interpolation"),
+    )
+
+
+def load_open_clip_config(name_or_path: str | None) -> dict[str, Any]:
+    """The whole open_clip_config.json ({model_cfg, preprocess_cfg}) of `local-dir:` / `hf-hub:`."""
+    files = _locate(name_or_path)
+    return json.loads(Path(files[OPEN_CLIP_CONFIG]).read_text())
 
 
 def load_open_clip_files(name_or_path: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read open_clip_config.json's model_cfg and the weights from `local-dir:<dir>` or `hf-hub:<id>`."""
-    if not name_or_path:
-        raise ValueError("model.vision.name_or_path is required for source=pretrained")
-    if name_or_path.startswith("local-dir:"):
-        directory = Path(name_or_path[len("local-dir:"):]).expanduser()
-        files = {p.name: p for p in directory.iterdir()} if directory.is_dir() else {}
-    elif name_or_path.startswith("hf-hub:"):
-        files = _hub_files(name_or_path[len("hf-hub:"):])
-    else:
-        raise ValueError(f"model.vision.name_or_path must start with 'hf-hub:' or 'local-dir:', got {name_or_path!r}")
-    if OPEN_CLIP_CONFIG not in files:
-        raise FileNotFoundError(f"{name_or_path}: no {OPEN_CLIP_CONFIG} found")
+    files = _locate(name_or_path)
     model_cfg = json.loads(Path(files[OPEN_CLIP_CONFIG]).read_text())["model_cfg"]
     weights = next((files[w] for w in WEIGHT_FILES if w in files), None)
     if weights is None:
@@ -89,25 +96,41 @@ def load_open_clip_files(name_or_path: str | None) -> tuple[dict[str, Any], dict
     return model_cfg, state
 
 
-def _hub_files(repo_id: str) -> dict[str, Path]:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    files: dict[str, Path] = {}
-    for name in (OPEN_CLIP_CONFIG,) + WEIGHT_FILES:
-        try:
-            files[name] = Path(hf_hub_download(repo_id, name))
-        except EntryNotFoundError:
-            continue
-        except (LocalEntryNotFoundError, OSError) as err:
-            raise FileNotFoundError(
-                f"could not load the BiomedCLIP image tower '{repo_id}' ({name}): not in the Hugging Face "
-                f"cache and the hub is unreachable or HF_HUB_OFFLINE=1. Download it on a connected machine "
-                f"and pass model.vision.name_or_path=local-dir:<dir> (see README). Cause: {err}"
-            ) from err
-        if name in WEIGHT_FILES:
-            break
+def _locate(name_or_path: str | None) -> dict[str, Path]:
+    if not name_or_path:
+        raise ValueError("model.vision.name_or_path is required for source=pretrained")
+    if name_or_path.startswith("local-dir:"):
+        directory = Path(name_or_path[len("local-dir:"):]).expanduser()
+        files = {p.name: p for p in directory.iterdir()} if directory.is_dir() else {}
+    elif name_or_path.startswith("hf-hub:"):
+        files = _hub_files(name_or_path[len("hf-hub:"):])
+    else:
+        raise ValueError(f"model.vision.name_or_path must start with 'hf-hub:' or 'local-dir:', got {name_or_path!r}")
+    if OPEN_CLIP_CONFIG not in files:
+        raise FileNotFoundError(f"{name_or_path}: no {OPEN_CLIP_CONFIG} found")
     return files
+
+
+def _hub_files(repo_id: str) -> dict[str, Path]:
+    """open_clip_config.json and the first weight file the repo (or, offline, the cache) has."""
+    from huggingface_hub import hf_hub_download
+
+    from mdfnet_hydra.models.hub import hub_reachable, unavailable
+
+    local_only = not hub_reachable()
+    option = "model.vision.name_or_path=local-dir:<dir> (open_clip_config.json + weights)"
+    try:
+        files = {OPEN_CLIP_CONFIG: Path(hf_hub_download(repo_id, OPEN_CLIP_CONFIG, local_files_only=local_only))}
+    except (OSError, ValueError) as err:  # not cached / not downloadable
+        raise unavailable("BiomedCLIP image tower", repo_id, option, err) from err
+    last: Exception | None = None
+    for name in WEIGHT_FILES:
+        try:
+            files[name] = Path(hf_hub_download(repo_id, name, local_files_only=local_only))
+            return files
+        except (OSError, ValueError) as err:
+            last = err
+    raise unavailable("BiomedCLIP image tower", repo_id, option, last or FileNotFoundError(repo_id))
 
 
 def _set_input_size(visual: nn.Module, image_size: int) -> None:

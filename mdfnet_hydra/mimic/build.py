@@ -1,0 +1,321 @@
+"""MIMIC-CXR-JPG + reports + MIMIC-IV-ED + MIMIC-IV patients -> manifest.parquet + images/.
+
+Every join and filter step is counted in the report (prepare_report.json / .md in the output
+directory). Studies whose image is missing or unreadable are listed there, never silently lost.
+Finished images are reused, so a re-run after an interruption only does what is left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mdfnet_hydra.data.manifest import SPLITS, write_manifest
+from mdfnet_hydra.labels import CHEXPERT_LABELS, CLINICAL_FEATURES
+from mdfnet_hydra.mimic.images import resize_all
+from mdfnet_hydra.mimic.reports import KNOWN_SECTIONS, LABEL_SOURCE_SECTIONS, input_text, parse_sections, read_report
+from mdfnet_hydra.mimic.tables import PrepareError, find_table, numeric_column, read_table
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_SPLIT_NAMES = {"train": "train", "validate": "val", "test": "test"}
+VITALS = ("temperature", "heartrate", "resprate", "o2sat", "sbp", "dbp", "acuity")
+LABEL_VALUES = (1.0, 0.0, -1.0)
+
+
+class Report:
+    """Counts at every step, label prevalence, feature missingness, problems and warnings."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+        self.warnings: list[str] = []
+        self.problems: dict[str, list[str]] = {}
+        self.sections: dict[str, Any] = {}
+
+    def step(self, name: str, frame: pd.DataFrame, unit: str = "studies") -> None:
+        row = {"step": name, unit: int(len(frame)), "patients": int(frame["subject_id"].nunique())}
+        self.steps.append(row)
+        log.info("%-58s %8d %s, %6d patients", name, row[unit], unit, row["patients"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "warnings": self.warnings, "problems": self.problems, **self.sections}
+
+
+def prepare(cfg) -> dict[str, Any]:
+    wanted_sections = _check_text_config(cfg)
+    out = Path(cfg.output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report()
+    if set(wanted_sections) & set(LABEL_SOURCE_SECTIONS):
+        message = (f"text.sections includes {sorted(set(wanted_sections) & set(LABEL_SOURCE_SECTIONS))}: MIMIC-CXR's "
+                   "CheXpert labels were derived from the findings and impression, so a text encoder fed them "
+                   "learns the labeller, not the patient")
+        log.warning(message)
+        report.warnings.append(message)
+
+    cxr = Path(cfg.mimic.cxr_jpg).expanduser()
+    studies = _frontal_studies(cxr, cfg, report)
+    studies = _with_labels(cxr, studies, report)
+    studies = _with_split(cxr, studies, cfg, report)
+    studies = _with_ed_stay(studies, cfg, report)
+    studies = _with_demographics(studies, cfg, report)
+    studies = _with_text(studies, cfg, wanted_sections, report)
+    studies = _with_images(cxr, out, studies, cfg, report)
+
+    manifest = _manifest(studies)
+    write_manifest(manifest, out / "manifest.parquet")
+    report.step("written to manifest.parquet", studies)
+    report.sections["label_prevalence"] = _prevalence(manifest)
+    report.sections["clinical_missingness"] = _missingness(manifest)
+    report.sections["split_sizes"] = {s: int((manifest.split == s).sum()) for s in SPLITS}
+    (out / "prepare_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    markdown = _markdown(report)
+    (out / "prepare_report.md").write_text(markdown)
+    log.info("\n%s", markdown)
+    log.info("prepared dataset: %s (train with: python -m mdfnet_hydra.train data=processed data.root=%s)", out, out)
+    return report.to_dict()
+
+
+def _check_text_config(cfg) -> list[str]:
+    wanted = [str(s) for s in cfg.text.sections]
+    unknown = [s for s in wanted if s not in KNOWN_SECTIONS]
+    if unknown:
+        raise PrepareError(f"text.sections has unknown sections {unknown}; known: {list(KNOWN_SECTIONS)}")
+    leaking = sorted(set(wanted) & set(LABEL_SOURCE_SECTIONS))
+    if leaking and not cfg.text.allow_label_source:
+        raise PrepareError(
+            f"text.sections includes {leaking}, the report sections MIMIC-CXR's CheXpert labels were extracted "
+            "from: the model would learn the labeller. Pass text.allow_label_source=true to do it anyway."
+        )
+    return wanted
+
+
+def _frontal_studies(cxr: Path, cfg, report: Report) -> pd.DataFrame:
+    path = find_table(cxr, "mimic-cxr-2.0.0-metadata")
+    meta = read_table(path, ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime"],
+                      dtype={"dicom_id": str})
+    report.step("metadata: images", meta, "images")
+    report.sections["views"] = {str(k): int(v) for k, v in meta["ViewPosition"].fillna("(none)").value_counts().items()}
+    preference = {view.upper(): rank for rank, view in enumerate(cfg.views)}
+    meta = meta.assign(view_rank=meta["ViewPosition"].astype(str).str.upper().map(preference))
+    meta = meta[meta["view_rank"].notna()]
+    report.step(f"view in {list(cfg.views)}", meta, "images")
+    if cfg.one_image_per_study:
+        meta = meta.sort_values(["study_id", "view_rank", "dicom_id"]).drop_duplicates("study_id", keep="first")
+        report.step("one image per study (view preference, then dicom_id)", meta)
+    meta = meta.assign(study_time=[_study_time(d, t, path, i) for i, d, t in zip(meta.index, meta["StudyDate"], meta["StudyTime"])])
+    return meta.drop(columns=["view_rank"]).reset_index(drop=True)
+
+
+def _study_time(date: Any, time: Any, path: Path, row: int) -> pd.Timestamp:
+    try:
+        day = pd.Timestamp(str(int(date)))
+        t = float(time)
+    except (TypeError, ValueError) as err:
+        raise PrepareError(f"{path}: row {row + 2}: StudyDate {date!r} / StudyTime {time!r} unreadable") from err
+    hours, minutes, seconds = int(t // 10000), int(t % 10000 // 100), t % 100
+    return day + timedelta(hours=hours, minutes=minutes, seconds=seconds)
+
+
+def _with_labels(cxr: Path, studies: pd.DataFrame, report: Report) -> pd.DataFrame:
+    path = find_table(cxr, "mimic-cxr-2.0.0-chexpert")
+    labels = read_table(path, ["subject_id", "study_id", *CHEXPERT_LABELS])
+    for name in CHEXPERT_LABELS:
+        values = numeric_column(labels, name, path)
+        bad = values.notna() & ~values.isin(LABEL_VALUES)
+        if bad.any():
+            row = int(labels.index[bad][0])
+            raise PrepareError(f"{path}: row {row + 2}: label '{name}' is {labels[name][row]}; "
+                               "expected 1, 0, -1 or empty")
+        labels[name] = values
+    merged = studies.merge(labels[["subject_id", "study_id", *CHEXPERT_LABELS]], on=["subject_id", "study_id"], how="inner")
+    report.step("with CheXpert labels", merged)
+    return merged
+
+
+def _with_split(cxr: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
+    if cfg.split.kind == "official":
+        path = find_table(cxr, "mimic-cxr-2.0.0-split")
+        split = read_table(path, ["dicom_id", "split"], dtype={"dicom_id": str})
+        unknown = ~split["split"].isin(OFFICIAL_SPLIT_NAMES)
+        if unknown.any():
+            row = int(split.index[unknown][0])
+            raise PrepareError(f"{path}: row {row + 2}: split {split['split'][row]!r} is not one of {list(OFFICIAL_SPLIT_NAMES)}")
+        studies = studies.merge(split[["dicom_id", "split"]], on="dicom_id", how="inner")
+        studies["split"] = studies["split"].map(OFFICIAL_SPLIT_NAMES)
+        report.step("with an official split", studies)
+    elif cfg.split.kind == "random":
+        fractions = np.asarray(cfg.split.fractions, dtype=float)
+        if len(fractions) != 3 or not np.isclose(fractions.sum(), 1.0):
+            raise PrepareError("split.fractions must be three numbers (train, val, test) summing to 1")
+        patients = np.sort(studies["subject_id"].unique())
+        draw = np.random.default_rng(cfg.split.seed).random(len(patients))
+        cut = np.cumsum(fractions)
+        names = np.where(draw < cut[0], "train", np.where(draw < cut[1], "val", "test"))
+        studies = studies.assign(split=studies["subject_id"].map(dict(zip(patients, names))))
+        report.step(f"random patient-level split (seed {cfg.split.seed})", studies)
+    else:
+        raise PrepareError(f"split.kind must be 'official' or 'random', got {cfg.split.kind!r}")
+    per_patient = studies.groupby("subject_id")["split"].nunique()
+    if (per_patient > 1).any():
+        raise PrepareError(f"{int((per_patient > 1).sum())} patients fall in more than one split "
+                           f"(e.g. subject {per_patient[per_patient > 1].index[0]}); the split must be by patient")
+    return studies
+
+
+def _with_ed_stay(studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
+    ed_root = Path(cfg.mimic.ed).expanduser()
+    stays_path = find_table(ed_root, "edstays", ("", "ed"))
+    stays = read_table(stays_path, ["subject_id", "stay_id", "intime", "outtime"])
+    for column in ("intime", "outtime"):
+        stays[column] = pd.to_datetime(stays[column], errors="coerce")
+    slack = pd.Timedelta(hours=float(cfg.link.slack_hours))
+    pairs = studies[["study_id", "subject_id", "study_time"]].merge(
+        stays[["subject_id", "stay_id", "intime", "outtime", *(["gender"] if "gender" in stays else [])]], on="subject_id")
+    inside = (pairs.study_time >= pairs.intime) & (pairs.study_time <= pairs.outtime)
+    gap = np.maximum(pairs.intime - pairs.study_time, pairs.study_time - pairs.outtime)  # > 0 outside the stay
+    pairs = pairs.assign(inside=inside, distance=gap.where(~inside, pd.Timedelta(0)))
+    pairs = pairs[pairs.distance <= slack]
+    best = pairs.sort_values(["study_id", "distance", "intime"], ascending=[True, True, False]).drop_duplicates("study_id")
+    linked = studies.merge(best.drop(columns=["subject_id", "study_time", "distance"]), on="study_id", how="left")
+    is_linked = linked["stay_id"].notna()
+    report.sections["ed_link"] = {
+        "inside an ED stay": int(linked["inside"].fillna(False).astype(bool).sum()),
+        f"within {cfg.link.slack_hours} h slack only": int((is_linked & ~linked["inside"].fillna(False).astype(bool)).sum()),
+        "no ED stay": int((~is_linked).sum()),
+    }
+    report.step("linked to an ED stay", linked[is_linked])
+    if not cfg.link.keep_unlinked:
+        linked = linked[is_linked]
+        report.step("unlinked studies dropped (link.keep_unlinked=false)", linked)
+    else:
+        report.step("kept, unlinked ones with missing triage (link.keep_unlinked=true)", linked)
+    return _with_triage(linked.drop(columns=["inside"]), ed_root, report)
+
+
+def _with_triage(studies: pd.DataFrame, ed_root: Path, report: Report) -> pd.DataFrame:
+    path = find_table(ed_root, "triage", ("", "ed"))
+    triage = read_table(path, ["stay_id", *VITALS, "pain", "chiefcomplaint"])
+    for column in VITALS:
+        triage[column] = numeric_column(triage, column, path)
+    pain = numeric_column(triage, "pain", path, allow_text=True)
+    report.sections["pain_not_numeric"] = int((pain.isna() & triage["pain"].notna()).sum())
+    triage["pain"] = pain
+    return studies.merge(triage[["stay_id", *VITALS, "pain", "chiefcomplaint"]], on="stay_id", how="left")
+
+
+def _with_demographics(studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
+    path = find_table(Path(cfg.mimic.hosp).expanduser(), "patients", ("", "hosp"))
+    patients = read_table(path, ["subject_id", "gender", "anchor_age", "anchor_year"])
+    merged = studies.merge(patients[["subject_id", "gender", "anchor_age", "anchor_year"]].rename(columns={"gender": "patient_gender"}),
+                           on="subject_id", how="left")
+    merged["age"] = merged["anchor_age"] + (merged["study_time"].dt.year - merged["anchor_year"])
+    sex = merged["patient_gender"]
+    if "gender" in merged:
+        sex = sex.fillna(merged["gender"])  # the ED stay's record when MIMIC-IV has no patients row
+    merged["sex"] = sex.where(sex.isin(["M", "F"]))
+    report.sections["patients_without_demographics"] = int(merged["anchor_age"].isna().sum())
+    return merged
+
+
+def _with_text(studies: pd.DataFrame, cfg, wanted: list[str], report: Report) -> pd.DataFrame:
+    reports_root = Path(cfg.mimic.reports).expanduser()
+    texts, found, present = [], 0, {name: 0 for name in wanted}
+    for subject, study, complaint in zip(studies["subject_id"], studies["study_id"], studies["chiefcomplaint"]):
+        raw = read_report(reports_root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}.txt")
+        sections = parse_sections(raw) if raw is not None else {}
+        found += raw is not None
+        for name in wanted:
+            present[name] += bool(sections.get(name))
+        cc = complaint if cfg.text.chief_complaint and isinstance(complaint, str) else None
+        texts.append(input_text(sections, wanted, cc))
+    report.sections["text"] = {
+        "reports found": found,
+        "reports missing": int(len(studies) - found),
+        **{f"with {name}": count for name, count in present.items()},
+        "empty text": int(sum(1 for t in texts if not t)),
+    }
+    return studies.assign(text=texts)
+
+
+def _with_images(cxr: Path, out: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
+    relative = [f"images/p{str(s)[:2]}/p{s}/s{st}/{d}.jpg" for s, st, d in zip(studies.subject_id, studies.study_id, studies.dicom_id)]
+    tasks = [(str(cxr / "files" / r[len("images/"):]), str(out / r), int(cfg.images.size), int(cfg.images.quality)) for r in relative]
+    results = resize_all(tasks, int(cfg.images.workers))
+    status = pd.Series([s for s, _ in results], index=studies.index)
+    counts = status.value_counts().to_dict()
+    report.sections["images"] = {k: int(counts.get(k, 0)) for k in ("done", "reused", "missing", "unreadable")}
+    for kind in ("missing", "unreadable"):
+        rows = [f"subject {s}, study {st}: {detail}" for (s, st), (state, detail) in
+                zip(zip(studies.subject_id, studies.study_id), results) if state == kind]
+        if rows:
+            report.problems[f"{kind} images (studies left out)"] = rows
+            log.warning("%d studies left out: %s image; listed in prepare_report.json", len(rows), kind)
+    kept = studies.assign(image_path=relative)[status.isin(["done", "reused"]).to_numpy()]
+    report.step("with a readable image", kept)
+    return kept
+
+
+def _manifest(studies: pd.DataFrame) -> pd.DataFrame:
+    frame = pd.DataFrame({
+        "sample_id": studies["dicom_id"].astype(str).to_numpy(),
+        "patient_id": studies["subject_id"].astype(str).to_numpy(),
+        "split": studies["split"].to_numpy(),
+        "image_path": studies["image_path"].to_numpy(),
+        "text": studies["text"].to_numpy(),
+    })
+    for name in CLINICAL_FEATURES:
+        frame[name] = studies[name].to_numpy() if name == "sex" else studies[name].astype(float).to_numpy()
+    for name in CHEXPERT_LABELS:
+        frame[name] = studies[name].astype(float).to_numpy()
+    frame["study_id"] = studies["study_id"].astype(str).to_numpy()
+    return frame
+
+
+def _prevalence(manifest: pd.DataFrame) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for split in SPLITS:
+        part = manifest[manifest.split == split]
+        out[split] = {name: {"positive": int((part[name] == 1).sum()), "negative": int((part[name] == 0).sum()),
+                             "uncertain": int((part[name] == -1).sum()), "blank": int(part[name].isna().sum())}
+                      for name in CHEXPERT_LABELS}
+    return out
+
+
+def _missingness(manifest: pd.DataFrame) -> dict[str, Any]:
+    return {split: {name: round(float(manifest.loc[manifest.split == split, name].isna().mean()), 4) if (manifest.split == split).any() else None
+                    for name in CLINICAL_FEATURES} for split in SPLITS}
+
+
+def _markdown(report: Report) -> str:
+    lines = ["# MIMIC preparation report", "", "| step | count | patients |", "| --- | --- | --- |"]
+    for step in report.steps:
+        count = step.get("studies", step.get("images"))
+        unit = "images" if "images" in step else "studies"
+        lines.append(f"| {step['step']} | {count} {unit} | {step['patients']} |")
+    for key in ("ed_link", "text", "images", "split_sizes"):
+        if key in report.sections:
+            lines += ["", f"{key.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in report.sections[key].items())]
+    lines += ["", "label prevalence (positive / negative / uncertain / blank):", "",
+              "| label | " + " | ".join(SPLITS) + " |", "| --- |" + " --- |" * len(SPLITS)]
+    for name in CHEXPERT_LABELS:
+        cells = []
+        for split in SPLITS:
+            c = report.sections["label_prevalence"][split][name]
+            cells.append(f"{c['positive']} / {c['negative']} / {c['uncertain']} / {c['blank']}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "clinical feature missingness (fraction):", "", "| feature | " + " | ".join(SPLITS) + " |",
+              "| --- |" + " --- |" * len(SPLITS)]
+    for name in CLINICAL_FEATURES:
+        lines.append(f"| {name} | " + " | ".join(str(report.sections["clinical_missingness"][s][name]) for s in SPLITS) + " |")
+    for name, rows in report.problems.items():
+        lines += ["", f"{name}: {len(rows)} (listed in prepare_report.json)"]
+    for warning in report.warnings:
+        lines += ["", f"WARNING: {warning}"]
+    return "\n".join(lines)

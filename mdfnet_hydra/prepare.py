@@ -1,0 +1,25 @@
+"""Entry point: `python -m mdfnet_hydra.prepare mimic.cxr_jpg=... mimic.reports=... mimic.ed=...
+mimic.hosp=... output_dir=...` (config: conf/prepare.yaml). See mimic/build.py."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from mdfnet_hydra.config import register_configs
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    import logging
+
+    from mdfnet_hydra.mimic.build import prepare
+
+    logging.getLogger("mdfnet_hydra").setLevel(logging.INFO)
+    prepare(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""MIMIC preparation on a fake MIMIC tree with the real file names, columns and quirks."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+import fake_mimic
+from conftest import REPO
+from mdfnet_hydra.config import PrepareConfig
+from mdfnet_hydra.data.manifest import read_manifest
+from mdfnet_hydra.labels import CHEXPERT_LABELS
+from mdfnet_hydra.mimic.build import prepare
+from mdfnet_hydra.mimic.reports import parse_sections
+from mdfnet_hydra.mimic.tables import PrepareError
+
+EXPECTED_SAMPLES = {"d-pa-1", "d-ap-2", "d-pa-3", "d-pa-4", "d-pa-7"}
+
+
+def make_cfg(paths: dict, out: Path, **overrides):
+    base = {"mimic": {k: str(v) for k, v in paths.items()}, "output_dir": str(out), "images": {"workers": 1, "size": 128}}
+    return OmegaConf.merge(OmegaConf.structured(PrepareConfig), base, overrides)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return fake_mimic.build(tmp_path / "mimic")
+
+
+@pytest.fixture
+def prepared(tree, tmp_path):
+    out = tmp_path / "prepared"
+    report = prepare(make_cfg(tree, out))
+    return out, read_manifest(out / "manifest.parquet").set_index("sample_id"), report
+
+
+def test_frontal_one_image_per_study_and_missing_images_reported(prepared):
+    out, manifest, report = prepared
+    assert set(manifest.index) == EXPECTED_SAMPLES
+    assert "d-ap-3" not in manifest.index, "PA is preferred over AP within a study"
+    assert not manifest.index.str.contains("lat").any(), "lateral views are filtered out"
+    missing = report["problems"]["missing images (studies left out)"]
+    assert len(missing) == 1 and "study 58937611" in missing[0]
+    saved = json.loads((out / "prepare_report.json").read_text())
+    assert saved["problems"] == report["problems"]
+    steps = {s["step"]: s for s in saved["steps"]}
+    assert steps["metadata: images"]["images"] == 9 and steps["with a readable image"]["studies"] == 5
+    assert "missing images (studies left out): 1" in (out / "prepare_report.md").read_text()
+
+
+def test_labels_row_by_row(prepared):
+    _, manifest, report = prepared
+    row = manifest.loc["d-pa-1"]
+    assert (row["Pleural Effusion"], row["Pneumothorax"], row["Edema"]) == (1.0, 0.0, -1.0)
+    assert all(math.isnan(row[name]) for name in CHEXPERT_LABELS if name not in ("Pleural Effusion", "Pneumothorax", "Edema"))
+    assert manifest.loc["d-pa-4", "Pneumonia"] == -1.0 and manifest.loc["d-pa-4", "Fracture"] == 1.0
+    prevalence = report["label_prevalence"]
+    assert prevalence["train"]["Pleural Effusion"] == {"positive": 1, "negative": 0, "uncertain": 0, "blank": 2}
+
+
+def test_clinical_features_row_by_row(prepared):
+    _, m, report = prepared
+    inside = m.loc["d-pa-1"]  # inside ED stay 30000001
+    assert (inside.temperature, inside.heartrate, inside.resprate, inside.o2sat, inside.sbp, inside.dbp, inside.pain,
+            inside.acuity) == (98.4, 88.0, 18.0, 97.0, 120.0, 80.0, 5.0, 2.0)
+    assert (inside.age, inside.sex) == (52.0, "F")
+    slack = m.loc["d-pa-4"]  # 4 h after the stay ended: linked with the default 6 h slack
+    assert (slack.heartrate, slack.pain, slack.acuity) == (110.0, 8.0, 1.0) and math.isnan(slack.temperature)
+    assert slack.age == 70 + (2122 - 2120)
+    for unlinked in ("d-ap-2", "d-pa-3"):  # no ED stay around the study: kept, triage missing
+        assert all(math.isnan(m.loc[unlinked, f]) for f in ("temperature", "heartrate", "pain", "acuity"))
+    assert (m.loc["d-pa-3", "age"], m.loc["d-pa-3", "sex"]) == (86.0, "M")
+    no_patient = m.loc["d-pa-7"]  # absent from patients.csv: sex from the ED stay, age unknown
+    assert math.isnan(no_patient.age) and no_patient.sex == "M" and no_patient.temperature == 986.0
+    assert report["ed_link"] == {"inside an ED stay": 3, "within 6.0 h slack only": 1, "no ED stay": 2}
+    assert report["pain_not_numeric"] == 1  # "unable"
+    assert report["clinical_missingness"]["val"]["temperature"] == 1.0
+
+
+def test_text_comes_from_before_the_read(prepared):
+    _, m, _ = prepared
+    assert m.loc["d-pa-1", "text"] == ("INDICATION: ___F with new onset ascites // eval for infection "
+                                        "CHIEF COMPLAINT: Abd pain, Abdominal distention")
+    assert m.loc["d-pa-3", "text"] == "HISTORY: Shortness of breath, history of CHF."
+    assert m.loc["d-ap-2", "text"] == "", "no INDICATION, no ED stay: no text rather than the findings"
+    assert m.loc["d-pa-7", "text"] == "CHIEF COMPLAINT: Line check", "no report file"
+    for text in m.text:
+        assert "FINDINGS" not in text and "IMPRESSION" not in text and "effusion" not in text.lower()
+
+
+def test_findings_need_explicit_permission_and_warn(tree, tmp_path):
+    sections = ["indication", "findings", "impression"]
+    with pytest.raises(PrepareError, match="allow_label_source=true"):
+        prepare(make_cfg(tree, tmp_path / "a", text={"sections": sections}))
+    report = prepare(make_cfg(tree, tmp_path / "b", text={"sections": sections, "allow_label_source": True}))
+    assert any("learns the labeller" in w for w in report["warnings"])
+    text = read_manifest(tmp_path / "b" / "manifest.parquet").set_index("sample_id").loc["d-pa-1", "text"]
+    assert "FINDINGS: There is a small left pleural effusion" in text
+
+
+def test_split_is_by_patient(prepared, tree, tmp_path):
+    _, m, _ = prepared
+    assert m.loc["d-pa-3", "split"] == "val", "official 'validate' becomes val"
+    assert m.groupby("patient_id").split.nunique().max() == 1
+    random_a = prepare(make_cfg(tree, tmp_path / "r1", split={"kind": "random", "seed": 3}))
+    random_b = prepare(make_cfg(tree, tmp_path / "r2", split={"kind": "random", "seed": 3}))
+    a = read_manifest(tmp_path / "r1" / "manifest.parquet")
+    b = read_manifest(tmp_path / "r2" / "manifest.parquet")
+    assert a.split.tolist() == b.split.tolist() and random_a["split_sizes"] == random_b["split_sizes"]
+    assert a.groupby("patient_id").split.nunique().max() == 1
+
+
+def test_official_split_that_mixes_a_patient_is_refused(tree, tmp_path):
+    split_csv = tree["cxr_jpg"] / "mimic-cxr-2.0.0-split.csv"
+    split = pd.read_csv(split_csv)
+    split.loc[split.dicom_id == "d-ap-2", "split"] = "test"  # patient 10000032 now in train and test
+    split.to_csv(split_csv, index=False)
+    with pytest.raises(PrepareError, match="more than one split"):
+        prepare(make_cfg(tree, tmp_path / "out"))
+
+
+def test_slack_and_dropping_unlinked_studies(tree, tmp_path):
+    prepare(make_cfg(tree, tmp_path / "tight", link={"slack_hours": 1}))
+    tight = read_manifest(tmp_path / "tight" / "manifest.parquet").set_index("sample_id")
+    assert math.isnan(tight.loc["d-pa-4", "heartrate"]), "4 h outside the stay is not linked with 1 h slack"
+    prepare(make_cfg(tree, tmp_path / "linked", link={"keep_unlinked": False}))
+    linked = read_manifest(tmp_path / "linked" / "manifest.parquet")
+    assert set(linked.sample_id) == {"d-pa-1", "d-pa-4", "d-pa-7"}
+
+
+def test_images_are_resized_once_and_reused(prepared, tree):
+    out, m, report = prepared
+    with Image.open(out / m.loc["d-pa-1", "image_path"]) as image:
+        assert min(image.size) == 128 and image.mode == "L"
+    assert report["images"] == {"done": 5, "reused": 0, "missing": 1, "unreadable": 0}
+    again = prepare(make_cfg(tree, out))
+    assert again["images"]["done"] == 0 and again["images"]["reused"] == 5
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("label", r"mimic-cxr-2.0.0-chexpert.csv.gz: row \d+: label 'Edema' is 2.0"),
+    ("csv", r"mimic-cxr-2.0.0-metadata.csv.gz: cannot be read as CSV"),
+    ("column", r"triage.csv.gz: missing columns \['acuity'\]"),
+])
+def test_bad_input_names_file_and_row(tree, tmp_path, damage, message):
+    cxr = tree["cxr_jpg"]
+    if damage == "label":
+        labels = pd.read_csv(cxr / "mimic-cxr-2.0.0-chexpert.csv.gz")
+        labels.loc[2, "Edema"] = 2.0
+        labels.to_csv(cxr / "mimic-cxr-2.0.0-chexpert.csv.gz", index=False)
+    elif damage == "csv":
+        (cxr / "mimic-cxr-2.0.0-metadata.csv.gz").write_bytes(b"\x1f\x8b\x08garbage")
+    else:
+        path = tree["ed"] / "ed" / "triage.csv.gz"
+        pd.read_csv(path).drop(columns=["acuity"]).to_csv(path, index=False)
+    with pytest.raises(PrepareError, match=message):
+        prepare(make_cfg(tree, tmp_path / "out"))
+
+
+def test_unreadable_image_is_listed_not_fatal(tree, tmp_path):
+    image = fake_mimic.study_dir(tree["cxr_jpg"], 10000898, 50771383) / "d-pa-4.jpg"
+    image.write_bytes(b"not a jpeg")
+    report = prepare(make_cfg(tree, tmp_path / "out"))
+    (listed,) = report["problems"]["unreadable images (studies left out)"]
+    assert "study 50771383" in listed
+    assert "d-pa-4" not in set(read_manifest(tmp_path / "out" / "manifest.parquet").sample_id)
+
+
+def test_report_section_parser():
+    sections = parse_sections(fake_mimic.REPORT_WITH_INDICATION)
+    assert sections["indication"] == "___F with new onset ascites // eval for infection"
+    assert sections["impression"] == "Small left effusion."
+    assert parse_sections("REASON FOR EXAMINATION: eval line\nFINDINGS: ok")["reason_for_exam"].startswith("eval line")
+
+
+def test_cli_prepares_and_the_trainer_reads_it(tree, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "prepared"
+    args = [f"mimic.{k}={v}" for k, v in tree.items()] + [f"output_dir={out}", "images.workers=2", "images.size=64"]
+    result = subprocess.run([sys.executable, "-m", "mdfnet_hydra.prepare", *args], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| with a readable image | 5 studies | 4 |" in result.stdout
+    assert (out / ".hydra" / "config.yaml").is_file()
+    from conftest import run_cli
+
+    train = run_cli("data=processed", f"data.root={out}", "debug=fast", "stage=stage1", "trainer.batch_size=1",
+                    "trainer.grad_accum=1", f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert train.returncode == 0, train.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["stages"]["stage1"]["train_samples"] == 3
