@@ -39,6 +39,16 @@ class BlankPolicy(str, Enum):
     zeros = "zeros"  # "not mentioned" counts as negative (CheXpert convention)
 
 
+class CacheDtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+class ThresholdRule(str, Enum):
+    youden = "youden"  # maximise sensitivity + specificity - 1 on validation
+    sensitivity = "sensitivity"  # the highest threshold reaching `target_sensitivity` on validation
+
+
 class VisionSource(str, Enum):
     config = "config"  # build an open_clip image tower from `open_clip_config`, random weights
     pretrained = "pretrained"  # load `name_or_path` (hf-hub:<id> or local-dir:<dir>)
@@ -92,6 +102,7 @@ class CheckpointName(str, Enum):
 class PathsConfig:
     root: str = "outputs"
     data_dir: str = "outputs/data"
+    cache_dir: str = "outputs/cache"  # frozen-encoder feature caches, shared by every job that can use them
     run_dir: str = MISSING
 
 
@@ -118,7 +129,17 @@ class DataConfig:
     labels: LabelPolicyConfig = field(default_factory=LabelPolicyConfig)
     # Keep at most this many samples per split (seeded subset): the seed's --use-small-sample.
     small_sample: Optional[int] = None
-    num_workers: int = 0
+    # Random training-image transforms (open_clip's train transform: random resized crop 0.9-1.0).
+    augment: bool = False
+    # Stage 1 (frozen encoders, no augmentation) trains from the encoders' outputs computed once per
+    # split (data/feature_cache.py); false recomputes them every step.
+    feature_cache: bool = True
+    feature_cache_dtype: CacheDtype = CacheDtype.float16
+    # DataLoader settings; null = chosen from the machine (data/loading.py)
+    num_workers: Optional[int] = None
+    pin_memory: Optional[bool] = None
+    persistent_workers: Optional[bool] = None
+    prefetch_factor: Optional[int] = None
 
 
 @dataclass
@@ -293,6 +314,25 @@ class HparamsConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """How finished runs are evaluated (`python -m mdfnet_hydra.evaluate`, and at the end of runs)."""
+
+    on_finish: bool = True  # write the evaluation for a finished two-stage run / multirun
+    checkpoint: CheckpointName = CheckpointName.best_mean
+    threshold_rule: ThresholdRule = ThresholdRule.youden  # per-label thresholds chosen on validation
+    target_sensitivity: float = 0.9  # for threshold_rule=sensitivity
+    n_bootstrap: int = 1000  # patient-level resamples for the mean-AUROC CI and paired p-value
+    seed: int = 0
+    figures: bool = True
+    max_curves: int = 6  # runs drawn in one ROC / PR / calibration figure
+    saliency_per_label: int = 2  # Grad-CAM maps of the vision encoder per label (0: none)
+    # Saliency figures show dataset images: made for the synthetic data, for real data only on request.
+    saliency_real_data: bool = False
+    device: str = "auto"
+    batch_size: int = 32
+
+
+@dataclass
 class TrainConfig:
     seed: int = 42
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -306,6 +346,15 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     hparams: Optional[HparamsConfig] = None
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    experiments_dir: str = MISSING  # a run, a sweep, or a folder of both
+    output_dir: str = "results"
+    data_root: Optional[str] = None  # the prepared dataset, if it moved since training
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 # ---------------------------------------------------------------- python -m mdfnet_hydra.prepare
@@ -383,6 +432,7 @@ def register_configs() -> None:
     """Store the schemas so `conf/train.yaml` / `conf/prepare.yaml` can list them first in their defaults."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 
 class ConfigError(ValueError):

@@ -11,7 +11,7 @@ import json
 import logging
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -75,7 +75,8 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
 
     init = _initial_checkpoint(cfg, modalities)
     prep = Preprocessing.create(cfg.model, modalities, splits["train"], state=init["preprocessing"] if init else None)
-    datasets = {name: prep.dataset(split, root, cfg.model) for name, split in splits.items() if len(split)}
+    datasets = {name: prep.dataset(split, root, cfg.model, augment=bool(cfg.data.augment) and name == "train")
+                for name, split in splits.items() if len(split)}
     rare = _rare_labels(cfg, splits["train"])
     extras = {
         "modalities": modalities,
@@ -105,7 +106,8 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
             if start_from is not None:
                 ckpt = load_checkpoint(start_from) if isinstance(start_from, Path) else start_from
                 model.load_state_dict(ckpt["model"])
-            trainer = PhaseTrainer(cfg, name, model, datasets, Collator(prep.pad_id), runtime, directory, rare, extras,
+            trainer = PhaseTrainer(cfg, name, model, _phase_datasets(cfg, name, modalities, model, datasets, runtime, prep),
+                                   Collator(prep.pad_id), runtime, directory, rare, extras,
                                    time_budget_s=None if budget is None else budget - spent)
             results[name] = trainer.fit()
         if results[name]["selected_checkpoint"] is None:
@@ -115,8 +117,45 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
     summary = summarise_job(results)
     if runtime.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-        log.info("\n%s", format_summary(results, run_dir))
+        evaluation = None
+        if len(results) > 1 and cfg.evaluation.on_finish and not _in_multirun():  # a multirun evaluates once, at its end
+            evaluation = evaluate_quietly(run_dir, run_dir / "evaluation", cfg.evaluation)
+        log.info("\n%s", format_summary(results, run_dir, evaluation))
     return summary
+
+
+def _phase_datasets(cfg: DictConfig, name: str, modalities: list[str], model, datasets: dict, runtime: Runtime,
+                    prep: Preprocessing) -> dict:
+    """The phase's datasets: from the frozen-encoder feature cache where it applies."""
+    from mdfnet_hydra.data.feature_cache import cached_datasets, feature_cache_applies
+
+    applies, reason = feature_cache_applies(cfg, name, modalities)
+    if not applies:
+        if reason != "no pre-trained encoder in this modality":
+            log.info("%s: inputs encoded every step (%s)", name, reason)
+        return datasets
+    model.to(runtime.device).set_encoders_frozen(True)
+    return cached_datasets(model, datasets, cfg, runtime, prep.pad_id)
+
+
+def evaluate_quietly(experiments_dir: Path, output_dir: Path, options) -> Optional[Path]:
+    """The evaluation report of finished runs (its directory, or None if it failed); a failure here is
+    logged, never fails the training job."""
+    try:
+        from mdfnet_hydra.evaluation.report import evaluate
+
+        if evaluate(experiments_dir, output_dir, options)["runs"]:
+            return output_dir
+    except Exception as err:  # noqa: BLE001
+        log.warning("evaluation of %s failed (%s: %s); run python -m mdfnet_hydra.evaluate experiments_dir=%s to retry",
+                    experiments_dir, type(err).__name__, err, experiments_dir)
+    return None
+
+
+def _in_multirun() -> bool:
+    from mdfnet_hydra.launch import in_multirun
+
+    return in_multirun()
 
 
 def summarise_job(results: dict[str, dict[str, Any]]) -> dict[str, Any]:

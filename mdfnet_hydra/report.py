@@ -12,7 +12,7 @@ def _cell(value: Optional[float]) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
 
 
-def format_summary(results: dict[str, dict[str, Any]], run_dir: Path) -> str:
+def format_summary(results: dict[str, dict[str, Any]], run_dir: Path, evaluation: Optional[Path] = None) -> str:
     evaluated = [name for name, r in results.items() if r.get("val")]
     if not evaluated:
         return f"No epoch finished (trainer.max_time spent before the first one); nothing to report. Run: {run_dir}"
@@ -47,5 +47,7 @@ def format_summary(results: dict[str, dict[str, Any]], run_dir: Path) -> str:
     for name in results:
         stage_dir = run_dir / name
         lines.append(f"  {name:<10} {stage_dir}  (config.yaml, logs/, tensorboard/, checkpoints/, metrics.json, predictions/)")
+    if evaluation is not None:
+        lines.append(f"  evaluation {evaluation}  (results.md, results_summary.csv, comparisons.csv, figures)")
     lines.append(f"  TensorBoard: tensorboard --logdir {run_dir}")
     return "\n".join(lines)

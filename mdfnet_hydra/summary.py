@@ -87,13 +87,21 @@ def _job_order(name: str) -> tuple[int, str]:
 
 
 class WriteSummary(Callback):
-    """Hydra callback: results_summary.csv at the sweep root when a multirun ends."""
+    """Hydra callback: results_summary.csv at the sweep root when a multirun ends, and the
+    evaluation (tables, comparisons, figures) of its runs in <sweep>/evaluation."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        if sweep_dir.is_dir():
-            out = write_summary(sweep_dir)
-            print(f"[mdfnet-hydra] sweep summary: {out}", flush=True)
+        if not sweep_dir.is_dir():
+            return
+        out = write_summary(sweep_dir)
+        print(f"[mdfnet-hydra] sweep summary: {out}", flush=True)
+        if "evaluation" in config and config.evaluation.on_finish:
+            from mdfnet_hydra.pipeline import evaluate_quietly
+
+            evaluation = evaluate_quietly(sweep_dir, sweep_dir / "evaluation", config.evaluation)
+            if evaluation is not None:
+                print(f"[mdfnet-hydra] evaluation: {evaluation / 'results.md'}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

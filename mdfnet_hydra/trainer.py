@@ -25,12 +25,14 @@ from torch.utils.data import DataLoader
 from mdfnet_hydra.checkpoint import CheckpointManager, load_checkpoint
 from mdfnet_hydra.config import CheckpointName, PhaseConfig
 from mdfnet_hydra.data.dataset import MultimodalDataset
+from mdfnet_hydra.data.loading import loader_settings
 from mdfnet_hydra.distributed import all_gather_rows, barrier
 from mdfnet_hydra.labels import CHEXPERT_LABELS, tag_name
 from mdfnet_hydra.losses import MultiLabelLoss
 from mdfnet_hydra.metrics import compute_metrics
 from mdfnet_hydra.models.mdfnet import MDFNet
 from mdfnet_hydra.optim import build_optimizer, build_scheduler
+from mdfnet_hydra.predictions import save_predictions
 from mdfnet_hydra.runtime import Runtime
 from mdfnet_hydra.tracking import Tracker
 
@@ -151,7 +153,8 @@ class PhaseTrainer:
         from torch.utils.data import DistributedSampler
 
         rt = self.runtime
-        common = dict(collate_fn=collate, num_workers=int(self.cfg.data.num_workers), pin_memory=rt.device.type == "cuda")
+        decodes_images = getattr(self.datasets["train"], "image_paths", None) is not None
+        common = dict(collate_fn=collate, **loader_settings(self.cfg.data, rt, decodes_images))
         train_sampler = DistributedSampler(
             self.datasets["train"], num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=int(self.cfg.seed), drop_last=True
         )
@@ -160,7 +163,8 @@ class PhaseTrainer:
             if split in self.datasets and len(self.datasets[split]):
                 # padded by repetition to equal shards; the duplicates are dropped after gathering
                 sampler = DistributedSampler(self.datasets[split], num_replicas=rt.world_size, rank=rt.rank, shuffle=False)
-                loaders[split] = DataLoader(self.datasets[split], batch_size=self.per_device_batch, sampler=sampler, **common)
+                once = {"persistent_workers": False} if split == "test" and "persistent_workers" in common else {}
+                loaders[split] = DataLoader(self.datasets[split], batch_size=self.per_device_batch, sampler=sampler, **common, **once)
         return loaders
 
     @property
@@ -419,7 +423,7 @@ class PhaseTrainer:
             pred = self.predict(split)
             result[split] = {"loss": pred.loss, **self._metrics(split, pred)}
             if self.runtime.is_main:
-                self._save_predictions(split, pred)
+                self._save_predictions(split, pred, selected)
         self._write_result(result)
         return result
 
@@ -428,22 +432,10 @@ class PhaseTrainer:
             (self.directory / "metrics.json").write_text(json.dumps(result, indent=2))
         barrier()
 
-    def _save_predictions(self, split: str, pred: Prediction) -> None:
+    def _save_predictions(self, split: str, pred: Prediction, checkpoint: Path) -> None:
         """Probabilities with labels for later evaluation; patient ids replaced by group numbers."""
-        data = self.datasets[split].split
-        idx = pred.indices
-        out = self.directory / "predictions"
-        out.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(
-            out / f"{split}.npz",
-            probs=pred.probs.astype(np.float32),
-            targets=data.targets[idx],
-            mask=data.mask[idx],
-            raw_labels=data.raw_labels[idx],
-            sample_id=data.frame["sample_id"].to_numpy(dtype=str)[idx],
-            group=data.group[idx],
-            label_names=np.array(CHEXPERT_LABELS),
-        )
+        save_predictions(self.directory / "predictions" / f"{split}.npz", pred.probs, self.datasets[split].split,
+                         pred.indices, checkpoint)
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -87,6 +87,7 @@ def test_unknown_rare_label_fails_validation(cfg_factory):
         ("modality.inputs=[vision,txt]", "txt"),
         ("loss=huber", "Could not find 'loss/huber'"),
         ("trainer.batch_size=sixteen", "batch_size"),
+        ("evaluation.threshold_rule=yoden", "threshold_rule"),
     ],
 )
 def test_cli_rejects_mistakes_before_any_work(tmp_path, override, message):

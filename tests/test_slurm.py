@@ -70,7 +70,8 @@ def final_states(job_id: str, wait_s: float = 60) -> list[str]:
 def test_ablations_run_as_one_job_array(tmp_path):
     sweep_dir = tmp_path / "ablations"
     result = run_cli("--multirun", "experiment=ablations", *TINY, *SMALL_JOBS, f"paths.root={tmp_path}",
-                     f"hydra.sweep.dir={sweep_dir}", timeout=1200)
+                     f"hydra.sweep.dir={sweep_dir}", "evaluation.saliency_per_label=0", "evaluation.n_bootstrap=100",
+                     timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
     ids = array_ids(sweep_dir)
     assert len(ids) == 1, f"one SLURM job array, got {ids}"
@@ -85,6 +86,11 @@ def test_ablations_run_as_one_job_array(tmp_path):
         job = sweep_dir / row["job"]
         assert (job / "stage2" / "checkpoints" / "best_mean.pth").is_file()
         assert (job / "stage2" / "predictions" / "test.npz").is_file()
+    # the sweep's end evaluates all 14 stage runs and compares every multimodal one with vision-only
+    with (sweep_dir / "evaluation" / "comparisons.csv").open() as handle:
+        pairs = {(r["run"], r["baseline"]) for r in csv.DictReader(handle) if r["label"].startswith("mean AUROC")}
+    multimodal = [r["job"] for r in rows if "_" in r["modality"] or r["modality"] == "all"]
+    assert pairs == {(f"{job}/{stage}", f"0_vision/{stage}") for job in multimodal for stage in ("stage1", "stage2")}
 
 
 def test_job_with_two_tasks_trains_data_parallel(tmp_path):

@@ -17,8 +17,9 @@ from mdfnet_hydra.summary import SUMMARY_FILE, main as summary_main
 TINY = ("debug=fast", "data.synthetic.num_samples=300", "data.synthetic.image_size=32")
 
 
-def sweep(tmp_path, *overrides, expect_ok=True):
-    result = run_cli("--multirun", *TINY, f"paths.root={tmp_path}", *overrides)
+def sweep(tmp_path, *overrides, expect_ok=True, evaluate=False):
+    quiet = () if evaluate else ("evaluation.on_finish=false",)
+    result = run_cli("--multirun", *TINY, f"paths.root={tmp_path}", *quiet, *overrides)
     if expect_ok:
         assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -106,7 +107,8 @@ def test_random_search_multi_objective_pareto_front(tmp_path):
 
 
 def test_baselines_preset_and_summary_rebuild(tmp_path):
-    sweep(tmp_path, "experiment=baselines", "stage=stage1", f"hydra.sweep.dir={tmp_path / 'baselines'}")
+    sweep(tmp_path, "experiment=baselines", "stage=stage1", f"hydra.sweep.dir={tmp_path / 'baselines'}",
+          "evaluation.saliency_per_label=0", "evaluation.n_bootstrap=50", evaluate=True)
     sweep_dir = tmp_path / "baselines"
     rows = summary_rows(sweep_dir)
     assert [(r["job"], r["modality"], r["status"]) for r in rows] == [
@@ -116,6 +118,12 @@ def test_baselines_preset_and_summary_rebuild(tmp_path):
                    ["stages"]["stage1"]["val"]["auroc"] if r[f"val_auroc/{n}"] != ""]
         assert float(r["val_auroc_mean"]) == pytest.approx(sum(defined) / len(defined), abs=1e-6)
         assert r["best_epoch"] == "1" and float(r["wall_time_s"]) > 0
+    with (sweep_dir / "evaluation" / "results_summary.csv").open() as handle:
+        evaluated = {r["run"]: r["modality"] for r in csv.DictReader(handle)}
+    assert evaluated == {"0_vision/stage1": "vision", "1_text/stage1": "text", "2_clinical/stage1": "clinical"}, \
+        "the multirun's end evaluates every run in the sweep"
+    assert (sweep_dir / "evaluation" / "auroc_by_label.png").is_file()
+    assert not list(sweep_dir.glob("*/evaluation")), "jobs of a multirun leave the evaluation to the sweep's end"
     original = (sweep_dir / SUMMARY_FILE).read_text()
     (sweep_dir / SUMMARY_FILE).unlink()
     assert summary_main([str(sweep_dir)]) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,14 @@ class MultimodalDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
+    def restricted_to(self, modality: str) -> "MultimodalDataset":
+        """A view serving only one modality's inputs (what one encoder reads), targets included."""
+        view = copy.copy(self)
+        view.image_paths = self.image_paths if modality == "vision" else None
+        view.token_ids = self.token_ids if modality == "text" else None
+        view.clinical = self.clinical if modality == "clinical" else None
+        return view
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = {"index": torch.tensor(index), "targets": self.targets[index], "mask": self.mask[index]}
         if self.image_paths is not None:
@@ -104,7 +113,9 @@ class Collator:
     def __init__(self, pad_id: int = 0) -> None:
         self.pad_id = pad_id
 
-    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if isinstance(items, dict):  # already a batch (datasets with __getitems__)
+            return items
         batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "input_ids"}
         if "input_ids" in items[0]:
             seqs = [it["input_ids"] for it in items]

@@ -47,13 +47,14 @@ class Preprocessing:
             "tokenizer_json": self.tokenizer_json,
         }
 
-    def dataset(self, split: SplitData, root: Path, model: ModelConfig) -> MultimodalDataset:
-        """Text is tokenised and clinical features transformed once here, not per item or epoch."""
+    def dataset(self, split: SplitData, root: Path, model: ModelConfig, augment: bool = False) -> MultimodalDataset:
+        """Text is tokenised and clinical features transformed once here, not per item or epoch.
+        `augment`: random training-image transforms (for the training split)."""
         image_transform = token_ids = clinical = None
         if Modality.vision.value in self.modalities:
             from mdfnet_hydra.models.vision import build_image_transform
 
-            image_transform = build_image_transform(model.vision)
+            image_transform = build_image_transform(model.vision, train=augment)
         if self.tokenizer is not None:
             token_ids = self.tokenizer(
                 split.frame["text"].fillna("").tolist(), truncation=True, max_length=model.text.max_length

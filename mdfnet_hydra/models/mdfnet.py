@@ -114,12 +114,18 @@ class MDFNet(nn.Module):
         return self
 
     def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """Each pre-trained encoder's output (tokens, padding mask); no autograd when frozen."""
+        """Each pre-trained encoder's output (tokens, padding mask); no autograd when frozen.
+        A batch from the feature cache carries these outputs (`<modality>_features`) already."""
         out: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        for m in self.encoders:
+            if f"{m}_features" in batch:
+                if not self.encoders_frozen:
+                    raise RuntimeError(f"cached {m} features need frozen encoders (the cache is for stage 1 only)")
+                out[m] = (batch[f"{m}_features"].float(), batch.get(f"{m}_padding"))
         with torch.no_grad() if self.encoders_frozen else nullcontext():
-            if "vision" in self.encoders:
+            if "vision" in self.encoders and "vision" not in out:
                 out["vision"] = (self.encoders["vision"](batch["image"]), None)
-            if "text" in self.encoders:
+            if "text" in self.encoders and "text" not in out:
                 out["text"] = self.encoders["text"](batch["input_ids"], batch["attention_mask"])
         return out
 

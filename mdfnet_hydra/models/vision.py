@@ -56,9 +56,11 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
     return VisionEncoder(visual, cfg.output)
 
 
-def build_image_transform(cfg: VisionConfig) -> Callable:
+def build_image_transform(cfg: VisionConfig, train: bool = False) -> Callable:
     """open_clip's eval transform (resize, centre crop, RGB, normalise) at the encoder's size, with
-    the pretrained model's own preprocess_cfg (mean, std, interpolation, resize mode) when it has one."""
+    the pretrained model's own preprocess_cfg (mean, std, interpolation, resize mode) when it has one.
+    `train`: open_clip's training transform instead (random resized crop, scale 0.9-1.0; no flips,
+    which would move the heart to the wrong side)."""
     from open_clip.transform import image_transform
 
     preprocess: dict[str, Any] = {}
@@ -66,7 +68,7 @@ def build_image_transform(cfg: VisionConfig) -> Callable:
         preprocess = dict(load_open_clip_config(cfg.name_or_path).get("preprocess_cfg") or {})
     return image_transform(
         cfg.image_size,
-        is_train=False,
+        is_train=train,
         mean=tuple(preprocess.get("mean") or cfg.mean),
         std=tuple(preprocess.get("std") or cfg.std),
         resize_mode=preprocess.get("resize_mode"),

@@ -1,0 +1,300 @@
+"""Frozen-encoder outputs, computed once per split and read back memory-mapped.
+
+While the pre-trained encoders are frozen and their inputs deterministic (stage 1 without
+augmentation), every epoch would recompute exactly the same image and text features. They are
+computed once instead, stored in half precision under `paths.cache_dir/<modality>/<key>/`, and the
+fusion layer and head train from them.
+
+The key is a digest of everything that determines the outputs: the encoder's config and weights,
+the preprocessing (the image transform, the token ids themselves, which cover tokenizer, max length
+and text), the split's rows (sample ids, image paths, and each image file's size and modification
+time), the compute precision and the storage dtype. A changed input gives another key, never a
+stale cache. One cache per (encoder, split) is shared by every job that needs it: sweep trials
+and other modality combinations with the same encoder.
+
+Concurrent jobs are safe: the builder holds an exclusive lock on `<key>.lock` (others wait on it
+and then read), writes into a private temporary directory and renames it into place, which is
+atomic, with meta.json written last. A directory named `<key>` is therefore always complete, even
+where locks do not work (some network file systems); at worst two jobs then both build it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mdfnet_hydra.data.dataset import Collator, MultimodalDataset
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+CACHED_MODALITIES = ("vision", "text")  # the pre-trained encoders; the clinical encoder always trains
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+# ---------------------------------------------------------------- keys
+def _update_with_tensor(h: "hashlib._Hash", name: str, tensor: torch.Tensor) -> None:
+    t = tensor.detach().to("cpu").contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        _update_with_tensor(h, name, tensor)
+    return h.hexdigest()
+
+
+def _rows_digest(dataset: MultimodalDataset, modality: str) -> str:
+    """The split's inputs for one encoder: rows and image files, or the token ids."""
+    h = hashlib.sha256()
+    frame = dataset.split.frame
+    h.update(pd.util.hash_pandas_object(frame["sample_id"].astype(str), index=False).values.tobytes())
+    if modality == "vision":
+        h.update(repr(dataset.image_transform).encode())
+        for path in dataset.image_paths:
+            stat = os.stat(path)
+            h.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    else:
+        for ids in dataset.token_ids:
+            h.update(ids.numpy().astype(np.int64).tobytes())
+            h.update(b"|")
+    return h.hexdigest()
+
+
+def cache_key(encoder: torch.nn.Module, encoder_config: Any, dataset: MultimodalDataset, modality: str,
+              compute: str, dtype: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": FORMAT, "modality": modality, "encoder": encoder_config, "compute": compute,
+                         "dtype": dtype, "output": str(getattr(encoder, "output", ""))}, sort_keys=True, default=str).encode())
+    h.update(weights_digest(encoder).encode())
+    h.update(_rows_digest(dataset, modality).encode())
+    return h.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------- storage
+class FeatureArrays:
+    """One (encoder, split) cache, opened memory-mapped on first use in each process (DataLoader
+    workers open their own maps instead of receiving copies of the data)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.meta = json.loads((directory / "meta.json").read_text())
+        self._features: Optional[np.ndarray] = None
+        self._padding: Optional[np.ndarray] = None
+
+    def __getstate__(self) -> dict:
+        return {"directory": self.directory, "meta": self.meta, "_features": None, "_padding": None}
+
+    @property
+    def features(self) -> np.ndarray:
+        if self._features is None:
+            self._features = np.load(self.directory / "features.npy", mmap_mode="r")
+        return self._features
+
+    @property
+    def padding(self) -> Optional[np.ndarray]:
+        if self._padding is None and (self.directory / "padding.npy").is_file():
+            self._padding = np.load(self.directory / "padding.npy", mmap_mode="r")
+        return self._padding
+
+    def __len__(self) -> int:
+        return int(self.meta["rows"])
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        waited = time.perf_counter()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("feature cache %s is being built by another job; waiting", lock_path.stem)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            log.info("waited %.0fs for the feature cache", time.perf_counter() - waited)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_or_build(root: Path, modality: str, key: str, build) -> tuple[FeatureArrays, bool]:
+    """The cache `root/modality/key`, and whether this call built it (with `build(tmp_dir)`)."""
+    final = root / modality / key
+    if (final / "meta.json").is_file():
+        return FeatureArrays(final), False
+    with _exclusive(root / modality / f"{key}.lock"):
+        if (final / "meta.json").is_file():  # another job built it while we waited
+            return FeatureArrays(final), False
+        tmp = final.with_name(f"{key}.tmp-{socket.gethostname()}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            build(tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # built concurrently without a working lock: theirs is as good
+                if not (final / "meta.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return FeatureArrays(final), True
+
+
+# ---------------------------------------------------------------- building
+@torch.no_grad()
+def compute_features(encoder: torch.nn.Module, dataset: MultimodalDataset, modality: str, out: Path, *,
+                     device: torch.device, autocast, dtype: str, batch_size: int, loader: dict, pad_id: int) -> None:
+    """Run the frozen encoder over the split in order and write features.npy (N, T, D) [and
+    padding.npy (N, T), text only, padded to the split's longest sequence] and meta.json."""
+    encoder.eval()
+    n = len(dataset)
+    loader = DataLoader(dataset.restricted_to(modality), batch_size=batch_size, shuffle=False, collate_fn=Collator(pad_id),
+                        **{**loader, "persistent_workers": False})
+    width = max(len(ids) for ids in dataset.token_ids) if modality == "text" else None
+    features = padding = None
+    started = time.perf_counter()
+    for batch in loader:
+        idx = batch["index"].numpy()
+        with autocast():
+            if modality == "vision":
+                tokens, pad = encoder(batch["image"].to(device, non_blocking=True)), None
+            else:
+                tokens, pad = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        tokens = tokens.float().cpu().numpy()
+        if features is None:
+            length = tokens.shape[1] if pad is None else width
+            features = np.lib.format.open_memmap(out / "features.npy", mode="w+", dtype=DTYPES[dtype],
+                                                 shape=(n, length, tokens.shape[2]))
+            if pad is not None:
+                padding = np.lib.format.open_memmap(out / "padding.npy", mode="w+", dtype=np.bool_, shape=(n, length))
+                padding[:] = True
+        if pad is None:
+            features[idx] = tokens
+        else:
+            span = tokens.shape[1]
+            features[idx, :span] = tokens
+            features[idx, span:] = 0
+            padding[idx, :span] = pad.cpu().numpy()
+    for array in (features, padding):
+        if array is not None:
+            array.flush()
+    meta = {"format": FORMAT, "modality": modality, "rows": n, "shape": list(features.shape), "dtype": dtype,
+            "seconds": round(time.perf_counter() - started, 3)}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+# ---------------------------------------------------------------- training from the cache
+class CachedFeatureDataset(Dataset):
+    """A split served from cached encoder outputs: `<modality>_features` (and `text_padding`)
+    instead of images and token ids, plus targets, mask and the clinical features. Batches are
+    read with one memory-mapped fancy index (`__getitems__`), not item by item."""
+
+    def __init__(self, base: MultimodalDataset, caches: dict[str, FeatureArrays]) -> None:
+        self.split = base.split
+        self.base = base
+        self.caches = caches
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.base.targets
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.base.mask
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        batch = self.__getitems__([index])
+        return {k: v[0] for k, v in batch.items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")  # sorted reads from the maps, then back in sampler order
+        rows = idx[order]
+        back = np.argsort(order, kind="stable")
+        t_idx = torch.from_numpy(idx)
+        batch = {"index": t_idx, "targets": self.base.targets[t_idx], "mask": self.base.mask[t_idx]}
+        if self.base.clinical is not None:
+            batch["clinical"] = self.base.clinical[t_idx]
+        for modality, cache in self.caches.items():
+            features = np.asarray(cache.features[rows])[back]
+            padding = cache.padding
+            if padding is not None:
+                pad = np.asarray(padding[rows])[back]
+                keep = max(1, int((~pad).sum(axis=1).max()))  # trim to the batch's longest text
+                batch["text_padding"] = torch.from_numpy(np.ascontiguousarray(pad[:, :keep]))
+                features = features[:, :keep]
+            batch[f"{modality}_features"] = torch.from_numpy(np.ascontiguousarray(features))
+        return batch
+
+
+def feature_cache_applies(cfg, phase_name: str, modalities: list[str]) -> tuple[bool, str]:
+    """Whether a phase trains from the cache, and why not when it does not."""
+    if not cfg.data.feature_cache:
+        return False, "data.feature_cache=false"
+    if not cfg.phases[phase_name].freeze_encoders:
+        return False, "the encoders train in this phase"
+    if cfg.data.augment:
+        return False, "data.augment=true: training inputs are random"
+    if not any(m in CACHED_MODALITIES for m in modalities):
+        return False, "no pre-trained encoder in this modality"
+    return True, ""
+
+
+def cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime, pad_id: int) -> dict[str, Dataset]:
+    """Each split served from the cache of every frozen pre-trained encoder of `model` (built by
+    rank 0 where missing; the other ranks wait at a barrier and then read it). The random state is
+    left as it was, so training does not depend on whether this job built the cache."""
+    devices = [runtime.device] if runtime.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return _cached_datasets(model, datasets, cfg, runtime, pad_id)
+
+
+def _cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime, pad_id: int) -> dict[str, Dataset]:
+    from mdfnet_hydra.config import CacheDtype, to_plain
+    from mdfnet_hydra.data.loading import loader_settings
+    from mdfnet_hydra.distributed import barrier
+
+    root = Path(cfg.paths.cache_dir).expanduser().resolve()
+    dtype = CacheDtype(cfg.data.feature_cache_dtype).value
+    batch_size = max(int(runtime.per_device_batch(cfg.trainer)) * 4, 64)
+    out: dict[str, Dataset] = {}
+    for split, dataset in datasets.items():
+        caches: dict[str, FeatureArrays] = {}
+        for modality, encoder in model.encoders.items():
+            key = cache_key(encoder, to_plain(cfg.model[modality]), dataset, modality, runtime.precision.value, dtype)
+            if runtime.is_main:
+                started = time.perf_counter()
+                caches[modality], built = open_or_build(root, modality, key, lambda tmp, e=encoder, d=dataset, m=modality: compute_features(
+                    e, d, m, tmp, device=runtime.device, autocast=runtime.autocast, dtype=dtype, batch_size=batch_size,
+                    loader=loader_settings(cfg.data, runtime, decodes_images=m == "vision"), pad_id=pad_id))
+                log.info("feature cache %s/%s (%s, %s): %s in %.1fs", modality, split, key[:12],
+                         "x".join(map(str, caches[modality].meta["shape"])),
+                         "built" if built else "reused", time.perf_counter() - started)
+            else:
+                caches[modality] = None  # type: ignore[assignment]
+            barrier()
+            if caches[modality] is None:
+                caches[modality] = FeatureArrays(root / modality / key)
+        out[split] = CachedFeatureDataset(dataset, caches)
+    return out

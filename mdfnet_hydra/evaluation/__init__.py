@@ -1,0 +1,1 @@
+"""Evaluation of finished runs: metrics with uncertainty, paired comparisons, tables and figures."""

@@ -1,0 +1,173 @@
+"""Test-set metrics with uncertainty per run, paired comparisons against the vision-only baseline,
+seed aggregation, and the spec's targets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from mdfnet_hydra.evaluation.runs import Run, aligned
+from mdfnet_hydra.evaluation.stats import (auroc_ci, bootstrap_mean_auroc, bootstrap_p_value, delong_test, mean_auroc,
+                                           percentile_ci)
+from mdfnet_hydra.labels import CHEXPERT_LABELS
+from mdfnet_hydra.predictions import Predictions
+
+# The seed's (TRAINING_GUIDE.md) targets: the MDF-Net paper's numbers and the Enhanced goal.
+TARGETS = {
+    "vision": [("vision-only (MDF-Net paper)", 0.810)],
+    "all": [("MDF-Net (paper)", 0.856), ("Enhanced MDF-Net goal", 0.860)],
+}
+
+
+def choose_thresholds(val: Predictions, rule: str, sensitivity: float) -> np.ndarray:
+    """Per-label decision thresholds from validation: Youden's J, or the highest threshold that
+    reaches the target sensitivity. 0.5 for labels without both classes on validation."""
+    thresholds = np.full(val.probs.shape[1], 0.5)
+    for j in range(val.probs.shape[1]):
+        valid = val.mask[:, j] > 0
+        y, p = val.targets[valid, j] > 0.5, val.probs[valid, j]
+        if y.sum() == 0 or (~y).sum() == 0:
+            continue
+        candidates = np.unique(p)
+        tpr = np.array([(p[y] >= t).mean() for t in candidates])
+        fpr = np.array([(p[~y] >= t).mean() for t in candidates])
+        if rule == "youden":
+            thresholds[j] = candidates[int(np.argmax(tpr - fpr))]
+        elif rule == "sensitivity":
+            reaching = candidates[tpr >= sensitivity]
+            thresholds[j] = reaching.max() if len(reaching) else candidates.min()
+        else:
+            raise ValueError(f"evaluation.threshold_rule must be 'youden' or 'sensitivity', got {rule!r}")
+    return thresholds
+
+
+def _f1(tp: float, fp: float, fn: float) -> Optional[float]:
+    return None if tp + fn == 0 else 2 * tp / max(2 * tp + fp + fn, 1e-12)
+
+
+def _average_precision(y: np.ndarray, p: np.ndarray) -> float:
+    order = np.argsort(-p, kind="mergesort")
+    y, p = y[order], p[order]
+    distinct = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # last index of each score value
+    tp = np.cumsum(y)[distinct]
+    precision = tp / (distinct + 1)
+    recall = tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+@dataclass
+class RunResult:
+    run: Run
+    test: Predictions
+    val: Optional[Predictions]
+    thresholds: np.ndarray
+    auroc: dict[str, Optional[tuple[float, float, float]]]  # label -> (auc, low, high) or None
+    auprc: dict[str, Optional[float]]
+    confusion: dict[str, Optional[tuple[int, int, int, int]]]  # label -> (tn, fp, fn, tp)
+    mean_auroc: Optional[float]
+    mean_ci: tuple[float, float] = (float("nan"), float("nan"))
+    f1_macro: Optional[float] = None
+    f1_micro: Optional[float] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean_auprc(self) -> Optional[float]:
+        values = [v for v in self.auprc.values() if v is not None]
+        return float(np.mean(values)) if values else None
+
+    @property
+    def undefined(self) -> list[str]:
+        return [name for name, v in self.auroc.items() if v is None]
+
+    def targets(self) -> list[tuple[str, float, Optional[float]]]:
+        """(target name, target value, this run's difference) for the seed's targets of its configuration."""
+        return [(name, value, None if self.mean_auroc is None else self.mean_auroc - value)
+                for name, value in TARGETS.get(self.run.modality, [])]
+
+
+def analyse(run: Run, test: Predictions, val: Optional[Predictions], rule: str, sensitivity: float,
+            n_bootstrap: int, seed: int) -> RunResult:
+    thresholds = choose_thresholds(val, rule, sensitivity) if val is not None else np.full(test.probs.shape[1], 0.5)
+    auroc, auprc, confusion = {}, {}, {}
+    f1s, totals = [], np.zeros(3)
+    for j, name in enumerate(CHEXPERT_LABELS):
+        valid = test.mask[:, j] > 0
+        y, p = test.targets[valid, j] > 0.5, test.probs[valid, j]
+        defined = 0 < y.sum() < len(y)
+        auroc[name] = auroc_ci(y, p) if defined else None
+        auprc[name] = _average_precision(y, p) if defined else None
+        predicted = p >= thresholds[j]
+        tp, fp = int((predicted & y).sum()), int((predicted & ~y).sum())
+        fn, tn = int((~predicted & y).sum()), int((~predicted & ~y).sum())
+        confusion[name] = (tn, fp, fn, tp) if valid.any() else None
+        if (f1 := _f1(tp, fp, fn)) is not None:
+            f1s.append(f1)
+        totals += (tp, fp, fn)
+    result = RunResult(run, test, val, thresholds, auroc, auprc, confusion,
+                       mean_auroc(test.probs, test.targets, test.mask),
+                       f1_macro=float(np.mean(f1s)) if f1s else None, f1_micro=_f1(*totals))
+    if n_bootstrap > 0 and result.mean_auroc is not None:
+        samples = bootstrap_mean_auroc([test.probs], test.targets, test.mask, test.group, n_bootstrap, seed)[:, 0]
+        result.mean_ci = percentile_ci(samples)
+    return result
+
+
+@dataclass
+class Comparison:
+    run: str
+    baseline: str
+    per_label: dict[str, Optional[Any]]  # label -> PairedTest or None (undefined)
+    mean_difference: Optional[float]
+    mean_ci: tuple[float, float]
+    mean_p: Optional[float]
+
+
+def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> tuple[list[Comparison], list[str]]:
+    """Each multimodal run against a vision-only run on the same test set (same stage and seed
+    preferred): DeLong per label, patient-level paired bootstrap for the mean AUROC."""
+    baselines = [r for r in results if r.run.modalities == ["vision"]]
+    comparisons, notes = [], []
+    for result in results:
+        if len(result.run.modalities) < 2:
+            continue
+        ranked = sorted(baselines, key=lambda b: (b.run.stage != result.run.stage, b.run.seed != result.run.seed))
+        pair = next(((b, aligned(result.test, b.test)) for b in ranked if aligned(result.test, b.test) is not None), None)
+        if pair is None:
+            notes.append(f"{result.run.name}: no vision-only run on the same test set to compare with")
+            continue
+        baseline, (mine, theirs) = pair
+        per_label = {}
+        for j, name in enumerate(CHEXPERT_LABELS):
+            valid = mine.mask[:, j] > 0
+            y = mine.targets[valid, j] > 0.5
+            per_label[name] = delong_test(y, mine.probs[valid, j], theirs.probs[valid, j]) if 0 < y.sum() < len(y) else None
+        mean_diff, ci, p = None, (float("nan"), float("nan")), None
+        if result.mean_auroc is not None and baseline.mean_auroc is not None:
+            mean_diff = result.mean_auroc - baseline.mean_auroc
+            if n_bootstrap > 0:
+                samples = bootstrap_mean_auroc([mine.probs, theirs.probs], mine.targets, mine.mask, mine.group, n_bootstrap, seed)
+                differences = samples[:, 0] - samples[:, 1]
+                ci, p = percentile_ci(differences), bootstrap_p_value(differences)
+        comparisons.append(Comparison(result.run.name, baseline.run.name, per_label, mean_diff, ci, p))
+    return comparisons, notes
+
+
+def aggregate_seeds(results: list[RunResult]) -> list[dict[str, Any]]:
+    """Runs that differ only by seed: mean and standard deviation of the test mean AUROC."""
+    groups: dict[str, list[RunResult]] = {}
+    for result in results:
+        groups.setdefault(result.run.signature(), []).append(result)
+    rows = []
+    for members in groups.values():
+        values = [m.mean_auroc for m in members if m.mean_auroc is not None]
+        rows.append({
+            "configuration": f"{members[0].run.modality}/{members[0].run.stage}",
+            "runs": ", ".join(m.run.name for m in members),
+            "seeds": ", ".join(str(m.run.seed) for m in members),
+            "n": len(values),
+            "mean": float(np.mean(values)) if values else None,
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+        })
+    return rows

@@ -1,0 +1,81 @@
+"""One evaluation: every finished run under a directory -> tables and figures in an output directory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from mdfnet_hydra.evaluation import figures as fig
+from mdfnet_hydra.evaluation.analysis import RunResult, aggregate_seeds, analyse, compare_to_vision
+from mdfnet_hydra.evaluation.runs import discover, load_run_model, resolve_device, run_predictions
+from mdfnet_hydra.evaluation.tables import comparison_rows, markdown, summary_rows, write_csv
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(experiments_dir: str | Path, output_dir: str | Path, options, data_root: Optional[str] = None) -> dict[str, Any]:
+    experiments_dir = Path(experiments_dir).expanduser().resolve()
+    out = Path(output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = getattr(options.checkpoint, "value", options.checkpoint)
+    rule = getattr(options.threshold_rule, "value", options.threshold_rule)
+    results: list[RunResult] = []
+    for run in discover(experiments_dir, exclude=out):
+        test = run_predictions(run, "test", checkpoint, data_root, options.device, options.batch_size)
+        if test is None:
+            continue
+        val = run_predictions(run, "val", checkpoint, data_root, options.device, options.batch_size)
+        results.append(analyse(run, test, val, rule, options.target_sensitivity,
+                               options.n_bootstrap, options.seed))
+        log.info("evaluated %s (%s checkpoint, %s predictions): test mean AUROC %s", run.name, checkpoint,
+                 run.source.get("test"), "n/a" if results[-1].mean_auroc is None else f"{results[-1].mean_auroc:.4f}")
+    if not results:
+        log.warning("no finished runs with a %s checkpoint under %s", checkpoint, experiments_dir)
+        return {"runs": 0, "output_dir": str(out)}
+    comparisons, notes = compare_to_vision(results, options.n_bootstrap, options.seed)
+    seeds = aggregate_seeds(results)
+    written = [write_csv(out / "results_summary.csv", summary_rows(results, rule)),
+               write_csv(out / "comparisons.csv", comparison_rows(comparisons))]
+    figures: list[Path] = []
+    if options.figures:
+        shown = _shown(results, int(options.max_curves))
+        figures += fig.curves(shown, out)
+        figures.append(fig.auroc_bars(shown, out))
+        figures.append(fig.calibration(shown, out))
+        figures += [fig.confusion_matrices(r, rule, out) for r in results]
+        figures += _saliency(results, out, options, data_root, checkpoint)
+    (out / "results.md").write_text(markdown(results, comparisons, notes, seeds, figures, out, rule))
+    log.info("evaluation of %d runs written to %s (results.md, results_summary.csv, comparisons.csv, %d figures)",
+             len(results), out, len(figures))
+    return {"runs": len(results), "output_dir": str(out), "files": [str(p) for p in written], "figures": [str(p) for p in figures]}
+
+
+def _shown(results: list[RunResult], limit: int) -> list[RunResult]:
+    """The best runs by mean AUROC for the shared figures, always with a vision-only baseline."""
+    ranked = sorted(results, key=lambda r: -(r.mean_auroc or 0))
+    shown = ranked[:limit]
+    baseline = next((r for r in ranked if r.run.modalities == ["vision"]), None)
+    if baseline is not None and baseline not in shown:
+        shown = shown[: limit - 1] + [baseline]
+    return shown
+
+
+def _saliency(results: list[RunResult], out: Path, options, data_root: Optional[str], checkpoint: str) -> list[Path]:
+    from mdfnet_hydra.evaluation.saliency import saliency_maps
+
+    written: list[Path] = []
+    if options.saliency_per_label <= 0:
+        return written
+    for result in results:
+        run = result.run
+        if "vision" not in run.modalities:
+            continue
+        if (run.config.get("data") or {}).get("name") != "synthetic" and not options.saliency_real_data:
+            log.info("%s: no saliency figures for real data unless evaluation.saliency_real_data=true", run.name)
+            continue
+        model, datasets, prep = load_run_model(run.directory / "checkpoints" / f"{checkpoint}.pth", data_root,
+                                               options.device, splits=("test",))
+        written += saliency_maps(model, datasets["test"], prep.pad_id, result.test.probs, int(options.saliency_per_label),
+                                 out / "saliency" / fig.slug(run.name), resolve_device(options.device))
+    return written

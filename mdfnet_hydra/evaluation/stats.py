@@ -1,0 +1,131 @@
+"""Uncertainty for AUROC: DeLong's variance and paired test, and a patient-level bootstrap.
+
+DeLong et al. (1988), computed with Sun & Xu's (2014) midrank algorithm: for scores of k models on
+the same cases, the AUROCs and their covariance matrix. Cases of one patient are not independent
+(several studies per patient), so the mean AUROC over labels gets a patient-level bootstrap:
+patients are resampled with replacement, each with all of their cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Optional, Sequence
+
+import numpy as np
+
+Z95 = NormalDist().inv_cdf(0.975)
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties sharing their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    bounds = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1], True])
+    starts, ends = bounds[:-1], bounds[1:]  # each tie group is sorted_x[start:end]
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(0.5 * (starts + ends - 1) + 1.0, ends - starts)
+    return ranks
+
+
+def delong(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUROCs (k,) and their DeLong covariance (k, k) for scores (k, n) of k models on n cases."""
+    y = np.asarray(y).astype(bool)
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    pos, neg = scores[:, y], scores[:, ~y]
+    m, n = pos.shape[1], neg.shape[1]
+    if m == 0 or n == 0:
+        raise ValueError("AUROC needs at least one positive and one negative case")
+    k = scores.shape[0]
+    tx = np.stack([_midranks(pos[r]) for r in range(k)])
+    ty = np.stack([_midranks(neg[r]) for r in range(k)])
+    tz = np.stack([_midranks(np.concatenate([pos[r], neg[r]])) for r in range(k)])
+    aucs = tz[:, :m].sum(axis=1) / (m * n) - (m + 1.0) / (2.0 * n)
+    v01 = (tz[:, :m] - tx) / n  # per positive: fraction of negatives it outranks
+    v10 = 1.0 - (tz[:, m:] - ty) / m  # per negative: fraction of positives that outrank it
+    sx = np.atleast_2d(np.cov(v01)) if m > 1 else np.zeros((k, k))
+    sy = np.atleast_2d(np.cov(v10)) if n > 1 else np.zeros((k, k))
+    return aucs, sx / m + sy / n
+
+
+@dataclass
+class PairedTest:
+    auc_a: float
+    auc_b: float
+    difference: float  # a - b
+    ci_low: float
+    ci_high: float
+    p_value: float
+
+
+def delong_test(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> PairedTest:
+    """DeLong's test of AUROC(a) = AUROC(b) on the same cases, with a 95% CI of the difference."""
+    aucs, cov = delong(y, np.vstack([scores_a, scores_b]))
+    diff = float(aucs[0] - aucs[1])
+    var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    if var <= 0:
+        p = 1.0 if diff == 0 else 0.0
+        se = 0.0
+    else:
+        se = var ** 0.5
+        p = 2 * (1 - NormalDist().cdf(abs(diff) / se))
+    return PairedTest(float(aucs[0]), float(aucs[1]), diff, diff - Z95 * se, diff + Z95 * se, p)
+
+
+def auroc_ci(y: np.ndarray, scores: np.ndarray) -> tuple[float, float, float]:
+    """AUROC with DeLong's 95% confidence interval (clipped to [0, 1])."""
+    aucs, cov = delong(y, scores)
+    se = float(np.sqrt(max(cov[0, 0], 0.0)))
+    auc = float(aucs[0])
+    return auc, max(0.0, auc - Z95 * se), min(1.0, auc + Z95 * se)
+
+
+def fast_auroc(y: np.ndarray, scores: np.ndarray) -> Optional[float]:
+    """Rank-based AUROC (ties counted half); None without both classes."""
+    y = np.asarray(y).astype(bool)
+    m = int(y.sum())
+    n = len(y) - m
+    if m == 0 or n == 0:
+        return None
+    ranks = _midranks(np.asarray(scores, dtype=np.float64))
+    return float((ranks[y].sum() - m * (m + 1) / 2) / (m * n))
+
+
+def mean_auroc(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> Optional[float]:
+    """Macro mean over labels with both classes among their valid entries (the training metric)."""
+    values = [fast_auroc(targets[mask[:, j] > 0, j], probs[mask[:, j] > 0, j]) for j in range(probs.shape[1])]
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def _resample_indices(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    unique, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
+    chosen = rng.integers(0, len(unique), len(unique))
+    return np.concatenate([members[g] for g in chosen])
+
+
+def bootstrap_mean_auroc(
+    probs: Sequence[np.ndarray], targets: np.ndarray, mask: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """(n_boot, len(probs)) mean AUROCs of each model on the same patient-level resamples."""
+    rng = np.random.default_rng(seed)
+    out = np.full((n_boot, len(probs)), np.nan)
+    for b in range(n_boot):
+        idx = _resample_indices(groups, rng)
+        for k, p in enumerate(probs):
+            value = mean_auroc(p[idx], targets[idx], mask[idx])
+            out[b, k] = np.nan if value is None else value
+    return out
+
+
+def percentile_ci(samples: np.ndarray) -> tuple[float, float]:
+    samples = samples[~np.isnan(samples)]
+    return float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
+
+
+def bootstrap_p_value(differences: np.ndarray) -> float:
+    """Two-sided p-value of 'no difference' from bootstrap differences (at least 1 / n)."""
+    d = differences[~np.isnan(differences)]
+    tail = min((d <= 0).mean(), (d >= 0).mean())
+    return float(min(1.0, max(2 * tail, 1.0 / len(d))))

@@ -1,0 +1,113 @@
+"""results_summary.csv, comparisons.csv and results.md of an evaluation."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from mdfnet_hydra.evaluation.analysis import Comparison, RunResult
+from mdfnet_hydra.evaluation.runs import HYPERPARAMETERS
+from mdfnet_hydra.labels import CHEXPERT_LABELS
+
+
+def _f(value: Optional[float], digits: int = 3) -> str:
+    return "" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def _p(value: Optional[float]) -> str:
+    if value is None:
+        return ""
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def summary_rows(results: Sequence[RunResult], rule: str) -> list[dict[str, Any]]:
+    rows = []
+    for r in sorted(results, key=lambda r: -(r.mean_auroc or 0)):
+        targets = r.targets()
+        row: dict[str, Any] = {
+            "run": r.run.name, "modality": r.run.modality, "stage": r.run.stage, "seed": r.run.seed,
+            **r.run.hyperparameters(),
+            "test_auroc_mean": _f(r.mean_auroc, 4), "ci95_low": _f(r.mean_ci[0], 4), "ci95_high": _f(r.mean_ci[1], 4),
+            "test_auprc_mean": _f(r.mean_auprc, 4), "f1_macro": _f(r.f1_macro, 4), "f1_micro": _f(r.f1_micro, 4),
+            "threshold_rule": rule,
+            "target": "; ".join(f"{name} {value:.3f}" for name, value, _ in targets),
+            "difference_to_target": "; ".join(_f(diff, 4) for _, _, diff in targets),
+            "undefined_labels": "; ".join(r.undefined),
+            "predictions": r.run.source.get("test", ""),
+        }
+        for name in CHEXPERT_LABELS:
+            auc = r.auroc[name]
+            row[f"auroc/{name}"] = _f(auc[0] if auc else None, 4)
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        if rows:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+def comparison_rows(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
+    rows = []
+    for c in comparisons:
+        rows.append({"run": c.run, "baseline": c.baseline, "label": "mean AUROC (patient bootstrap)",
+                     "difference": _f(c.mean_difference, 4), "ci95_low": _f(c.mean_ci[0], 4),
+                     "ci95_high": _f(c.mean_ci[1], 4), "p_value": _p(c.mean_p)})
+        for name, test in c.per_label.items():
+            rows.append({"run": c.run, "baseline": c.baseline, "label": f"{name} (DeLong)",
+                         "difference": _f(test.difference, 4) if test else "undefined",
+                         "ci95_low": _f(test.ci_low, 4) if test else "", "ci95_high": _f(test.ci_high, 4) if test else "",
+                         "p_value": _p(test.p_value) if test else ""})
+    return rows
+
+
+def markdown(results: Sequence[RunResult], comparisons: Sequence[Comparison], notes: Sequence[str],
+             seeds: Sequence[dict[str, Any]], figures: Sequence[Path], out: Path, rule: str) -> str:
+    lines = ["# Evaluation on the test split", "",
+             f"Per-run test metrics of the selected checkpoint; mean AUROC with a patient-level bootstrap 95% CI; "
+             f"F1 at per-label thresholds chosen on validation ({rule}). Labels without both classes are undefined "
+             "and left out of the means.", "",
+             "| run | modality | stage | seed | mean AUROC (95% CI) | target (difference) | mean AUPRC | macro F1 | micro F1 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(results, key=lambda r: -(r.mean_auroc or 0)):
+        targets = "; ".join(f"{name} {value:.3f} ({_f(diff)})" for name, value, diff in r.targets()) or "-"
+        lines.append(f"| {r.run.name} | {r.run.modality} | {r.run.stage} | {r.run.seed} | {_f(r.mean_auroc)} "
+                     f"({_f(r.mean_ci[0])}-{_f(r.mean_ci[1])}) | {targets} | {_f(r.mean_auprc)} | {_f(r.f1_macro)} | {_f(r.f1_micro)} |")
+    lines += ["", "## Per-label test AUROC", "", "| label | " + " | ".join(r.run.name for r in results) + " |",
+              "| --- |" + " --- |" * len(results)]
+    for name in CHEXPERT_LABELS:
+        cells = []
+        for r in results:
+            auc = r.auroc[name]
+            cells.append("undefined" if auc is None else f"{auc[0]:.3f} ({auc[1]:.3f}-{auc[2]:.3f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Against the vision-only baseline (same test set)", ""]
+    if comparisons:
+        lines += ["| run | baseline | mean AUROC difference (95% CI) | p (patient bootstrap) | labels better / worse at p<0.05 (DeLong) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for c in comparisons:
+            better = sum(1 for t in c.per_label.values() if t and t.p_value < 0.05 and t.difference > 0)
+            worse = sum(1 for t in c.per_label.values() if t and t.p_value < 0.05 and t.difference < 0)
+            lines.append(f"| {c.run} | {c.baseline} | {_f(c.mean_difference)} ({_f(c.mean_ci[0])} to {_f(c.mean_ci[1])}) "
+                         f"| {_p(c.mean_p)} | {better} / {worse} |")
+        lines += ["", "Per-label differences, CIs and DeLong p-values: comparisons.csv."]
+    else:
+        lines.append("No multimodal run shares its test set with a vision-only run.")
+    lines += [f"- {note}" for note in notes]
+    lines += ["", "## Seeds", "", "| configuration | runs | seeds | n | mean AUROC mean | std |", "| --- | --- | --- | --- | --- | --- |"]
+    for row in seeds:
+        lines.append(f"| {row['configuration']} | {row['runs']} | {row['seeds']} | {row['n']} | {_f(row['mean'])} | {_f(row['std'])} |")
+    if figures:
+        lines += ["", "## Figures", ""] + [f"- {p.relative_to(out)}" for p in figures if p.parent.parent.name != "saliency"]
+        maps: dict[Path, int] = {}
+        for p in figures:
+            if p.parent.parent.name == "saliency":
+                maps[p.parent] = maps.get(p.parent, 0) + 1
+        lines += [f"- {folder.relative_to(out)}/: {n} Grad-CAM maps (label_k.png)" for folder, n in maps.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,185 @@
+"""The evaluation command on runs with known predictions, and on real (tiny) training runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from conftest import REPO, make_cfg
+from mdfnet_hydra.config import EvaluationConfig
+from mdfnet_hydra.evaluation.report import evaluate
+from mdfnet_hydra.evaluation.stats import delong_test
+from mdfnet_hydra.labels import CHEXPERT_LABELS
+from mdfnet_hydra.predictions import file_digest
+
+N = 240
+FRACTURE = CHEXPERT_LABELS.index("Fracture")
+
+
+def ground_truth(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    targets = (rng.random((N, 14)) < 0.3).astype(np.float32)
+    targets[:, FRACTURE] = 0  # no positive in the test set: undefined, never 0
+    mask = np.ones_like(targets)
+    groups = np.repeat(np.arange(N // 2), 2)  # two studies per patient
+    return targets, mask, groups
+
+
+def fake_run(root, name, modalities, seed, strength, targets, mask, groups):
+    """A finished stage directory with saved predictions whose digest matches its checkpoint."""
+    directory = root / name / "stage2"
+    (directory / "checkpoints").mkdir(parents=True)
+    (directory / "predictions").mkdir()
+    ckpt = directory / "checkpoints" / "best_mean.pth"
+    ckpt.write_bytes(f"{name}-{seed}".encode())
+    config = {"seed": seed, "modality": {"name": "_".join(modalities), "inputs": modalities},
+              "data": {"name": "synthetic"}, "phases": {"stage1": {"lr": 1e-3}}, "loss": {"bce_weight": 0.7}}
+    OmegaConf.save(OmegaConf.create(config), directory / "config.yaml")
+    (directory / "metrics.json").write_text(json.dumps({"stage": "stage2", "modalities": modalities, "val": {"auroc_mean": 0.5}}))
+    rng = np.random.default_rng(zlib.crc32(f"{name}-{seed}".encode()))
+    for split in ("val", "test"):
+        probs = 1 / (1 + np.exp(-(strength * (targets - 0.5) * 4 + rng.normal(size=targets.shape))))
+        np.savez(directory / "predictions" / f"{split}.npz", probs=probs.astype(np.float32), targets=targets, mask=mask,
+                 raw_labels=targets, sample_id=np.array([f"s{i:04d}" for i in range(N)]), group=groups,
+                 label_names=np.array(CHEXPERT_LABELS), checkpoint=np.array("best_mean.pth"),
+                 checkpoint_sha256=np.array(file_digest(ckpt)))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def known(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiments")
+    targets, mask, groups = ground_truth()
+    for name, modalities, seed, strength in [
+        ("vision_s1", ["vision"], 1, 0.5), ("vision_s2", ["vision"], 2, 0.5),
+        ("all_s1", ["vision", "text", "clinical"], 1, 1.0), ("all_s2", ["vision", "text", "clinical"], 2, 1.0),
+        ("text_s1", ["text"], 1, 0.1),
+    ]:
+        fake_run(root, name, modalities, seed, strength, targets, mask, groups)
+    out = root.parent / "results"
+    options = OmegaConf.merge(OmegaConf.structured(EvaluationConfig), {"n_bootstrap": 300, "saliency_per_label": 0})
+    evaluate(root, out, options)
+    with (out / "results_summary.csv").open() as handle:
+        rows = {r["run"]: r for r in csv.DictReader(handle)}
+    with (out / "comparisons.csv").open() as handle:
+        comparisons = list(csv.DictReader(handle))
+    return root, out, rows, comparisons, (targets, mask, groups)
+
+
+def load(root, run, split="test"):
+    return np.load(root / run / "stage2" / "predictions" / f"{split}.npz")
+
+
+def test_summary_matches_sklearn_and_ranks_runs(known):
+    root, out, rows, _, _ = known
+    assert [r.split("_")[0] for r in rows] == ["all", "all", "vision", "vision", "text"], "ranked by test mean AUROC"
+    for name, row in rows.items():
+        pred = load(root, name.split("/")[0])
+        per_label = [roc_auc_score(pred["targets"][:, j], pred["probs"][:, j]) for j in range(14) if j != FRACTURE]
+        assert float(row["test_auroc_mean"]) == pytest.approx(np.mean(per_label), abs=1e-4)
+        assert float(row["auroc/Cardiomegaly"]) == pytest.approx(per_label[CHEXPERT_LABELS.index("Cardiomegaly")], abs=1e-4)
+        assert row["auroc/Fracture"] == "" and row["undefined_labels"] == "Fracture"
+        assert float(row["ci95_low"]) < float(row["test_auroc_mean"]) < float(row["ci95_high"])
+        assert row["predictions"] == "saved"
+    assert rows["vision_s1/stage2"]["target"] == "vision-only (MDF-Net paper) 0.810"
+    assert float(rows["vision_s1/stage2"]["difference_to_target"]) == pytest.approx(float(rows["vision_s1/stage2"]["test_auroc_mean"]) - 0.810, abs=2e-4)
+    assert "Enhanced MDF-Net goal 0.860" in rows["all_s1/stage2"]["target"]
+    assert rows["text_s1/stage2"]["target"] == ""
+
+
+def test_paired_comparisons_against_vision(known):
+    root, out, _, comparisons, (targets, mask, groups) = known
+    mean_rows = [c for c in comparisons if c["label"].startswith("mean AUROC")]
+    assert {(c["run"], c["baseline"]) for c in mean_rows} == {("all_s1/stage2", "vision_s1/stage2"), ("all_s2/stage2", "vision_s2/stage2")}
+    for c in mean_rows:
+        assert float(c["difference"]) > 0.05 and float(c["ci95_low"]) > 0
+        assert float(c["p_value"].lstrip("<")) <= 1 / 300 + 1e-9, "the smallest p a 300-resample bootstrap can give"
+    edema = next(c for c in comparisons if c["run"] == "all_s1/stage2" and c["label"] == "Edema (DeLong)")
+    j = CHEXPERT_LABELS.index("Edema")
+    reference = delong_test(targets[:, j], load(root, "all_s1")["probs"][:, j], load(root, "vision_s1")["probs"][:, j])
+    assert float(edema["difference"]) == pytest.approx(reference.difference, abs=1e-4)
+    assert float(edema["ci95_low"]) == pytest.approx(reference.ci_low, abs=1e-4)
+    fracture = next(c for c in comparisons if c["run"] == "all_s1/stage2" and c["label"] == "Fracture (DeLong)")
+    assert fracture["difference"] == "undefined"
+    markdown = (out / "results.md").read_text()
+    assert "| all_s1/stage2 | vision_s1/stage2 |" in markdown and "| Fracture | undefined |" in markdown
+
+
+def test_seeds_are_aggregated(known):
+    _, out, rows, _, _ = known
+    markdown = (out / "results.md").read_text()
+    values = [float(rows[f"all_s{s}/stage2"]["test_auroc_mean"]) for s in (1, 2)]
+    line = next(l for l in markdown.splitlines() if l.startswith("| vision_text_clinical/stage2 ") or l.startswith("| all/stage2 "))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == "2" and float(cells[4]) == pytest.approx(np.mean(values), abs=1e-3)
+    assert float(cells[5]) == pytest.approx(np.std(values, ddof=1), abs=1e-3)
+
+
+def test_figures_are_written_and_not_blank(known):
+    _, out, _, _, _ = known
+    for name in ("roc_curves.png", "pr_curves.png", "auroc_by_label.png", "calibration.png", "confusion/all_s1_stage2.png"):
+        with Image.open(out / name) as image:
+            pixels = np.asarray(image.convert("L"), dtype=float)
+            assert image.size[0] >= 1500 and image.size[1] >= 700, (name, image.size)
+            assert pixels.std() > 10 and (pixels < 128).mean() > 0.01, f"{name} looks blank"
+
+
+def test_stale_predictions_are_recomputed_from_the_checkpoint(tmp_path, output_root):
+    """A real tiny run: saved predictions are reused while their digest matches the checkpoint; a
+    re-saved checkpoint with the same weights is recomputed to the same numbers; changed weights change them."""
+    import torch
+
+    from mdfnet_hydra.pipeline import run
+
+    run_dir = tmp_path / "run"
+    run(make_cfg(["debug=fast", "stage=stage1", "modality=vision_clinical", "data.small_sample=null",
+                  "trainer.limit_val_batches=null", "evaluation.on_finish=false"], run_dir, output_root))
+    options = OmegaConf.merge(OmegaConf.structured(EvaluationConfig), {"n_bootstrap": 50, "saliency_per_label": 1})
+
+    def summary(name):
+        evaluate(run_dir, tmp_path / name, options)
+        return next(csv.DictReader((tmp_path / name / "results_summary.csv").open()))
+
+    saved = summary("first")
+    assert saved["predictions"] == "saved"
+    assert list((tmp_path / "first" / "saliency" / "stage1").glob("*.png")), "Grad-CAM maps for a vision run"
+    ckpt_path = run_dir / "stage1" / "checkpoints" / "best_mean.pth"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt["resaved"] = True  # other bytes, same weights
+    torch.save(ckpt, ckpt_path)
+    same = summary("second")
+    assert same["predictions"] == "recomputed"
+    for key in ("test_auroc_mean", "auroc/Cardiomegaly", "f1_macro"):
+        assert float(same[key]) == pytest.approx(float(saved[key]), abs=2e-4), key
+    with torch.no_grad():
+        ckpt["model"] = {k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, ckpt_path)
+    changed = summary("third")
+    assert changed["predictions"] == "recomputed" and changed["test_auroc_mean"] != saved["test_auroc_mean"]
+
+
+def test_cli_and_end_of_run_evaluation(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("debug=fast", "modality=vision_clinical", f"paths.root={tmp_path}", "data.synthetic.num_samples=300",
+                     "data.synthetic.image_size=32", f"hydra.run.dir={tmp_path / 'run'}", "evaluation.saliency_per_label=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    end_of_run = tmp_path / "run" / "evaluation"
+    assert (end_of_run / "results.md").is_file() and (end_of_run / "roc_curves.png").is_file()
+    with (end_of_run / "results_summary.csv").open() as handle:
+        assert {r["run"] for r in csv.DictReader(handle)} == {"stage1", "stage2"}
+    cli = subprocess.run([sys.executable, "-m", "mdfnet_hydra.evaluate", f"experiments_dir={tmp_path / 'run'}",
+                          f"output_dir={tmp_path / 'results'}", "evaluation.n_bootstrap=50", "evaluation.figures=false"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert (tmp_path / "results" / "results_summary.csv").is_file() and not (tmp_path / "results" / "roc_curves.png").exists()
