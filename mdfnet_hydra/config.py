@@ -295,6 +295,8 @@ class TrainerConfig:
     # Wall-time budget of the whole job (all stages): seconds, or "90m", "12h", "1d". Training stops
     # cleanly when it runs out and the job returns the best validation metric reached so far.
     max_time: Optional[str] = None
+    # torch.compile the model for the training steps (worth it for long GPU runs; first steps compile)
+    compile: bool = False
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
@@ -347,6 +349,33 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     hparams: Optional[HparamsConfig] = None
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+class BenchSize(str, Enum):
+    tiny = "tiny"  # the offline default encoders
+    real = "real"  # BiomedCLIP's ViT-B/16 and a ModernBERT-base-sized text encoder, random weights
+
+
+@dataclass
+class BenchConfig:
+    """`python -m mdfnet_hydra.bench` (see conf/bench.yaml)."""
+
+    size: BenchSize = BenchSize.tiny
+    image_sizes: Optional[List[int]] = None  # None: [64, 224] tiny, [224] real
+    text_length: Optional[int] = None  # token ids per report (None: the data's own; real: 256)
+    batch_size: int = 16
+    samples: int = 512
+    steps: int = 20
+    warmup: int = 3
+    ddp_workers: List[int] = field(default_factory=lambda: [1, 2])
+    peak_tflops: Optional[float] = None
+    work_dir: str = MISSING
+    output: str = MISSING
+
+
+@dataclass
+class BenchRootConfig(TrainConfig):
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 @dataclass
@@ -433,6 +462,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+    ConfigStore.instance().store(name="bench_schema", node=BenchRootConfig)
 
 
 class ConfigError(ValueError):

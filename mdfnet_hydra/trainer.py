@@ -110,6 +110,8 @@ class PhaseTrainer:
         # Frozen parameters (stage 1 encoders) have requires_grad=False, so DDP leaves them out of
         # its gradient buckets: no all-reduce traffic for weights that do not train.
         self.forward = self._wrap_ddp() if runtime.distributed else self.model
+        if self.trainer_cfg.compile:
+            self.forward = torch.compile(self.forward)
         self.loss_fn = MultiLabelLoss(cfg.loss)
         self.loaders = self._loaders(collate)
         n_batches = len(self.loaders["train"])

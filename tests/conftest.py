@@ -34,7 +34,7 @@ def output_root(tmp_path_factory) -> Path:
 def make_cfg(overrides: list[str], run_dir: Path, output_root: Path) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF)):
         small = [] if "data=processed" in overrides else SMALL_DATA
-        cfg = compose("train", overrides=[f"paths.root={output_root}", *small, *overrides])
+        cfg = compose("train", overrides=[f"paths.root={output_root}", *small, *quiet_evaluation(overrides), *overrides])
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
     return cfg
@@ -48,11 +48,19 @@ def cfg_factory(tmp_path, output_root):
     return factory
 
 
-def run_cli(*args: str, cwd: Path = REPO, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The real entry point, in a subprocess, as a user runs it."""
+def quiet_evaluation(overrides) -> list[str]:
+    """The end-of-run evaluation (figures, bootstrap) is tested where it is the subject, and off
+    elsewhere unless a test sets evaluation.* itself: it would double the suite's time."""
+    return [] if any(o.startswith("evaluation.") for o in overrides) else ["evaluation.on_finish=false"]
+
+
+def run_cli(*args: str, cwd: Path = REPO, env_extra: dict | None = None, timeout: int = 600,
+            exact: bool = False) -> subprocess.CompletedProcess:
+    """The real entry point, in a subprocess, as a user runs it (`exact`: with nothing added)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    extra = [] if exact else quiet_evaluation(args)
     return subprocess.run(
-        [sys.executable, "-m", "mdfnet_hydra.train", *args],
+        [sys.executable, "-m", "mdfnet_hydra.train", *args, *extra],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
 

@@ -13,12 +13,15 @@ from mdfnet_hydra.benchmarks.modality_gap import collect, main as modality_gap
 @pytest.mark.slow
 def test_default_command_learns_and_reports(tmp_path):
     """`python -m mdfnet_hydra.train` exactly as the README runs it (outputs redirected)."""
-    result = run_cli(env_extra={"MDFNET_OUTPUT_ROOT": str(tmp_path)}, timeout=900)
+    result = run_cli(env_extra={"MDFNET_OUTPUT_ROOT": str(tmp_path)}, timeout=900, exact=True)
     assert result.returncode == 0, result.stderr[-3000:]
     (summary_path,) = tmp_path.glob("runs/*/*/metrics.json")
     summary = json.loads(summary_path.read_text())
     assert summary["objective"] >= 0.75, summary["objective"]
     assert "AUROC of stage2's best_mean checkpoint" in result.stdout
+    evaluation = summary_path.parent / "evaluation"
+    assert (evaluation / "results.md").is_file() and (evaluation / "roc_curves.png").is_file()
+    assert f"evaluation {evaluation}" in result.stdout + result.stderr
 
 
 @pytest.mark.slow

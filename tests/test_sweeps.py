@@ -17,9 +17,8 @@ from mdfnet_hydra.summary import SUMMARY_FILE, main as summary_main
 TINY = ("debug=fast", "data.synthetic.num_samples=300", "data.synthetic.image_size=32")
 
 
-def sweep(tmp_path, *overrides, expect_ok=True, evaluate=False):
-    quiet = () if evaluate else ("evaluation.on_finish=false",)
-    result = run_cli("--multirun", *TINY, f"paths.root={tmp_path}", *quiet, *overrides)
+def sweep(tmp_path, *overrides, expect_ok=True):
+    result = run_cli("--multirun", *TINY, f"paths.root={tmp_path}", *overrides)
     if expect_ok:
         assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -108,7 +107,7 @@ def test_random_search_multi_objective_pareto_front(tmp_path):
 
 def test_baselines_preset_and_summary_rebuild(tmp_path):
     sweep(tmp_path, "experiment=baselines", "stage=stage1", f"hydra.sweep.dir={tmp_path / 'baselines'}",
-          "evaluation.saliency_per_label=0", "evaluation.n_bootstrap=50", evaluate=True)
+          "evaluation.saliency_per_label=0", "evaluation.n_bootstrap=50")
     sweep_dir = tmp_path / "baselines"
     rows = summary_rows(sweep_dir)
     assert [(r["job"], r["modality"], r["status"]) for r in rows] == [

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -67,7 +68,8 @@ def _rows_digest(dataset: MultimodalDataset, modality: str) -> str:
     frame = dataset.split.frame
     h.update(pd.util.hash_pandas_object(frame["sample_id"].astype(str), index=False).values.tobytes())
     if modality == "vision":
-        h.update(repr(dataset.image_transform).encode())
+        # the transform's repr names every step and parameter (addresses of plain functions removed)
+        h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(dataset.image_transform)).encode())
         for path in dataset.image_paths:
             stat = os.stat(path)
             h.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())

@@ -67,22 +67,22 @@ def saliency_maps(model, dataset, pad_id: int, probs: np.ndarray, per_label: int
         batch = Collator(pad_id)([dataset[int(i)] for i in chosen])
         batch = {k: v.to(device) for k, v in batch.items()}
         maps = grad_cam(model, batch, j)
-        for k, (index, cam) in enumerate(zip(chosen, maps)):
+        size = batch["image"].shape[-1]
+        fig, axes = plt.subplots(len(chosen), 2, figsize=(8, 4 * len(chosen)), squeeze=False)
+        for row, (index, cam) in enumerate(zip(chosen, maps)):
             with Image.open(dataset.image_paths[index]) as image:
-                size = batch["image"].shape[-1]
                 original = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BICUBIC))
             heat = np.asarray(Image.fromarray((cam * 255).astype(np.uint8)).resize(original.shape[::-1], Image.Resampling.BILINEAR)) / 255
-            fig, axes = plt.subplots(1, 2, figsize=(9, 4.8))
-            axes[0].imshow(original, cmap="gray")
-            axes[0].set_title("test image")
-            axes[1].imshow(original, cmap="gray")
-            axes[1].imshow(heat, cmap="jet", alpha=0.45)
-            axes[1].set_title(f"Grad-CAM: {name} (p={probs[index, j]:.2f})")
-            for ax in axes:
+            axes[row, 0].imshow(original, cmap="gray")
+            axes[row, 0].set_title("test image")
+            axes[row, 1].imshow(original, cmap="gray")
+            axes[row, 1].imshow(heat, cmap="jet", alpha=0.45)
+            axes[row, 1].set_title(f"Grad-CAM: {name} (p={probs[index, j]:.2f})")
+            for ax in axes[row]:
                 ax.axis("off")
-            fig.tight_layout()
-            path = out / f"{tag_name(name)}_{k}.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            written.append(path)
+        fig.tight_layout()
+        path = out / f"{tag_name(name)}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
     return written

@@ -109,5 +109,5 @@ def markdown(results: Sequence[RunResult], comparisons: Sequence[Comparison], no
         for p in figures:
             if p.parent.parent.name == "saliency":
                 maps[p.parent] = maps.get(p.parent, 0) + 1
-        lines += [f"- {folder.relative_to(out)}/: {n} Grad-CAM maps (label_k.png)" for folder, n in maps.items()]
+        lines += [f"- {folder.relative_to(out)}/: Grad-CAM maps for {n} labels (<Label>.png)" for folder, n in maps.items()]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,37 @@
+"""`python -m mdfnet_hydra.bench` in a small configuration, so that it cannot rot (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+MEASUREMENTS = ("pipeline", "stage1_recompute", "cache_build", "stage1_cached",
+                "stage2/vision", "stage2/text", "stage2/clinical", "stage2/all")
+
+
+def test_benchmark_measures_every_path_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "mdfnet_hydra.bench", f"paths.root={tmp_path}", f"bench.output={out}",
+         "bench.steps=2", "bench.warmup=1", "bench.samples=96", "bench.image_sizes=[32]", "bench.ddp_workers=[1,2]"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads(out.read_text())
+    entry = results["by_image_size"]["32"]
+    for name in MEASUREMENTS:
+        assert entry[name]["samples_per_s"] > 0 and entry[name]["peak_memory_gb"] > 0, name
+    assert entry["stage2/all"]["flops_per_sample"] > entry["stage2/clinical"].get("flops_per_sample", 0)
+    ratios = entry["ratios"]
+    assert ratios["cache_speedup_stage1"] == entry["stage1_cached"]["samples_per_s"] / entry["stage1_recompute"]["samples_per_s"]
+    assert ratios["pipeline_over_stage2"] == entry["pipeline"]["samples_per_s"] / entry["stage2/all"]["samples_per_s"]
+    assert entry["cache_build"]["bytes_per_sample"] > 0
+    assert set(results["ddp_cpu"]["scaling"]) == {"1", "2"} and results["ddp_cpu"]["scaling"]["1"] == 1.0
+    assert results["ddp_cpu"]["2"]["workers"] == 2
+    assert all(results["startup"][k] > 0 for k in ("imports_s", "config_s", "dataset_open_s", "total_s"))
+    for line in ("stage1_cached", "ratios at 32 px", "DDP on CPU", "job start-up"):
+        assert line in result.stdout
