@@ -286,17 +286,18 @@ def _cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime
         for modality, encoder in model.encoders.items():
             key = cache_key(encoder, to_plain(cfg.model[modality]), dataset, modality, runtime.precision.value, dtype)
             if runtime.is_main:
+                def build(tmp: Path, e=encoder, d=dataset, m=modality) -> None:
+                    compute_features(e, d, m, tmp, device=runtime.device, autocast=runtime.autocast, dtype=dtype,
+                                     batch_size=batch_size, pad_id=pad_id,
+                                     loader=loader_settings(cfg.data, runtime, decodes_images=m == "vision"))
+
                 started = time.perf_counter()
-                caches[modality], built = open_or_build(root, modality, key, lambda tmp, e=encoder, d=dataset, m=modality: compute_features(
-                    e, d, m, tmp, device=runtime.device, autocast=runtime.autocast, dtype=dtype, batch_size=batch_size,
-                    loader=loader_settings(cfg.data, runtime, decodes_images=m == "vision"), pad_id=pad_id))
+                caches[modality], built = open_or_build(root, modality, key, build)
                 log.info("feature cache %s/%s (%s, %s): %s in %.1fs", modality, split, key[:12],
-                         "x".join(map(str, caches[modality].meta["shape"])),
-                         "built" if built else "reused", time.perf_counter() - started)
-            else:
-                caches[modality] = None  # type: ignore[assignment]
-            barrier()
-            if caches[modality] is None:
+                         "x".join(map(str, caches[modality].meta["shape"])), "built" if built else "reused",
+                         time.perf_counter() - started)
+            barrier()  # the other ranks read what rank 0 found or built
+            if not runtime.is_main:
                 caches[modality] = FeatureArrays(root / modality / key)
         out[split] = CachedFeatureDataset(dataset, caches)
     return out

@@ -84,7 +84,7 @@ def _legend_panel(axes, results: Sequence[RunResult]) -> None:
         ax.axis("off")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     handles = [plt.Line2D([0], [0], color=colours[k % len(colours)], linewidth=3) for k in range(len(results))]
-    axes[-2].legend(handles, [r.run.name for r in results], loc="center", title="runs", fontsize=11)
+    axes[-2].legend(handles, [r.run.label for r in results], loc="center", title="runs", fontsize=11)
 
 
 def auroc_bars(results: Sequence[RunResult], out: Path) -> Path:
@@ -105,7 +105,7 @@ def auroc_bars(results: Sequence[RunResult], out: Path) -> Path:
         low.append(0 if np.isnan(result.mean_ci[0]) else mean - result.mean_ci[0])
         high.append(0 if np.isnan(result.mean_ci[1]) else result.mean_ci[1] - mean)
         lowest = min([lowest] + [v - l for v, l in zip(values, low) if v == v])
-        ax.bar(x + (k - (len(results) - 1) / 2) * width, values, width, yerr=[low, high], capsize=2, label=result.run.name)
+        ax.bar(x + (k - (len(results) - 1) / 2) * width, values, width, yerr=[low, high], capsize=2, label=result.run.label)
     ax.set_xticks(x, [n.replace(" ", "\n", 1) for n in names], fontsize=10)
     ax.set_ylabel("test AUROC (95% CI)")
     ax.set_ylim(max(0.0, lowest - 0.02), 1.0)
@@ -116,7 +116,7 @@ def auroc_bars(results: Sequence[RunResult], out: Path) -> Path:
 
 
 def confusion_matrices(result: RunResult, rule: str, out: Path) -> Path:
-    fig, axes = _label_grid(f"Confusion matrices at validation-chosen thresholds ({rule}) - {result.run.name}")
+    fig, axes = _label_grid(f"Confusion matrices at validation-chosen thresholds ({rule}) - {result.run.label}")
     for j, name in enumerate(CHEXPERT_LABELS):
         ax = axes[j]
         counts = result.confusion[name]

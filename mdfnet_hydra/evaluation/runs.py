@@ -52,7 +52,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        return self.name
+        """The name in figure legends: with the modality where the directory names do not say it."""
+        return self.name if self.modality in self.name else f"{self.name} ({self.modality})"
 
     def hyperparameters(self) -> dict[str, Any]:
         out = {}
