@@ -111,6 +111,7 @@ class PhaseTrainer:
         # its gradient buckets: no all-reduce traffic for weights that do not train.
         self.forward = self._wrap_ddp() if runtime.distributed else self.model
         if self.trainer_cfg.compile:
+            log.info("%s: training steps through torch.compile (the first steps compile)", phase_name)
             self.forward = torch.compile(self.forward)
         self.loss_fn = MultiLabelLoss(cfg.loss)
         self.loaders = self._loaders(collate)

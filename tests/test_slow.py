@@ -33,3 +33,25 @@ def test_full_model_beats_every_single_modality(tmp_path):
     for single in ("vision", "text", "clinical"):
         assert scores[single]["val"][0] < full - 0.02, (single, scores[single]["val"][0], full)
     assert code == 0
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(tmp_path, output_root):
+    """trainer.compile=true (torch.compile, inductor on CPU) gives the eager run's result (dropout off:
+    compiled dropout draws from its own random stream)."""
+    import torch
+
+    from conftest import make_cfg
+    from mdfnet_hydra.checkpoint import load_checkpoint
+    from mdfnet_hydra.pipeline import run
+
+    weights = {}
+    for compiled in (False, True):
+        run_dir = tmp_path / f"compiled-{compiled}"
+        run(make_cfg(["debug=fast", "stage=stage1", "modality=vision_clinical", f"trainer.compile={str(compiled).lower()}",
+                      "model.fusion.dropout=0", "model.head.dropout1=0", "model.head.dropout2=0", "model.clinical.dropout=0"],
+                     run_dir, output_root))
+        weights[compiled] = load_checkpoint(run_dir / "stage1" / "checkpoints" / "last.pth")["model"]
+        assert ("through torch.compile" in (run_dir / "logs" / "train.log").read_text()) is compiled
+    for key, value in weights[False].items():
+        torch.testing.assert_close(weights[True][key], value, atol=1e-4, rtol=1e-3, msg=key)
