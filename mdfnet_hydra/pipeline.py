@@ -11,7 +11,7 @@ import json
 import logging
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,7 +20,9 @@ from mdfnet_hydra.config import ConfigError, parse_duration, to_plain, validate_
 from mdfnet_hydra.data.dataset import Collator, SplitData, load_splits, resolve_root
 from mdfnet_hydra.data.preprocessing import Preprocessing
 from mdfnet_hydra.distributed import barrier, broadcast_from_main, destroy_process_group, init_process_group, worker_env
+from mdfnet_hydra.evaluation import evaluate_quietly
 from mdfnet_hydra.labels import CHEXPERT_LABELS
+from mdfnet_hydra.launch import in_multirun
 from mdfnet_hydra.metrics import rarest_labels
 from mdfnet_hydra.models.mdfnet import build_model
 from mdfnet_hydra.report import format_summary
@@ -118,7 +120,7 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
     if runtime.is_main:
         (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         evaluation = None
-        if len(results) > 1 and cfg.evaluation.on_finish and not _in_multirun():  # a multirun evaluates once, at its end
+        if len(results) > 1 and cfg.evaluation.on_finish and not in_multirun():  # a multirun evaluates once, at its end
             evaluation = evaluate_quietly(run_dir, run_dir / "evaluation", cfg.evaluation)
         log.info("\n%s", format_summary(results, run_dir, evaluation))
     return summary
@@ -131,31 +133,11 @@ def _phase_datasets(cfg: DictConfig, name: str, modalities: list[str], model, da
 
     applies, reason = feature_cache_applies(cfg, name, modalities)
     if not applies:
-        if reason != "no pre-trained encoder in this modality":
+        if reason:
             log.info("%s: inputs encoded every step (%s)", name, reason)
         return datasets
     model.to(runtime.device).set_encoders_frozen(True)
     return cached_datasets(model, datasets, cfg, runtime, prep.pad_id)
-
-
-def evaluate_quietly(experiments_dir: Path, output_dir: Path, options) -> Optional[Path]:
-    """The evaluation report of finished runs (its directory, or None if it failed); a failure here is
-    logged, never fails the training job."""
-    try:
-        from mdfnet_hydra.evaluation.report import evaluate
-
-        if evaluate(experiments_dir, output_dir, options)["runs"]:
-            return output_dir
-    except Exception as err:  # noqa: BLE001
-        log.warning("evaluation of %s failed (%s: %s); run python -m mdfnet_hydra.evaluate experiments_dir=%s to retry",
-                    experiments_dir, type(err).__name__, err, experiments_dir)
-    return None
-
-
-def _in_multirun() -> bool:
-    from mdfnet_hydra.launch import in_multirun
-
-    return in_multirun()
 
 
 def summarise_job(results: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -97,7 +97,7 @@ class WriteSummary(Callback):
         out = write_summary(sweep_dir)
         print(f"[mdfnet-hydra] sweep summary: {out}", flush=True)
         if "evaluation" in config and config.evaluation.on_finish:
-            from mdfnet_hydra.pipeline import evaluate_quietly
+            from mdfnet_hydra.evaluation import evaluate_quietly
 
             evaluation = evaluate_quietly(sweep_dir, sweep_dir / "evaluation", config.evaluation)
             if evaluation is not None:

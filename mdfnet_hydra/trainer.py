@@ -156,8 +156,7 @@ class PhaseTrainer:
         from torch.utils.data import DistributedSampler
 
         rt = self.runtime
-        decodes_images = getattr(self.datasets["train"], "image_paths", None) is not None
-        common = dict(collate_fn=collate, **loader_settings(self.cfg.data, rt, decodes_images))
+        common = dict(collate_fn=collate, **loader_settings(self.cfg.data, rt, self.datasets["train"]))
         train_sampler = DistributedSampler(
             self.datasets["train"], num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=int(self.cfg.seed), drop_last=True
         )

@@ -115,7 +115,9 @@ def bench_config(cfg: DictConfig, image_size: int) -> DictConfig:
     synthetic dataset of `bench.samples` images of that size, its own cache directory."""
     from mdfnet_hydra.config import BenchSize, TrainConfig
 
-    run = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in cfg.items() if k not in ("bench", "hydra")})
+    # unresolved, so that data.root follows the sample count and image size set below
+    train = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in ("bench", "hydra")}
+    run = OmegaConf.merge(OmegaConf.structured(TrainConfig), train)
     b = cfg.bench
     with open_dict(run):
         if b.size == BenchSize.real:
@@ -126,7 +128,6 @@ def bench_config(cfg: DictConfig, image_size: int) -> DictConfig:
             run.model.vision.open_clip_config.vision_cfg.image_size = image_size
         run.data.synthetic.num_samples = int(b.samples)
         run.data.synthetic.image_size = image_size
-        run.data.root = f"{run.paths.data_dir}/synthetic-v1-n{b.samples}-px{image_size}-seed{run.data.synthetic.seed}"
         run.data.small_sample = None
         run.trainer.batch_size = int(b.batch_size)
         run.paths.cache_dir = str(Path(str(b.work_dir)) / "cache")
@@ -172,9 +173,8 @@ class Setup:
         from mdfnet_hydra.data.loading import loader_settings
 
         dataset = dataset if dataset is not None else self.train
-        decodes = getattr(dataset, "image_paths", None) is not None
         return DataLoader(dataset, batch_size=int(self.cfg.trainer.batch_size), shuffle=True, drop_last=True,
-                          collate_fn=self.collate, **loader_settings(self.cfg.data, self.runtime, decodes))
+                          collate_fn=self.collate, **loader_settings(self.cfg.data, self.runtime, dataset))
 
 
 def _cycle(loader) -> Iterator[dict]:

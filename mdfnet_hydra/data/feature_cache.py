@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mdfnet_hydra.data.dataset import Collator, MultimodalDataset
+from mdfnet_hydra.data.loading import loader_settings
 
 log = logging.getLogger(__name__)
 
@@ -163,19 +164,20 @@ def open_or_build(root: Path, modality: str, key: str, build) -> tuple[FeatureAr
 # ---------------------------------------------------------------- building
 @torch.no_grad()
 def compute_features(encoder: torch.nn.Module, dataset: MultimodalDataset, modality: str, out: Path, *,
-                     device: torch.device, autocast, dtype: str, batch_size: int, loader: dict, pad_id: int) -> None:
+                     runtime, data, dtype: str, batch_size: int, pad_id: int) -> None:
     """Run the frozen encoder over the split in order and write features.npy (N, T, D) [and
     padding.npy (N, T), text only, padded to the split's longest sequence] and meta.json."""
     encoder.eval()
-    n = len(dataset)
-    loader = DataLoader(dataset.restricted_to(modality), batch_size=batch_size, shuffle=False, collate_fn=Collator(pad_id),
-                        **{**loader, "persistent_workers": False})
+    device, n = runtime.device, len(dataset)
+    inputs = dataset.restricted_to(modality)
+    loader = DataLoader(inputs, batch_size=batch_size, shuffle=False, collate_fn=Collator(pad_id),
+                        **{**loader_settings(data, runtime, inputs), "persistent_workers": False})
     width = max(len(ids) for ids in dataset.token_ids) if modality == "text" else None
     features = padding = None
     started = time.perf_counter()
     for batch in loader:
         idx = batch["index"].numpy()
-        with autocast():
+        with runtime.autocast():
             if modality == "vision":
                 tokens, pad = encoder(batch["image"].to(device, non_blocking=True)), None
             else:
@@ -250,17 +252,17 @@ class CachedFeatureDataset(Dataset):
         return batch
 
 
-def feature_cache_applies(cfg, phase_name: str, modalities: list[str]) -> tuple[bool, str]:
-    """Whether a phase trains from the cache, and why not when it does not."""
+def feature_cache_applies(cfg, phase_name: str, modalities: list[str]) -> tuple[bool, Optional[str]]:
+    """Whether a phase trains from the cache, and why not when it could have (None: nothing to cache)."""
+    if not any(m in CACHED_MODALITIES for m in modalities):
+        return False, None
     if not cfg.data.feature_cache:
         return False, "data.feature_cache=false"
     if not cfg.phases[phase_name].freeze_encoders:
         return False, "the encoders train in this phase"
     if cfg.data.augment:
         return False, "data.augment=true: training inputs are random"
-    if not any(m in CACHED_MODALITIES for m in modalities):
-        return False, "no pre-trained encoder in this modality"
-    return True, ""
+    return True, None
 
 
 def cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime, pad_id: int) -> dict[str, Dataset]:
@@ -274,7 +276,6 @@ def cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime,
 
 def _cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime, pad_id: int) -> dict[str, Dataset]:
     from mdfnet_hydra.config import CacheDtype, to_plain
-    from mdfnet_hydra.data.loading import loader_settings
     from mdfnet_hydra.distributed import barrier
 
     root = Path(cfg.paths.cache_dir).expanduser().resolve()
@@ -287,9 +288,8 @@ def _cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime
             key = cache_key(encoder, to_plain(cfg.model[modality]), dataset, modality, runtime.precision.value, dtype)
             if runtime.is_main:
                 def build(tmp: Path, e=encoder, d=dataset, m=modality) -> None:
-                    compute_features(e, d, m, tmp, device=runtime.device, autocast=runtime.autocast, dtype=dtype,
-                                     batch_size=batch_size, pad_id=pad_id,
-                                     loader=loader_settings(cfg.data, runtime, decodes_images=m == "vision"))
+                    compute_features(e, d, m, tmp, runtime=runtime, data=cfg.data, dtype=dtype, batch_size=batch_size,
+                                     pad_id=pad_id)
 
                 started = time.perf_counter()
                 caches[modality], built = open_or_build(root, modality, key, build)

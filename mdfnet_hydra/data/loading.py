@@ -33,7 +33,9 @@ def default_num_workers(runtime, decodes_images: bool) -> int:
     return min(4, cpus // 2) if cpus >= 4 else 0
 
 
-def loader_settings(data, runtime, decodes_images: bool) -> dict[str, Any]:
+def loader_settings(data, runtime, dataset) -> dict[str, Any]:
+    """DataLoader keyword arguments for `dataset` (one that decodes images gets workers)."""
+    decodes_images = getattr(dataset, "image_paths", None) is not None
     workers = data.num_workers if data.num_workers is not None else default_num_workers(runtime, decodes_images)
     settings: dict[str, Any] = {
         "num_workers": int(workers),

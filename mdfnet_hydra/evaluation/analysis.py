@@ -10,8 +10,9 @@ import numpy as np
 
 from mdfnet_hydra.evaluation.runs import Run, aligned
 from mdfnet_hydra.evaluation.stats import (auroc_ci, bootstrap_mean_auroc, bootstrap_p_value, delong_test, mean_auroc,
-                                           percentile_ci)
+                                           percentile_ci, roc_points)
 from mdfnet_hydra.labels import CHEXPERT_LABELS
+from mdfnet_hydra.metrics import compute_metrics
 from mdfnet_hydra.predictions import Predictions
 
 # The seed's (TRAINING_GUIDE.md) targets: the MDF-Net paper's numbers and the Enhanced goal.
@@ -30,11 +31,9 @@ def choose_thresholds(val: Predictions, rule: str, sensitivity: float) -> np.nda
         y, p = val.targets[valid, j] > 0.5, val.probs[valid, j]
         if y.sum() == 0 or (~y).sum() == 0:
             continue
-        candidates = np.unique(p)
-        tpr = np.array([(p[y] >= t).mean() for t in candidates])
-        fpr = np.array([(p[~y] >= t).mean() for t in candidates])
+        candidates, fpr, tpr, _ = (a[::-1] for a in roc_points(y, p))  # ascending thresholds
         if rule == "youden":
-            thresholds[j] = candidates[int(np.argmax(tpr - fpr))]
+            thresholds[j] = candidates[int(np.argmax(tpr - fpr))]  # the lowest threshold among ties
         elif rule == "sensitivity":
             reaching = candidates[tpr >= sensitivity]
             thresholds[j] = reaching.max() if len(reaching) else candidates.min()
@@ -45,16 +44,6 @@ def choose_thresholds(val: Predictions, rule: str, sensitivity: float) -> np.nda
 
 def _f1(tp: float, fp: float, fn: float) -> Optional[float]:
     return None if tp + fn == 0 else 2 * tp / max(2 * tp + fp + fn, 1e-12)
-
-
-def _average_precision(y: np.ndarray, p: np.ndarray) -> float:
-    order = np.argsort(-p, kind="mergesort")
-    y, p = y[order], p[order]
-    distinct = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # last index of each score value
-    tp = np.cumsum(y)[distinct]
-    precision = tp / (distinct + 1)
-    recall = tp / y.sum()
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 @dataclass
@@ -90,14 +79,14 @@ class RunResult:
 def analyse(run: Run, test: Predictions, val: Optional[Predictions], rule: str, sensitivity: float,
             n_bootstrap: int, seed: int) -> RunResult:
     thresholds = choose_thresholds(val, rule, sensitivity) if val is not None else np.full(test.probs.shape[1], 0.5)
-    auroc, auprc, confusion = {}, {}, {}
+    auprc = compute_metrics(test.probs, test.targets, test.mask)["auprc"]
+    auroc, confusion = {}, {}
     f1s, totals = [], np.zeros(3)
     for j, name in enumerate(CHEXPERT_LABELS):
         valid = test.mask[:, j] > 0
         y, p = test.targets[valid, j] > 0.5, test.probs[valid, j]
         defined = 0 < y.sum() < len(y)
         auroc[name] = auroc_ci(y, p) if defined else None
-        auprc[name] = _average_precision(y, p) if defined else None
         predicted = p >= thresholds[j]
         tp, fp = int((predicted & y).sum()), int((predicted & ~y).sum())
         fn, tn = int((~predicted & y).sum()), int((~predicted & ~y).sum())

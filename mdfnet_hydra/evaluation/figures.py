@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mdfnet_hydra.evaluation.analysis import RunResult  # noqa: E402
+from mdfnet_hydra.evaluation.stats import roc_points  # noqa: E402
 from mdfnet_hydra.labels import CHEXPERT_LABELS  # noqa: E402
 
 plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10})
@@ -22,15 +23,6 @@ DPI = 100
 
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-
-
-def _curve_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, precision) at every distinct score, from the highest threshold down."""
-    order = np.argsort(-p, kind="mergesort")
-    y, p = y[order].astype(float), p[order]
-    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]
-    tp, fp = np.cumsum(y)[last], np.cumsum(1 - y)[last]
-    return fp / max(fp[-1], 1), tp / max(tp[-1], 1), tp / (tp + fp)
 
 
 def _label_grid(title: str):
@@ -54,7 +46,7 @@ def curves(results: Sequence[RunResult], out: Path) -> list[Path]:
                 y, p = _valid(result, j)
                 if not (0 < y.sum() < len(y)):
                     continue
-                fpr, tpr, precision = _curve_points(y, p)
+                _, fpr, tpr, precision = roc_points(y, p)
                 if kind == "roc":
                     auc = result.auroc[name][0]
                     ax.plot(np.r_[0, fpr], np.r_[0, tpr], label=f"{auc:.3f}")

@@ -80,6 +80,16 @@ def auroc_ci(y: np.ndarray, scores: np.ndarray) -> tuple[float, float, float]:
     return auc, max(0.0, auc - Z95 * se), min(1.0, auc + Z95 * se)
 
 
+def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, fpr, tpr, precision) for "positive if p >= threshold" at every distinct score,
+    highest threshold first: one sort and cumulative counts instead of a pass per threshold."""
+    order = np.argsort(-p, kind="mergesort")
+    y, p = np.asarray(y)[order].astype(float), np.asarray(p)[order]
+    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # last index of each distinct score
+    tp, fp = np.cumsum(y)[last], np.cumsum(1 - y)[last]
+    return p[last], fp / max(fp[-1], 1), tp / max(tp[-1], 1), tp / (tp + fp)
+
+
 def fast_auroc(y: np.ndarray, scores: np.ndarray) -> Optional[float]:
     """Rank-based AUROC (ties counted half); None without both classes."""
     y = np.asarray(y).astype(bool)
