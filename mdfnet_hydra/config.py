@@ -135,6 +135,9 @@ class DataConfig:
     # split (data/feature_cache.py); false recomputes them every step.
     feature_cache: bool = True
     feature_cache_dtype: CacheDtype = CacheDtype.float16
+    # Token ids stored once per (tokenizer, max length, text) under paths.cache_dir/tokens and shared
+    # by every job (data/token_cache.py); false tokenises in memory in every job.
+    token_cache: bool = True
     # DataLoader settings; null = chosen from the machine (data/loading.py)
     num_workers: Optional[int] = None
     pin_memory: Optional[bool] = None
@@ -369,6 +372,8 @@ class BenchConfig:
     warmup: int = 3
     ddp_workers: List[int] = field(default_factory=lambda: [1, 2])
     peak_tflops: Optional[float] = None
+    # the full model's stage-2 peak memory in bf16, traced with fake tensors (no GPU needed)
+    estimate_memory: bool = True
     work_dir: str = MISSING
     output: str = MISSING
 

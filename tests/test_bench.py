@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 MEASUREMENTS = ("pipeline", "stage1_recompute", "cache_build", "stage1_cached",
@@ -26,6 +28,8 @@ def test_benchmark_measures_every_path_and_writes_json(tmp_path):
     for name in MEASUREMENTS:
         assert entry[name]["samples_per_s"] > 0 and entry[name]["peak_memory_gb"] > 0, name
     assert entry["stage2/all"]["flops_per_sample"] > entry["stage2/clinical"].get("flops_per_sample", 0)
+    estimate = entry["stage2/all"]["estimated_memory_gb"]
+    assert estimate["dtype"] == "bfloat16" and estimate["total"] > estimate["parameter"] > 0
     ratios = entry["ratios"]
     assert ratios["cache_speedup_stage1"] == entry["stage1_cached"]["samples_per_s"] / entry["stage1_recompute"]["samples_per_s"]
     assert ratios["pipeline_over_stage2"] == entry["pipeline"]["samples_per_s"] / entry["stage2/all"]["samples_per_s"]
@@ -33,5 +37,30 @@ def test_benchmark_measures_every_path_and_writes_json(tmp_path):
     assert set(results["ddp_cpu"]["scaling"]) == {"1", "2"} and results["ddp_cpu"]["scaling"]["1"] == 1.0
     assert results["ddp_cpu"]["2"]["workers"] == 2
     assert all(results["startup"][k] > 0 for k in ("imports_s", "config_s", "dataset_open_s", "total_s"))
-    for line in ("stage1_cached", "ratios at 32 px", "DDP on CPU", "job start-up"):
+    for line in ("stage1_cached", "ratios at 32 px", "DDP on CPU", "job start-up", "estimated bfloat16 peak"):
         assert line in result.stdout
+
+
+@pytest.mark.slow
+def test_memory_estimate_counts_weights_optimizer_state_and_batch_scaled_activations(tmp_path):
+    """The fake-tensor trace behind the GPU memory figure: weights and AdamW's two moments exactly,
+    activations growing with the batch (64 vs 32 samples at 64 px, where they dominate the peak)."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from mdfnet_hydra.benchmarks.speed import Setup, bench_config, estimate_step_memory
+    from mdfnet_hydra.runtime import Runtime
+
+    with initialize_config_dir(config_dir=str(CONF)):
+        cfg = compose("bench", overrides=[f"paths.root={tmp_path}", "bench.samples=160", "bench.batch_size=64"])
+    run_cfg = bench_config(cfg, 64)
+    setup = Setup(run_cfg, ["vision", "text", "clinical"], Runtime.from_config(run_cfg.trainer))
+    batch = next(iter(setup.loader()))
+    weights_gb = sum(p.numel() * 4 for p in setup.model(frozen=False).parameters()) / 2**30
+    small, large = (estimate_step_memory(setup, {k: v[:n] for k, v in batch.items()}) for n in (32, 64))
+    for est in (small, large):
+        assert est["parameter"] == pytest.approx(weights_gb, rel=1e-9), "float32 weights"
+        assert est["optstate"] == pytest.approx(2 * weights_gb, rel=1e-3), "AdamW's exp_avg and exp_avg_sq"
+        assert est["total"] >= est["parameter"] + est["optstate"] + est["activation"]
+        assert est["dtype"] == "bfloat16"
+    assert 1.7 < large["activation"] / small["activation"] < 2.1, "activations scale with the batch"

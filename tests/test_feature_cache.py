@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import make_cfg, run_cli
 from mdfnet_hydra.checkpoint import load_checkpoint
-from mdfnet_hydra.data import feature_cache
+from mdfnet_hydra.data import cache_store, feature_cache
 from mdfnet_hydra.data.dataset import load_splits
 from mdfnet_hydra.data.feature_cache import FeatureArrays, cache_key, open_or_build
 from mdfnet_hydra.data.preprocessing import Preprocessing
@@ -36,7 +36,12 @@ def train(tmp_path: Path, name: str, output_root: Path, *overrides: str) -> tupl
 
 
 def cache_dirs(root: Path) -> set[str]:
-    return {f"{p.parent.name}/{p.name}" for p in root.glob("*/*") if p.is_dir()}
+    """The feature caches under `root` (token ids, under tokens/, are data/token_cache.py's)."""
+    return {f"{p.parent.name}/{p.name}" for p in root.glob("*/*") if p.is_dir() and p.parent.name != "tokens"}
+
+
+def count_lines(log: str, *words: str) -> int:
+    return sum(all(w in line for w in words) for line in log.splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +150,7 @@ def _build_concurrently(root: str, key: str, marker: str, barrier, use_lock: boo
     import time as _time
 
     if not use_lock:
-        feature_cache._exclusive = lambda path: __import__("contextlib").nullcontext()
+        cache_store.exclusive = lambda path: __import__("contextlib").nullcontext()
 
     def build(tmp: Path) -> None:
         with open(marker, "a") as handle:
@@ -197,8 +202,11 @@ def test_two_concurrent_training_jobs_share_the_cache(tmp_path):
     assert [job.returncode for job in jobs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert len(cache_dirs(tmp_path / "cache")) == 6, "one cache per encoder and split, shared by both jobs"
     logs = [(tmp_path / f"job{i}" / "logs" / "train.log").read_text() for i in range(2)]
-    assert sum(log.count(": built in") for log in logs) == 6, "each cache built once"
-    assert sum(log.count(": reused in") for log in logs) == 6, "and read by the other job"
+    assert sum(count_lines(log, "feature cache", ": built in") for log in logs) == 6, "each cache built once"
+    assert sum(count_lines(log, "feature cache", ": reused in") for log in logs) == 6, "and read by the other job"
+    warmup = (tmp_path / "warmup" / "logs" / "train.log").read_text()
+    assert count_lines(warmup, "token ids", ": built in") == 3, "the first job tokenises each split once"
+    assert [count_lines(log, "token ids", ": reused in") for log in logs] == [3, 3], "later jobs read its token ids"
     for i in range(2):
         assert json.loads((tmp_path / f"job{i}" / "metrics.json").read_text())["objective"] is not None
 

@@ -147,6 +147,7 @@ class Setup:
     def __init__(self, cfg: DictConfig, modalities: list[str], runtime, length: Optional[int] = None) -> None:
         from mdfnet_hydra.data.dataset import Collator, load_splits
         from mdfnet_hydra.data.preprocessing import Preprocessing
+        from mdfnet_hydra.data.token_cache import TokenIds
         from mdfnet_hydra.runtime import seed_everything
 
         self.cfg, self.modalities, self.runtime = cfg, modalities, runtime
@@ -156,7 +157,8 @@ class Setup:
         self.train = self.prep.dataset(splits["train"], self.root, cfg.model)
         self.collate = Collator(self.prep.pad_id)
         if length and self.train.token_ids is not None:  # reports as long as real ones, not the synthetic sentences
-            self.train.token_ids = [ids.repeat(-(-int(length) // len(ids)))[: int(length)] for ids in self.train.token_ids]
+            self.train.token_ids = TokenIds.from_lists(
+                [ids.repeat(-(-int(length) // len(ids)))[: int(length)].tolist() for ids in self.train.token_ids])
 
     def model(self, frozen: bool):
         from mdfnet_hydra.models.mdfnet import build_model
@@ -262,7 +264,7 @@ def bench_stage1(setup: Setup, steps: int, warmup: int) -> dict[str, dict[str, A
     return out
 
 
-def bench_stage2(setup: Setup, steps: int, warmup: int, flops: bool) -> dict[str, Any]:
+def bench_stage2(setup: Setup, steps: int, warmup: int, flops: bool, estimate_memory: bool = False) -> dict[str, Any]:
     """Stage-2 steps on device-resident batches: the compute the input pipeline must feed."""
     from mdfnet_hydra.losses import MultiLabelLoss
 
@@ -279,6 +281,60 @@ def bench_stage2(setup: Setup, steps: int, warmup: int, flops: bool) -> dict[str
     if flops:
         result["flops_per_sample"] = flops_per_sample(model, staged[0], loss_fn, rt)
         result["achieved_tflops"] = result["flops_per_sample"] * result["samples_per_s"] / 1e12
+    if estimate_memory:
+        del model, step, loader  # the trace builds its own model
+        result["estimated_memory_gb"] = estimate_step_memory(setup, {k: v.cpu() for k, v in staged[0].items()})
+    return result
+
+
+def _fake_parameters(module: torch.nn.Module, mode) -> None:
+    """Swap every parameter and buffer for a fake tensor of the same shape, dtype and grad flag."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None:
+                sub._parameters[name] = torch.nn.Parameter(mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
+        for name, b in list(sub._buffers.items()):
+            if b is not None:
+                sub._buffers[name] = mode.from_tensor(b)
+
+
+def estimate_step_memory(setup: Setup, batch: dict, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """Peak memory (GB, by kind) of stage-2 training steps of `setup`'s model on `batch` under
+    `dtype` autocast, traced with fake tensors by torch's MemTracker: shapes and dtypes only,
+    nothing computed or allocated. Two steps, so the optimizer state exists at the peak. These are
+    the bytes a GPU's allocator would hand out for the step (without the CUDA context, cuBLAS
+    workspaces and fragmentation): how a CPU-only machine checks a GPU memory budget."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from mdfnet_hydra.losses import MultiLabelLoss
+    from mdfnet_hydra.models.mdfnet import build_model
+
+    cfg = setup.cfg
+    model = build_model(cfg.model, setup.modalities, setup.prep.clinical_dim, setup.prep.tokenizer)
+    model.set_encoders_frozen(False)
+    model.train()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        _fake_parameters(model, mode)
+        fake = {k: mode.from_tensor(v) for k, v in batch.items()}
+        optimizer = _optimizer(model, cfg, "stage2")
+        loss_fn = MultiLabelLoss(cfg.loss)
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer)
+        with tracker:
+            for _ in range(2):
+                with torch.autocast("cpu", dtype=dtype):
+                    logits = model(fake)
+                loss_fn(logits, fake["targets"], fake["mask"]).total.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                tracker.reset_mod_stats()
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    result = {(k if isinstance(k, str) else k.value).lower(): v / 2**30 for k, v in peak.items()}
+    result["dtype"] = str(dtype).removeprefix("torch.")
+    log.info("%-22s %9s           estimated peak %.2f GB in %s (parameters %.2f, optimizer %.2f, activations %.2f)",
+             "stage2 memory", "", result["total"], result["dtype"], result["parameter"], result["optstate"],
+             result["activation"])
     return result
 
 
@@ -404,7 +460,8 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         for modalities in (["vision"], ["text"], ["clinical"], ["vision", "text", "clinical"]):
             setup = full if len(modalities) == 3 else Setup(run_cfg, modalities, runtime, text_length(b))
             key = "stage2/" + ("all" if len(modalities) == 3 else modalities[0])
-            entry[key] = bench_stage2(setup, int(b.steps), int(b.warmup), flops=len(modalities) == 3)
+            entry[key] = bench_stage2(setup, int(b.steps), int(b.warmup), flops=len(modalities) == 3,
+                                      estimate_memory=bool(b.estimate_memory) and len(modalities) == 3)
         if peak and "achieved_tflops" in entry["stage2/all"]:
             entry["stage2/all"]["mfu"] = entry["stage2/all"]["achieved_tflops"] / peak
         entry["ratios"] = {
@@ -441,6 +498,9 @@ def format_table(results: dict[str, Any]) -> str:
                 notes.append(f"{r['bytes_per_sample'] / 1024:.0f} KB/sample cached")
             if "parameters_m" in r:
                 notes.append(f"{r['parameters_m']:.1f}M params")
+            if "estimated_memory_gb" in r:
+                est = r["estimated_memory_gb"]
+                notes.append(f"estimated {est['dtype']} peak {est['total']:.2f} GB (activations {est['activation']:.2f})")
             lines.append(f"{name:<22} {size:>4} {r['samples_per_s']:>11.1f} {r['peak_memory_gb']:>8.2f} "
                          f"{r.get('memory_increase_gb', 0):>6.2f}  {'; '.join(notes)}")
         ratios = entry["ratios"]

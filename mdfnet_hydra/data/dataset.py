@@ -18,6 +18,7 @@ from mdfnet_hydra.config import DataConfig
 from mdfnet_hydra.data.manifest import SPLITS, label_matrix, read_manifest
 from mdfnet_hydra.data.synthetic import ensure_synthetic
 from mdfnet_hydra.data.targets import encode_targets
+from mdfnet_hydra.data.token_cache import TokenIds
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +74,15 @@ class MultimodalDataset(Dataset):
         split: SplitData,
         root: Path,
         image_transform: Optional[Callable[[Image.Image], torch.Tensor]] = None,
-        token_ids: Optional[Sequence[Sequence[int]]] = None,
+        token_ids: Optional[TokenIds | Sequence[Sequence[int]]] = None,
         clinical: Optional[np.ndarray] = None,
     ) -> None:
         self.split = split
         self.image_paths = [root / p for p in split.frame["image_path"]] if image_transform else None
         self.image_transform = image_transform
-        self.token_ids = [torch.as_tensor(ids, dtype=torch.long) for ids in token_ids] if token_ids is not None else None
+        if token_ids is not None and not isinstance(token_ids, TokenIds):
+            token_ids = TokenIds.from_lists(token_ids)
+        self.token_ids = token_ids
         self.clinical = torch.from_numpy(clinical) if clinical is not None else None
         self.targets = torch.from_numpy(split.targets)
         self.mask = torch.from_numpy(split.mask)

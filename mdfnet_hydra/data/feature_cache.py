@@ -12,32 +12,27 @@ time), the compute precision and the storage dtype. A changed input gives anothe
 stale cache. One cache per (encoder, split) is shared by every job that needs it: sweep trials
 and other modality combinations with the same encoder.
 
-Concurrent jobs are safe: the builder holds an exclusive lock on `<key>.lock` (others wait on it
-and then read), writes into a private temporary directory and renames it into place, which is
-atomic, with meta.json written last. A directory named `<key>` is therefore always complete, even
-where locks do not work (some network file systems); at worst two jobs then both build it.
+Concurrent jobs are safe: one builds under a lock, into a temporary directory renamed into place
+(data/cache_store.py); the others wait and read.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
-import socket
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mdfnet_hydra.data import cache_store
 from mdfnet_hydra.data.dataset import Collator, MultimodalDataset
 from mdfnet_hydra.data.loading import loader_settings
 
@@ -75,9 +70,7 @@ def _rows_digest(dataset: MultimodalDataset, modality: str) -> str:
             stat = os.stat(path)
             h.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     else:
-        for ids in dataset.token_ids:
-            h.update(ids.numpy().astype(np.int64).tobytes())
-            h.update(b"|")
+        h.update(dataset.token_ids.digest().encode())
     return h.hexdigest()
 
 
@@ -121,44 +114,10 @@ class FeatureArrays:
         return int(self.meta["rows"])
 
 
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        waited = time.perf_counter()
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("feature cache %s is being built by another job; waiting", lock_path.stem)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            log.info("waited %.0fs for the feature cache", time.perf_counter() - waited)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def open_or_build(root: Path, modality: str, key: str, build) -> tuple[FeatureArrays, bool]:
     """The cache `root/modality/key`, and whether this call built it (with `build(tmp_dir)`)."""
-    final = root / modality / key
-    if (final / "meta.json").is_file():
-        return FeatureArrays(final), False
-    with _exclusive(root / modality / f"{key}.lock"):
-        if (final / "meta.json").is_file():  # another job built it while we waited
-            return FeatureArrays(final), False
-        tmp = final.with_name(f"{key}.tmp-{socket.gethostname()}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            build(tmp)
-            try:
-                os.rename(tmp, final)
-            except OSError:  # built concurrently without a working lock: theirs is as good
-                if not (final / "meta.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return FeatureArrays(final), True
+    directory, built = cache_store.open_or_build(root, modality, key, build)
+    return FeatureArrays(directory), built
 
 
 # ---------------------------------------------------------------- building
@@ -172,7 +131,7 @@ def compute_features(encoder: torch.nn.Module, dataset: MultimodalDataset, modal
     inputs = dataset.restricted_to(modality)
     loader = DataLoader(inputs, batch_size=batch_size, shuffle=False, collate_fn=Collator(pad_id),
                         **{**loader_settings(data, runtime, inputs), "persistent_workers": False})
-    width = max(len(ids) for ids in dataset.token_ids) if modality == "text" else None
+    width = int(dataset.token_ids.lengths.max()) if modality == "text" else None
     features = padding = None
     started = time.perf_counter()
     for batch in loader:

@@ -47,18 +47,21 @@ class Preprocessing:
             "tokenizer_json": self.tokenizer_json,
         }
 
-    def dataset(self, split: SplitData, root: Path, model: ModelConfig, augment: bool = False) -> MultimodalDataset:
+    def dataset(self, split: SplitData, root: Path, model: ModelConfig, augment: bool = False,
+                token_cache: Optional[Path] = None) -> MultimodalDataset:
         """Text is tokenised and clinical features transformed once here, not per item or epoch.
-        `augment`: random training-image transforms (for the training split)."""
+        `augment`: random training-image transforms (for the training split); `token_cache`: the
+        directory where token ids are stored once and shared with other jobs (None: in memory)."""
         image_transform = token_ids = clinical = None
         if Modality.vision.value in self.modalities:
             from mdfnet_hydra.models.vision import build_image_transform
 
             image_transform = build_image_transform(model.vision, train=augment)
         if self.tokenizer is not None:
-            token_ids = self.tokenizer(
-                split.frame["text"].fillna("").tolist(), truncation=True, max_length=model.text.max_length
-            )["input_ids"]
+            from mdfnet_hydra.data.token_cache import token_ids as cached_token_ids
+
+            token_ids = cached_token_ids(self.tokenizer, split.frame["text"].fillna("").tolist(), model.text.max_length,
+                                         token_cache, split.name)
         if self.clinical is not None:
             clinical = self.clinical.transform(split.frame)
         return MultimodalDataset(split, root, image_transform=image_transform, token_ids=token_ids, clinical=clinical)
