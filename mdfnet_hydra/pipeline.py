@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.checkpoint import load_checkpoint
 from mdfnet_hydra.config import ConfigError, parse_duration, to_plain, validate_config
-from mdfnet_hydra.data.dataset import Collator, MultimodalDataset, SplitData, load_splits, resolve_root
+from mdfnet_hydra.data.dataset import Collator, SplitData, load_splits, resolve_root
 from mdfnet_hydra.data.preprocessing import Preprocessing
 from mdfnet_hydra.distributed import barrier, broadcast_from_main, destroy_process_group, init_process_group, worker_env
 from mdfnet_hydra.evaluation import evaluate_quietly
@@ -77,18 +77,11 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
 
     init = _initial_checkpoint(cfg, modalities)
     prep = Preprocessing.create(cfg.model, modalities, splits["train"], state=init["preprocessing"] if init else None)
-    token_cache = Path(cfg.paths.cache_dir) if cfg.data.token_cache else None
-
-    def open_datasets() -> dict[str, MultimodalDataset]:
-        return {name: prep.dataset(split, root, cfg.model, augment=bool(cfg.data.augment) and name == "train",
-                                   token_cache=token_cache)
-                for name, split in splits.items() if len(split)}
-
     # rank 0 tokenises into the shared token cache; the other ranks then read it
-    datasets = open_datasets() if runtime.is_main else None
+    datasets = prep.datasets(splits, root, cfg) if runtime.is_main else None
     barrier()
     if datasets is None:
-        datasets = open_datasets()
+        datasets = prep.datasets(splits, root, cfg)
     rare = _rare_labels(cfg, splits["train"])
     extras = {
         "modalities": modalities,

@@ -147,14 +147,14 @@ class Setup:
     def __init__(self, cfg: DictConfig, modalities: list[str], runtime, length: Optional[int] = None) -> None:
         from mdfnet_hydra.data.dataset import Collator, load_splits
         from mdfnet_hydra.data.preprocessing import Preprocessing
-        from mdfnet_hydra.data.token_cache import TokenIds
+        from mdfnet_hydra.data.token_cache import TokenIds, cache_dir
         from mdfnet_hydra.runtime import seed_everything
 
         self.cfg, self.modalities, self.runtime = cfg, modalities, runtime
         seed_everything(int(cfg.seed))
         self.root, splits = load_splits(cfg.data, int(cfg.seed))
         self.prep = Preprocessing.create(cfg.model, modalities, splits["train"])
-        self.train = self.prep.dataset(splits["train"], self.root, cfg.model)
+        self.train = self.prep.dataset(splits["train"], self.root, cfg.model, token_cache=cache_dir(cfg))
         self.collate = Collator(self.prep.pad_id)
         if length and self.train.token_ids is not None:  # reports as long as real ones, not the synthetic sentences
             self.train.token_ids = TokenIds.from_lists(
@@ -407,7 +407,7 @@ from mdfnet_hydra.data.dataset import load_splits
 from mdfnet_hydra.data.preprocessing import Preprocessing
 root, splits = load_splits(cfg.data, int(cfg.seed))
 prep = Preprocessing.create(cfg.model, [m.value for m in cfg.modality.inputs], splits["train"])
-datasets = {k: prep.dataset(v, root, cfg.model) for k, v in splits.items()}
+datasets = prep.datasets(splits, root, cfg)
 t3 = time.perf_counter()
 print(json.dumps({"imports_s": t1 - t0, "config_s": t2 - t1, "dataset_open_s": t3 - t2}))
 """
@@ -415,7 +415,8 @@ print(json.dumps({"imports_s": t1 - t0, "config_s": t2 - t1, "dataset_open_s": t
 
 def bench_startup(cfg: DictConfig, work: Path) -> dict[str, float]:
     """The fixed cost of a job in a fresh interpreter: imports, config, opening the dataset
-    (manifest, splits, tokenizer, clinical normaliser); interpreter start-up included in `total_s`."""
+    (manifest, splits, tokenizer, token ids, clinical normaliser) as a job opens it; interpreter start-up
+    included in `total_s`."""
     import subprocess
     import sys
 

@@ -6,7 +6,7 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -74,14 +74,12 @@ class MultimodalDataset(Dataset):
         split: SplitData,
         root: Path,
         image_transform: Optional[Callable[[Image.Image], torch.Tensor]] = None,
-        token_ids: Optional[TokenIds | Sequence[Sequence[int]]] = None,
+        token_ids: Optional[TokenIds] = None,
         clinical: Optional[np.ndarray] = None,
     ) -> None:
         self.split = split
         self.image_paths = [root / p for p in split.frame["image_path"]] if image_transform else None
         self.image_transform = image_transform
-        if token_ids is not None and not isinstance(token_ids, TokenIds):
-            token_ids = TokenIds.from_lists(token_ids)
         self.token_ids = token_ids
         self.clinical = torch.from_numpy(clinical) if clinical is not None else None
         self.targets = torch.from_numpy(split.targets)

@@ -65,3 +65,12 @@ class Preprocessing:
         if self.clinical is not None:
             clinical = self.clinical.transform(split.frame)
         return MultimodalDataset(split, root, image_transform=image_transform, token_ids=token_ids, clinical=clinical)
+
+    def datasets(self, splits: dict[str, SplitData], root: Path, cfg) -> dict[str, MultimodalDataset]:
+        """Every non-empty split as a training job opens it: `data.augment` for the training split
+        only, token ids through the shared token cache unless `data.token_cache=false`."""
+        from mdfnet_hydra.data.token_cache import cache_dir
+
+        return {name: self.dataset(split, root, cfg.model, augment=bool(cfg.data.augment) and name == "train",
+                                   token_cache=cache_dir(cfg))
+                for name, split in splits.items() if len(split)}

@@ -12,6 +12,7 @@ data/cache_store.py (one job builds under a lock; the others wait and read).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -41,7 +42,7 @@ class TokenIds(Sequence[torch.Tensor]):
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter((i for r in rows for i in r), dtype=np.int32, count=int(offsets[-1]))
+        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1]))
         return cls(flat, offsets)
 
     @classmethod
@@ -66,11 +67,10 @@ class TokenIds(Sequence[torch.Tensor]):
         return len(self._offsets) - 1
 
     def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        if index < 0:
+            index += len(self)
         if not 0 <= index < len(self):
-            if -len(self) <= index < 0:
-                index += len(self)
-            else:
-                raise IndexError(index)
+            raise IndexError(index)
         start, end = self._offsets[index], self._offsets[index + 1]
         return torch.from_numpy(self._flat[start:end].astype(np.int64))
 
@@ -107,6 +107,11 @@ def token_key(tokenizer, texts: Sequence[str], max_length: int) -> str:
         h.update(text.encode("utf-8", "surrogatepass"))
         h.update(b"\x00")
     return h.hexdigest()[:32]
+
+
+def cache_dir(cfg) -> Optional[Path]:
+    """Where a job's token ids are shared (`paths.cache_dir`), or None with `data.token_cache=false`."""
+    return Path(str(cfg.paths.cache_dir)) if cfg.data.token_cache else None
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> TokenIds:
