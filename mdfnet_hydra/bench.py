@@ -6,12 +6,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from mdfnet_hydra.config import register_configs
+from mdfnet_hydra.config import EXECUTION_WHITELIST, register_configs
 
 register_configs()
 
 
-@hydra.main(config_path="../conf", config_name="bench")
+@hydra.main(config_path="../conf", config_name="bench", execution_whitelist=EXECUTION_WHITELIST)
 def main(cfg: DictConfig) -> None:
     import logging
     from pathlib import Path

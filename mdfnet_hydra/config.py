@@ -9,6 +9,7 @@ This module imports nothing heavy: the entry point registers the schema before t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
@@ -91,6 +92,12 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class WorkerStart(str, Enum):
+    fork = "fork"
+    spawn = "spawn"
+    forkserver = "forkserver"
+
+
 class CheckpointName(str, Enum):
     best_mean = "best_mean"
     best_auroc = "best_auroc"
@@ -143,6 +150,9 @@ class DataConfig:
     pin_memory: Optional[bool] = None
     persistent_workers: Optional[bool] = None
     prefetch_factor: Optional[int] = None
+    # How worker processes start; null: fork where the OS has it. A DDP rank that torch's elastic
+    # agent spawned would otherwise spawn its workers too, each re-importing torch and the encoders.
+    worker_start: Optional[WorkerStart] = None
 
 
 @dataclass
@@ -335,6 +345,7 @@ class EvaluationConfig:
     saliency_real_data: bool = False
     device: str = "auto"
     batch_size: int = 32
+    num_workers: Optional[int] = None  # DataLoader workers for recomputed predictions; null: chosen from the machine
 
 
 @dataclass
@@ -359,6 +370,16 @@ class BenchSize(str, Enum):
     real = "real"  # BiomedCLIP's ViT-B/16 and a ModernBERT-base-sized text encoder, random weights
 
 
+class BenchMeasure(str, Enum):
+    pipeline = "pipeline"
+    stage1 = "stage1"  # recomputed, cache build, cached
+    stage2_vision = "stage2_vision"
+    stage2_text = "stage2_text"
+    stage2_clinical = "stage2_clinical"
+    stage2_all = "stage2_all"  # with FLOPs / MFU and the memory estimate
+    startup = "startup"
+
+
 @dataclass
 class BenchConfig:
     """`python -m mdfnet_hydra.bench` (see conf/bench.yaml)."""
@@ -374,6 +395,8 @@ class BenchConfig:
     peak_tflops: Optional[float] = None
     # the full model's stage-2 peak memory in bf16, traced with fake tensors (no GPU needed)
     estimate_memory: bool = True
+    # what to measure (default: everything); e.g. [stage2_all] for one throughput figure
+    measure: List[BenchMeasure] = field(default_factory=lambda: list(BenchMeasure))
     work_dir: str = MISSING
     output: str = MISSING
 
@@ -462,6 +485,12 @@ def to_plain(node: Any) -> Any:
     return node
 
 
+# The only `_target_`s Hydra may instantiate from a config (passed by every entry point to
+# @hydra.main as its execution whitelist): the project's own Hydra callback. Hydra's own logging
+# classes and the Optuna sweeper's samplers are allowed by Hydra and the plugin themselves.
+EXECUTION_WHITELIST: tuple[str, ...] = ("mdfnet_hydra.summary.WriteSummary",)
+
+
 def register_configs() -> None:
     """Store the schemas so `conf/train.yaml` / `conf/prepare.yaml` can list them first in their defaults."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
@@ -497,6 +526,15 @@ def validate_config(cfg: DictConfig) -> None:
     unknown = [name for name in cfg.trainer.checkpoint.rare_labels if name not in CHEXPERT_LABELS]
     if unknown:
         problems.append(f"trainer.checkpoint.rare_labels has unknown labels {unknown}; choose from {list(CHEXPERT_LABELS)}")
+    problems += loader_problems(cfg.data)
+    if cfg.evaluation.num_workers is not None and int(cfg.evaluation.num_workers) < 0:
+        problems.append(f"evaluation.num_workers must be >= 0 (or null: chosen from the machine), got {cfg.evaluation.num_workers}")
+    from mdfnet_hydra.machine import ENV_VAR, parse_spec
+
+    try:
+        parse_spec(os.environ.get(ENV_VAR, ""))
+    except ValueError as err:
+        problems.append(str(err))
     for key in ("batch_size", "grad_accum", "log_every_n_steps", "nproc_per_node", "nnodes"):
         if int(cfg.trainer[key]) < 1:
             problems.append(f"trainer.{key} must be >= 1")
@@ -511,3 +549,22 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(f"hparams.objective must be 'single' or 'multi', got {cfg.hparams.objective!r}")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def loader_problems(data: DataConfig) -> list[str]:
+    """`data.*` DataLoader values that torch would reject at stage 2's first batch, or that
+    contradict each other (worker settings with `num_workers=0`), named at start instead. With
+    `num_workers=null` the machine decides, and worker settings apply only where it picks workers."""
+    import multiprocessing
+
+    problems = []
+    start = getattr(data.worker_start, "value", data.worker_start)
+    if start is not None and start not in multiprocessing.get_all_start_methods():
+        problems.append(f"data.worker_start={start} is not available here; use one of {multiprocessing.get_all_start_methods()}")
+    if data.num_workers is not None and int(data.num_workers) < 0:
+        problems.append(f"data.num_workers must be >= 0 (or null: chosen from the machine), got {data.num_workers}")
+    if data.prefetch_factor is not None and int(data.prefetch_factor) < 1:
+        problems.append(f"data.prefetch_factor must be >= 1 (or null), got {data.prefetch_factor}")
+    if data.num_workers == 0 and (data.persistent_workers or data.prefetch_factor is not None or data.worker_start is not None):
+        problems.append("data.persistent_workers / prefetch_factor / worker_start need worker processes, but data.num_workers=0")
+    return problems

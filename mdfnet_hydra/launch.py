@@ -74,10 +74,17 @@ def objective_value(cfg: DictConfig, summary: dict) -> Union[float, list[float]]
     return mean
 
 
+_WORKER_OF_MULTIRUN_JOB = False  # set in workers that a multirun job's launcher started
+
+
 def in_multirun() -> bool:
+    """Whether this job is one of a multirun's: the Hydra job itself, or a data-parallel worker
+    its launcher started (a fresh interpreter that does not inherit Hydra's mode)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    if _WORKER_OF_MULTIRUN_JOB:
+        return True
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
@@ -139,7 +146,9 @@ def launch_workers(cfg: DictConfig, topology: Optional[tuple[int, int, str, str]
             raise ConfigError("trainer.nnodes > 1 needs trainer.rdzv_endpoint=<host of node 0>:<port>")
     if not run_id:
         run_id = uuid.uuid4().hex if nnodes == 1 else "mdfnet"
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    from mdfnet_hydra.machine import real_cpus
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, real_cpus() // nproc)))
     config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,
@@ -157,19 +166,21 @@ def launch_workers(cfg: DictConfig, topology: Optional[tuple[int, int, str, str]
         nproc, nnodes, backend, endpoint, tc.max_restarts,
     )
     payload = OmegaConf.to_yaml(cfg, resolve=True)
-    results = elastic_launch(config, entrypoint=worker)(payload)
+    results = elastic_launch(config, entrypoint=worker)(payload, in_multirun())
     rank = min(results)  # global rank 0 on node 0; the lowest local worker elsewhere
     return results[rank]
 
 
-def worker(payload: str) -> dict:
-    """Entry point of a spawned worker: the launcher's resolved config, then the pipeline."""
+def worker(payload: str, multirun: bool = False) -> dict:
+    """Entry point of a spawned worker: the launcher's resolved config and Hydra mode, then the pipeline."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(_worker)(payload)
+    return record(_worker)(payload, multirun)
 
 
-def _worker(payload: str) -> dict:
+def _worker(payload: str, multirun: bool) -> dict:
+    global _WORKER_OF_MULTIRUN_JOB
+    _WORKER_OF_MULTIRUN_JOB = multirun  # a multirun evaluates its runs once, at the sweep's end
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(payload))
     if not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stdout)

@@ -18,15 +18,16 @@ def group_learning_rates(phase: PhaseConfig) -> dict[str, float]:
     }
 
 
-def build_optimizer(model: MDFNet, phase: PhaseConfig, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """One parameter group per part (named in `group["name"]`), frozen parameters left out."""
+def build_optimizer(model: MDFNet, phase: PhaseConfig, cfg: OptimizerConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """One parameter group per part (named in `group["name"]`), frozen parameters left out.
+    `fused`: AdamW's single-kernel step (`Runtime.fused_optimizer`: a CUDA machine's choice; torch
+    also runs it on CPU)."""
     lrs = group_learning_rates(phase)
     groups = []
     for name, params in model.parameter_groups().items():
         trainable = [p for p in params if p.requires_grad]
         if trainable:
             groups.append({"name": name, "params": trainable, "lr": lrs[name]})
-    fused = all(p.is_cuda for g in groups for p in g["params"])
     if cfg.name is OptimizerName.adamw:
         return torch.optim.AdamW(
             groups, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None

@@ -1,11 +1,12 @@
 """Where and how a process computes: device, precision, its rank in a data-parallel job, and the
-per-device batch that keeps the effective batch what the config says."""
+per-device batch that keeps the effective batch what the config says. The choices made from the
+machine (device, `precision=auto`, fused AdamW) come from a `Machine`, so tests can inject one."""
 
 from __future__ import annotations
 
 import random
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ContextManager, Optional
 
 import numpy as np
@@ -13,16 +14,24 @@ import torch
 
 from mdfnet_hydra.config import Precision, TrainerConfig
 from mdfnet_hydra.distributed import WorkerEnv, default_backend
+from mdfnet_hydra.machine import Machine
 
 
 @dataclass
 class Runtime:
-    device: torch.device
+    device: torch.device  # where this process computes
     precision: Precision  # resolved: never `auto`
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
     backend: Optional[str] = None  # process-group backend when world_size > 1
+    machine: Machine = field(default_factory=Machine.detect)
+    # the device kind the machine-derived choices are made for: `device.type`, except on a
+    # machine that MDFNET_MACHINE describes as CUDA without one (CUDA's choices, CPU compute)
+    target: str = ""
+
+    def __post_init__(self) -> None:
+        self.target = self.target or self.device.type
 
     @property
     def is_main(self) -> bool:
@@ -32,26 +41,30 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def fused_optimizer(self) -> bool:
+        """Fused AdamW (one kernel per step instead of one per tensor) for a CUDA machine's step."""
+        return self.target == "cuda"
+
     @classmethod
-    def from_config(cls, cfg: TrainerConfig, env: Optional[WorkerEnv] = None) -> "Runtime":
-        name = cfg.device
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"trainer.device={cfg.device} but CUDA is not available; use trainer.device=cpu")
+    def from_config(cls, cfg: TrainerConfig, env: Optional[WorkerEnv] = None, machine: Optional[Machine] = None) -> "Runtime":
+        machine = machine if machine is not None else Machine.detect()
+        target, device = resolve_device(cfg.device, machine)
+        precision = resolve_precision(Precision(cfg.precision), target, machine)
         if env is None:
-            return cls(device=device, precision=resolve_precision(Precision(cfg.precision), device))
+            return cls(device=device, precision=precision, machine=machine, target=target)
         if device.type == "cuda":
             device = torch.device("cuda", env.local_rank)
             torch.cuda.set_device(device)
         return cls(
             device=device,
-            precision=resolve_precision(Precision(cfg.precision), device),
+            precision=precision,
             rank=env.rank,
             local_rank=env.local_rank,
             world_size=env.world_size,
             backend=cfg.backend or default_backend(device.type),
+            machine=machine,
+            target=target,
         )
 
     def per_device_batch(self, cfg: TrainerConfig) -> int:
@@ -77,16 +90,31 @@ class Runtime:
     def describe(self) -> str:
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         parallel = f"backend {self.backend}, rank {self.rank}" if self.distributed else "single process"
-        return f"world size {self.world_size} ({parallel}), device {self.device} ({where}), precision {self.precision.value}"
+        return (f"world size {self.world_size} ({parallel}), device {self.device} ({where}), precision {self.precision.value}; "
+                f"machine: {self.machine.describe()}")
 
 
-def resolve_precision(requested: Precision, device: torch.device) -> Precision:
-    if device.type != "cuda":
-        if requested in (Precision.fp16,):
-            raise ValueError("trainer.precision=fp16 needs CUDA; use fp32 or bf16 on CPU")
-        return Precision.fp32 if requested is Precision.auto else requested
+def resolve_device(name: str, machine: Machine) -> tuple[str, torch.device]:
+    """(the device kind choices are made for, the device to compute on) for `trainer.device`."""
+    target = ("cuda" if machine.cuda else "cpu") if name == "auto" else torch.device(name).type
+    if target == "cuda" and not machine.cuda:
+        raise RuntimeError(f"trainer.device={name} but the machine has no CUDA ({machine.describe()}); use trainer.device=cpu")
+    device = torch.device(target if name == "auto" else name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cpu")  # a machine MDFNET_MACHINE describes as CUDA: its choices, computed here
+    return target, device
+
+
+def resolve_precision(requested: Precision, target: str, machine: Machine) -> Precision:
+    """`auto`: bf16 on a bf16-capable CUDA device, fp16 with a gradient scaler on older ones, fp32
+    on CPU. fp16 and bf16 are honoured on CPU too (autocast and the scaler run there), which is how
+    a CPU machine exercises a GPU's mixed-precision path."""
     if requested is Precision.auto:
-        return Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16
+        if target != "cuda":
+            return Precision.fp32
+        return Precision.bf16 if machine.bf16 else Precision.fp16
+    if requested is Precision.bf16 and target == "cuda" and not machine.bf16:
+        raise ValueError("trainer.precision=bf16 but this CUDA device has no bf16 support; use fp16 (or auto)")
     return requested
 
 

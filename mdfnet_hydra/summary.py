@@ -64,7 +64,7 @@ def job_row(job_dir: Path) -> Optional[dict[str, Any]]:
         row["best_epoch"] = final.get("best_epoch")
         row["epochs_run"] = final.get("epochs_run")
         row["stopped_by"] = final.get("stopped_by")
-        row["wall_time_s"] = round(sum(s.get("wall_time_s", 0.0) for s in summary["stages"].values()), 1)
+        row["wall_time_s"] = round(sum(s.get("wall_time_s", 0.0) for s in summary["stages"].values()), 3)
     return row
 
 

@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from mdfnet_hydra.config import register_configs
+from mdfnet_hydra.config import EXECUTION_WHITELIST, register_configs
 from mdfnet_hydra.distributed import process_rank
 from mdfnet_hydra.resolvers import register_resolvers
 
@@ -20,7 +20,7 @@ register_configs()
 register_resolvers()
 
 
-@hydra.main(config_path="../conf", config_name="train")
+@hydra.main(config_path="../conf", config_name="train", execution_whitelist=EXECUTION_WHITELIST)
 def main(cfg: DictConfig):
     """Returns the sweep objective (validation mean AUROC, or [mean, min] for hparams.objective=multi)."""
     from mdfnet_hydra.launch import run_job

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from mdfnet_hydra.checkpoint import CheckpointManager, load_checkpoint
 from mdfnet_hydra.config import CheckpointName, PhaseConfig
 from mdfnet_hydra.data.dataset import MultimodalDataset
-from mdfnet_hydra.data.loading import loader_settings
+from mdfnet_hydra.data.loading import describe_loader, loader_settings
 from mdfnet_hydra.distributed import all_gather_rows, barrier
 from mdfnet_hydra.labels import CHEXPERT_LABELS, tag_name
 from mdfnet_hydra.losses import MultiLabelLoss
@@ -126,7 +126,7 @@ class PhaseTrainer:
         self.accum = max(1, min(int(self.trainer_cfg.grad_accum), n_batches))
         self.steps_per_epoch = n_batches // self.accum
         self.batches_per_epoch = self.steps_per_epoch * self.accum
-        self.optimizer = build_optimizer(self.model, self.phase, cfg.optimizer)
+        self.optimizer = build_optimizer(self.model, self.phase, cfg.optimizer, fused=runtime.fused_optimizer)
         self.scheduler = build_scheduler(
             self.optimizer,
             cfg.scheduler,
@@ -155,18 +155,21 @@ class PhaseTrainer:
         batch sees exactly the samples that N workers with global / N each see together."""
         from torch.utils.data import DistributedSampler
 
-        rt = self.runtime
-        common = dict(collate_fn=collate, **loader_settings(self.cfg.data, rt, self.datasets["train"]))
+        rt, seed = self.runtime, int(self.cfg.seed)
         train_sampler = DistributedSampler(
-            self.datasets["train"], num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=int(self.cfg.seed), drop_last=True
+            self.datasets["train"], num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed, drop_last=True
         )
-        loaders = {"train": DataLoader(self.datasets["train"], batch_size=self.per_device_batch, sampler=train_sampler, drop_last=True, **common)}
+        settings = loader_settings(self.cfg.data, rt, self.datasets["train"], seed=seed)
+        loaders = {"train": DataLoader(self.datasets["train"], batch_size=self.per_device_batch, sampler=train_sampler,
+                                       drop_last=True, collate_fn=collate, **settings)}
         for split in ("val", "test"):
             if split in self.datasets and len(self.datasets[split]):
                 # padded by repetition to equal shards; the duplicates are dropped after gathering
                 sampler = DistributedSampler(self.datasets[split], num_replicas=rt.world_size, rank=rt.rank, shuffle=False)
-                once = {"persistent_workers": False} if split == "test" and "persistent_workers" in common else {}
-                loaders[split] = DataLoader(self.datasets[split], batch_size=self.per_device_batch, sampler=sampler, **common, **once)
+                # validation runs every epoch (workers kept); the test split once at the end
+                settings = loader_settings(self.cfg.data, rt, self.datasets[split], persistent=split == "val", seed=seed)
+                loaders[split] = DataLoader(self.datasets[split], batch_size=self.per_device_batch, sampler=sampler,
+                                            collate_fn=collate, **settings)
         return loaders
 
     @property
@@ -215,9 +218,19 @@ class PhaseTrainer:
         try:
             self._try_resume()
             self._train(tracker)
+            return self._finish()
         finally:
             tracker.close()
-        return self._finish()
+            self._release_loaders()
+
+    def _release_loaders(self) -> None:
+        """Stop persistent workers now (they hold memory and pinned buffers), not when the trainer
+        is collected: the end-of-run evaluation starts workers of its own."""
+        for loader in self.loaders.values():
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+        self.loaders = {}
 
     def _train(self, tracker: Tracker) -> None:
         epochs = int(self.phase.epochs)
@@ -225,9 +238,10 @@ class PhaseTrainer:
         log.info(
             "%s: %d epochs (warmup %d), %s encoders, lr %s, %d steps/epoch, effective batch %d (%d per device x %d worker(s) x %d accumulation)",
             self.name, epochs, self.phase.warmup_epochs, "frozen" if self.phase.freeze_encoders else "trainable",
-            ", ".join(f"{g['name']} {g['lr']:.1e}" for g in self.optimizer.param_groups), self.steps_per_epoch,
+            self._describe_learning_rates(), self.steps_per_epoch,
             self.effective_batch_size, self.per_device_batch, self.runtime.world_size, self.accum,
         )
+        log.info("%s: %s step; data loading %s", self.name, describe_optimizer(self.optimizer), describe_loader(self.loaders["train"]))
         while self.state.epoch < epochs and not (patience is not None and self.state.bad_epochs >= int(patience)):
             start = time.perf_counter()
             if self._time_is_up(start):
@@ -249,6 +263,16 @@ class PhaseTrainer:
         elif self.state.epoch < epochs:
             log.info("%s: early stop after epoch %d (no val mean AUROC gain for %d epochs)", self.name, self.state.epoch, patience)
 
+    def _describe_learning_rates(self) -> str:
+        """The scheduled peak rate of each group (what the config set), and where warmup starts:
+        the optimizer's current rates at this point are warmup's first, not the phase's."""
+        peaks = ", ".join(f"{g['name']} {g['initial_lr']:.1e}" for g in self.optimizer.param_groups)
+        warmup = int(self.phase.warmup_epochs)
+        if warmup and self.state.global_step == 0:
+            start = float(self.cfg.scheduler.warmup_start_factor)
+            return f"{peaks} (linear warmup from {start:g}x over {warmup} epoch(s), then cosine to {float(self.cfg.scheduler.min_lr_ratio):g}x)"
+        return f"{peaks} (cosine to {float(self.cfg.scheduler.min_lr_ratio):g}x)"
+
     def _time_is_up(self, since: float) -> bool:
         """Whether the time budget is spent; the same answer on every rank (rank clocks differ)."""
         if self.time_budget_s is None:
@@ -266,6 +290,8 @@ class PhaseTrainer:
     def _train_epoch(self, epoch: int, tracker: Tracker, epoch_start: float) -> dict[str, float]:
         self.model.train()
         self.loaders["train"].sampler.set_epoch(epoch)
+        # worker seeds from (seed, epoch): a resumed run does not replay the first epoch's (augment)
+        self.loaders["train"].generator.manual_seed(int(self.cfg.seed) * 100_003 + epoch)
         device = self.runtime.device
         totals = torch.zeros(3, device=device)
         batches = 0
@@ -438,6 +464,11 @@ class PhaseTrainer:
         """Probabilities with labels for later evaluation; patient ids replaced by group numbers."""
         save_predictions(self.directory / "predictions" / f"{split}.npz", pred.probs, self.datasets[split].split,
                          pred.indices, checkpoint)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    fused = optimizer.defaults.get("fused")
+    return f"{type(optimizer).__name__}{' (fused)' if fused else ''}"
 
 
 def _fmt(value: Optional[float]) -> str:

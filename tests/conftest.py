@@ -9,6 +9,7 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("MDFNET_MACHINE", None)  # tests choose the machine they describe (test_machine_shapes)
 
 import pytest
 from hydra import compose, initialize_config_dir

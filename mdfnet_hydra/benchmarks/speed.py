@@ -179,31 +179,41 @@ class Setup:
                           collate_fn=self.collate, **loader_settings(self.cfg.data, self.runtime, dataset))
 
 
+def loader_choices(setup: Setup) -> dict[str, Any]:
+    """The DataLoader settings the benchmark's image pipeline runs with (chosen from the machine)."""
+    from mdfnet_hydra.data.loading import loader_settings
+
+    return {k: v for k, v in loader_settings(setup.cfg.data, setup.runtime, setup.train).items() if k != "generator"}
+
+
 def _cycle(loader) -> Iterator[dict]:
     while True:
         yield from loader
 
 
 def train_step(model, optimizer, loss_fn, runtime) -> Callable[[dict], int]:
-    """One optimizer step as the trainer takes it (autocast forward, loss, backward, step)."""
+    """One optimizer step as the trainer takes it (autocast forward, loss, scaled backward, step)."""
+    scaler = runtime.grad_scaler()  # active for fp16 only
 
     def step(batch: dict) -> int:
         batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
         with runtime.autocast():
             logits = model(batch)
         loss = loss_fn(logits, batch["targets"], batch["mask"]).total
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         return int(batch["targets"].shape[0])
 
     return step
 
 
-def _optimizer(model, cfg: DictConfig, phase: str):
+def _optimizer(model, cfg: DictConfig, phase: str, runtime=None):
     from mdfnet_hydra.optim import build_optimizer
 
-    return build_optimizer(getattr(model, "_orig_mod", model), cfg.phases[phase], cfg.optimizer)
+    fused = runtime is not None and runtime.fused_optimizer
+    return build_optimizer(getattr(model, "_orig_mod", model), cfg.phases[phase], cfg.optimizer, fused=fused)
 
 
 def flops_per_sample(model, batch: dict, loss_fn, runtime) -> float:
@@ -243,7 +253,7 @@ def bench_stage1(setup: Setup, steps: int, warmup: int) -> dict[str, dict[str, A
     loss_fn = MultiLabelLoss(cfg.loss)
     out: dict[str, dict[str, Any]] = {}
     model = setup.model(frozen=True)
-    step = train_step(model, _optimizer(model, cfg, "stage1"), loss_fn, rt)
+    step = train_step(model, _optimizer(model, cfg, "stage1", rt), loss_fn, rt)
     batches = _cycle(setup.loader())
     out["stage1_recompute"] = measure("stage1_recompute", lambda: step(next(batches)), rt.device, steps, warmup)
 
@@ -271,7 +281,7 @@ def bench_stage2(setup: Setup, steps: int, warmup: int, flops: bool, estimate_me
     rt, cfg = setup.runtime, setup.cfg
     loss_fn = MultiLabelLoss(cfg.loss)
     model = setup.model(frozen=False)
-    step = train_step(model, _optimizer(model, cfg, "stage2"), loss_fn, rt)
+    step = train_step(model, _optimizer(model, cfg, "stage2", rt), loss_fn, rt)
     loader = iter(setup.loader())
     staged = [{k: v.to(rt.device) for k, v in next(loader).items()} for _ in range(min(4, len(setup.train) // int(cfg.trainer.batch_size)))]
     counter = iter(range(10**9))
@@ -344,7 +354,9 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_yaml: str, length: Optiona
     from mdfnet_hydra.distributed import WorkerEnv
     from mdfnet_hydra.runtime import Runtime
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    from mdfnet_hydra.machine import real_cpus
+
+    torch.set_num_threads(max(1, real_cpus() // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         from mdfnet_hydra.config import TrainConfig
@@ -358,7 +370,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_yaml: str, length: Optiona
 
         model = setup.model(frozen=False)
         ddp = DistributedDataParallel(model)
-        step = train_step(ddp, _optimizer(model, cfg, "stage2"), MultiLabelLoss(cfg.loss), runtime)
+        step = train_step(ddp, _optimizer(model, cfg, "stage2", runtime), MultiLabelLoss(cfg.loss), runtime)
         loader = iter(setup.loader())
         staged = [next(loader) for _ in range(4)]
         counter = iter(range(10**9))
@@ -435,7 +447,7 @@ def bench_startup(cfg: DictConfig, work: Path) -> dict[str, float]:
 def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     from mdfnet_hydra.runtime import Runtime
 
-    from mdfnet_hydra.config import BenchSize
+    from mdfnet_hydra.config import BenchMeasure, BenchSize
 
     b = cfg.bench
     size_name = BenchSize(b.size).value
@@ -445,32 +457,34 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     runtime = Runtime.from_config(cfg.trainer)
     results: dict[str, Any] = {
         "device": runtime.describe(), "size": size_name, "batch_size": int(b.batch_size), "steps": int(b.steps),
-        "torch": torch.__version__, "cpus": len(os.sched_getaffinity(0)), "compile": bool(cfg.trainer.compile),
+        "torch": torch.__version__, "cpus": runtime.machine.cpus, "compile": bool(cfg.trainer.compile),
         "memory": PeakMemory(runtime.device).kind,
         "by_image_size": {},
     }
     peak = peak_tflops(runtime.device, b.peak_tflops)
-    results["startup"] = bench_startup(bench_config(cfg, int(sizes[0])), work)
+    measure = {BenchMeasure(m).value for m in b.measure}
+    if "startup" in measure:
+        results["startup"] = bench_startup(bench_config(cfg, int(sizes[0])), work)
     for size in sizes:
         run_cfg = bench_config(cfg, int(size))
         log.info("--- %d px, %s encoders, batch %d, %s", size, size_name, b.batch_size, runtime.describe())
         entry: dict[str, Any] = {}
         full = Setup(run_cfg, ["vision", "text", "clinical"], runtime, text_length(b))
-        entry["pipeline"] = bench_pipeline(full, int(b.steps), int(b.warmup))
-        entry.update(bench_stage1(full, int(b.steps), int(b.warmup)))
+        results.setdefault("loader", loader_choices(full))
+        if "pipeline" in measure:
+            entry["pipeline"] = bench_pipeline(full, int(b.steps), int(b.warmup))
+        if "stage1" in measure:
+            entry.update(bench_stage1(full, int(b.steps), int(b.warmup)))
         for modalities in (["vision"], ["text"], ["clinical"], ["vision", "text", "clinical"]):
-            setup = full if len(modalities) == 3 else Setup(run_cfg, modalities, runtime, text_length(b))
             key = "stage2/" + ("all" if len(modalities) == 3 else modalities[0])
+            if key.replace("/", "_") not in measure:
+                continue
+            setup = full if len(modalities) == 3 else Setup(run_cfg, modalities, runtime, text_length(b))
             entry[key] = bench_stage2(setup, int(b.steps), int(b.warmup), flops=len(modalities) == 3,
                                       estimate_memory=bool(b.estimate_memory) and len(modalities) == 3)
-        if peak and "achieved_tflops" in entry["stage2/all"]:
+        if peak and "achieved_tflops" in entry.get("stage2/all", {}):
             entry["stage2/all"]["mfu"] = entry["stage2/all"]["achieved_tflops"] / peak
-        entry["ratios"] = {
-            "cache_speedup_stage1": entry["stage1_cached"]["samples_per_s"] / entry["stage1_recompute"]["samples_per_s"],
-            "pipeline_over_stage2": entry["pipeline"]["samples_per_s"] / entry["stage2/all"]["samples_per_s"],
-            **{f"all_over_{m}": entry["stage2/all"]["samples_per_s"] / entry[f"stage2/{m}"]["samples_per_s"]
-               for m in ("vision", "text", "clinical")},
-        }
+        entry["ratios"] = ratios(entry)
         results["by_image_size"][str(size)] = entry
     if b.ddp_workers and runtime.device.type == "cpu":
         ddp_cfg = bench_config(cfg, int(sizes[0]))
@@ -481,8 +495,19 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def ratios(entry: dict[str, Any]) -> dict[str, float]:
+    """The ratios whose two measurements were both taken."""
+    def rate(name: str) -> Optional[float]:
+        return entry[name]["samples_per_s"] if name in entry else None
+
+    pairs = {"cache_speedup_stage1": ("stage1_cached", "stage1_recompute"), "pipeline_over_stage2": ("pipeline", "stage2/all"),
+             **{f"all_over_{m}": ("stage2/all", f"stage2/{m}") for m in ("vision", "text", "clinical")}}
+    return {name: rate(a) / rate(b) for name, (a, b) in pairs.items() if rate(a) and rate(b)}
+
+
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"mdfnet-hydra benchmark: {results['device']}, {results['size']} encoders, batch {results['batch_size']}",
+             f"input pipeline: {results.get('loader')}",
              f"{'measurement':<22} {'px':>4} {'samples/s':>11} {'peak GB':>8} {'+GB':>6}  notes",
              f"(peak memory: {'CUDA max allocated' if results['memory'] == 'cuda_max_allocated' else 'process resident set'}; "
              "+GB: its increase during the measurement)"]
@@ -504,13 +529,14 @@ def format_table(results: dict[str, Any]) -> str:
                 notes.append(f"estimated {est['dtype']} peak {est['total']:.2f} GB (activations {est['activation']:.2f})")
             lines.append(f"{name:<22} {size:>4} {r['samples_per_s']:>11.1f} {r['peak_memory_gb']:>8.2f} "
                          f"{r.get('memory_increase_gb', 0):>6.2f}  {'; '.join(notes)}")
-        ratios = entry["ratios"]
-        lines.append(f"  ratios at {size} px: stage 1 cached / recomputed {ratios['cache_speedup_stage1']:.1f}x, "
-                     f"input pipeline / stage-2 step {ratios['pipeline_over_stage2']:.1f}x, full model / vision "
-                     f"{ratios['all_over_vision']:.2f}, / text {ratios['all_over_text']:.2f}, / clinical {ratios['all_over_clinical']:.2f}")
-    st = results["startup"]
-    lines.append(f"job start-up {st['total_s']:.1f} s: imports {st['imports_s']:.1f} s, config {st['config_s']:.2f} s, "
-                 f"dataset open {st['dataset_open_s']:.2f} s")
+        shown = {"cache_speedup_stage1": "stage 1 cached / recomputed {:.1f}x", "pipeline_over_stage2": "input pipeline / stage-2 step {:.1f}x",
+                 "all_over_vision": "full model / vision {:.2f}", "all_over_text": "/ text {:.2f}", "all_over_clinical": "/ clinical {:.2f}"}
+        if entry["ratios"]:
+            lines.append(f"  ratios at {size} px: " + ", ".join(text.format(entry["ratios"][k]) for k, text in shown.items() if k in entry["ratios"]))
+    if "startup" in results:
+        st = results["startup"]
+        lines.append(f"job start-up {st['total_s']:.1f} s: imports {st['imports_s']:.1f} s, config {st['config_s']:.2f} s, "
+                     f"dataset open {st['dataset_open_s']:.2f} s")
     if "ddp_cpu" in results:
         scaling = ", ".join(f"{n} workers {results['ddp_cpu'][n]['samples_per_s']:.1f} samples/s ({s:.2f}x)"
                             for n, s in results["ddp_cpu"]["scaling"].items())

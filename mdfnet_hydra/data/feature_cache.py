@@ -130,7 +130,7 @@ def compute_features(encoder: torch.nn.Module, dataset: MultimodalDataset, modal
     device, n = runtime.device, len(dataset)
     inputs = dataset.restricted_to(modality)
     loader = DataLoader(inputs, batch_size=batch_size, shuffle=False, collate_fn=Collator(pad_id),
-                        **{**loader_settings(data, runtime, inputs), "persistent_workers": False})
+                        **loader_settings(data, runtime, inputs, persistent=False))
     width = int(dataset.token_ids.lengths.max()) if modality == "text" else None
     features = padding = None
     started = time.perf_counter()

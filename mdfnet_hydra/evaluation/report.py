@@ -22,10 +22,10 @@ def evaluate(experiments_dir: str | Path, output_dir: str | Path, options, data_
     rule = getattr(options.threshold_rule, "value", options.threshold_rule)
     results: list[RunResult] = []
     for run in discover(experiments_dir, exclude=out):
-        test = run_predictions(run, "test", checkpoint, data_root, options.device, options.batch_size)
+        test = run_predictions(run, "test", checkpoint, data_root, options)
         if test is None:
             continue
-        val = run_predictions(run, "val", checkpoint, data_root, options.device, options.batch_size)
+        val = run_predictions(run, "val", checkpoint, data_root, options)
         results.append(analyse(run, test, val, rule, options.target_sensitivity,
                                options.n_bootstrap, options.seed))
         log.info("evaluated %s (%s checkpoint, %s predictions): test mean AUROC %s", run.name, checkpoint,

@@ -95,7 +95,8 @@ def discover(experiments_dir: Path, exclude: Optional[Path] = None) -> list[Run]
     return runs
 
 
-def run_predictions(run: Run, split: str, checkpoint: str, data_root: Optional[str], device: str, batch_size: int) -> Optional[Predictions]:
+def run_predictions(run: Run, split: str, checkpoint: str, data_root: Optional[str], options) -> Optional[Predictions]:
+    """Saved predictions of `checkpoint` on `split`, or new ones (`options`: evaluation.*)."""
     ckpt_path = run.directory / "checkpoints" / f"{checkpoint}.pth"
     if not ckpt_path.is_file():
         log.warning("%s: no %s checkpoint; left out", run.name, checkpoint)
@@ -107,8 +108,8 @@ def run_predictions(run: Run, split: str, checkpoint: str, data_root: Optional[s
             run.source[split] = "saved"
             return preds
     run.source[split] = "recomputed"
-    model, datasets, prep = load_run_model(ckpt_path, data_root, device, splits=(split,))
-    return predict(model, datasets[split], prep.pad_id, device, batch_size, file_digest(ckpt_path))
+    model, datasets, prep = load_run_model(ckpt_path, data_root, options.device, splits=(split,))
+    return predict(model, datasets[split], prep.pad_id, options, file_digest(ckpt_path))
 
 
 def run_config(ckpt: dict, data_root: Optional[str]) -> DictConfig:
@@ -138,26 +139,43 @@ def load_run_model(ckpt_path: Path, data_root: Optional[str], device: str, split
 
 
 @torch.no_grad()
-def predict(model, dataset, pad_id: int, device: str, batch_size: int, checkpoint_sha256: str) -> Predictions:
+def predict(model, dataset, pad_id: int, options, checkpoint_sha256: str) -> Predictions:
+    """Probabilities of `model` on `dataset`, read with this machine's loader choices
+    (`evaluation.num_workers`: null = chosen from the machine, as in training)."""
     from torch.utils.data import DataLoader
 
     from mdfnet_hydra.data.dataset import Collator
+    from mdfnet_hydra.data.loading import describe_loader, loader_settings
 
-    target = resolve_device(device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=Collator(pad_id))
+    runtime = evaluation_runtime(options.device)
+    loader_choices = OmegaConf.create({"num_workers": options.num_workers, "pin_memory": None,
+                                       "persistent_workers": None, "prefetch_factor": None, "worker_start": None})
+    loader = DataLoader(dataset, batch_size=int(options.batch_size), shuffle=False, collate_fn=Collator(pad_id),
+                        **loader_settings(loader_choices, runtime, dataset, persistent=False))
+    log.info("predicting %d %s cases on %s, data loading %s", len(dataset), dataset.split.name, runtime.device,
+             describe_loader(loader))
     probs = []
     for batch in loader:
-        batch = {k: v.to(target) for k, v in batch.items()}
+        batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
         probs.append(torch.sigmoid(model(batch).float()).cpu())
     split = dataset.split
     return Predictions(torch.cat(probs).numpy(), split.targets, split.mask, split.frame["sample_id"].to_numpy(dtype=str),
                        split.group, checkpoint_sha256)
 
 
+def evaluation_runtime(device: str):
+    """fp32 on `evaluation.device` (auto: CUDA where the machine has it), with the machine's choices."""
+    from mdfnet_hydra.config import Precision
+    from mdfnet_hydra.machine import Machine
+    from mdfnet_hydra.runtime import Runtime, resolve_device as runtime_device
+
+    machine = Machine.detect()
+    target, where = runtime_device(device, machine)
+    return Runtime(device=where, precision=Precision.fp32, machine=machine, target=target)
+
+
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return evaluation_runtime(name).device
 
 
 def aligned(a: Predictions, b: Predictions) -> Optional[tuple[Predictions, Predictions]]:

@@ -1,0 +1,119 @@
+"""The machine a job runs on, as every machine-derived choice sees it: CPUs, CUDA, bf16.
+
+Everything the project chooses from the machine rather than from the config (DataLoader workers,
+pinned memory, persistent workers and prefetch, the device, `precision=auto`, fused AdamW) is a
+function of a `Machine`, so a test on a 2-core CPU box can ask for the choices a 16-CPU CUDA node
+makes. `Machine.detect()` reads the real machine; the environment variable
+
+    MDFNET_MACHINE="cpus=16,cuda=true,bf16=true"
+
+describes another one to every process of a job (the launcher, its DDP workers, the evaluation,
+the benchmark), each key optional (unset keys are detected). When it claims CUDA on a machine
+without a usable GPU, the choices are CUDA's and the computation stays on the CPU, as far as a CPU
+can take them: pinned memory needs a CUDA driver (torch's DataLoader then warns and does not pin),
+and NCCL needs GPUs (the process group uses gloo).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+ENV_VAR = "MDFNET_MACHINE"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpus: int  # CPUs this process may use (its affinity set: SLURM's allocation), before sharing with local ranks
+    cuda: bool  # a CUDA device is there to train on
+    bf16: bool = False  # the CUDA device computes in bf16 (Ampere and newer); meaningless without cuda
+    simulated: bool = False  # described by MDFNET_MACHINE rather than detected
+
+    @classmethod
+    def detect(cls, environ: Mapping[str, str] = os.environ) -> "Machine":
+        """This machine, or the one MDFNET_MACHINE describes (unset keys detected)."""
+        spec = parse_spec(environ.get(ENV_VAR, ""))
+        cpus = spec["cpus"] if "cpus" in spec else _affinity_cpus()
+        cuda = spec["cuda"] if "cuda" in spec else _cuda_available()
+        if "bf16" in spec:
+            bf16 = spec["bf16"]
+        elif "cuda" in spec and not _cuda_available():
+            bf16 = bool(cuda)  # a described CUDA machine: bf16-capable unless it says otherwise
+        else:
+            bf16 = bool(cuda) and _cuda_bf16()
+        return cls(cpus=int(cpus), cuda=bool(cuda), bf16=bool(bf16) and bool(cuda), simulated=bool(spec))
+
+    @property
+    def cuda_usable(self) -> bool:
+        """CUDA is described and really there (a simulated CUDA machine computes on the CPU)."""
+        return self.cuda and _cuda_available()
+
+    def cpus_per_process(self, environ: Mapping[str, str] = os.environ) -> int:
+        """This process's share of the CPUs when the node runs LOCAL_WORLD_SIZE ranks."""
+        local_world = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+        return max(1, self.cpus // max(local_world, 1))
+
+    def describe(self) -> str:
+        gpu = "no CUDA" if not self.cuda else f"CUDA ({'bf16' if self.bf16 else 'no bf16'})"
+        text = f"{self.cpus} CPUs, {gpu}"
+        if self.simulated:
+            text += f" [{ENV_VAR}: simulated" + ("; computing on the CPU]" if self.cuda and not self.cuda_usable else "]")
+        return text
+
+
+def parse_spec(text: str) -> dict[str, object]:
+    """`cpus=16,cuda=true,bf16=false` as a dict; anything else fails naming the variable."""
+    spec: dict[str, object] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip().lower()
+        try:
+            if not sep:
+                raise ValueError("expected key=value")
+            if key in spec:
+                raise ValueError("given twice")
+            if key == "cpus":
+                spec[key] = int(value)
+                if spec[key] < 1:
+                    raise ValueError("must be >= 1")
+            elif key in ("cuda", "bf16"):
+                if value not in _TRUE | _FALSE:
+                    raise ValueError("must be true or false")
+                spec[key] = value in _TRUE
+            else:
+                raise ValueError("unknown key; use cpus, cuda, bf16")
+        except ValueError as err:
+            raise ValueError(f"{ENV_VAR}={text!r}: {part!r}: {err}") from None
+    if spec.get("bf16") and spec.get("cuda") is False:
+        raise ValueError(f"{ENV_VAR}={text!r}: bf16=true describes a CUDA device, but cuda=false")
+    return spec
+
+
+def _affinity_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cuda_bf16() -> bool:
+    """Native bf16 (compute capability 8.0+): torch's default also counts emulation, which would
+    pick slow emulated bf16 over fp16 on a V100 or T4."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def real_cpus() -> int:
+    """The CPUs this process may really use (thread counts follow these, not a described machine:
+    a test describing 16 CPUs on 2 must not start 8 threads per rank)."""
+    return _affinity_cpus()
