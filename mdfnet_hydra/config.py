@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from mdfnet_hydra.machine import ENV_VAR as MACHINE_ENV_VAR, parse_spec as parse_machine_spec
+
 
 class Modality(str, Enum):
     vision = "vision"
@@ -529,10 +531,8 @@ def validate_config(cfg: DictConfig) -> None:
     problems += loader_problems(cfg.data)
     if cfg.evaluation.num_workers is not None and int(cfg.evaluation.num_workers) < 0:
         problems.append(f"evaluation.num_workers must be >= 0 (or null: chosen from the machine), got {cfg.evaluation.num_workers}")
-    from mdfnet_hydra.machine import ENV_VAR, parse_spec
-
     try:
-        parse_spec(os.environ.get(ENV_VAR, ""))
+        parse_machine_spec(os.environ.get(MACHINE_ENV_VAR, ""))
     except ValueError as err:
         problems.append(str(err))
     for key in ("batch_size", "grad_accum", "log_every_n_steps", "nproc_per_node", "nnodes"):

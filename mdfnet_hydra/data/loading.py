@@ -3,6 +3,8 @@ prefetch, each overridable in `data.*` (null = chosen here from `runtime.machine
 
 from __future__ import annotations
 
+import multiprocessing
+import sys
 from typing import Any, Optional
 
 import torch
@@ -55,10 +57,6 @@ def worker_start_method(data) -> str:
     workers would re-import torch and the encoders: 30 s per loader start on 2 CPUs) and on the
     Python version (3.14 moves Linux to forkserver). Elsewhere (macOS: fork is unsafe there) the
     platform's default."""
-    import multiprocessing
-
-    import sys
-
     if data.worker_start is not None:
         return str(getattr(data.worker_start, "value", data.worker_start))
     if sys.platform.startswith("linux"):

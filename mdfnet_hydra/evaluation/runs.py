@@ -147,9 +147,11 @@ def predict(model, dataset, pad_id: int, options, checkpoint_sha256: str) -> Pre
     from mdfnet_hydra.data.dataset import Collator
     from mdfnet_hydra.data.loading import describe_loader, loader_settings
 
+    from mdfnet_hydra.config import DataConfig
+
     runtime = evaluation_runtime(options.device)
-    loader_choices = OmegaConf.create({"num_workers": options.num_workers, "pin_memory": None,
-                                       "persistent_workers": None, "prefetch_factor": None, "worker_start": None})
+    # the machine's choices for every loader setting but the worker count evaluation.* may fix
+    loader_choices = OmegaConf.merge(OmegaConf.structured(DataConfig), {"num_workers": options.num_workers})
     loader = DataLoader(dataset, batch_size=int(options.batch_size), shuffle=False, collate_fn=Collator(pad_id),
                         **loader_settings(loader_choices, runtime, dataset, persistent=False))
     log.info("predicting %d %s cases on %s, data loading %s", len(dataset), dataset.split.name, runtime.device,
