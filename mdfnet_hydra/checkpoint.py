@@ -1,39 +1,90 @@
 """Atomic checkpoint files that load with `torch.load(weights_only=True)`.
 
 Everything stored is tensors or plain containers of str / int / float / bool / None, so a checkpoint
-never needs pickle to load. A file is written to a temporary name and renamed, so a job killed
-mid-save leaves the previous file intact.
+never needs pickle to load. A file is written to a temporary name and renamed (files.py), so a job
+killed mid-save, or a disk that fills up, leaves the previous file intact. A file that cannot be
+read all the same (copied half-way, damaged on disk) raises `DamagedFileError` naming it.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
+import time
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from mdfnet_hydra.files import DamagedFileError, atomic_target
+
 FORMAT_VERSION = 1
 SUFFIX = ".pth"
+# what `last` and the periodic `epoch_NNN` checkpoints hold besides the weights, to resume exactly
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "trainer_state", "torch_rng")
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    # through a Python file, so a full disk or quota surfaces as OSError(ENOSPC / EDQUOT), which a
+    # path given to torch's C++ writer reduces to "enforce fail at inline_container.cc"
+    with atomic_target(path) as tmp, tmp.open("wb") as handle:
+        torch.save(state, handle)
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint's contents (`mmap`: tensors read lazily, for a look at its epoch / metrics)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:  # holds objects that only pickle could build: never run
+        raise DamagedFileError(
+            f"checkpoint {path} is not a plain-tensor checkpoint (torch.load(weights_only=True) refused: "
+            f"{str(err).splitlines()[0]}); it was not loaded. Use a checkpoint this project wrote."
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise DamagedFileError(f"checkpoint {path} is damaged or incomplete ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    if not isinstance(state, dict) or "model" not in state:
+        raise DamagedFileError(f"checkpoint {path} holds no model weights (not a checkpoint of this project)")
+    return state
+
+
+def is_readable(path: Path) -> bool:
+    """A cheap completeness check without loading the tensors: a torch checkpoint is a zip file
+    whose directory sits at its end, so a truncated file has none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def is_resumable(state: dict[str, Any]) -> bool:
+    return all(key in state for key in RESUME_KEYS)
+
+
+def move_aside(stage_dir: Path) -> Path:
+    """Move a phase's results (checkpoints, predictions, metrics.json) into `replaced-<time>/`
+    before the phase is trained again from the start, so no old file is mistaken for a new one."""
+    aside = stage_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True, exist_ok=True)
+    for name in ("checkpoints", "predictions", "metrics.json"):
+        if (stage_dir / name).exists():
+            os.replace(stage_dir / name, aside / name)
+    return aside
 
 
 class CheckpointManager:
-    """`last` every epoch, named bests on improvement, `epoch_NNN` every n epochs keeping the newest k."""
+    """`last` every epoch, named bests on improvement, `epoch_NNN` every n epochs keeping the newest k.
+
+    `last` and `epoch_NNN` hold the full training state, so a damaged or deleted `last` falls back
+    to the newest periodic checkpoint instead of restarting the stage over its results.
+    """
 
     def __init__(self, directory: Path, every_n_epochs: int, keep_last: int, enabled: bool = True) -> None:
         self.directory = directory
@@ -50,11 +101,45 @@ class CheckpointManager:
             save_atomic(state, path)
         return path
 
-    def save_periodic(self, epoch: int, state: dict[str, Any]) -> None:
-        if self.every_n_epochs <= 0 or epoch % self.every_n_epochs != 0:
+    def periodic(self) -> list[Path]:
+        return sorted(self.directory.glob(f"epoch_[0-9][0-9][0-9]{SUFFIX}"))
+
+    def save_periodic(self, epoch: int, last: Path) -> None:
+        """`epoch_NNN` as a hard link to the `last` just written (no second serialisation; the
+        next `last` is a new file, so the link keeps this one), a copy where links are refused."""
+        if not self.enabled or self.every_n_epochs <= 0 or epoch % self.every_n_epochs != 0:
             return
-        self.save(f"epoch_{epoch:03d}", state)
-        if self.enabled:
-            periodic = sorted(self.directory.glob(f"epoch_[0-9][0-9][0-9]{SUFFIX}"))
-            for old in periodic[: max(0, len(periodic) - self.keep_last)]:
-                old.unlink(missing_ok=True)
+        target = self.path(f"epoch_{epoch:03d}")
+        with atomic_target(target) as tmp:
+            try:
+                os.link(last, tmp)
+            except OSError:
+                shutil.copyfile(last, tmp)
+        periodic = self.periodic()
+        for old in periodic[: max(0, len(periodic) - self.keep_last)]:
+            old.unlink(missing_ok=True)
+
+    def existing(self) -> list[Path]:
+        return sorted(self.directory.glob(f"*{SUFFIX}")) if self.directory.is_dir() else []
+
+    def resume_state(self, last_name: str) -> tuple[Optional[Path], Optional[dict[str, Any]], list[str]]:
+        """The newest valid full training state: `last`, else the newest periodic checkpoint.
+
+        Returns (path, state, problems): problems name each candidate that could not be used."""
+        problems = []
+        candidates = [self.path(last_name)] + list(reversed(self.periodic()))
+        for path in candidates:
+            if not path.is_file():
+                if path.name == f"{last_name}{SUFFIX}":
+                    problems.append(f"{path} is missing")
+                continue
+            try:
+                state = load_checkpoint(path)
+            except DamagedFileError as err:
+                problems.append(str(err))
+                continue
+            if not is_resumable(state):
+                problems.append(f"{path} holds weights only (no optimizer / scheduler state)")
+                continue
+            return path, state, problems
+        return None, None, problems

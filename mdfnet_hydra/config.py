@@ -147,6 +147,10 @@ class DataConfig:
     # Token ids stored once per (tokenizer, max length, text) under paths.cache_dir/tokens and shared
     # by every job (data/token_cache.py); false tokenises in memory in every job.
     token_cache: bool = True
+    # Decode every image of the manifest once at start and list all that fail (data/dataset.py,
+    # check_images): auto = for prepared (non-synthetic) datasets of at most 20,000 images; true;
+    # false. A pass is recorded beside the manifest, so later jobs skip it until a file changes.
+    verify_images: Any = "auto"  # auto | true | false (checked in data/dataset.py)
     # DataLoader settings; null = chosen from the machine (data/loading.py)
     num_workers: Optional[int] = None
     pin_memory: Optional[bool] = None
@@ -440,8 +444,10 @@ class SplitConfig:
 
 @dataclass
 class ReportTextConfig:
-    # Report sections used as input text, in this order. findings / impression are where the
-    # CheXpert labels come from: they need allow_label_source=true.
+    # Report sections used as input text, in this order. Only the before-the-read sections
+    # (indication, history, reason_for_exam, examination, technique, comparison) are allowed by
+    # default; findings / impression (the labels' source) and wet_read / notification / addendum
+    # (which repeat them) need allow_label_source=true.
     sections: List[str] = field(default_factory=lambda: ["indication", "history", "reason_for_exam"])
     chief_complaint: bool = True
     allow_label_source: bool = False
@@ -455,6 +461,16 @@ class ImagesConfig:
 
 
 @dataclass
+class PrepareChecksConfig:
+    # Fewest found / studies for the run to succeed (0 turns a check off): a wrong or partial
+    # source folder fails, naming the path, instead of writing a dataset without it.
+    min_reports_found: float = 0.5  # studies with a report file under mimic.reports
+    min_images_found: float = 0.5  # chosen images found and readable under mimic.cxr_jpg/files
+    min_patients_found: float = 0.5  # studies whose patient is in MIMIC-IV patients
+    min_ed_linked: float = 0.01  # studies linked to a MIMIC-IV-ED stay
+
+
+@dataclass
 class PrepareConfig:
     mimic: MimicPathsConfig = field(default_factory=MimicPathsConfig)
     output_dir: str = MISSING
@@ -464,6 +480,7 @@ class PrepareConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     text: ReportTextConfig = field(default_factory=ReportTextConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    checks: PrepareChecksConfig = field(default_factory=PrepareChecksConfig)
 
 
 def parse_duration(value: Optional[str]) -> Optional[float]:
@@ -489,8 +506,18 @@ def to_plain(node: Any) -> Any:
 
 # The only `_target_`s Hydra may instantiate from a config (passed by every entry point to
 # @hydra.main as its execution whitelist): the project's own Hydra callback. Hydra's own logging
-# classes and the Optuna sweeper's samplers are allowed by Hydra and the plugin themselves.
-EXECUTION_WHITELIST: tuple[str, ...] = ("mdfnet_hydra.summary.WriteSummary",)
+# classes and the Optuna sweeper's samplers are allowed by Hydra and the plugin themselves. A config
+# file cannot widen it: more callables are allowed deliberately, from the shell that starts the job,
+# with MDFNET_ALLOW_TARGETS=<module.callable>[,<module.callable>...].
+ALLOW_TARGETS_ENV = "MDFNET_ALLOW_TARGETS"
+
+
+def execution_whitelist(environ=os.environ) -> tuple[str, ...]:
+    extra = [t.strip() for t in environ.get(ALLOW_TARGETS_ENV, "").split(",") if t.strip()]
+    return ("mdfnet_hydra.summary.WriteSummary", *extra)
+
+
+EXECUTION_WHITELIST: tuple[str, ...] = execution_whitelist()
 
 
 def register_configs() -> None:
@@ -529,6 +556,8 @@ def validate_config(cfg: DictConfig) -> None:
     if unknown:
         problems.append(f"trainer.checkpoint.rare_labels has unknown labels {unknown}; choose from {list(CHEXPERT_LABELS)}")
     problems += loader_problems(cfg.data)
+    if str(cfg.data.get("verify_images", "auto")).lower() not in ("auto", "true", "false"):
+        problems.append(f"data.verify_images must be auto, true or false, got {cfg.data.verify_images!r}")
     if cfg.evaluation.num_workers is not None and int(cfg.evaluation.num_workers) < 0:
         problems.append(f"evaluation.num_workers must be >= 0 (or null: chosen from the machine), got {cfg.evaluation.num_workers}")
     try:

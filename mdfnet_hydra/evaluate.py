@@ -1,5 +1,8 @@
 """Entry point: `python -m mdfnet_hydra.evaluate experiments_dir=<a run, a sweep, or a folder of both>
-output_dir=results/` (config: conf/evaluate.yaml, options in conf/evaluation/default.yaml)."""
+output_dir=results/` (config: conf/evaluate.yaml, options in conf/evaluation/default.yaml).
+
+Runs with damaged files are left out (warning, and listed in results.md); if every run found is,
+the command fails with one line listing them (exit status 1)."""
 
 from __future__ import annotations
 
@@ -16,9 +19,13 @@ def main(cfg: DictConfig) -> None:
     import logging
 
     from mdfnet_hydra.evaluation.report import evaluate
+    from mdfnet_hydra.evaluation.runs import NoRunEvaluatedError
 
     logging.getLogger("mdfnet_hydra").setLevel(logging.INFO)
-    evaluate(cfg.experiments_dir, cfg.output_dir, cfg.evaluation, cfg.data_root)
+    try:
+        evaluate(cfg.experiments_dir, cfg.output_dir, cfg.evaluation, cfg.data_root)
+    except NoRunEvaluatedError as err:
+        raise SystemExit(f"mdfnet_hydra.evaluate: error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import os
 import sys
 import traceback
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Union
 
@@ -23,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.config import ConfigError, TrainConfig, validate_config
 from mdfnet_hydra.distributed import worker_env
+from mdfnet_hydra.files import write_text
+from mdfnet_hydra.run_directory import RunDirectoryBusy, RunDirectoryConflict, claim
 
 log = logging.getLogger(__name__)
 FAILURE_FILE = "failure.json"
@@ -37,10 +40,21 @@ def run_job(cfg: DictConfig) -> Union[float, list[float]]:
     ends a sweep; past `hparams.max_failure_rate` the sweep is aborted. A single run fails loudly.
     """
     validate_config(cfg)
+    holder = claim(cfg) if claims_run_directory(cfg) else nullcontext()
     if not in_multirun():
-        return objective_value(cfg, train(cfg))
+        with holder:
+            return objective_value(cfg, train(cfg))
     run_dir = Path(cfg.paths.run_dir)
     failure = run_dir / FAILURE_FILE
+    try:
+        with holder:
+            return _trial(cfg, run_dir, failure)
+    except (RunDirectoryBusy, RunDirectoryConflict) as err:  # the directory is another job's: write nothing there
+        log.error("trial not run: %s", err)
+        return objective_value(cfg, {})
+
+
+def _trial(cfg: DictConfig, run_dir: Path, failure: Path) -> Union[float, list[float]]:
     failure.unlink(missing_ok=True)  # a resumed or requeued trial starts with a clean record
     try:
         value = objective_value(cfg, train(cfg))
@@ -55,6 +69,19 @@ def run_job(cfg: DictConfig) -> Union[float, list[float]]:
         return objective_value(cfg, {})
 
 
+def claims_run_directory(cfg: DictConfig) -> bool:
+    """Whether this process holds the run directory for its job (run_directory.py): a single
+    process, or the launcher of node 0. Workers that torchrun / srun started claim it in the
+    pipeline (rank 0, once their process group exists)."""
+    tc = cfg.trainer
+    if worker_env(nproc_per_node=tc.nproc_per_node) is not None:
+        return False
+    topology = slurm_topology()
+    if topology is not None:
+        return topology[1] == 0
+    return int(tc.nnodes) == 1 or int(tc.node_rank) == 0
+
+
 def train(cfg: DictConfig) -> dict:
     """Train here, or start the data-parallel workers and return rank 0's job summary."""
     tc = cfg.trainer
@@ -64,7 +91,7 @@ def train(cfg: DictConfig) -> dict:
             return launch_workers(cfg, topology)
     from mdfnet_hydra.pipeline import run
 
-    return run(cfg)
+    return run(cfg, claim_run_dir=worker_env(nproc_per_node=tc.nproc_per_node) is not None)
 
 
 def objective_value(cfg: DictConfig, summary: dict) -> Union[float, list[float]]:
@@ -94,8 +121,7 @@ class SweepAborted(RuntimeError):
 
 def _record_failure(path: Path, reason: str, trace: Optional[str]) -> None:
     if worker_env() is None or worker_env().rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"status": "failed", "reason": reason, "traceback": trace}, indent=2))
+        write_text(path, json.dumps({"status": "failed", "reason": reason, "traceback": trace}, indent=2))
 
 
 def _abort_if_too_many_failures(cfg: DictConfig, sweep_dir: Path, reason: str) -> None:

@@ -9,34 +9,40 @@ from __future__ import annotations
 
 import json
 import logging
-
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mdfnet_hydra.checkpoint import load_checkpoint
+from mdfnet_hydra.checkpoint import is_readable, load_checkpoint, move_aside
 from mdfnet_hydra.config import ConfigError, parse_duration, to_plain, validate_config
 from mdfnet_hydra.data.dataset import Collator, SplitData, load_splits, resolve_root
 from mdfnet_hydra.data.preprocessing import Preprocessing
 from mdfnet_hydra.distributed import barrier, broadcast_from_main, destroy_process_group, init_process_group, worker_env
 from mdfnet_hydra.evaluation import evaluate_quietly
+from mdfnet_hydra.files import DamagedFileError, remove_stale_temporaries, write_text
 from mdfnet_hydra.labels import CHEXPERT_LABELS
 from mdfnet_hydra.launch import in_multirun
 from mdfnet_hydra.metrics import rarest_labels
 from mdfnet_hydra.models.mdfnet import build_model
+from mdfnet_hydra.predictions import file_digest
 from mdfnet_hydra.report import format_summary
+from mdfnet_hydra.run_directory import RunDirectoryBusy, RunDirectoryConflict, claim
 from mdfnet_hydra.runtime import Runtime, seed_everything
-from mdfnet_hydra.tracking import attach_log_file, detach_log_file
+from mdfnet_hydra.tracking import attach_log_file, detach_log_file, log_failure
 from mdfnet_hydra.trainer import PhaseTrainer
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig, claim_run_dir: bool = False) -> dict[str, Any]:
     """Train every phase of `stage.run`; return the job summary (written to <run>/metrics.json).
 
     Every rank of a data-parallel job runs this; only rank 0 logs progress and writes files.
+    `claim_run_dir`: workers that torchrun / srun started claim the run directory here (rank 0,
+    once the process group exists, so every rank learns a refusal); otherwise the process that
+    started the job holds it (launch.py).
     """
     validate_config(cfg)
     env = worker_env(nproc_per_node=int(cfg.trainer.nproc_per_node))
@@ -50,12 +56,35 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         package_log.setLevel(logging.INFO)  # progress even outside Hydra's logging setup
     # every rank reads (checkpoints to resume or continue from) where rank 0 writes
     run_dir = Path(broadcast_from_main(str(cfg.paths.run_dir)))
-    handler = attach_log_file(run_dir / "logs" / "train.log") if runtime.is_main else None
-    try:
-        return _run(cfg, runtime, run_dir)
-    finally:
-        detach_log_file(handler)
-        destroy_process_group()
+    with ExitStack() as held:
+        try:
+            if claim_run_dir:
+                _claim_for_all_ranks(cfg, runtime, run_dir, held)
+            handler = attach_log_file(run_dir / "logs" / "train.log") if runtime.is_main else None
+            try:
+                return _run(cfg, runtime, run_dir)
+            except BaseException as err:
+                log_failure(handler, err)  # the console has Hydra's traceback; the run's own log gets it too
+                raise
+            finally:
+                detach_log_file(handler)
+        finally:
+            destroy_process_group()
+
+
+def _claim_for_all_ranks(cfg: DictConfig, runtime: Runtime, run_dir: Path, held: ExitStack) -> None:
+    """Rank 0 claims the run directory; a refusal reaches every rank, so none waits for the others."""
+    refusal = ""
+    if runtime.is_main:
+        try:
+            held.enter_context(claim(cfg, run_dir))
+        except (RunDirectoryBusy, RunDirectoryConflict) as err:
+            refusal = f"{type(err).__name__}: {err}"
+            if not runtime.distributed:
+                raise
+    refusal = broadcast_from_main(refusal)
+    if refusal:
+        raise RunDirectoryConflict(refusal)
 
 
 def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
@@ -70,6 +99,7 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
     )
     seed_everything(int(cfg.seed))
     if runtime.is_main:
+        remove_stale_temporaries(run_dir)  # of writers killed earlier (this job holds the directory)
         resolve_root(cfg.data)  # generate the synthetic dataset once, not on every rank
     barrier()
     root, splits = load_splits(cfg.data, int(cfg.seed))
@@ -90,43 +120,109 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
         "config": to_plain(cfg),
     }
     start_from: Path | dict | None = init  # the checkpoint (or its path) the next phase starts from
+    start_file = Path(cfg.stage.init_from) if init else None  # ... and the file it came from
     budget = parse_duration(cfg.trainer.max_time)
     results: dict[str, dict[str, Any]] = {}
     for name in phases:
         directory = run_dir / name
-        done = directory / "metrics.json"
         spent = sum(r["wall_time_s"] for r in results.values())
-        if done.is_file():
+        digest = file_digest(start_file) if start_file is not None and runtime.is_main else None
+        # rank 0 looks at the files and decides; every rank follows
+        finished = json.loads(broadcast_from_main(json.dumps(phase_status(directory, digest) if runtime.is_main else None)))
+        if finished is not None:
             log.info("%s: already complete in %s, skipping", name, directory)
-            results[name] = json.loads(done.read_text())
+            results[name] = finished
         elif budget is not None and spent >= budget:
             log.info("%s: skipped, trainer.max_time (%.0fs) is spent", name, budget)
             break
         else:
             if runtime.is_main:
                 directory.mkdir(parents=True, exist_ok=True)
-                (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+                write_text(directory / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             seed_everything(int(cfg.seed))
             model = build_model(cfg.model, modalities, prep.clinical_dim, prep.tokenizer)
             if start_from is not None:
                 ckpt = load_checkpoint(start_from) if isinstance(start_from, Path) else start_from
                 model.load_state_dict(ckpt["model"])
             trainer = PhaseTrainer(cfg, name, model, _phase_datasets(cfg, name, modalities, model, datasets, runtime, prep),
-                                   Collator(prep.pad_id), runtime, directory, rare, extras,
+                                   Collator(prep.pad_id), runtime, directory, rare, {**extras, "started_from_sha256": digest},
                                    time_budget_s=None if budget is None else budget - spent)
             results[name] = trainer.fit()
         if results[name]["selected_checkpoint"] is None:
             break  # no epoch finished within the time budget
-        start_from = directory / "checkpoints" / f"{results[name]['selected_checkpoint']}.pth"
+        start_from = start_file = directory / "checkpoints" / f"{results[name]['selected_checkpoint']}.pth"
 
     summary = summarise_job(results)
     if runtime.is_main:
-        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))
         evaluation = None
         if len(results) > 1 and cfg.evaluation.on_finish and not in_multirun():  # a multirun evaluates once, at its end
             evaluation = evaluate_quietly(run_dir, run_dir / "evaluation", cfg.evaluation)
         log.info("\n%s", format_summary(results, run_dir, evaluation))
     return summary
+
+
+PHASE_RESULT_KEYS = ("stage", "selected_checkpoint", "val", "test", "wall_time_s")
+
+
+def phase_status(directory: Path, started_from: str | None) -> dict[str, Any] | None:
+    """The phase's result if it is complete, else None (it runs, resuming where it can).
+
+    A phase trained from another start than this job's (stage 1 trained again since stage 2
+    started from its best) is out of date: its results are moved aside and it runs afresh."""
+    recorded = _recorded_start(directory)
+    if started_from is not None and recorded is not None and recorded != started_from:
+        aside = move_aside(directory)
+        log.warning("%s started from another checkpoint than this job's (sha256 %s..., now %s...): training it "
+                    "again; the earlier results are in %s", directory.name, recorded[:12], started_from[:12], aside)
+        return None
+    return completed_phase(directory)
+
+
+def _recorded_start(directory: Path) -> str | None:
+    """The digest of the checkpoint a phase started from, as its result or its `last` records it."""
+    try:
+        return json.loads((directory / "metrics.json").read_text()).get("started_from_sha256")
+    except (OSError, ValueError, AttributeError):
+        pass
+    last = directory / "checkpoints" / "last.pth"
+    if last.is_file():
+        try:
+            return load_checkpoint(last, mmap=True).get("started_from_sha256")
+        except DamagedFileError:
+            return None
+    return None
+
+
+def completed_phase(directory: Path) -> dict[str, Any] | None:
+    """The phase's result when every file it left parses: metrics.json, its selected checkpoint
+    and saved predictions. Anything less is not complete: the phase runs again, resuming from its
+    checkpoints (a damaged file is named in the log)."""
+    done = directory / "metrics.json"
+    if not done.is_file():
+        return None
+    try:
+        result = json.loads(done.read_text())
+        missing = [k for k in PHASE_RESULT_KEYS if k not in result]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        log.warning("%s is damaged (%s): finishing %s again from its checkpoints", done, err, directory.name)
+        return None
+    damaged = [p for p in _phase_files(directory, result) if not is_readable(p)]
+    if damaged:
+        log.warning("%s: %s missing or damaged: finishing the stage again from its checkpoints",
+                    directory.name, ", ".join(str(p) for p in damaged))
+        return None
+    return result
+
+
+def _phase_files(directory: Path, result: dict[str, Any]) -> list[Path]:
+    files = []
+    if result.get("selected_checkpoint"):
+        files.append(directory / "checkpoints" / f"{result['selected_checkpoint']}.pth")
+    files += [directory / "predictions" / f"{split}.npz" for split in ("val", "test") if result.get(split)]
+    return files
 
 
 def _phase_datasets(cfg: DictConfig, name: str, modalities: list[str], model, datasets: dict, runtime: Runtime,

@@ -17,7 +17,9 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mdfnet_hydra.files import atomic_target
 from mdfnet_hydra.labels import CHEXPERT_LABELS
+from mdfnet_hydra.resolvers import OPTUNA_DB
 
 SUMMARY_FILE = "results_summary.csv"
 BASE_COLUMNS = [
@@ -73,7 +75,7 @@ def write_summary(sweep_dir: str | Path) -> Path:
     rows = [row for d in sorted(p for p in sweep_dir.iterdir() if p.is_dir()) if (row := job_row(d)) is not None]
     rows.sort(key=lambda r: _job_order(r["job"]))
     out = sweep_dir / SUMMARY_FILE
-    with out.open("w", newline="") as handle:
+    with atomic_target(out) as tmp, tmp.open("w", newline="") as handle:  # several sweep processes may write it
         writer = csv.DictWriter(handle, fieldnames=BASE_COLUMNS + LABEL_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
@@ -97,11 +99,30 @@ class WriteSummary(Callback):
         out = write_summary(sweep_dir)
         print(f"[mdfnet-hydra] sweep summary: {out}", flush=True)
         if "evaluation" in config and config.evaluation.on_finish:
+            if _other_processes_running(config, sweep_dir):
+                print("[mdfnet-hydra] other processes still run trials of this study: the last to end evaluates the sweep",
+                      flush=True)
+                return
             from mdfnet_hydra.evaluation import evaluate_quietly
 
             evaluation = evaluate_quietly(sweep_dir, sweep_dir / "evaluation", config.evaluation)
             if evaluation is not None:
                 print(f"[mdfnet-hydra] evaluation: {evaluation / 'results.md'}", flush=True)
+
+
+def _other_processes_running(config: DictConfig, sweep_dir: Path) -> bool:
+    """Whether the sweep's study still has running trials, which can only be other processes'
+    (several processes may share one study): evaluating now would leave those out."""
+    db = sweep_dir / OPTUNA_DB
+    if config.get("hparams") is None or not db.is_file():
+        return False
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=str(config.hparams.study_name), storage=f"sqlite:///{db}")
+    except KeyError:
+        return False
+    return any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,20 @@ def attach_log_file(path: Path) -> logging.Handler:
     return handler
 
 
+def log_failure(handler: Optional[logging.Handler], err: BaseException) -> None:
+    """The error that ends a job, with its traceback, into the run's log file only (the console
+    already shows it); Ctrl-C as one line."""
+    if handler is None:
+        return
+    interrupted = isinstance(err, KeyboardInterrupt)
+    record = logging.LogRecord(
+        "mdfnet_hydra", logging.ERROR, __file__, 0,
+        "interrupted (Ctrl-C / SIGINT); rerun the same command to resume" if interrupted else "job failed: %s: %s",
+        None if interrupted else (type(err).__name__, err), None if interrupted else (type(err), err, err.__traceback__),
+    )
+    handler.handle(record)
+
+
 def detach_log_file(handler: Optional[logging.Handler]) -> None:
     if handler is not None:
         logging.getLogger().removeHandler(handler)

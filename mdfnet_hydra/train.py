@@ -15,9 +15,11 @@ from omegaconf import DictConfig
 from mdfnet_hydra.config import EXECUTION_WHITELIST, register_configs
 from mdfnet_hydra.distributed import process_rank
 from mdfnet_hydra.resolvers import register_resolvers
+from mdfnet_hydra.sweeper import register_sweeper
 
 register_configs()
 register_resolvers()
+register_sweeper()
 
 
 @hydra.main(config_path="../conf", config_name="train", execution_whitelist=EXECUTION_WHITELIST)

@@ -22,11 +22,12 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from mdfnet_hydra.checkpoint import CheckpointManager, load_checkpoint
+from mdfnet_hydra.checkpoint import CheckpointManager, load_checkpoint, move_aside
 from mdfnet_hydra.config import CheckpointName, PhaseConfig
 from mdfnet_hydra.data.dataset import MultimodalDataset
 from mdfnet_hydra.data.loading import describe_loader, loader_settings
-from mdfnet_hydra.distributed import all_gather_rows, barrier
+from mdfnet_hydra.distributed import all_gather_rows, barrier, broadcast_from_main
+from mdfnet_hydra.files import DamagedFileError, write_text
 from mdfnet_hydra.labels import CHEXPERT_LABELS, tag_name
 from mdfnet_hydra.losses import MultiLabelLoss
 from mdfnet_hydra.metrics import compute_metrics
@@ -61,6 +62,10 @@ class PhaseState:
     bad_epochs: int = 0
     best: dict[str, Best] = field(default_factory=lambda: {k: Best() for k in BEST_MONITORS})
     elapsed_s: float = 0.0
+    # what the schedule was built for: a resume must step the same way (None in older checkpoints)
+    effective_batch_size: Optional[int] = None
+    steps_per_epoch: Optional[int] = None
+    precision: Optional[str] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,7 +146,9 @@ class PhaseTrainer:
             int(self.trainer_cfg.checkpoint.keep_last),
             enabled=runtime.is_main,
         )
-        self.state = PhaseState()
+        self._resume_state: Optional[dict[str, Any]] = None  # rank 0's loaded resume state
+        self.state = PhaseState(effective_batch_size=self.effective_batch_size, steps_per_epoch=self.steps_per_epoch,
+                                precision=runtime.precision.value)
 
     # ------------------------------------------------------------------ setup
     def _wrap_ddp(self) -> torch.nn.Module:
@@ -200,17 +207,93 @@ class PhaseTrainer:
         return state
 
     def _try_resume(self) -> None:
-        last = self.checkpoints.path(CheckpointName.last.value)
-        if not (self.trainer_cfg.resume and last.is_file()):
+        """Continue from the newest valid full state (`last`, else the newest `epoch_NNN`).
+
+        Rank 0 decides and every rank follows (on a shared file system ranks could otherwise see
+        different files and train different epochs). A stage directory that holds checkpoints but
+        no usable state is refused rather than trained over from the start, which would overwrite
+        its results; `trainer.resume=false` does that deliberately."""
+        decision = json.loads(broadcast_from_main(json.dumps(self._resume_decision() if self.runtime.is_main else {})))
+        if decision.get("refuse"):
+            raise DamagedFileError(decision["refuse"])
+        if not decision.get("path"):
             return
-        ckpt = load_checkpoint(last)
+        path = Path(decision["path"])
+        ckpt = self._resume_state if self.runtime.is_main else load_checkpoint(path)
+        self._resume_state = None
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = PhaseState.from_dict(ckpt["trainer_state"])
+        resumed = PhaseState.from_dict(ckpt["trainer_state"])
+        resumed.effective_batch_size, resumed.steps_per_epoch = self.effective_batch_size, self.steps_per_epoch
+        resumed.precision = self.runtime.precision.value
+        self.state = resumed
+        self.state.best.update({k: Best(**v) for k, v in decision.get("best", {}).items()})
         torch.set_rng_state(ckpt["torch_rng"])
-        log.info("%s: resumed from %s after epoch %d", self.name, last, self.state.epoch)
+        log.info("%s: resumed from %s after epoch %d", self.name, path, self.state.epoch)
+
+    def _resume_decision(self) -> dict[str, Any]:
+        """Rank 0: {"path": state to resume} | {"refuse": message} | {} (start the phase afresh)."""
+        self._resume_state = None
+        existing = self.checkpoints.existing()
+        if not existing:
+            return {}
+        if not self.trainer_cfg.resume:
+            aside = move_aside(self.directory)
+            log.warning("%s: trainer.resume=false: training from the start; the earlier results are in %s", self.name, aside)
+            return {}
+        path, ckpt, problems = self.checkpoints.resume_state(CheckpointName.last.value)
+        if ckpt is None:
+            if _first_epoch_only(existing):
+                log.warning("%s: %s; the stage had no finished epoch to resume: starting it again", self.name, "; ".join(problems))
+                return {}
+            return {"refuse": (
+                f"{self.name}: cannot resume from {self.checkpoints.directory}: {'; '.join(problems)}, and no valid "
+                f"epoch_NNN checkpoint holds the training state. Its other checkpoints "
+                f"({', '.join(p.name for p in existing)}) would be overwritten by training from the start: "
+                f"set trainer.resume=false to do that (they are moved aside), or move the directory away."
+            )}
+        for problem in problems:
+            log.warning("%s: %s; resuming from %s instead", self.name, problem, path.name)
+        mismatch = self._schedule_mismatch(PhaseState.from_dict(ckpt["trainer_state"]), path)
+        if mismatch:
+            return {"refuse": mismatch}
+        self._resume_state = ckpt
+        return {"path": str(path), "best": self._bests_on_disk(int(ckpt["trainer_state"]["epoch"]))}
+
+    def _schedule_mismatch(self, saved: PhaseState, path: Path) -> Optional[str]:
+        """Why `saved` cannot continue under this job's batch and schedule (None if it can)."""
+        if saved.precision and saved.precision != self.runtime.precision.value:
+            log.warning("%s: %s was trained in %s, this job computes in %s", self.name, path.name, saved.precision,
+                        self.runtime.precision.value)
+        if saved.effective_batch_size in (None, self.effective_batch_size) and saved.steps_per_epoch in (None, self.steps_per_epoch):
+            return None
+        return (f"{self.name}: {path} was trained with effective batch {saved.effective_batch_size} "
+                f"({saved.steps_per_epoch} steps per epoch); this job makes {self.effective_batch_size} "
+                f"({self.steps_per_epoch} steps per epoch: {self.per_device_batch} per device x {self.runtime.world_size} "
+                f"worker(s) x {self.accum} accumulation), so its learning-rate schedule would not continue. Resume on "
+                f"as many devices, or fix the batch across device counts with trainer.global_batch_size")
+
+    def _bests_on_disk(self, resumed_epoch: int) -> dict[str, dict]:
+        """Best checkpoints written after the resumed state (a job killed between saving a best and
+        `last`, or a fall-back to an older `epoch_NNN`): the state adopts what the files hold, so
+        the values it compares with, and the epoch it reports, are those of the weights on disk."""
+        adopted = {}
+        for name, key in BEST_MONITORS.items():
+            path = self.checkpoints.path(name)
+            if not path.is_file():
+                continue
+            try:
+                saved = load_checkpoint(path, mmap=True)
+            except DamagedFileError as err:
+                log.warning("%s: %s; it is written again at the next improvement", self.name, err)
+                continue
+            epoch, value = saved.get("epoch"), (saved.get("metrics") or {}).get(key)
+            if epoch is not None and int(epoch) > resumed_epoch and value is not None:
+                adopted[name] = {"value": float(value), "epoch": int(epoch)}
+                log.warning("%s: %s holds epoch %d, after the resumed state: kept as the best so far", self.name, path.name, epoch)
+        return adopted
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
@@ -391,11 +474,13 @@ class PhaseTrainer:
         return improved
 
     def _save_epoch(self, metrics: dict, improved: list[str]) -> None:
+        """Bests first, then `last`, then the periodic copy of `last`: a job killed in between
+        resumes from the previous `last` and repeats the epoch (adopting a best saved meanwhile)."""
         weights_only = self._checkpoint(metrics, full=False)
         for name in improved:
             self.checkpoints.save(name, weights_only)
-        self.checkpoints.save_periodic(self.state.epoch, weights_only)
-        self.checkpoints.save(CheckpointName.last.value, self._checkpoint(metrics, full=True))
+        last = self.checkpoints.save(CheckpointName.last.value, self._checkpoint(metrics, full=True))
+        self.checkpoints.save_periodic(self.state.epoch, last)  # resumable, should `last` be lost
 
     def _log_epoch(self, tracker: Tracker, epoch: int, epochs: int, train: dict, val_loss: float, m: dict, seconds: float) -> None:
         tracker.scalars("train", {f"loss_{k}": v for k, v in train.items()}, epoch)
@@ -428,6 +513,7 @@ class PhaseTrainer:
             "effective_batch_size": self.effective_batch_size,
             "train_samples": len(self.datasets["train"]),
             "wall_time_s": self.state.elapsed_s,
+            "started_from_sha256": self.extras.get("started_from_sha256"),  # the checkpoint this phase started from
         }
         if self.state.epoch == 0:  # the time budget ran out before the first epoch
             result.update(selected_checkpoint=None, checkpoint_path=None, best_epoch=None, val=None, test=None)
@@ -438,7 +524,11 @@ class PhaseTrainer:
             select = CheckpointName.last.value  # no defined metric ever (tiny debug splits)
         selected = self.checkpoints.path(select)
         barrier()  # rank 0 has written the checkpoint every rank now loads
-        self.model.load_state_dict(load_checkpoint(selected)["model"])
+        try:
+            self.model.load_state_dict(load_checkpoint(selected)["model"])
+        except DamagedFileError as err:
+            raise DamagedFileError(f"{err}. It is {self.name}'s selected checkpoint ({select}); set "
+                                   f"trainer.resume=false to train the stage again") from err
         result.update(
             selected_checkpoint=select,
             checkpoint_path=str(selected),
@@ -457,13 +547,25 @@ class PhaseTrainer:
 
     def _write_result(self, result: dict[str, Any]) -> None:
         if self.runtime.is_main:
-            (self.directory / "metrics.json").write_text(json.dumps(result, indent=2))
+            write_text(self.directory / "metrics.json", json.dumps(result, indent=2))
         barrier()
 
     def _save_predictions(self, split: str, pred: Prediction, checkpoint: Path) -> None:
         """Probabilities with labels for later evaluation; patient ids replaced by group numbers."""
         save_predictions(self.directory / "predictions" / f"{split}.npz", pred.probs, self.datasets[split].split,
                          pred.indices, checkpoint)
+
+
+def _first_epoch_only(checkpoints: list[Path]) -> bool:
+    """Whether every readable checkpoint is from epoch 1 or earlier (a job killed while saving its
+    first epoch): starting over then loses nothing that was finished."""
+    for path in checkpoints:
+        try:
+            if int(load_checkpoint(path, mmap=True).get("epoch") or 0) > 1:
+                return False
+        except DamagedFileError:
+            continue
+    return True
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:

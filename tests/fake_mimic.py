@@ -7,7 +7,8 @@ MIMIC-IV-ED: ed/edstays.csv.gz, ed/triage.csv.gz; MIMIC-IV: hosp/patients.csv.gz
 Quirks covered: gzip CSVs (and one plain CSV), several images per study, lateral views, uncertain
 and blank labels, a study outside any ED stay, a study inside one only with the slack, reports with
 and without an INDICATION section, a free-text pain score, a missing image, a patient absent from
-patients.csv.
+patients.csv. LEAKY_REPORTS / ALLOWED_REPORTS: report layouts whose findings must never reach the
+input text, and layouts whose before-the-read text must.
 """
 
 from __future__ import annotations
@@ -55,6 +56,37 @@ REPORT_WITHOUT_INDICATION = """                                 FINAL REPORT
 
  IMPRESSION:  No acute cardiopulmonary process.
 """
+
+# Layouts in which the read (every "effusion" below) sits next to the allowed sections: none of it may
+# reach the input text. Each keeps an INDICATION that must survive as "cough".
+LEAKY_REPORTS = {
+    "combined header": " INDICATION:  cough\n\n FINDINGS/IMPRESSION:  Small left effusion.\n",
+    "findings and impression": " INDICATION:  cough\n FINDINGS AND IMPRESSION:  Small left effusion.\n",
+    "numbered header": " INDICATION:  cough\n\n FINDINGS 2:  Small left effusion.\n\n IMPRESSION 1:  Effusion.\n",
+    "header mid-line": " INDICATION:  cough  FINDINGS:  Small left effusion.\n",
+    "header after a sentence": " INDICATION:  cough. Impression: small left effusion.\n",
+    "header after words": " INDICATION:  cough findings: small left effusion.\n",
+    "no header after a blank line": " INDICATION:  cough\n\n There is a small left effusion.\n",
+    "no header on the next line": " INDICATION:  cough.\n There is a small left effusion.\n",
+    "unknown header": " INDICATION:  cough\n PA AND LATERAL VIEWS:  Small left effusion.\n",
+    "wet read after the indication": " INDICATION:  cough\n WET READ:  ___ 10:30 PM  small left effusion\n",
+    "history inside the findings": " INDICATION:  cough\n\n FINDINGS:  Small left effusion, given history: CHF, effusion.\n",
+    "lower-case allowed header inside the findings": " INDICATION:  cough\n FINDINGS:\n history: small left effusion.\n",
+}
+
+# Layouts that must keep their before-the-read text.
+ALLOWED_REPORTS = {
+    "wrapped indication": (" INDICATION:  ___M with a long history of congestive heart failure, now with\n"
+                           " worsening dyspnea  // eval for edema\n\n FINDINGS:  Small left effusion.\n",
+                           {"indication": "___M with a long history of congestive heart failure, now with worsening "
+                                          "dyspnea // eval for edema"}),
+    "indication below its header": (" INDICATION:\n\n cough\n\n IMPRESSION:  Effusion.\n", {"indication": "cough"}),
+    "wet read first": (" WET READ: ___ ___ 10:30 PM  small left effusion\n\n FINAL REPORT\n CLINICAL INFORMATION:  "
+                       "fever\n\n REASON FOR EXAMINATION:  eval pna\n\n FINDINGS:  Effusion.\n",
+                       {"history": "fever", "reason_for_exam": "eval pna"}),
+    "indication then comparison": (" INDICATION:  cough  // pna?\n\n COMPARISON:  ___.\n\n FINDINGS:  Effusion.\n",
+                                   {"indication": "cough // pna?", "comparison": "___."}),
+}
 
 
 @dataclass

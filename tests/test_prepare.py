@@ -20,7 +20,7 @@ from mdfnet_hydra.config import PrepareConfig
 from mdfnet_hydra.data.manifest import read_manifest
 from mdfnet_hydra.labels import CHEXPERT_LABELS
 from mdfnet_hydra.mimic.build import prepare
-from mdfnet_hydra.mimic.reports import parse_sections
+from mdfnet_hydra.mimic.reports import BEFORE_READ_SECTIONS, input_text, parse_sections
 from mdfnet_hydra.mimic.tables import PrepareError
 
 EXPECTED_SAMPLES = {"d-pa-1", "d-ap-2", "d-pa-3", "d-pa-4", "d-pa-7"}
@@ -141,7 +141,7 @@ def test_images_are_resized_once_and_reused(prepared, tree):
     out, m, report = prepared
     with Image.open(out / m.loc["d-pa-1", "image_path"]) as image:
         assert min(image.size) == 128 and image.mode == "L"
-    assert report["images"] == {"done": 5, "reused": 0, "missing": 1, "unreadable": 0}
+    assert report["images"] == {"done": 5, "remade": 0, "reused": 0, "missing": 1, "unreadable": 0}
     again = prepare(make_cfg(tree, out))
     assert again["images"]["done"] == 0 and again["images"]["reused"] == 5
 
@@ -199,3 +199,154 @@ def test_cli_prepares_and_the_trainer_reads_it(tree, tmp_path):
     assert train.returncode == 0, train.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["stages"]["stage1"]["train_samples"] == 3
+
+
+# ---------------------------------------------------------------- wrong input never yields a dataset
+
+
+def test_every_missing_input_is_named_before_any_table_is_read(tree, tmp_path, monkeypatch):
+    (tree["cxr_jpg"] / "mimic-cxr-2.0.0-chexpert.csv.gz").unlink()
+    (tree["ed"] / "ed" / "triage.csv.gz").unlink()
+    shutil.rmtree(tree["reports"] / "files")
+    paths = dict(tree, hosp=tmp_path / "nowhere")
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a table was read before the inputs were checked")
+
+    monkeypatch.setattr("mdfnet_hydra.mimic.build.read_table", no_reading)
+    with pytest.raises(PrepareError, match=r"^4 input\(s\) missing") as err:
+        prepare(make_cfg(paths, tmp_path / "out"))
+    message = str(err.value)
+    for missing in ("mimic-cxr-2.0.0-chexpert table (mimic.cxr_jpg=", "triage table (mimic.ed=",
+                    f"patients table (mimic.hosp={tmp_path / 'nowhere'}", f"{tree['reports'] / 'files'} (mimic.reports"):
+        assert missing in message
+    assert "metadata" not in message and "edstays" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_reports_are_not_required_when_no_section_is_wanted(tree, tmp_path):
+    shutil.rmtree(tree["reports"] / "files")
+    prepare(make_cfg(tree, tmp_path / "out", text={"sections": []}))
+    m = read_manifest(tmp_path / "out" / "manifest.parquet").set_index("sample_id")
+    assert m.loc["d-pa-1", "text"] == "CHIEF COMPLAINT: Abd pain, Abdominal distention"
+
+
+def test_wrong_reports_folder_fails_naming_it(tree, tmp_path):
+    wrong = dict(tree, reports=tree["cxr_jpg"])  # has files/pXX/... but no reports in it
+    with pytest.raises(PrepareError, match=r"found 0 of 6 reports under .*mimic-cxr-jpg/files \(0%.*\); expected one "
+                                           r"per study as pXX/pXXXXXXXX/sXXXXXXXX.txt, e.g. .*/p10/p10000032/"
+                                           r"s50414267.txt: point mimic.reports at"):
+        prepare(make_cfg(wrong, tmp_path / "out"))
+
+
+def test_partial_reports_fail_unless_the_check_is_lowered(tree, tmp_path):
+    for path in sorted((tree["reports"] / "files").rglob("*.txt"))[1:]:
+        path.unlink()  # 1 of 6 studies keeps its report
+    with pytest.raises(PrepareError, match=r"found 1 of 6 reports .*fewer than checks.min_reports_found=0.5"):
+        prepare(make_cfg(tree, tmp_path / "a"))
+    report = prepare(make_cfg(tree, tmp_path / "b", checks={"min_reports_found": 0.1}))
+    assert report["text"]["reports found"] == 1
+
+
+def test_cxr_without_its_image_folder_fails(tree, tmp_path):
+    shutil.rmtree(tree["cxr_jpg"] / "files")
+    with pytest.raises(PrepareError, match=r"1 input\(s\) missing: the folder .*mimic-cxr-jpg/files \(mimic.cxr_jpg"):
+        prepare(make_cfg(tree, tmp_path / "out"))
+    (tree["cxr_jpg"] / "files" / "p10").mkdir(parents=True)  # the folder, but not the images
+    with pytest.raises(PrepareError, match=r"found 0 of 6 chosen images under .*mimic-cxr-jpg/files .*\(6 missing, "
+                                           r"0 unreadable, e.g. .*d-pa-1.jpg\): point mimic.cxr_jpg at"):
+        prepare(make_cfg(tree, tmp_path / "out"))
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
+
+
+def test_partial_images_fail_unless_the_check_is_lowered(tree, tmp_path):
+    for dicom, subject, study in (("d-pa-1", 10000032, 50414267), ("d-ap-2", 10000032, 53189527),
+                                  ("d-pa-3", 10000764, 57375967)):
+        (fake_mimic.study_dir(tree["cxr_jpg"], subject, study) / f"{dicom}.jpg").unlink()
+    with pytest.raises(PrepareError, match=r"found 2 of 6 chosen images .*fewer than checks.min_images_found=0.5"):
+        prepare(make_cfg(tree, tmp_path / "a"))
+    prepare(make_cfg(tree, tmp_path / "b", checks={"min_images_found": 0.25}))
+    assert set(read_manifest(tmp_path / "b" / "manifest.parquet").sample_id) == {"d-pa-4", "d-pa-7"}
+
+
+def test_ed_and_patients_of_other_patients_fail(tree, tmp_path):
+    stays = tree["ed"] / "ed" / "edstays.csv.gz"
+    pd.read_csv(stays).assign(subject_id=lambda f: f.subject_id + 1).to_csv(stays, index=False)
+    with pytest.raises(PrepareError, match=r"found 0 of 6 studies linked to an ED stay of .*edstays.csv.gz.*mimic.ed"):
+        prepare(make_cfg(tree, tmp_path / "a"))
+    prepare(make_cfg(tree, tmp_path / "b", checks={"min_ed_linked": 0}))
+    patients = tree["hosp"] / "hosp" / "patients.csv.gz"
+    pd.read_csv(patients).assign(subject_id=lambda f: f.subject_id + 1).to_csv(patients, index=False)
+    with pytest.raises(PrepareError, match=r"found 0 of 6 studies with their patient in .*patients.csv.gz.*mimic.hosp"):
+        prepare(make_cfg(tree, tmp_path / "c", checks={"min_ed_linked": 0}))
+
+
+def test_label_table_cut_mid_row_is_refused(tree, tmp_path):
+    path = tree["cxr_jpg"] / "mimic-cxr-2.0.0-chexpert.csv.gz"
+    with gzip.open(path, "rt") as handle:
+        text = handle.read()
+    with gzip.open(path, "wt") as handle:  # a valid gzip whose last row stops after 3 of 16 fields
+        handle.write(text[:text.rstrip("\n").rfind("\n") + 1] + "10001401,55555555,1.0")
+    with pytest.raises(PrepareError, match=r"mimic-cxr-2.0.0-chexpert.csv.gz: 1 row\(s\) do not have the header's 16 "
+                                           r"fields \(line 8 has 3\).*download it again"):
+        prepare(make_cfg(tree, tmp_path / "out"))
+
+
+def test_rows_with_too_many_fields_are_named_by_line(tree, tmp_path):
+    path = tree["ed"] / "ed" / "edstays.csv.gz"
+    with gzip.open(path, "rt") as handle:
+        lines = handle.read().splitlines()
+    lines[2] += ",extra"
+    lines[4] = lines[4].rsplit(",", 2)[0]
+    with gzip.open(path, "wt") as handle:
+        handle.write("\n".join(lines) + "\n")
+    with pytest.raises(PrepareError, match=r"edstays.csv.gz: 2 row\(s\) do not have the header's 9 fields "
+                                           r"\(line 3 has 10, line 5 has 7\)"):
+        prepare(make_cfg(tree, tmp_path / "out"))
+
+
+def test_images_of_other_settings_are_remade_not_reused(prepared, tree):
+    out, m, _ = prepared
+    image = out / m.loc["d-pa-1", "image_path"]
+    smaller = prepare(make_cfg(tree, out, images={"size": 64, "workers": 1}))
+    assert smaller["images"] == {"done": 0, "remade": 5, "reused": 0, "missing": 1, "unreadable": 0}
+    with Image.open(image) as opened:
+        assert min(opened.size) == 64
+    assert prepare(make_cfg(tree, out, images={"size": 64, "workers": 1}))["images"]["reused"] == 5
+    other_quality = prepare(make_cfg(tree, out, images={"size": 64, "quality": 80, "workers": 1}))
+    assert other_quality["images"]["remade"] == 5
+    with Image.open(image) as opened:  # an image of an older preparation, without the settings stamp
+        pixels = np.asarray(opened)
+    Image.fromarray(pixels).save(image, format="JPEG", quality=80)
+    again = prepare(make_cfg(tree, out, images={"size": 64, "quality": 80, "workers": 1}))
+    assert (again["images"]["remade"], again["images"]["reused"]) == (1, 4)
+
+
+def test_label_source_sections_include_wet_read_notification_addendum(tree, tmp_path):
+    for section in ("wet_read", "notification", "addendum"):
+        with pytest.raises(PrepareError, match="allow_label_source=true"):
+            prepare(make_cfg(tree, tmp_path / section, text={"sections": ["indication", section]}))
+
+
+@pytest.mark.parametrize("layout", sorted(fake_mimic.LEAKY_REPORTS))
+def test_the_read_never_reaches_the_input_text(layout):
+    sections = parse_sections(fake_mimic.LEAKY_REPORTS[layout])
+    text = input_text(sections, list(BEFORE_READ_SECTIONS), None)
+    assert sections["indication"].rstrip(".") == "cough"
+    assert "effusion" not in text.lower(), text
+
+
+@pytest.mark.parametrize("layout", sorted(fake_mimic.ALLOWED_REPORTS))
+def test_before_the_read_sections_still_pass(layout):
+    report, expected = fake_mimic.ALLOWED_REPORTS[layout]
+    sections = parse_sections(report)
+    assert {name: sections.get(name) for name in expected} == expected
+    assert "effusion" not in input_text(sections, list(BEFORE_READ_SECTIONS), None).lower()
+
+
+def test_leaky_report_layouts_end_to_end(tree, tmp_path):
+    path = fake_mimic.study_dir(tree["reports"], 10000032, 50414267).with_suffix(".txt")
+    path.write_text(fake_mimic.LEAKY_REPORTS["combined header"])
+    prepare(make_cfg(tree, tmp_path / "out"))
+    m = read_manifest(tmp_path / "out" / "manifest.parquet").set_index("sample_id")
+    assert m.loc["d-pa-1", "text"] == "INDICATION: cough CHIEF COMPLAINT: Abd pain, Abdominal distention"

@@ -56,6 +56,7 @@ def test_bayesian_study_persists_and_resumes(tmp_path):
     assert study.trials[2].params != study.trials[0].params, "a resumed study does not redraw old trials"
     jobs = sorted(p.name for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
     assert len(jobs) == 3 and len(summary_rows(sweep_dir)) == 3
+    assert sorted(int(j.split("_")[0]) for j in jobs) == [t.number for t in study.trials], "<trial number>_<hash>"
     # and once the budget is reached, running it again trains nothing
     again = sweep(tmp_path, *common, "hparams.n_trials=3")
     assert "Launching" not in again.stdout + again.stderr

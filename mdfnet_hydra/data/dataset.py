@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,13 +20,26 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mdfnet_hydra.config import DataConfig
+from mdfnet_hydra.config import ConfigError, DataConfig
+from mdfnet_hydra.data import cache_store
 from mdfnet_hydra.data.manifest import SPLITS, label_matrix, read_manifest
 from mdfnet_hydra.data.synthetic import ensure_synthetic
 from mdfnet_hydra.data.targets import encode_targets
 from mdfnet_hydra.data.token_cache import TokenIds
+from mdfnet_hydra.files import write_text
+from mdfnet_hydra.machine import real_cpus
 
 log = logging.getLogger(__name__)
+
+AUTO_VERIFY_MAX_IMAGES = 20_000  # data.verify_images=auto checks prepared datasets up to this size
+SHOWN_FAILURES = 20  # unreadable images listed in one error; the rest are counted
+RECORD_FORMAT = 1
+REDO_HINT = ("delete the file(s) and rerun `python -m mdfnet_hydra.prepare` (it re-creates missing images), "
+             "or drop their rows from the manifest")
+
+
+class UnreadableImageError(OSError):
+    """An image of the dataset cannot be decoded; the message names the file and its sample id."""
 
 
 @dataclass
@@ -52,6 +71,7 @@ def resolve_root(data: DataConfig) -> Path:
 def load_splits(data: DataConfig, seed: int) -> tuple[Path, dict[str, SplitData]]:
     root = resolve_root(data)
     frame = read_manifest(root / data.manifest)
+    check_images(root, root / data.manifest, frame, data)
     splits: dict[str, SplitData] = {}
     for name in SPLITS:
         part = frame[frame["split"] == name]
@@ -66,6 +86,104 @@ def load_splits(data: DataConfig, seed: int) -> tuple[Path, dict[str, SplitData]
     return root, splits
 
 
+# ---------------------------------------------------------------- one-time image check
+def wants_image_check(data: DataConfig, n_images: int) -> bool:
+    """`data.verify_images`: true, false, or auto (prepared datasets small enough to decode at start;
+    the synthetic dataset is generated here and never needs it)."""
+    value = str(data.verify_images).lower()
+    if value not in ("auto", "true", "false"):
+        raise ConfigError(f"data.verify_images must be auto, true or false, got {data.verify_images!r}")
+    if value == "auto":
+        return data.synthetic is None and n_images <= AUTO_VERIFY_MAX_IMAGES
+    return value == "true"
+
+
+def check_images(root: Path, manifest: Path, frame: pd.DataFrame, data: DataConfig) -> None:
+    """Decode every image of the manifest once, so a damaged file fails the job at start with all
+    such files listed, not an hour into an epoch one at a time. A pass is recorded beside the
+    manifest (keyed by the size and mtime of the manifest and every image), so later jobs skip it."""
+    images = frame.drop_duplicates("image_path")
+    if not wants_image_check(data, len(images)):
+        if data.synthetic is None and str(data.verify_images).lower() == "auto":
+            log.info("data.verify_images=auto: %d images (more than %d), not decoded at start; "
+                     "data.verify_images=true checks them", len(images), AUTO_VERIFY_MAX_IMAGES)
+        return
+    record = manifest.with_name(f".{manifest.name}.images-verified.json")
+    key = files_key(root, manifest, images["image_path"])
+    if recorded(record, key):
+        log.info("images of %s: decoded by an earlier job (%s), not checked again", manifest, record.name)
+        return
+    with ExitStack() as stack:
+        try:  # concurrent jobs (sweep trials, DDP ranks) wait for one check instead of repeating it
+            stack.enter_context(cache_store.exclusive(record.with_suffix(".lock")))
+        except OSError:
+            pass  # a read-only dataset directory: check without the lock
+        if recorded(record, key):
+            return
+        decode_all(root, manifest, images)
+        try:
+            write_text(record, json.dumps({"format": RECORD_FORMAT, "key": key, "images": len(images),
+                                           "checked": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        except OSError as err:
+            log.warning("images decoded, but the check could not be recorded (%s): it runs again in the "
+                        "next job; data.verify_images=false skips it", err)
+
+
+def files_key(root: Path, manifest: Path, image_paths: pd.Series) -> str:
+    """SHA-256 over the manifest's and every image's path, size and modification time."""
+    h = hashlib.sha256(f"{RECORD_FORMAT}|{manifest.resolve()}|{_stat(manifest)}\n".encode())
+    for rel in image_paths:
+        h.update(f"{rel}|{_stat(root / rel)}\n".encode())
+    return h.hexdigest()
+
+
+def _stat(path: Path) -> str:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def recorded(record: Path, key: str) -> bool:
+    """Whether an earlier job recorded a passed check for exactly these files."""
+    try:
+        return json.loads(record.read_text()).get("key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def decode_error(path: Path) -> Optional[str]:
+    """Why `path` does not fully decode, or None. Opening reads only the header; `load` decodes."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as err:  # OSError (truncated, missing), UnidentifiedImageError, decompression bombs...
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def decode_all(root: Path, manifest: Path, images: pd.DataFrame) -> None:
+    """Decode every image (threads: Pillow decodes without the GIL); raise one error listing the
+    first SHOWN_FAILURES failures with row, sample id and path."""
+    started = time.perf_counter()
+    log.info("decoding the %d images of %s once to check them (data.verify_images)", len(images), manifest)
+    paths = [root / rel for rel in images["image_path"]]
+    with ThreadPoolExecutor(max_workers=min(8, real_cpus())) as pool:
+        errors = list(pool.map(decode_error, paths))
+    failed = [(row, sid, path, err) for row, sid, path, err
+              in zip(images.index, images["sample_id"], paths, errors) if err is not None]
+    if failed:
+        lines = [f"  row {row}, sample_id {sid!r}: {path}: {err}" for row, sid, path, err in failed[:SHOWN_FAILURES]]
+        if len(failed) > SHOWN_FAILURES:
+            lines.append(f"  ... and {len(failed) - SHOWN_FAILURES} more")
+        raise UnreadableImageError(
+            f"{len(failed)} of the {len(paths)} images of {manifest} cannot be decoded: {REDO_HINT} "
+            f"(data.verify_images=false skips this check):\n" + "\n".join(lines))
+    log.info("all %d images decode (%.0fs)", len(paths), time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------- the torch dataset
 class MultimodalDataset(Dataset):
     """Items hold only what the chosen modalities need: no image is decoded for a text-only run."""
 
@@ -99,13 +217,26 @@ class MultimodalDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = {"index": torch.tensor(index), "targets": self.targets[index], "mask": self.mask[index]}
         if self.image_paths is not None:
-            with Image.open(self.image_paths[index]) as image:
-                item["image"] = self.image_transform(image)
+            item["image"] = self.image(index)
         if self.token_ids is not None:
             item["input_ids"] = self.token_ids[index]
         if self.clinical is not None:
             item["clinical"] = self.clinical[index]
         return item
+
+    def image(self, index: int) -> torch.Tensor:
+        """The transformed image; a file that cannot be read fails naming itself and its sample id
+        (Pillow's own error, e.g. "image file is truncated", names neither)."""
+        path = self.image_paths[index]
+        try:
+            with Image.open(path) as image:
+                return self.image_transform(image)
+        except OSError as err:
+            sample_id = self.split.frame["sample_id"].iat[index]
+            raise UnreadableImageError(
+                f"cannot read image {path} (sample_id {sample_id!r}, {self.split.name} split): "
+                f"{type(err).__name__}: {err}; {REDO_HINT}. data.verify_images=true decodes every image "
+                f"at start and lists all that fail") from err
 
 
 class Collator:

@@ -8,8 +8,8 @@ write exactly this, and training reads nothing else:
 | sample_id | str | unique per row |
 | patient_id | str | splits never share a patient |
 | split | str | train / val / test |
-| image_path | str | relative to the dataset root |
-| text | str | clinical free text known before the read (indication, chief complaint) |
+| image_path | str | relative to the dataset root, without `..` (nothing outside the root is read) |
+| text | str | clinical free text known before the read (indication, chief complaint); null = empty |
 | age, temperature, heartrate, resprate, o2sat, sbp, dbp, pain, acuity | float | triage values, NaN if missing |
 | sex | str | "M" / "F", null if missing |
 | the 14 CheXpert label names | float | 1 positive, 0 negative, -1 uncertain, NaN not mentioned |
@@ -17,6 +17,7 @@ write exactly this, and training reads nothing else:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ ID_COLUMNS = ("sample_id", "patient_id", "split", "image_path", "text")
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ID_COLUMNS + CLINICAL_FEATURES + CHEXPERT_LABELS
 ALLOWED_LABEL_VALUES = (1.0, 0.0, -1.0)
+SHOWN_ROWS = 3  # rows named in an error: enough to find the problem, short enough to read
+SHOWN_PATIENTS = 3  # patient ids in the split-leak error (pseudonymous, but kept to a few)
 
 
 class ManifestError(ValueError):
@@ -44,7 +47,18 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         )
     frame = pd.read_parquet(path)
     validate_manifest(frame, source=str(path))
-    return frame
+    return with_empty_text(frame)
+
+
+def with_empty_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """Null `text` (a study without indication or chief complaint) becomes "" so that every
+    consumer (tokenizer training, tokenising) sees strings; other non-strings are refused earlier."""
+    text = frame["text"]
+    if not text.isna().any():
+        return frame
+    if text.dtype.kind == "f":  # a column that is null throughout reads back as float NaN
+        text = text.astype(object)
+    return frame.assign(text=text.fillna(""))
 
 
 def validate_manifest(frame: pd.DataFrame, source: str = "manifest") -> None:
@@ -58,12 +72,9 @@ def validate_manifest(frame: pd.DataFrame, source: str = "manifest") -> None:
     if bad_split.any():
         rows = frame.index[bad_split][:3].tolist()
         raise ManifestError(f"{source}: split must be one of {SPLITS}; bad rows {rows}")
-    per_patient = frame.groupby("patient_id")["split"].nunique()
-    leaking = per_patient[per_patient > 1]
-    if len(leaking):
-        raise ManifestError(
-            f"{source}: {len(leaking)} patients appear in more than one split; splits must be by patient"
-        )
+    _check_patient_splits(frame, source)
+    _check_image_paths(frame, source)
+    _check_text(frame, source)
     for label in CHEXPERT_LABELS:
         values = pd.to_numeric(frame[label], errors="coerce")
         bad = values.notna() & ~values.isin(ALLOWED_LABEL_VALUES)
@@ -77,6 +88,70 @@ def validate_manifest(frame: pd.DataFrame, source: str = "manifest") -> None:
     sex = frame["sex"].dropna()
     if not sex.isin(["M", "F"]).all():
         raise ManifestError(f"{source}: column 'sex' must be 'M', 'F' or empty")
+
+
+def _rows(frame: pd.DataFrame, bad: pd.Series | np.ndarray) -> str:
+    """The first bad rows (manifest row numbers) and how many there are, for an error message."""
+    rows = frame.index[np.asarray(bad, dtype=bool)].tolist()
+    more = f" ({len(rows)} in all)" if len(rows) > SHOWN_ROWS else ""
+    return f"{rows[:SHOWN_ROWS]}{more}"
+
+
+def _check_patient_splits(frame: pd.DataFrame, source: str) -> None:
+    """A patient in two splits leaks their other studies into evaluation: name a few, with rows."""
+    per_patient = frame.groupby("patient_id")["split"].nunique()
+    leaking = per_patient.index[per_patient > 1]
+    if not len(leaking):
+        return
+    examples = []
+    for patient in leaking[:SHOWN_PATIENTS]:
+        rows = frame[frame["patient_id"] == patient]
+        where = ", ".join(f"{split} rows {_rows(rows, rows['split'] == split)}"
+                          for split in SPLITS if (rows["split"] == split).any())
+        examples.append(f"patient_id {patient!r} ({where})")
+    raise ManifestError(
+        f"{source}: {len(leaking)} patients appear in more than one split, e.g. {'; '.join(examples)}; "
+        f"splits must be by patient: give each patient's rows one split (prepare does this with split.seed)"
+    )
+
+
+def _flags(column: pd.Series, test) -> np.ndarray:
+    """`test` of every value as a bool array (whatever the column's dtype)."""
+    return np.fromiter((test(v) for v in column), dtype=bool, count=len(column))
+
+
+_OUTSIDE = re.compile(r"^([\\/]|[A-Za-z]:)|(^|[\\/])\.\.([\\/]|$)")
+
+
+def _check_image_paths(frame: pd.DataFrame, source: str) -> None:
+    """Images are read from data.root only: an absolute path or a `..` step would read elsewhere."""
+    paths = frame["image_path"]
+    not_text = ~_flags(paths, lambda v: isinstance(v, str) and v != "")
+    if not_text.any():
+        raise ManifestError(
+            f"{source}: column 'image_path' is empty or not a string at rows {_rows(frame, not_text)}: "
+            f"{paths[not_text].head(SHOWN_ROWS).tolist()}; give every row its image's path relative to data.root"
+        )
+    outside = _flags(paths, lambda v: bool(_OUTSIDE.search(v)))
+    if outside.any():
+        raise ManifestError(
+            f"{source}: column 'image_path' holds absolute or '..' paths at rows {_rows(frame, outside)}: "
+            f"{paths[outside].head(SHOWN_ROWS).tolist()}; images are read from data.root only, so write "
+            f"paths relative to it (copy or link the images under data.root)"
+        )
+
+
+def _check_text(frame: pd.DataFrame, source: str) -> None:
+    """Text must be a string or null (read as empty); a number or a list is a preparation bug that
+    would otherwise surface as a bare TypeError inside the tokenizer trainer."""
+    text = frame["text"]
+    bad = text.notna().to_numpy(dtype=bool) & ~_flags(text, lambda v: isinstance(v, str))
+    if bad.any():
+        raise ManifestError(
+            f"{source}: column 'text' must hold strings (or null for no text) but holds "
+            f"{sorted({type(v).__name__ for v in text[bad]})} at rows {_rows(frame, bad)}: "
+            f"{text[bad].head(SHOWN_ROWS).tolist()}; write the clinical text as a string column"
+        )
 
 
 def write_manifest(frame: pd.DataFrame, path: str | Path) -> None:

@@ -144,15 +144,18 @@ def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> 
 
 
 def aggregate_seeds(results: list[RunResult]) -> list[dict[str, Any]]:
-    """Runs that differ only by seed: mean and standard deviation of the test mean AUROC."""
+    """Runs whose configurations differ in the seed alone (`Run.signature`): mean and standard
+    deviation of the test mean AUROC. Groups that share a modality and stage are told apart by the
+    config keys in which they differ."""
     groups: dict[str, list[RunResult]] = {}
     for result in results:
         groups.setdefault(result.run.signature(), []).append(result)
+    labels = _group_labels([members[0].run for members in groups.values()])
     rows = []
-    for members in groups.values():
+    for label, members in zip(labels, groups.values()):
         values = [m.mean_auroc for m in members if m.mean_auroc is not None]
         rows.append({
-            "configuration": f"{members[0].run.modality}/{members[0].run.stage}",
+            "configuration": label,
             "runs": ", ".join(m.run.name for m in members),
             "seeds": ", ".join(str(m.run.seed) for m in members),
             "n": len(values),
@@ -160,3 +163,23 @@ def aggregate_seeds(results: list[RunResult]) -> list[dict[str, Any]]:
             "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
         })
     return rows
+
+
+def _group_labels(runs: list[Run], shown: int = 3) -> list[str]:
+    """`modality/stage`, with the differing config keys where several groups share it."""
+    base = [f"{run.modality}/{run.stage}" for run in runs]
+    identities = [run.identity() for run in runs]
+    labels = []
+    for i, label in enumerate(base):
+        others = [identities[j] for j, other in enumerate(base) if other == label and j != i]
+        if not others:
+            labels.append(label)
+            continue
+        mine = identities[i]
+        keys = sorted({k for o in others for k in set(o) | set(mine) if o.get(k, _MISSING) != mine.get(k, _MISSING)})
+        parts = [f"{k}={mine.get(k)}" for k in keys[:shown]] + (["..."] if len(keys) > shown else [])
+        labels.append(f"{label} ({', '.join(parts)})")
+    return labels
+
+
+_MISSING = object()

@@ -1,4 +1,8 @@
-"""One evaluation: every finished run under a directory -> tables and figures in an output directory."""
+"""One evaluation: every finished run under a directory -> tables and figures in an output directory.
+
+A run whose files cannot be used is left out with a warning naming the file and the reason, and
+listed in results.md and results_summary.csv; the others are evaluated. If every run found had to be
+left out, `NoRunEvaluatedError` lists them in one line."""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ from typing import Any, Optional
 
 from mdfnet_hydra.evaluation import figures as fig
 from mdfnet_hydra.evaluation.analysis import RunResult, aggregate_seeds, analyse, compare_to_vision
-from mdfnet_hydra.evaluation.runs import discover, load_run_model, resolve_device, run_predictions
-from mdfnet_hydra.evaluation.tables import comparison_rows, markdown, summary_rows, write_csv
+from mdfnet_hydra.evaluation.runs import (LeftOut, LeftOutError, NoRunEvaluatedError, discover, leave_out, load_run_model,
+                                          resolve_device, run_predictions)
+from mdfnet_hydra.evaluation.tables import comparison_rows, left_out_rows, markdown, summary_rows, write_csv
+from mdfnet_hydra.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -21,22 +27,27 @@ def evaluate(experiments_dir: str | Path, output_dir: str | Path, options, data_
     checkpoint = getattr(options.checkpoint, "value", options.checkpoint)
     rule = getattr(options.threshold_rule, "value", options.threshold_rule)
     results: list[RunResult] = []
-    for run in discover(experiments_dir, exclude=out):
-        test = run_predictions(run, "test", checkpoint, data_root, options)
-        if test is None:
+    left_out: list[LeftOut] = []
+    for run in discover(experiments_dir, exclude=out, left_out=left_out):
+        try:
+            test = run_predictions(run, "test", checkpoint, data_root, options)
+            val = run_predictions(run, "val", checkpoint, data_root, options)
+        except LeftOutError as err:
+            leave_out(left_out, run.name, err, experiments_dir)
             continue
-        val = run_predictions(run, "val", checkpoint, data_root, options)
         results.append(analyse(run, test, val, rule, options.target_sensitivity,
                                options.n_bootstrap, options.seed))
         log.info("evaluated %s (%s checkpoint, %s predictions): test mean AUROC %s", run.name, checkpoint,
                  run.source.get("test"), "n/a" if results[-1].mean_auroc is None else f"{results[-1].mean_auroc:.4f}")
+    if not results and left_out:
+        raise NoRunEvaluatedError(
+            f"none of the {len(left_out)} run(s) under {experiments_dir} could be evaluated: "
+            + "; ".join(item.describe(experiments_dir) for item in left_out))
     if not results:
-        log.warning("no finished runs with a %s checkpoint under %s", checkpoint, experiments_dir)
-        return {"runs": 0, "output_dir": str(out)}
+        log.warning("no finished runs under %s", experiments_dir)
+        return {"runs": 0, "output_dir": str(out), "left_out": []}
     comparisons, notes = compare_to_vision(results, options.n_bootstrap, options.seed)
     seeds = aggregate_seeds(results)
-    written = [write_csv(out / "results_summary.csv", summary_rows(results, rule)),
-               write_csv(out / "comparisons.csv", comparison_rows(comparisons))]
     figures: list[Path] = []
     if options.figures:
         shown = _shown(results, int(options.max_curves))
@@ -45,10 +56,16 @@ def evaluate(experiments_dir: str | Path, output_dir: str | Path, options, data_
         figures.append(fig.calibration(shown, out))
         figures += [fig.confusion_matrices(r, rule, out) for r in results]
         figures += _saliency(results, out, options, data_root, checkpoint)
-    (out / "results.md").write_text(markdown(results, comparisons, notes, seeds, figures, out, rule))
-    log.info("evaluation of %d runs written to %s (results.md, results_summary.csv, comparisons.csv, %d figures)",
-             len(results), out, len(figures))
-    return {"runs": len(results), "output_dir": str(out), "files": [str(p) for p in written], "figures": [str(p) for p in figures]}
+    summary = summary_rows(results, rule)  # after the figures: saliency adds notes to runs
+    written = [write_csv(out / "results_summary.csv", summary + left_out_rows(left_out, summary[0], experiments_dir)),
+               write_csv(out / "comparisons.csv", comparison_rows(comparisons))]
+    written.append(write_text(out / "results.md", markdown(results, comparisons, notes, seeds, figures, out, rule,
+                                                           left_out, experiments_dir)))
+    log.info("evaluation of %d runs written to %s (results.md, results_summary.csv, comparisons.csv, %d figures)%s",
+             len(results), out, len(figures), f"; {len(left_out)} run(s) left out, listed there" if left_out else "")
+    return {"runs": len(results), "output_dir": str(out), "files": [str(p) for p in written],
+            "figures": [str(p) for p in figures],
+            "left_out": [{"run": x.run, "file": str(x.file), "reason": x.reason} for x in left_out]}
 
 
 def _shown(results: list[RunResult], limit: int) -> list[RunResult]:
@@ -74,8 +91,13 @@ def _saliency(results: list[RunResult], out: Path, options, data_root: Optional[
         if (run.config.get("data") or {}).get("name") != "synthetic" and not options.saliency_real_data:
             log.info("%s: no saliency figures for real data unless evaluation.saliency_real_data=true", run.name)
             continue
-        model, datasets, prep = load_run_model(run.directory / "checkpoints" / f"{checkpoint}.pth", data_root,
-                                               options.device, splits=("test",))
+        try:
+            model, datasets, prep = load_run_model(run.directory / "checkpoints" / f"{checkpoint}.pth", data_root,
+                                                   options.device, splits=("test",))
+        except LeftOutError as err:
+            log.warning("%s: no saliency maps: %s", run.name, err)
+            run.notes.append(f"no saliency maps: {err.reason}")
+            continue
         written += saliency_maps(model, datasets["test"], prep.pad_id, result.test.probs, int(options.saliency_per_label),
                                  out / "saliency" / fig.slug(run.name), resolve_device(options.device))
     return written

@@ -3,12 +3,20 @@
 A run is one stage directory (`<job>/stage1`, `<job>/stage2`) with a metrics.json and checkpoints,
 from any launcher. Saved predictions are reused when they were made by the chosen checkpoint (same
 file digest); otherwise the checkpoint is loaded and run on the split again.
+
+A run whose files cannot be used (a metrics.json or config.yaml that does not parse, a checkpoint
+that is missing, truncated or needs pickle, damaged saved predictions with no usable checkpoint to
+recompute them from) is left out: `LeftOutError` / `LeftOut` name the file and the reason, and the
+evaluation reports them and goes on with the other runs. Nothing is ever unpickled: checkpoints load
+with `torch.load(weights_only=True)`, predictions with `np.load(allow_pickle=False)`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.checkpoint import load_checkpoint
 from mdfnet_hydra.config import TrainConfig
-from mdfnet_hydra.predictions import Predictions, file_digest, load_predictions
+from mdfnet_hydra.files import DamagedFileError
+from mdfnet_hydra.identity import outcome_identity
+from mdfnet_hydra.predictions import DamagedPredictionsError, Predictions, file_digest, load_predictions
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +46,51 @@ HYPERPARAMETERS = {
 }
 
 
+# Keys of a run's stored config.yaml that change where, how fast or how verbosely a run computes, or
+# how it is evaluated later, never what it learns: runs differing only in these (and the seed) are
+# seeds of one configuration. The batch keys are replaced by the effective batch (per device x
+# devices x accumulation steps), so 1 GPU x 32 and 2 GPUs x 16 group, 1 x 32 and 2 x 32 do not.
+# Everything else is compared, conservatively: device, precision, feature-cache dtype, stage.init_from,
+# the data's location for real data (paths are compared for data.root unless the data is synthetic,
+# whose root is derived from data.synthetic).
+@dataclass
+class LeftOut:
+    """A run the evaluation could not use, the file that stopped it, and why."""
+
+    run: str
+    file: Path
+    reason: str
+
+    def describe(self, root: Optional[Path] = None) -> str:
+        return f"{self.run} ({shown_path(self.file, root)}: {self.reason})"
+
+
+class LeftOutError(Exception):
+    """This run cannot be evaluated: `file` is missing or damaged (`reason`, one line)."""
+
+    def __init__(self, file: Path, reason: str) -> None:
+        self.file, self.reason = Path(file), one_line(reason, limit=600)
+        super().__init__(f"{self.file}: {self.reason}")
+
+
+class NoRunEvaluatedError(RuntimeError):
+    """Runs were found, and every one of them had to be left out."""
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown_path(path: Path, root: Optional[Path]) -> str:
+    if root is not None:
+        try:
+            return str(Path(path).relative_to(root))
+        except ValueError:
+            pass
+    return str(path)
+
+
 @dataclass
 class Run:
     name: str  # relative to the experiments directory, e.g. "sweep/3_vision/stage2"
@@ -45,6 +100,8 @@ class Run:
     config: dict[str, Any]
     seed: int
     source: dict[str, str] = field(default_factory=dict)  # split -> "saved" | "recomputed"
+    effective_batch: Optional[int] = None  # metrics.json's effective_batch_size (else from the config)
+    notes: list[str] = field(default_factory=list)  # damaged files worked around (recomputed predictions)
 
     @property
     def modality(self) -> str:
@@ -64,15 +121,22 @@ class Run:
             out[name] = node
         return out
 
+    def identity(self) -> dict[str, Any]:
+        """The stored config's outcome identity (identity.py) without the seed, plus the stage directory."""
+        flat = outcome_identity(self.config, self.effective_batch)
+        flat.pop("seed", None)
+        flat["(stage directory)"] = self.stage
+        return flat
+
     def signature(self) -> str:
-        """Everything that defines the configuration except the seed (to aggregate seeds)."""
-        keep = {k: self.config.get(k) for k in ("modality", "model", "phases", "loss", "optimizer", "scheduler")}
-        keep["data"] = {k: (self.config.get("data") or {}).get(k) for k in ("name", "labels", "small_sample")}
-        keep["stage"] = self.stage
-        return json.dumps(keep, sort_keys=True, default=str)
+        """Equal for runs whose configurations differ in the seed alone (to aggregate seeds)."""
+        return json.dumps(self.identity(), sort_keys=True, default=str)
 
 
-def discover(experiments_dir: Path, exclude: Optional[Path] = None) -> list[Run]:
+def discover(experiments_dir: Path, exclude: Optional[Path] = None,
+             left_out: Optional[list[LeftOut]] = None) -> list[Run]:
+    """Finished stage directories under `experiments_dir`. One whose metrics.json or config.yaml
+    cannot be read is logged, added to `left_out` and skipped."""
     runs = []
     for metrics in sorted(experiments_dir.rglob("metrics.json")):
         directory = metrics.parent
@@ -80,36 +144,96 @@ def discover(experiments_dir: Path, exclude: Optional[Path] = None) -> list[Run]
             continue
         if not (directory / "checkpoints").is_dir() or not (directory / "config.yaml").is_file():
             continue
-        result = json.loads(metrics.read_text())
-        if "stage" not in result or not result.get("val"):
-            continue  # a job-level summary, or a stage that never finished an epoch
-        config = OmegaConf.to_container(OmegaConf.load(directory / "config.yaml"), resolve=False)
-        runs.append(Run(
-            name=str(directory.relative_to(experiments_dir)) if directory != experiments_dir else directory.name,
-            directory=directory,
-            stage=result["stage"],
-            modalities=list(result["modalities"]),
-            config=config,
-            seed=int(config.get("seed", 0)),
-        ))
+        name = str(directory.relative_to(experiments_dir)) if directory != experiments_dir else directory.name
+        try:
+            run = _read_run(directory, name)
+        except LeftOutError as err:
+            leave_out(left_out, name, err, experiments_dir)
+            continue
+        if run is not None:
+            runs.append(run)
     return runs
 
 
-def run_predictions(run: Run, split: str, checkpoint: str, data_root: Optional[str], options) -> Optional[Predictions]:
-    """Saved predictions of `checkpoint` on `split`, or new ones (`options`: evaluation.*)."""
+def leave_out(left_out: Optional[list[LeftOut]], name: str, err: LeftOutError, root: Optional[Path] = None) -> None:
+    log.warning("%s: left out of the evaluation: %s: %s", name, shown_path(err.file, root), err.reason)
+    if left_out is not None:
+        left_out.append(LeftOut(name, err.file, err.reason))
+
+
+def _read_run(directory: Path, name: str) -> Optional[Run]:
+    metrics = directory / "metrics.json"
+    result = read_json(metrics)
+    if not isinstance(result, dict):
+        raise LeftOutError(metrics, f"holds a JSON {type(result).__name__}, not the object a finished stage writes")
+    if "stage" not in result or not result.get("val"):
+        return None  # a job-level summary, or a stage that never finished an epoch
+    if not isinstance(result.get("modalities"), list):
+        raise LeftOutError(metrics, "no list of modalities in it: not what a finished stage writes")
+    config_path = directory / "config.yaml"
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
+    except Exception as err:  # noqa: BLE001 - whatever a damaged YAML file makes the parser raise
+        raise LeftOutError(config_path, f"does not parse as YAML ({type(err).__name__}: {err})") from err
+    if not isinstance(config, dict):
+        raise LeftOutError(config_path, "is not a mapping of config keys")
+    try:
+        seed = int(config.get("seed", 0))
+    except (TypeError, ValueError) as err:
+        raise LeftOutError(config_path, f"seed {config.get('seed')!r} is not an integer") from err
+    batch = result.get("effective_batch_size")
+    return Run(name=name, directory=directory, stage=str(result["stage"]), modalities=[str(m) for m in result["modalities"]],
+               config=config, seed=seed, effective_batch=batch if isinstance(batch, int) else None)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in `path`; `LeftOutError` naming it if it cannot be read or is not (whole) JSON."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise LeftOutError(path, f"cannot be read ({type(err).__name__}: {err})") from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        what = "empty" if not text.strip() else f"not valid JSON ({err.msg}: line {err.lineno}, column {err.colno})"
+        raise LeftOutError(path, f"{what}: a write cut short? Rerun the stage to rewrite it") from err
+
+
+def run_predictions(run: Run, split: str, checkpoint: str, data_root: Optional[str], options) -> Predictions:
+    """Saved predictions of `checkpoint` on `split`, or new ones (`options`: evaluation.*).
+
+    Damaged saved predictions are recomputed from the checkpoint, with a note on the run; a missing or
+    damaged checkpoint that has to be loaded raises `LeftOutError` naming it."""
     ckpt_path = run.directory / "checkpoints" / f"{checkpoint}.pth"
     if not ckpt_path.is_file():
-        log.warning("%s: no %s checkpoint; left out", run.name, checkpoint)
-        return None
+        raise LeftOutError(ckpt_path, f"no {checkpoint} checkpoint (evaluation.checkpoint picks another)")
+    try:
+        digest = file_digest(ckpt_path)
+    except OSError as err:
+        raise LeftOutError(ckpt_path, f"cannot be read ({type(err).__name__}: {err})") from err
     saved = run.directory / "predictions" / f"{split}.npz"
+    damaged: Optional[DamagedPredictionsError] = None
     if saved.is_file() and data_root is None:
-        preds = load_predictions(saved)
-        if preds.checkpoint_sha256 and preds.checkpoint_sha256 == file_digest(ckpt_path):
-            run.source[split] = "saved"
-            return preds
+        try:
+            preds = load_predictions(saved)
+        except DamagedPredictionsError as err:
+            damaged = err
+            log.warning("%s: %s is damaged (%s); recomputing the %s predictions from %s", run.name, saved, err.reason,
+                        split, ckpt_path)
+        else:
+            if preds.checkpoint_sha256 and preds.checkpoint_sha256 == digest:
+                run.source[split] = "saved"
+                return preds
+    try:
+        model, datasets, prep = load_run_model(ckpt_path, data_root, options.device, splits=(split,))
+    except LeftOutError as err:
+        if damaged is not None:
+            raise LeftOutError(err.file, f"{err.reason} (and predictions/{split}.npz is damaged too: {damaged.reason})") from err
+        raise
     run.source[split] = "recomputed"
-    model, datasets, prep = load_run_model(ckpt_path, data_root, options.device, splits=(split,))
-    return predict(model, datasets[split], prep.pad_id, options, file_digest(ckpt_path))
+    if damaged is not None:
+        run.notes.append(f"predictions/{split}.npz damaged ({damaged.reason}): recomputed from checkpoints/{ckpt_path.name}")
+    return predict(model, datasets[split], prep.pad_id, options, digest)
 
 
 def run_config(ckpt: dict, data_root: Optional[str]) -> DictConfig:
@@ -120,20 +244,66 @@ def run_config(ckpt: dict, data_root: Optional[str]) -> DictConfig:
     return cfg
 
 
+REQUIRED_CHECKPOINT_KEYS = ("model", "config", "modalities", "preprocessing")
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint in `path`, loaded without pickle; `LeftOutError` naming it if it is missing,
+    unreadable, truncated, needs pickle (never executed) or lacks what a run's checkpoint holds."""
+    try:
+        ckpt = load_checkpoint(path)
+    except FileNotFoundError as err:
+        raise LeftOutError(path, "missing") from err
+    except DamagedFileError as err:  # its message names the file: the reason is what follows
+        cause = err.__cause__
+        reason = _checkpoint_problem(cause) if isinstance(cause, Exception) else str(err).replace(f"checkpoint {path} ", "")
+        raise LeftOutError(path, reason) from err
+    except Exception as err:  # noqa: BLE001 - whatever torch.load raises for a file it cannot read
+        raise LeftOutError(path, _checkpoint_problem(err)) from err
+    if not isinstance(ckpt, dict):
+        raise LeftOutError(path, f"holds a {type(ckpt).__name__}, not a checkpoint dictionary")
+    missing = [key for key in REQUIRED_CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise LeftOutError(path, f"no {', '.join(missing)} entr{'y' if len(missing) == 1 else 'ies'}: not a checkpoint of a run")
+    return ckpt
+
+
+def _checkpoint_problem(err: BaseException) -> str:
+    if isinstance(err, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        return (f"holds Python objects{what} that only pickle could load; refused, since checkpoints hold tensors and "
+                "plain containers only (torch.load weights_only=True)")
+    if isinstance(err, RuntimeError) and "zip archive" in str(err):
+        return "not a complete checkpoint archive (truncated, or not a torch.save file)"
+    return one_line(f"cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", 200)
+
+
 def load_run_model(ckpt_path: Path, data_root: Optional[str], device: str, splits=("test",)):
     """The checkpoint's model (eval mode, on device), datasets built with its own preprocessing, and
-    that preprocessing (for the collator's padding id)."""
+    that preprocessing (for the collator's padding id). `LeftOutError` if the checkpoint cannot be
+    used, or the data it names to recompute predictions on is not there."""
     from mdfnet_hydra.data.dataset import load_splits
     from mdfnet_hydra.data.preprocessing import Preprocessing
     from mdfnet_hydra.models.mdfnet import build_model
 
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = run_config(ckpt, data_root)
-    modalities = list(ckpt["modalities"])
-    root, split_data = load_splits(cfg.data, int(cfg.seed))
+    ckpt = read_checkpoint(ckpt_path)
+    try:
+        cfg = run_config(ckpt, data_root)
+        modalities = list(ckpt["modalities"])
+    except Exception as err:  # noqa: BLE001 - a stored config the schema refuses
+        raise LeftOutError(ckpt_path, f"its stored config does not fit the schema ({type(err).__name__}: {err})") from err
+    try:
+        root, split_data = load_splits(cfg.data, int(cfg.seed))
+    except FileNotFoundError as err:
+        raise LeftOutError(Path(err.filename or cfg.data.root),
+                           "the data needed to recompute predictions is not there (evaluate with data_root=<dir>)") from err
     prep = Preprocessing.create(cfg.model, modalities, split_data["train"], state=ckpt["preprocessing"])
     model = build_model(cfg.model, modalities, prep.clinical_dim, prep.tokenizer)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise LeftOutError(ckpt_path, f"its weights do not fit the model its config builds ({str(err).splitlines()[0]})") from err
     model.eval().to(resolve_device(device))
     return model, {s: prep.dataset(split_data[s], root, cfg.model) for s in splits}, prep
 

@@ -1,4 +1,6 @@
-"""results_summary.csv, comparisons.csv and results.md of an evaluation."""
+"""results_summary.csv, comparisons.csv and results.md of an evaluation (each written whole or not at
+all). Runs left out (damaged files) are listed in both results_summary.csv (a row with the
+`left_out` column set and no metrics) and results.md ("Left out")."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from mdfnet_hydra.evaluation.analysis import Comparison, RunResult
-from mdfnet_hydra.evaluation.runs import HYPERPARAMETERS
+from mdfnet_hydra.evaluation.runs import HYPERPARAMETERS, LeftOut, shown_path
+from mdfnet_hydra.files import atomic_target
 from mdfnet_hydra.labels import CHEXPERT_LABELS
 
 
@@ -35,6 +38,8 @@ def summary_rows(results: Sequence[RunResult], rule: str) -> list[dict[str, Any]
             "difference_to_target": "; ".join(_f(diff, 4) for _, _, diff in targets),
             "undefined_labels": "; ".join(r.undefined),
             "predictions": r.run.source.get("test", ""),
+            "notes": "; ".join(r.run.notes),
+            "left_out": "",
         }
         for name in CHEXPERT_LABELS:
             auc = r.auroc[name]
@@ -43,9 +48,14 @@ def summary_rows(results: Sequence[RunResult], rule: str) -> list[dict[str, Any]
     return rows
 
 
+def left_out_rows(left_out: Sequence[LeftOut], template: dict[str, Any], root: Optional[Path]) -> list[dict[str, Any]]:
+    """results_summary.csv rows of the runs left out: the run, "left out", and the file and why."""
+    return [{**{key: "" for key in template}, "run": item.run, "predictions": "left out",
+             "left_out": f"{shown_path(item.file, root)}: {item.reason}"} for item in left_out]
+
+
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with atomic_target(path) as tmp, tmp.open("w", newline="") as handle:
         if rows:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -68,7 +78,8 @@ def comparison_rows(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
 
 
 def markdown(results: Sequence[RunResult], comparisons: Sequence[Comparison], notes: Sequence[str],
-             seeds: Sequence[dict[str, Any]], figures: Sequence[Path], out: Path, rule: str) -> str:
+             seeds: Sequence[dict[str, Any]], figures: Sequence[Path], out: Path, rule: str,
+             left_out: Sequence[LeftOut] = (), root: Optional[Path] = None) -> str:
     lines = ["# Evaluation on the test split", "",
              f"Per-run test metrics of the selected checkpoint; mean AUROC with a patient-level bootstrap 95% CI; "
              f"F1 at per-label thresholds chosen on validation ({rule}). Labels without both classes are undefined "
@@ -79,6 +90,7 @@ def markdown(results: Sequence[RunResult], comparisons: Sequence[Comparison], no
         targets = "; ".join(f"{name} {value:.3f} ({_f(diff)})" for name, value, diff in r.targets()) or "-"
         lines.append(f"| {r.run.name} | {r.run.modality} | {r.run.stage} | {r.run.seed} | {_f(r.mean_auroc)} "
                      f"({_f(r.mean_ci[0])}-{_f(r.mean_ci[1])}) | {targets} | {_f(r.mean_auprc)} | {_f(r.f1_macro)} | {_f(r.f1_micro)} |")
+    lines += _damaged_section(results, left_out, root)
     lines += ["", "## Per-label test AUROC", "", "| label | " + " | ".join(r.run.name for r in results) + " |",
               "| --- |" + " --- |" * len(results)]
     for name in CHEXPERT_LABELS:
@@ -100,9 +112,11 @@ def markdown(results: Sequence[RunResult], comparisons: Sequence[Comparison], no
     else:
         lines.append("No multimodal run shares its test set with a vision-only run.")
     lines += [f"- {note}" for note in notes]
-    lines += ["", "## Seeds", "", "| configuration | runs | seeds | n | mean AUROC mean | std |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Seeds", "", "Runs whose stored configurations differ in the seed alone (paths, logging, loader "
+              "workers, time limit and evaluation settings aside; batch settings compared as the effective batch).", "",
+              "| configuration | runs | seeds | n | mean AUROC mean | std |", "| --- | --- | --- | --- | --- | --- |"]
     for row in seeds:
-        lines.append(f"| {row['configuration']} | {row['runs']} | {row['seeds']} | {row['n']} | {_f(row['mean'])} | {_f(row['std'])} |")
+        lines.append(f"| {_cell(row['configuration'])} | {row['runs']} | {row['seeds']} | {row['n']} | {_f(row['mean'])} | {_f(row['std'])} |")
     if figures:
         lines += ["", "## Figures", ""] + [f"- {p.relative_to(out)}" for p in figures if p.parent.parent.name != "saliency"]
         maps: dict[Path, int] = {}
@@ -111,3 +125,23 @@ def markdown(results: Sequence[RunResult], comparisons: Sequence[Comparison], no
                 maps[p.parent] = maps.get(p.parent, 0) + 1
         lines += [f"- {folder.relative_to(out)}/: Grad-CAM maps for {n} labels (<Label>.png)" for folder, n in maps.items()]
     return "\n".join(lines) + "\n"
+
+
+def _damaged_section(results: Sequence[RunResult], left_out: Sequence[LeftOut], root: Optional[Path]) -> list[str]:
+    worked_around = [(r.run.name, note) for r in results for note in r.run.notes]
+    if not left_out and not worked_around:
+        return []
+    lines = ["", "## Left out", ""]
+    if left_out:
+        lines += [f"{len(left_out)} run(s) could not be evaluated and are not in the tables above:", "",
+                  "| run | file | reason |", "| --- | --- | --- |"]
+        lines += [f"| {item.run} | {shown_path(item.file, root)} | {_cell(item.reason)} |" for item in left_out]
+    else:
+        lines.append("No run was left out.")
+    if worked_around:
+        lines += ["", "Evaluated despite a damaged file:", ""] + [f"- {name}: {note}" for name, note in worked_around]
+    return lines
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")

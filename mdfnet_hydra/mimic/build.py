@@ -2,7 +2,13 @@
 
 Every join and filter step is counted in the report (prepare_report.json / .md in the output
 directory). Studies whose image is missing or unreadable are listed there, never silently lost.
-Finished images are reused, so a re-run after an interruption only does what is left.
+Finished images made with the same settings are reused, so a re-run after an interruption only does
+what is left.
+
+Wrong input never yields a dataset: every input table and folder is located before any is read (one
+error names all that are missing), rows with the wrong number of fields stop the run, and a source
+that yields fewer than `checks.*` of what it must hold (reports, images, patients, ED stays) stops
+it with the path and what was expected there.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ import numpy as np
 import pandas as pd
 
 from mdfnet_hydra.data.manifest import SPLITS, write_manifest
+from mdfnet_hydra.files import remove_stale_temporaries, write_text
 from mdfnet_hydra.labels import CHEXPERT_LABELS, CLINICAL_FEATURES
-from mdfnet_hydra.mimic.images import resize_all
+from mdfnet_hydra.mimic.images import STATUSES, resize_all
 from mdfnet_hydra.mimic.reports import KNOWN_SECTIONS, LABEL_SOURCE_SECTIONS, input_text, parse_sections, read_report
-from mdfnet_hydra.mimic.tables import PrepareError, find_table, numeric_column, read_table
+from mdfnet_hydra.mimic.tables import PrepareError, locate_inputs, numeric_column, read_table
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +56,11 @@ class Report:
 
 def prepare(cfg) -> dict[str, Any]:
     wanted_sections = _check_text_config(cfg)
+    _check_split_config(cfg)
+    inputs = _locate_inputs(cfg, wanted_sections)
     out = Path(cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # half-written images and reports of a killed run
     report = Report()
     if set(wanted_sections) & set(LABEL_SOURCE_SECTIONS):
         message = (f"text.sections includes {sorted(set(wanted_sections) & set(LABEL_SOURCE_SECTIONS))}: MIMIC-CXR's "
@@ -59,14 +69,13 @@ def prepare(cfg) -> dict[str, Any]:
         log.warning(message)
         report.warnings.append(message)
 
-    cxr = Path(cfg.mimic.cxr_jpg).expanduser()
-    studies = _frontal_studies(cxr, cfg, report)
-    studies = _with_labels(cxr, studies, report)
-    studies = _with_split(cxr, studies, cfg, report)
-    studies = _with_ed_stay(studies, cfg, report)
-    studies = _with_demographics(studies, cfg, report)
-    studies = _with_text(studies, cfg, wanted_sections, report)
-    studies = _with_images(cxr, out, studies, cfg, report)
+    studies = _frontal_studies(inputs["metadata"], cfg, report)
+    studies = _with_labels(inputs["chexpert"], studies, report)
+    studies = _with_split(inputs.get("split"), studies, cfg, report)
+    studies = _with_ed_stay(studies, inputs["edstays"], inputs["triage"], cfg, report)
+    studies = _with_demographics(studies, inputs["patients"], cfg, report)
+    studies = _with_text(studies, inputs.get("reports"), cfg, wanted_sections, report)
+    studies = _with_images(inputs["images"], out, studies, cfg, report)
 
     manifest = _manifest(studies)
     write_manifest(manifest, out / "manifest.parquet")
@@ -74,9 +83,9 @@ def prepare(cfg) -> dict[str, Any]:
     report.sections["label_prevalence"] = _prevalence(manifest)
     report.sections["clinical_missingness"] = _missingness(manifest)
     report.sections["split_sizes"] = {s: int((manifest.split == s).sum()) for s in SPLITS}
-    (out / "prepare_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    write_text(out / "prepare_report.json", json.dumps(report.to_dict(), indent=2))
     markdown = _markdown(report)
-    (out / "prepare_report.md").write_text(markdown)
+    write_text(out / "prepare_report.md", markdown)
     log.info("\n%s", markdown)
     log.info("prepared dataset: %s (train with: python -m mdfnet_hydra.train data=processed data.root=%s)", out, out)
     return report.to_dict()
@@ -90,14 +99,56 @@ def _check_text_config(cfg) -> list[str]:
     leaking = sorted(set(wanted) & set(LABEL_SOURCE_SECTIONS))
     if leaking and not cfg.text.allow_label_source:
         raise PrepareError(
-            f"text.sections includes {leaking}, the report sections MIMIC-CXR's CheXpert labels were extracted "
-            "from: the model would learn the labeller. Pass text.allow_label_source=true to do it anyway."
+            f"text.sections includes {leaking}, report sections written after the read that MIMIC-CXR's CheXpert "
+            "labels were extracted from (or repeat it): the model would learn the labeller. "
+            "Pass text.allow_label_source=true to do it anyway."
         )
     return wanted
 
 
-def _frontal_studies(cxr: Path, cfg, report: Report) -> pd.DataFrame:
-    path = find_table(cxr, "mimic-cxr-2.0.0-metadata")
+def _check_split_config(cfg) -> None:
+    if cfg.split.kind not in ("official", "random"):
+        raise PrepareError(f"split.kind must be 'official' or 'random', got {cfg.split.kind!r}")
+    fractions = np.asarray(cfg.split.fractions, dtype=float)
+    if cfg.split.kind == "random" and (len(fractions) != 3 or not np.isclose(fractions.sum(), 1.0)):
+        raise PrepareError("split.fractions must be three numbers (train, val, test) summing to 1")
+
+
+def _locate_inputs(cfg, wanted_sections: list[str]) -> dict[str, Path]:
+    """Every table and folder this configuration reads, all checked before the first is read."""
+    cxr, ed, hosp = (Path(p).expanduser() for p in (cfg.mimic.cxr_jpg, cfg.mimic.ed, cfg.mimic.hosp))
+    tables = {
+        "metadata": ("mimic.cxr_jpg", cxr, "mimic-cxr-2.0.0-metadata", ("",)),
+        "chexpert": ("mimic.cxr_jpg", cxr, "mimic-cxr-2.0.0-chexpert", ("",)),
+        "edstays": ("mimic.ed", ed, "edstays", ("", "ed")),
+        "triage": ("mimic.ed", ed, "triage", ("", "ed")),
+        "patients": ("mimic.hosp", hosp, "patients", ("", "hosp")),
+    }
+    if cfg.split.kind == "official":
+        tables["split"] = ("mimic.cxr_jpg", cxr, "mimic-cxr-2.0.0-split", ("",))
+    folders = {"images": ("mimic.cxr_jpg", cxr / "files", "the JPEGs as pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg")}
+    if wanted_sections:
+        folders["reports"] = ("mimic.reports", Path(cfg.mimic.reports).expanduser() / "files",
+                              "the reports as pXX/pXXXXXXXX/sXXXXXXXX.txt")
+    return locate_inputs(tables, folders)
+
+
+def _require_studies(frame: pd.DataFrame, problem: str) -> None:
+    """A join or filter that leaves nothing means the inputs do not belong together."""
+    if frame.empty:
+        raise PrepareError(problem)
+
+
+def _check_found(found: int, total: int, option: str, cfg, what: str, expected: str, fix: str) -> None:
+    """Stop when a source yields fewer than checks.<option> of what it must hold (a wrong folder
+    yields none, a partial download a few) rather than writing a dataset without it."""
+    minimum = float(cfg.checks[option])
+    if total and found < minimum * total:
+        raise PrepareError(f"found {found} of {total} {what} ({found / total:.0%}, fewer than checks.{option}="
+                           f"{minimum}); {expected}: {fix}, or lower checks.{option} for a partial download.")
+
+
+def _frontal_studies(path: Path, cfg, report: Report) -> pd.DataFrame:
     meta = read_table(path, ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime"],
                       dtype={"dicom_id": str})
     report.step("metadata: images", meta, "images")
@@ -106,6 +157,8 @@ def _frontal_studies(cxr: Path, cfg, report: Report) -> pd.DataFrame:
     meta = meta.assign(view_rank=meta["ViewPosition"].astype(str).str.upper().map(preference))
     meta = meta[meta["view_rank"].notna()]
     report.step(f"view in {list(cfg.views)}", meta, "images")
+    _require_studies(meta, f"no image in {path} has a ViewPosition in views={list(cfg.views)}: "
+                           "check views (MIMIC-CXR-JPG uses PA, AP, LATERAL, LL, ...).")
     if cfg.one_image_per_study:
         meta = meta.sort_values(["study_id", "view_rank", "dicom_id"]).drop_duplicates("study_id", keep="first")
         report.step("one image per study (view preference, then dicom_id)", meta)
@@ -123,8 +176,7 @@ def _study_time(date: Any, time: Any, path: Path, row: int) -> pd.Timestamp:
     return day + timedelta(hours=hours, minutes=minutes, seconds=seconds)
 
 
-def _with_labels(cxr: Path, studies: pd.DataFrame, report: Report) -> pd.DataFrame:
-    path = find_table(cxr, "mimic-cxr-2.0.0-chexpert")
+def _with_labels(path: Path, studies: pd.DataFrame, report: Report) -> pd.DataFrame:
     labels = read_table(path, ["subject_id", "study_id", *CHEXPERT_LABELS])
     for name in CHEXPERT_LABELS:
         values = numeric_column(labels, name, path)
@@ -136,12 +188,13 @@ def _with_labels(cxr: Path, studies: pd.DataFrame, report: Report) -> pd.DataFra
         labels[name] = values
     merged = studies.merge(labels[["subject_id", "study_id", *CHEXPERT_LABELS]], on=["subject_id", "study_id"], how="inner")
     report.step("with CheXpert labels", merged)
+    _require_studies(merged, f"no chosen study has a row in {path}: the metadata and chexpert tables under "
+                             "mimic.cxr_jpg must come from the same MIMIC-CXR-JPG release.")
     return merged
 
 
-def _with_split(cxr: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
+def _with_split(path: Path | None, studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
     if cfg.split.kind == "official":
-        path = find_table(cxr, "mimic-cxr-2.0.0-split")
         split = read_table(path, ["dicom_id", "split"], dtype={"dicom_id": str})
         unknown = ~split["split"].isin(OFFICIAL_SPLIT_NAMES)
         if unknown.any():
@@ -150,18 +203,16 @@ def _with_split(cxr: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.Dat
         studies = studies.merge(split[["dicom_id", "split"]], on="dicom_id", how="inner")
         studies["split"] = studies["split"].map(OFFICIAL_SPLIT_NAMES)
         report.step("with an official split", studies)
-    elif cfg.split.kind == "random":
+        _require_studies(studies, f"no chosen image is listed in {path}: the metadata and split tables under "
+                                  "mimic.cxr_jpg must come from the same MIMIC-CXR-JPG release.")
+    else:
         fractions = np.asarray(cfg.split.fractions, dtype=float)
-        if len(fractions) != 3 or not np.isclose(fractions.sum(), 1.0):
-            raise PrepareError("split.fractions must be three numbers (train, val, test) summing to 1")
         patients = np.sort(studies["subject_id"].unique())
         draw = np.random.default_rng(cfg.split.seed).random(len(patients))
         cut = np.cumsum(fractions)
         names = np.where(draw < cut[0], "train", np.where(draw < cut[1], "val", "test"))
         studies = studies.assign(split=studies["subject_id"].map(dict(zip(patients, names))))
         report.step(f"random patient-level split (seed {cfg.split.seed})", studies)
-    else:
-        raise PrepareError(f"split.kind must be 'official' or 'random', got {cfg.split.kind!r}")
     per_patient = studies.groupby("subject_id")["split"].nunique()
     if (per_patient > 1).any():
         raise PrepareError(f"{int((per_patient > 1).sum())} patients fall in more than one split "
@@ -169,9 +220,7 @@ def _with_split(cxr: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.Dat
     return studies
 
 
-def _with_ed_stay(studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
-    ed_root = Path(cfg.mimic.ed).expanduser()
-    stays_path = find_table(ed_root, "edstays", ("", "ed"))
+def _with_ed_stay(studies: pd.DataFrame, stays_path: Path, triage_path: Path, cfg, report: Report) -> pd.DataFrame:
     stays = read_table(stays_path, ["subject_id", "stay_id", "intime", "outtime"])
     for column in ("intime", "outtime"):
         stays[column] = pd.to_datetime(stays[column], errors="coerce")
@@ -191,16 +240,20 @@ def _with_ed_stay(studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
         "no ED stay": int((~is_linked).sum()),
     }
     report.step("linked to an ED stay", linked[is_linked])
+    _check_found(int(is_linked.sum()), len(linked), "min_ed_linked", cfg, f"studies linked to an ED stay of {stays_path}",
+                 f"expected stays of the same subject_id within link.slack_hours={cfg.link.slack_hours} of the study",
+                 "point mimic.ed at the MIMIC-IV-ED release of these MIMIC-CXR patients")
     if not cfg.link.keep_unlinked:
         linked = linked[is_linked]
         report.step("unlinked studies dropped (link.keep_unlinked=false)", linked)
+        _require_studies(linked, f"no study links to an ED stay of {stays_path} and link.keep_unlinked=false: "
+                                 "check mimic.ed or keep unlinked studies.")
     else:
         report.step("kept, unlinked ones with missing triage (link.keep_unlinked=true)", linked)
-    return _with_triage(linked.drop(columns=["inside"]), ed_root, report)
+    return _with_triage(linked.drop(columns=["inside"]), triage_path, report)
 
 
-def _with_triage(studies: pd.DataFrame, ed_root: Path, report: Report) -> pd.DataFrame:
-    path = find_table(ed_root, "triage", ("", "ed"))
+def _with_triage(studies: pd.DataFrame, path: Path, report: Report) -> pd.DataFrame:
     triage = read_table(path, ["stay_id", *VITALS, "pain", "chiefcomplaint"])
     for column in VITALS:
         triage[column] = numeric_column(triage, column, path)
@@ -210,11 +263,15 @@ def _with_triage(studies: pd.DataFrame, ed_root: Path, report: Report) -> pd.Dat
     return studies.merge(triage[["stay_id", *VITALS, "pain", "chiefcomplaint"]], on="stay_id", how="left")
 
 
-def _with_demographics(studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
-    path = find_table(Path(cfg.mimic.hosp).expanduser(), "patients", ("", "hosp"))
+def _with_demographics(studies: pd.DataFrame, path: Path, cfg, report: Report) -> pd.DataFrame:
     patients = read_table(path, ["subject_id", "gender", "anchor_age", "anchor_year"])
-    merged = studies.merge(patients[["subject_id", "gender", "anchor_age", "anchor_year"]].rename(columns={"gender": "patient_gender"}),
-                           on="subject_id", how="left")
+    columns = patients[["subject_id", "gender", "anchor_age", "anchor_year"]]
+    merged = studies.merge(columns.rename(columns={"gender": "patient_gender"}), on="subject_id", how="left",
+                           indicator="patient_found")
+    found = int((merged.pop("patient_found") == "both").sum())
+    _check_found(found, len(merged), "min_patients_found", cfg, f"studies with their patient in {path}",
+                 "expected a row per MIMIC-CXR subject_id",
+                 "point mimic.hosp at the MIMIC-IV release (hosp/patients) of these MIMIC-CXR patients")
     merged["age"] = merged["anchor_age"] + (merged["study_time"].dt.year - merged["anchor_year"])
     sex = merged["patient_gender"]
     if "gender" in merged:
@@ -224,41 +281,63 @@ def _with_demographics(studies: pd.DataFrame, cfg, report: Report) -> pd.DataFra
     return merged
 
 
-def _with_text(studies: pd.DataFrame, cfg, wanted: list[str], report: Report) -> pd.DataFrame:
-    reports_root = Path(cfg.mimic.reports).expanduser()
-    texts, found, present = [], 0, {name: 0 for name in wanted}
+def _with_text(studies: pd.DataFrame, reports_files: Path | None, cfg, wanted: list[str], report: Report) -> pd.DataFrame:
+    if reports_files is None:  # text.sections is empty: the reports are not read
+        report.sections["text"] = {"reports": "not read (text.sections is empty)"}
+        return studies.assign(text=[input_text({}, [], _complaint(c, cfg)) for c in studies["chiefcomplaint"]])
+    texts, present, missing = [], {name: 0 for name in wanted}, []
     for subject, study, complaint in zip(studies["subject_id"], studies["study_id"], studies["chiefcomplaint"]):
-        raw = read_report(reports_root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}.txt")
+        path = reports_files / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}.txt"
+        raw = read_report(path)
+        if raw is None:
+            missing.append(path)
         sections = parse_sections(raw) if raw is not None else {}
-        found += raw is not None
         for name in wanted:
             present[name] += bool(sections.get(name))
-        cc = complaint if cfg.text.chief_complaint and isinstance(complaint, str) else None
-        texts.append(input_text(sections, wanted, cc))
+        texts.append(input_text(sections, wanted, _complaint(complaint, cfg)))
+    found = len(studies) - len(missing)
+    _check_found(found, len(studies), "min_reports_found", cfg, f"reports under {reports_files}",
+                 f"expected one per study as pXX/pXXXXXXXX/sXXXXXXXX.txt, e.g. {missing[0] if missing else ''}",
+                 "point mimic.reports at the MIMIC-CXR release folder whose files/ holds the reports")
     report.sections["text"] = {
         "reports found": found,
-        "reports missing": int(len(studies) - found),
+        "reports missing": len(missing),
         **{f"with {name}": count for name, count in present.items()},
         "empty text": int(sum(1 for t in texts if not t)),
     }
     return studies.assign(text=texts)
 
 
-def _with_images(cxr: Path, out: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
+def _complaint(complaint: Any, cfg) -> str | None:
+    return complaint if cfg.text.chief_complaint and isinstance(complaint, str) else None
+
+
+def _with_images(images: Path, out: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
     relative = [f"images/p{str(s)[:2]}/p{s}/s{st}/{d}.jpg" for s, st, d in zip(studies.subject_id, studies.study_id, studies.dicom_id)]
-    tasks = [(str(cxr / "files" / r[len("images/"):]), str(out / r), int(cfg.images.size), int(cfg.images.quality)) for r in relative]
+    sources = [images / r[len("images/"):] for r in relative]
+    tasks = [(str(src), str(out / r), int(cfg.images.size), int(cfg.images.quality)) for src, r in zip(sources, relative)]
     results = resize_all(tasks, int(cfg.images.workers))
     status = pd.Series([s for s, _ in results], index=studies.index)
     counts = status.value_counts().to_dict()
-    report.sections["images"] = {k: int(counts.get(k, 0)) for k in ("done", "reused", "missing", "unreadable")}
+    report.sections["images"] = {k: int(counts.get(k, 0)) for k in STATUSES}
+    if counts.get("remade"):
+        log.info("%d images in %s made with other settings were re-made (images.size=%s, images.quality=%s)",
+                 counts["remade"], out / "images", cfg.images.size, cfg.images.quality)
     for kind in ("missing", "unreadable"):
         rows = [f"subject {s}, study {st}: {detail}" for (s, st), (state, detail) in
                 zip(zip(studies.subject_id, studies.study_id), results) if state == kind]
         if rows:
             report.problems[f"{kind} images (studies left out)"] = rows
             log.warning("%d studies left out: %s image; listed in prepare_report.json", len(rows), kind)
-    kept = studies.assign(image_path=relative)[status.isin(["done", "reused"]).to_numpy()]
+    usable = status.isin(["done", "remade", "reused"]).to_numpy()
+    example = next((src for src, (state, _) in zip(sources, results) if state in ("missing", "unreadable")), "")
+    _check_found(int(usable.sum()), len(studies), "min_images_found", cfg, f"chosen images under {images}",
+                 f"expected readable JPEGs as pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg ({counts.get('missing', 0)} "
+                 f"missing, {counts.get('unreadable', 0)} unreadable, e.g. {example})",
+                 "point mimic.cxr_jpg at the MIMIC-CXR-JPG release folder whose files/ holds the JPEGs")
+    kept = studies.assign(image_path=relative)[usable]
     report.step("with a readable image", kept)
+    _require_studies(kept, f"no chosen study has a readable image under {images}: check mimic.cxr_jpg.")
     return kept
 
 

@@ -1,0 +1,214 @@
+"""Bad inputs fail early and named (issue 13): damaged images, image paths outside the dataset
+root, non-string text, a triage feature never recorded in training, a patient in two splits."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from mdfnet_hydra.config import ConfigError, DataConfig
+from mdfnet_hydra.data import dataset as dataset_module
+from mdfnet_hydra.data.clinical import ClinicalNormalizer
+from mdfnet_hydra.data.dataset import Collator, MultimodalDataset, load_splits
+from mdfnet_hydra.data.manifest import ManifestError, read_manifest, validate_manifest
+from mdfnet_hydra.data.preprocessing import Preprocessing
+from mdfnet_hydra.data.synthetic import generate
+from mdfnet_hydra.labels import CLINICAL_FEATURES
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """A small dataset in the prepared format (what `python -m mdfnet_hydra.prepare` writes)."""
+    root = tmp_path / "prepared"
+    return root, generate(root, num_samples=80, image_size=16, seed=5)
+
+
+def data_config(root, **values) -> DataConfig:
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), {"name": "processed", "root": str(root), **values})
+
+
+def to_tensor(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32))
+
+
+def truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def write_raw_manifest(frame: pd.DataFrame, root) -> None:
+    """Bypass write_manifest's validation, as a hand-made or third-party manifest would."""
+    frame.to_parquet(root / "manifest.parquet", index=False)
+
+
+# ---------------------------------------------------------------- damaged images
+def test_truncated_image_names_file_and_sample_mid_epoch(prepared):
+    root, frame = prepared
+    _, splits = load_splits(data_config(root), seed=0)  # intact at start; damaged mid-run
+    train = splits["train"]
+    bad = 3
+    truncate(root / train.frame.image_path[bad])
+    dataset = MultimodalDataset(train, root, image_transform=to_tensor)
+    assert dataset[0]["image"].shape == (16, 16)
+    sample_id, path = train.frame.sample_id[bad], str(root / train.frame.image_path[bad])
+    with pytest.raises(OSError, match=re.escape(path)) as err:
+        dataset[bad]
+    assert f"sample_id '{sample_id}'" in str(err.value) and "image file is truncated" in str(err.value)
+    assert "data.verify_images=true" in str(err.value)
+    # the name survives a DataLoader worker (how stage 2 and uncached stage 1 read images)
+    loader = DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=Collator())
+    with pytest.raises(OSError, match=re.escape(path)):
+        for _ in loader:
+            pass
+
+
+def test_verification_lists_every_unreadable_image(prepared, monkeypatch):
+    root, frame = prepared
+    truncate(root / frame.image_path[2])
+    (root / frame.image_path[5]).write_bytes(b"not an image")
+    (root / frame.image_path[7]).unlink()
+    with pytest.raises(OSError) as err:
+        load_splits(data_config(root), seed=0)  # auto: a small prepared dataset is checked
+    message = str(err.value)
+    assert message.startswith("3 of the 80 images of ")
+    for row in (2, 5, 7):
+        assert f"row {row}, sample_id '{frame.sample_id[row]}': {root / frame.image_path[row]}" in message
+    assert "image file is truncated" in message and "data.verify_images=false" in message
+    assert not list(root.glob(".*verified*.json")), "a failed check is not recorded"
+    monkeypatch.setattr(dataset_module, "SHOWN_FAILURES", 2)
+    with pytest.raises(OSError, match=r"\.\.\. and 1 more"):
+        load_splits(data_config(root), seed=0)
+
+
+def test_verification_runs_once_until_a_file_changes(prepared, monkeypatch):
+    root, frame = prepared
+    decoded = []
+    original = dataset_module.decode_error
+    monkeypatch.setattr(dataset_module, "decode_error", lambda path: decoded.append(path) or original(path))
+    load_splits(data_config(root), seed=0)
+    assert len(decoded) == 80
+    assert len(list(root.glob(".manifest.parquet.images-verified.json"))) == 1
+    load_splits(data_config(root), seed=0)
+    assert len(decoded) == 80, "recorded pass: not decoded again"
+    image = root / frame.image_path[9]
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    load_splits(data_config(root), seed=0)
+    assert len(decoded) == 160, "an image changed: checked again"
+
+
+def test_verify_images_modes(prepared, cfg_factory, monkeypatch):
+    root, frame = prepared
+    truncate(root / frame.image_path[0])
+    load_splits(data_config(root, verify_images=False), seed=0)
+    monkeypatch.setattr(dataset_module, "AUTO_VERIFY_MAX_IMAGES", 79)
+    load_splits(data_config(root), seed=0)  # auto: too many images to decode at start
+    with pytest.raises(OSError, match="1 of the 80 images"):
+        load_splits(data_config(root, verify_images=True), seed=0)
+    for value, expected in (("true", True), ("false", False), ("auto", False)):
+        data = cfg_factory("data=processed", f"data.root={root}", f"data.verify_images={value}").data
+        assert dataset_module.wants_image_check(data, 80) is expected
+    assert cfg_factory("data=processed", f"data.root={root}").data.verify_images == "auto"
+    assert dataset_module.wants_image_check(cfg_factory().data, 10) is False, "auto never checks the generated synthetic data"
+    with pytest.raises(ConfigError, match="data.verify_images must be auto, true or false, got 'yes'"):
+        dataset_module.wants_image_check(data_config(root, verify_images="yes"), 10)
+
+
+# ---------------------------------------------------------------- manifest values
+@pytest.mark.parametrize("bad_path", ["../outside.png", "/etc/passwd", "images/../../x.png", "C:\\x.png", "..\\x.png"])
+def test_image_paths_outside_the_root_are_refused(prepared, bad_path):
+    root, frame = prepared
+    bad = frame.copy()
+    bad.loc[[4, 11], "image_path"] = bad_path
+    write_raw_manifest(bad, root)
+    with pytest.raises(ManifestError, match=r"column 'image_path' holds absolute or '\.\.' paths at rows \[4, 11\]"):
+        read_manifest(root / "manifest.parquet")
+    ok = frame.copy()
+    ok.loc[4, "image_path"] = "images/syn..000004.png"  # dots in a name are not a step up
+    validate_manifest(ok)
+    empty = frame.copy()
+    empty.loc[6, "image_path"] = None
+    with pytest.raises(ManifestError, match=r"'image_path' is empty or not a string at rows \[6\]"):
+        validate_manifest(empty)
+
+
+def test_null_text_is_empty_and_trains_the_tokenizer(prepared, cfg_factory):
+    root, frame = prepared
+    train_rows = frame.index[frame.split == "train"][:3]
+    write_raw_manifest(frame.assign(text=frame.text.where(~frame.index.isin(train_rows), None)), root)
+    _, splits = load_splits(data_config(root), seed=0)
+    prep = Preprocessing.create(cfg_factory().model, ["text"], splits["train"])  # trains the tokenizer
+    assert prep.tokenizer("")["input_ids"], "empty text still gets [CLS] [SEP]"
+    read = read_manifest(root / "manifest.parquet")
+    assert read.loc[train_rows, "text"].tolist() == ["", "", ""]
+
+
+def test_text_that_is_not_a_string_is_refused(prepared):
+    root, frame = prepared
+    bad = frame.astype({"text": object})
+    bad.at[2, "text"] = 17.5
+    bad.at[8, "text"] = ["a", "list"]
+    with pytest.raises(ManifestError, match=r"column 'text' must hold strings .* \['float', 'list'\] at rows \[2, 8\]"):
+        validate_manifest(bad)
+    write_raw_manifest(frame.assign(text=np.arange(len(frame))), root)
+    with pytest.raises(ManifestError, match=r"'text'.*\['int'\] at rows \[0, 1, 2\] \(80 in all\)"):
+        read_manifest(root / "manifest.parquet")
+
+
+# ---------------------------------------------------------------- triage features
+def test_feature_missing_in_every_training_row_is_treated_as_missing(prepared, caplog, tmp_path):
+    root, frame = prepared
+    write_raw_manifest(frame.assign(pain=frame.pain.where(frame.split != "train", np.nan)), root)
+    _, splits = load_splits(data_config(root), seed=0)
+    val = splits["val"].frame.assign(pain=8.0)
+    with caplog.at_level(logging.WARNING, logger="mdfnet_hydra.data.clinical"):
+        prep = Preprocessing.create(None, ["clinical"], splits["train"])
+    assert "triage feature 'pain' is missing" in caplog.text
+    assert sum("triage feature" in r.message for r in caplog.records) == 1, "only the never-recorded feature"
+    pain, n = CLINICAL_FEATURES.index("pain"), len(CLINICAL_FEATURES)
+    x = prep.clinical.transform(val)
+    assert np.all(x[:, pain] == 0.0) and np.all(x[:, n + pain] == 1.0), "as in training: missing"
+    assert np.abs(x[:, :n]).max() < 10, "no unscaled values"
+    seen_in_training = prep.clinical.transform(splits["train"].frame)[:, [pain, n + pain]]
+    assert np.all(seen_in_training == [0.0, 1.0])
+    # restored from a checkpoint: the same width and the same transform
+    torch.save({"preprocessing": prep.state()}, tmp_path / "ckpt.pth")
+    state = torch.load(tmp_path / "ckpt.pth", weights_only=True)["preprocessing"]
+    restored = Preprocessing.create(None, ["clinical"], splits["train"], state=state)
+    assert restored.clinical_dim == prep.clinical_dim == 2 * n
+    assert np.array_equal(restored.clinical.transform(val), x)
+
+
+def test_checkpoints_without_the_unrecorded_mask_keep_their_behaviour(prepared):
+    _, frame = prepared
+    norm = ClinicalNormalizer.fit(frame[frame.split == "train"])
+    old_state = {k: v for k, v in norm.state_dict().items() if k != "unrecorded"}
+    restored = ClinicalNormalizer.from_state_dict(old_state)
+    assert np.array_equal(restored.transform(frame), norm.transform(frame))
+
+
+# ---------------------------------------------------------------- splits
+def test_patient_in_two_splits_is_named_with_rows(prepared):
+    _, frame = prepared
+    counts = frame.patient_id.value_counts()
+    patient = counts[counts > 1].index[0]
+    rows = frame.index[frame.patient_id == patient].tolist()
+    leak = frame.copy()
+    moved_to = "test" if leak.loc[rows[1], "split"] != "test" else "train"
+    leak.loc[rows[0], "split"] = moved_to
+    stays = leak.loc[rows[1], "split"]
+    with pytest.raises(ManifestError) as err:
+        validate_manifest(leak, source="m.parquet")
+    message = str(err.value)
+    assert message.startswith("m.parquet: 1 patients appear in more than one split, e.g. ")
+    assert f"patient_id '{patient}'" in message
+    assert f"{moved_to} rows [{rows[0]}]" in message
+    assert f"{stays} rows {[r for r in rows if leak.loc[r, 'split'] == stays]}" in message

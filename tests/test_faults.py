@@ -1,0 +1,303 @@
+"""Faults and hostile inputs, done as a user meets them: real jobs through the real entry point,
+then a damaged, deleted or stale file, a full disk, a second job in the same directory, a config
+that names arbitrary code. Each asserts that nothing is lost, the rerun completes (to the same
+metrics as a run that never failed) or fails naming the file and what to do, and nothing executes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SMALL_DATA, run_cli
+from mdfnet_hydra.checkpoint import load_checkpoint
+
+# two stages of the clinical-only model (fastest), stage 1 with two epochs and a periodic
+# checkpoint each epoch: enough state to damage in every way that matters
+JOB = ["debug=fast", "modality=clinical", "phases.stage1.epochs=2", *SMALL_DATA]
+
+
+def job(run_dir: Path, output_root: Path, *extra: str, **kwargs) -> subprocess.CompletedProcess:
+    return run_cli(*JOB, f"paths.root={output_root}", f"hydra.run.dir={run_dir}", *extra, **kwargs)
+
+
+def final_metrics(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    return {stage: (r["val"]["auroc_mean"], r["val"]["loss"], r["test"]["auroc_mean"]) for stage, r in summary["stages"].items()}
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, output_root) -> Path:
+    """A finished job that nothing went wrong in: every test damages a copy of it."""
+    run_dir = tmp_path_factory.mktemp("faults") / "reference"
+    ok(job(run_dir, output_root))
+    return run_dir
+
+
+@pytest.fixture
+def copy_of(reference, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(reference, target)
+    return target
+
+
+def test_a_half_written_metrics_file_is_named_and_the_rerun_finishes_the_stage(copy_of, reference, output_root):
+    metrics = copy_of / "stage1" / "metrics.json"
+    metrics.write_bytes(metrics.read_bytes()[:200])  # what a full disk left: the start of the JSON
+    result = ok(job(copy_of, output_root))
+    assert f"{metrics} is damaged" in result.stdout + result.stderr
+    json.loads(metrics.read_text())
+    assert final_metrics(copy_of) == final_metrics(reference)
+
+
+def test_a_truncated_last_checkpoint_falls_back_to_the_newest_valid_epoch_checkpoint(copy_of, reference, output_root):
+    stage1 = copy_of / "stage1"
+    last = stage1 / "checkpoints" / "last.pth"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    (stage1 / "checkpoints" / "epoch_002.pth").unlink()
+    for done in (stage1 / "metrics.json", copy_of / "metrics.json"):
+        done.unlink()  # the job was stopped during stage 1's second epoch
+    shutil.rmtree(copy_of / "stage2")
+    result = ok(job(copy_of, output_root))
+    log = result.stdout + result.stderr
+    assert f"checkpoint {last} is damaged or incomplete" in log and "resuming from epoch_001.pth instead" in log
+    assert final_metrics(copy_of) == final_metrics(reference), "epoch 2 retrained exactly as the first time"
+
+
+def test_a_deleted_last_checkpoint_without_a_resumable_one_is_refused_not_trained_over(copy_of, output_root):
+    checkpoints = copy_of / "stage1" / "checkpoints"
+    for path in [checkpoints / "last.pth", *checkpoints.glob("epoch_*.pth"), copy_of / "stage1" / "metrics.json"]:
+        path.unlink()
+    best = (checkpoints / "best_mean.pth").read_bytes()
+    result = job(copy_of, output_root)
+    assert result.returncode != 0
+    assert f"cannot resume from {checkpoints}" in result.stderr and "trainer.resume=false" in result.stderr
+    assert (checkpoints / "best_mean.pth").read_bytes() == best, "the stage's results are untouched"
+    ok(job(copy_of, output_root, "trainer.resume=false"))  # the deliberate restart
+    assert (checkpoints / "last.pth").is_file()
+    aside = list((copy_of / "stage1").glob("replaced-*/checkpoints/best_mean.pth"))
+    assert len(aside) == 1 and aside[0].read_bytes() == best, "the earlier results are moved aside, not mixed in"
+
+
+def test_temporaries_of_killed_writers_are_removed(copy_of, reference, output_root):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = [copy_of / "stage1" / "checkpoints" / f".last.pth.tmp-{host}-{dead.pid}",
+             copy_of / "stage2" / f".metrics.json.tmp-{dead.pid}"]
+    other_host = copy_of / "stage1" / f".metrics.json.tmp-othernode-{os.getpid()}"
+    old_other_host = copy_of / "stage2" / f".metrics.json.tmp-othernode-{os.getpid()}"
+    for path in [*stale, other_host, old_other_host]:
+        path.write_bytes(b"half a file")
+    os.utime(old_other_host, (time.time() - 7200, time.time() - 7200))
+    ok(job(copy_of, output_root))
+    assert not any(path.exists() for path in stale) and not old_other_host.exists()
+    assert other_host.exists(), "another node's writer may still be live for an hour"
+
+
+def test_a_stage_trained_from_an_older_stage1_checkpoint_is_trained_again(copy_of, output_root):
+    best = copy_of / "stage1" / "checkpoints" / "best_mean.pth"
+    state = load_checkpoint(best)
+    name = next(iter(state["model"]))
+    state["model"][name] = state["model"][name] + 1.0  # stage 1's best is not what stage 2 started from
+    torch.save(state, best)
+    summary = json.loads((copy_of / "metrics.json").read_text())
+    result = ok(job(copy_of, output_root))
+    assert "stage2 started from another checkpoint than this job's" in result.stdout + result.stderr
+    assert list((copy_of / "stage2").glob("replaced-*/metrics.json")), "the out-of-date results are kept aside"
+    retrained = json.loads((copy_of / "stage2" / "metrics.json").read_text())
+    assert retrained["started_from_sha256"] != summary["stages"]["stage2"]["started_from_sha256"]
+
+
+def test_a_rerun_with_another_training_config_is_refused_naming_the_keys(copy_of, output_root):
+    record = {p.name: p.read_bytes() for p in (copy_of / ".hydra").iterdir()}
+    summary = (copy_of / "metrics.json").read_bytes()
+    result = job(copy_of, output_root, "loss=bce", "seed=7")
+    assert result.returncode != 0
+    message = result.stderr
+    assert f"{copy_of} holds results of another training config" in message
+    assert "loss.name" in message and "seed (42 recorded, 7 now)" in message
+    assert {p.name: p.read_bytes() for p in (copy_of / ".hydra").iterdir()} == record, ".hydra/ still describes the results"
+    assert (copy_of / "metrics.json").read_bytes() == summary
+    # what cannot change results may differ: a longer time budget, other loader settings
+    ok(job(copy_of, output_root, "trainer.max_time=2h", "data.num_workers=0", "trainer.log_every_n_steps=5",
+           "data.verify_images=false", "trainer.checkpoint.keep_last=5", "trainer.batch_size=8", "trainer.grad_accum=4"))
+
+
+def test_a_job_that_left_no_results_does_not_bind_its_directory(tmp_path, output_root):
+    run_dir = tmp_path / "run"
+    failed = job(run_dir, output_root, "trainer.batch_size=100000")  # fails before any result: batch too large
+    assert failed.returncode != 0 and "lower trainer.batch_size" in failed.stderr
+    ok(job(run_dir, output_root))  # the corrected command, same directory
+
+
+def test_a_second_job_in_a_busy_directory_is_refused_and_leaves_its_record(copy_of, output_root):
+    record = {p.name: p.read_bytes() for p in (copy_of / ".hydra").iterdir()}
+    with (copy_of / ".mdfnet" / "lock").open("a+") as held:  # a job that runs there now
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.seek(0)
+        held.truncate()
+        held.write("pid 12345 on node7 since 2026-11-26 07:00:00\n")
+        held.flush()
+        result = job(copy_of, output_root, "seed=7")
+    assert result.returncode != 0
+    assert f"another job is running in {copy_of} (pid 12345 on node7 since 2026-11-26 07:00:00)" in result.stderr
+    assert {p.name: p.read_bytes() for p in (copy_of / ".hydra").iterdir()} == record
+
+
+def test_torchrun_workers_all_stop_when_the_directory_is_refused(copy_of, output_root):
+    """Rank 0 claims the directory; the other rank learns the refusal instead of waiting for it."""
+    result = _torchrun(copy_of, output_root, "seed=7")
+    assert result.returncode != 0
+    assert result.stderr.count("holds results of another training config") >= 2, result.stderr[-3000:]
+
+
+def test_a_crafted_pickle_checkpoint_never_executes_and_the_failure_reaches_the_run_log(tmp_path, output_root):
+    marker = tmp_path / "executed"
+    crafted = tmp_path / "crafted.pth"
+    torch.save({"model": _Exploit(marker)}, crafted)
+    run_dir = tmp_path / "run"
+    result = job(run_dir, output_root, "stage=stage2", f"stage.init_from={crafted}")
+    assert result.returncode != 0 and not marker.exists()
+    assert f"checkpoint {crafted} is not a plain-tensor checkpoint" in result.stderr
+    log = (run_dir / "logs" / "train.log").read_text()
+    assert "job failed: DamagedFileError" in log and "Traceback" in log
+
+
+def test_a_config_from_elsewhere_cannot_run_arbitrary_callables(tmp_path, output_root):
+    marker = tmp_path / "created-by-config"
+    shared = tmp_path / "shared_conf" / "experiment"
+    shared.mkdir(parents=True)
+    (shared / "tuned.yaml").write_text(
+        "# @package _global_\nhydra:\n  callbacks:\n    evil:\n      _target_: builtins.open\n"
+        f"      file: {marker}\n      mode: w\n"
+    )
+    result = job(tmp_path / "run", output_root, "--config-dir", str(shared.parent), "experiment=tuned")
+    assert result.returncode != 0 and not marker.exists()
+    assert "Target 'builtins.open' is not in the Hydra execution whitelist" in result.stderr
+    assert not (tmp_path / "run" / "stage1").exists(), "refused before any work"
+
+
+def test_a_callable_is_allowed_deliberately_from_the_shell_not_from_a_config(tmp_path, output_root):
+    callback = "+hydra.callbacks.extra._target_=hydra.experimental.callbacks.LogJobReturnCallback"
+    refused = job(tmp_path / "refused", output_root, "stage=stage1", callback)
+    assert refused.returncode != 0 and "is not in the Hydra execution whitelist" in refused.stderr
+    allowed = job(tmp_path / "allowed", output_root, "stage=stage1", callback,
+                  env_extra={"MDFNET_ALLOW_TARGETS": "hydra.experimental.callbacks.LogJobReturnCallback"})
+    ok(allowed)
+    assert (tmp_path / "allowed" / "metrics.json").is_file()
+
+
+def test_two_jobs_in_one_directory_run_one_at_a_time(tmp_path, output_root):
+    run_dir = tmp_path / "run"
+    long_job = _cli(run_dir, output_root) + ["phases.stage1.epochs=50"]  # holds the directory for a while
+    first = subprocess.Popen(long_job, cwd=str(Path(__file__).parents[1]), env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        lock = run_dir / ".mdfnet" / "lock"
+        deadline = time.time() + 120
+        while not (lock.is_file() and f"pid {first.pid} " in lock.read_text()) and time.time() < deadline:
+            assert first.poll() is None, "the first job ended early"
+            time.sleep(0.1)
+        second = subprocess.run(long_job, cwd=str(Path(__file__).parents[1]), env=_env(), capture_output=True,
+                                text=True, timeout=300)
+        assert first.poll() is None, "the first job was still running when the second was refused"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert second.returncode != 0
+    assert f"another job is running in {run_dir} (pid {first.pid} on " in second.stderr
+
+
+@pytest.mark.slow
+def test_resuming_on_another_number_of_workers_is_refused_naming_the_batch(copy_of, output_root):
+    for done in (copy_of / "stage1" / "metrics.json", copy_of / "metrics.json"):
+        done.unlink()  # stage 1 was interrupted after its last epoch, before its result
+    shutil.rmtree(copy_of / "stage2")
+    # the launcher's config says 2 workers: the run record sees the effective batch change
+    result = job(copy_of, output_root, "trainer.nproc_per_node=2", "trainer.max_restarts=0", timeout=300)
+    assert result.returncode != 0 and "effective batch" in result.stderr and "(32 recorded, 64 now)" in result.stderr
+    # torchrun's 2 workers are not in the config: the resumed training state sees it
+    result = _torchrun(copy_of, output_root)
+    assert result.returncode != 0
+    assert "was trained with effective batch 32" in result.stderr and "trainer.global_batch_size" in result.stderr
+    ok(_torchrun(copy_of, output_root, "trainer.global_batch_size=16"))
+
+
+@pytest.mark.slow
+def test_a_job_killed_while_holding_its_directory_leaves_no_stuck_lock(tmp_path, reference, output_root):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cli(run_dir, output_root), cwd=str(Path(__file__).parents[1]), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = run_dir / "stage1" / "checkpoints" / "last.pth"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ok(job(run_dir, output_root))
+    assert final_metrics(run_dir) == final_metrics(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a small disk needs root")
+def test_a_full_disk_is_reported_as_such_and_the_rerun_completes(tmp_path, reference, output_root):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("this machine does not let a test mount a tmpfs")
+    try:
+        run_dir = disk / "run"
+        result = job(run_dir, output_root)
+        assert result.returncode != 0
+        assert "no space left on device: writing " + str(run_dir) in result.stderr, result.stderr[-3000:]
+        assert "inline_container" not in result.stderr.splitlines()[-1]
+        assert not list(run_dir.rglob(".*.tmp-*")), "a failed write leaves no temporary behind"
+        subprocess.run(["mount", "-o", "remount,size=400m", str(disk)], check=True)
+        ok(job(run_dir, output_root))
+        assert final_metrics(run_dir) == final_metrics(reference)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def _torchrun(run_dir: Path, output_root: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mdfnet_hydra.train",
+         *JOB, f"paths.root={output_root}", f"hydra.run.dir={run_dir}", "evaluation.on_finish=false", *extra],
+        cwd=str(Path(__file__).parents[1]), env=_env(), capture_output=True, text=True, timeout=300,
+    )
+
+
+def _cli(run_dir: Path, output_root: Path) -> list[str]:
+    return [sys.executable, "-m", "mdfnet_hydra.train", *JOB, f"paths.root={output_root}", f"hydra.run.dir={run_dir}",
+            "evaluation.on_finish=false"]
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+class _Exploit:
+    """Unpickling this would create `marker`: proof that a loader ran code from a checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
