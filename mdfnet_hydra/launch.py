@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import sys
-import traceback
 import uuid
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from mdfnet_hydra.config import ConfigError, TrainConfig, validate_config
 from mdfnet_hydra.distributed import worker_env
 from mdfnet_hydra.files import write_text
+from mdfnet_hydra.tracking import public_message, public_traceback
 from mdfnet_hydra.run_directory import RunDirectoryBusy, RunDirectoryConflict, claim
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,10 @@ def _trial(cfg: DictConfig, run_dir: Path, failure: Path) -> Union[float, list[f
             _record_failure(failure, "objective undefined (no epoch finished, or no label with both classes in val)", None)
         return value
     except Exception as err:  # noqa: BLE001 - every failure becomes a failed trial with its reason
-        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        text = public_message(err).strip()
+        reason = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
         log.error("job failed: %s", reason)
-        _record_failure(failure, reason, traceback.format_exc())
+        _record_failure(failure, reason, public_traceback(err))
         _abort_if_too_many_failures(cfg, run_dir.parent, reason)
         return objective_value(cfg, {})
 

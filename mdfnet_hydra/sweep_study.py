@@ -100,8 +100,18 @@ def _process_start(pid: int) -> Optional[int]:
     return int(stat[19]) if stat else None
 
 
+def pid_space() -> str:
+    """Which pid numbers a pid means here: the boot and the pid namespace (containers that share a
+    hostname, e.g. with host networking, do not share pids)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
 def this_owner() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()), "pids": pid_space()}
 
 
 def process_alive(pid: int, start: Optional[int]) -> bool:
@@ -124,7 +134,7 @@ def is_orphan(trial: FrozenTrial, now: Optional[float] = None, host: Optional[st
     owner = trial.system_attrs.get(OWNER_ATTR)
     if not isinstance(owner, dict):
         return True  # started by a sweeper that did not record owners: nobody will finish it
-    if owner.get("host") == (host or socket.gethostname()):
+    if owner.get("host") == (host or socket.gethostname()) and owner.get("pids", "") == pid_space():
         return not process_alive(owner["pid"], owner.get("start"))
     beat = trial.system_attrs.get(HEARTBEAT_ATTR, 0.0)
     return (now if now is not None else time.time()) - float(beat) > STALE_AFTER_S
@@ -166,6 +176,20 @@ class Heartbeat:
                     self._storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
                 except Exception as err:  # noqa: BLE001 - finished meanwhile, or the storage is busy: next beat
                     log.debug("heartbeat of trial id %s: %s", trial_id, err)
+
+
+def trial_directory_busy(sweep_dir: Path, number: int) -> bool:
+    """Whether a job still holds the trial's run directory (run_directory.py's lock)."""
+    for lock in sweep_dir.glob(f"{number}_*/.mdfnet/lock"):
+        with lock.open("a+") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            except OSError:
+                continue  # a file system without locks: cannot tell
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return False
 
 
 # ----------------------------------------------------------------------------- storage and lock
@@ -270,6 +294,8 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
         for frozen in (t for t in trials if is_orphan(t)):
             if len(batch) == self.n_jobs:
                 break
+            if trial_directory_busy(Path(str(self.config.hydra.sweep.dir)), frozen.number):
+                continue  # its sweep process is gone but its job still runs (a SLURM job): leave it be
             self._claim(study, frozen._trial_id, owner, heartbeat)
             trial = Trial(study, frozen._trial_id)
             try:

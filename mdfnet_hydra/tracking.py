@@ -6,10 +6,12 @@ Only numbers and label names are ever logged: no report text, no patient or samp
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Mapping, Optional
 
 LOG_FORMAT = "[%(asctime)s][%(levelname)s] %(message)s"
+_PRIVATE = re.compile("\u2039[^\u203a]*\u203a")
 
 
 def attach_log_file(path: Path) -> logging.Handler:
@@ -20,18 +22,36 @@ def attach_log_file(path: Path) -> logging.Handler:
     return handler
 
 
+def private(text: str) -> str:
+    """Mark the part of an error message that names patients or their files (an unreadable image's
+    path and sample id, a patient in two splits): the console shows it, files never get it. A mark
+    in the text itself survives what an attribute would not (DataLoader workers re-raise errors from
+    their message)."""
+    return f"\u2039{text}\u203a"
+
+
+def public_message(err: BaseException) -> str:
+    """The error's message as logs, failure.json and sweep summaries may hold it."""
+    return _PRIVATE.sub("\u2039withheld\u203a", str(err))
+
+
+def public_traceback(err: BaseException) -> str:
+    import traceback
+
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    return _PRIVATE.sub("\u2039withheld\u203a", text)
+
+
 def log_failure(handler: Optional[logging.Handler], err: BaseException) -> None:
     """The error that ends a job, with its traceback, into the run's log file only (the console
     already shows it); Ctrl-C as one line."""
     if handler is None:
         return
-    interrupted = isinstance(err, KeyboardInterrupt)
-    record = logging.LogRecord(
-        "mdfnet_hydra", logging.ERROR, __file__, 0,
-        "interrupted (Ctrl-C / SIGINT); rerun the same command to resume" if interrupted else "job failed: %s: %s",
-        None if interrupted else (type(err).__name__, err), None if interrupted else (type(err), err, err.__traceback__),
-    )
-    handler.handle(record)
+    if isinstance(err, KeyboardInterrupt):
+        message = "interrupted (Ctrl-C / SIGINT); rerun the same command to resume"
+    else:
+        message = f"job failed: {type(err).__name__}: {public_message(err)}\n{public_traceback(err)}"
+    handler.handle(logging.LogRecord("mdfnet_hydra", logging.ERROR, __file__, 0, "%s", (message,), None))
 
 
 def detach_log_file(handler: Optional[logging.Handler]) -> None:

@@ -72,6 +72,9 @@ LEAKY_REPORTS = {
     "wet read after the indication": " INDICATION:  cough\n WET READ:  ___ 10:30 PM  small left effusion\n",
     "history inside the findings": " INDICATION:  cough\n\n FINDINGS:  Small left effusion, given history: CHF, effusion.\n",
     "lower-case allowed header inside the findings": " INDICATION:  cough\n FINDINGS:\n history: small left effusion.\n",
+    "findings on the line after an indication without a full stop":
+        " INDICATION:  cough\n Single portable view of the chest. There is a new small left effusion.\n",
+    "a findings line that reads like a header": " INDICATION:  cough\n AP portable chest radiograph: small left effusion.\n",
 }
 
 # Layouts that must keep their before-the-read text.
@@ -86,6 +89,9 @@ ALLOWED_REPORTS = {
                        {"history": "fever", "reason_for_exam": "eval pna"}),
     "indication then comparison": (" INDICATION:  cough  // pna?\n\n COMPARISON:  ___.\n\n FINDINGS:  Effusion.\n",
                                    {"indication": "cough // pna?", "comparison": "___."}),
+    "title-case words with colons inside the indication": (
+        " INDICATION:  History: ___F with CHF. PMH: COPD. Question: pna?\n\n FINDINGS:  Effusion.\n",
+        {"indication": "History: ___F with CHF. PMH: COPD. Question: pna?"}),
 }
 
 

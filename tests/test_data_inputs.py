@@ -22,6 +22,7 @@ from mdfnet_hydra.data.manifest import ManifestError, read_manifest, validate_ma
 from mdfnet_hydra.data.preprocessing import Preprocessing
 from mdfnet_hydra.data.synthetic import generate
 from mdfnet_hydra.labels import CLINICAL_FEATURES
+from mdfnet_hydra.tracking import private, public_message, public_traceback
 
 
 @pytest.fixture
@@ -63,11 +64,15 @@ def test_truncated_image_names_file_and_sample_mid_epoch(prepared):
         dataset[bad]
     assert f"sample_id '{sample_id}'" in str(err.value) and "image file is truncated" in str(err.value)
     assert "data.verify_images=true" in str(err.value)
-    # the name survives a DataLoader worker (how stage 2 and uncached stage 1 read images)
+    # what logs, failure.json and sweep summaries get: neither the file (it names the patient) nor the sample
+    public = public_message(err.value)
+    assert path not in public and sample_id not in public and "of the train split" in public
+    # the name survives a DataLoader worker (how stage 2 and uncached stage 1 read images), the mark too
     loader = DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=Collator())
-    with pytest.raises(OSError, match=re.escape(path)):
+    with pytest.raises(OSError, match=re.escape(path)) as err:
         for _ in loader:
             pass
+    assert path not in public_message(err.value) and path not in public_traceback(err.value)
 
 
 def test_verification_lists_every_unreadable_image(prepared, monkeypatch):
@@ -80,7 +85,8 @@ def test_verification_lists_every_unreadable_image(prepared, monkeypatch):
     message = str(err.value)
     assert message.startswith("3 of the 80 images of ")
     for row in (2, 5, 7):
-        assert f"row {row}, sample_id '{frame.sample_id[row]}': {root / frame.image_path[row]}" in message
+        assert f"row {row}, {private(f'sample_id {frame.sample_id[row]!r}: {root / frame.image_path[row]}')}" in message
+        assert str(root / frame.image_path[row]) not in public_message(err.value)
     assert "image file is truncated" in message and "data.verify_images=false" in message
     assert not list(root.glob(".*verified*.json")), "a failed check is not recorded"
     monkeypatch.setattr(dataset_module, "SHOWN_FAILURES", 2)
@@ -209,6 +215,6 @@ def test_patient_in_two_splits_is_named_with_rows(prepared):
         validate_manifest(leak, source="m.parquet")
     message = str(err.value)
     assert message.startswith("m.parquet: 1 patients appear in more than one split, e.g. ")
-    assert f"patient_id '{patient}'" in message
+    assert f"patient_id '{patient}'" in message and f"'{patient}'" not in public_message(err.value)
     assert f"{moved_to} rows [{rows[0]}]" in message
     assert f"{stays} rows {[r for r in rows if leak.loc[r, 'split'] == stays]}" in message

@@ -182,6 +182,23 @@ def test_damaged_saved_predictions_are_recomputed_from_a_valid_checkpoint(mixed)
     assert any("object_npz/stage1" in w and "test.npz" in w and "recomputing" in w for w in warnings)
 
 
+def test_a_run_whose_data_cannot_be_loaded_is_left_out(trained, tmp_path):
+    """Predictions to recompute (here: damaged) on a dataset that is not there: that run is left out,
+    the others are evaluated."""
+    root = tmp_path / "experiments"
+    copy_run(trained, root, "good")
+    moved = copy_run(trained, root, "needs_data")
+    truncate(moved / "predictions" / "test.npz")
+    checkpoint = moved / "checkpoints" / "best_mean.pth"
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["data"].update(name="processed", synthetic=None, root=str(tmp_path / "dataset_moved_away"))
+    torch.save(state, checkpoint)  # trained on a prepared dataset that is not on this machine
+    result = evaluate(root, tmp_path / "results", options())
+    reasons = {item["run"]: item["reason"] for item in result["left_out"]}
+    assert "its data cannot be loaded" in reasons["needs_data/stage1"], reasons
+    assert "good/stage1" not in reasons
+
+
 def test_every_run_broken_fails_with_one_line(trained, tmp_path):
     root = tmp_path / "experiments"
     truncate(copy_run(trained, root, "half_written") / "metrics.json")

@@ -3,6 +3,7 @@ the study's budget counted once over all processes, and a trial whose sweep died
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -17,7 +18,8 @@ from optuna.trial import TrialState
 
 from conftest import REPO, quiet_evaluation
 from mdfnet_hydra.summary import write_summary
-from mdfnet_hydra.sweep_study import HEARTBEAT_ATTR, OWNER_ATTR, STALE_AFTER_S, is_orphan, reseed_for_trial
+from mdfnet_hydra.sweep_study import (HEARTBEAT_ATTR, OWNER_ATTR, STALE_AFTER_S, pid_space, is_orphan, reseed_for_trial,
+                                       trial_directory_busy)
 
 TINY = ("debug=fast", "data.synthetic.num_samples=300", "data.synthetic.image_size=32")
 STUDY = ("hparams=random", "modality=clinical", "stage=stage1")
@@ -131,16 +133,31 @@ def test_a_running_trial_is_orphaned_only_when_its_sweep_is_gone():
                                          system_attrs=attrs)
 
     now = time.time()
-    me = {"host": "here", "pid": os.getpid(), "start": None}
+    me = {"host": "here", "pid": os.getpid(), "start": None, "pids": pid_space()}
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    gone = {"host": "here", "pid": int(dead.stdout), "start": None}
+    gone = {"host": "here", "pid": int(dead.stdout), "start": None, "pids": pid_space()}
     assert not is_orphan(running(me, 0.0), now, host="here"), "a live process on this host owns it"
     assert is_orphan(running(gone, now), now, host="here"), "its process on this host ended"
     elsewhere = {"host": "node7", "pid": os.getpid(), "start": None}
     assert not is_orphan(running(elsewhere, now - 10), now, host="here"), "recent heartbeat from another host"
     assert is_orphan(running(elsewhere, now - STALE_AFTER_S - 1), now, host="here"), "no heartbeat for too long"
+    # a container sharing this hostname but not its pids (host networking): judged by its heartbeat
+    container = {"host": "here", "pid": int(dead.stdout), "start": None, "pids": "other-boot:4026531836"}
+    assert not is_orphan(running(container, now - 10), now, host="here"), "its pid means nothing here"
+    assert is_orphan(running(container, now - STALE_AFTER_S - 1), now, host="here")
     legacy = optuna.trial.create_trial(state=TrialState.RUNNING, params={"x": 0.5}, distributions=space)
     assert is_orphan(legacy, now, host="here"), "left running by a sweeper that recorded no owner"
+
+
+def test_a_trial_whose_job_still_holds_its_directory_is_not_taken_over(tmp_path):
+    """Its sweep process died but its (SLURM) job runs on: running it again would collide with it."""
+    lock = tmp_path / "3_0123abcd" / ".mdfnet" / "lock"
+    lock.parent.mkdir(parents=True)
+    with lock.open("a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert trial_directory_busy(tmp_path, 3)
+        assert not trial_directory_busy(tmp_path, 4)
+    assert not trial_directory_busy(tmp_path, 3), "the job ended: the trial can be run again"
 
 
 @pytest.mark.parametrize("make", [lambda: optuna.samplers.RandomSampler(seed=7),

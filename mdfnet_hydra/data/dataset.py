@@ -28,6 +28,7 @@ from mdfnet_hydra.data.targets import encode_targets
 from mdfnet_hydra.data.token_cache import TokenIds
 from mdfnet_hydra.files import write_text
 from mdfnet_hydra.machine import real_cpus
+from mdfnet_hydra.tracking import private
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,13 @@ def decode_error(path: Path) -> Optional[str]:
         with Image.open(path) as image:
             image.load()
     except Exception as err:  # OSError (truncated, missing), UnidentifiedImageError, decompression bombs...
-        return f"{type(err).__name__}: {err}"
+        return error_text(err, path)
     return None
+
+
+def error_text(err: BaseException, path: Path) -> str:
+    """`Type: message` without the file's path (it names the patient; callers mark it private)."""
+    return f"{type(err).__name__}: {str(err).replace(str(path), 'the file')}"
 
 
 def decode_all(root: Path, manifest: Path, images: pd.DataFrame) -> None:
@@ -174,7 +180,7 @@ def decode_all(root: Path, manifest: Path, images: pd.DataFrame) -> None:
     failed = [(row, sid, path, err) for row, sid, path, err
               in zip(images.index, images["sample_id"], paths, errors) if err is not None]
     if failed:
-        lines = [f"  row {row}, sample_id {sid!r}: {path}: {err}" for row, sid, path, err in failed[:SHOWN_FAILURES]]
+        lines = [f"  row {row}, {private(f'sample_id {sid!r}: {path}')}: {err}" for row, sid, path, err in failed[:SHOWN_FAILURES]]
         if len(failed) > SHOWN_FAILURES:
             lines.append(f"  ... and {len(failed) - SHOWN_FAILURES} more")
         raise UnreadableImageError(
@@ -234,8 +240,8 @@ class MultimodalDataset(Dataset):
         except OSError as err:
             sample_id = self.split.frame["sample_id"].iat[index]
             raise UnreadableImageError(
-                f"cannot read image {path} (sample_id {sample_id!r}, {self.split.name} split): "
-                f"{type(err).__name__}: {err}; {REDO_HINT}. data.verify_images=true decodes every image "
+                f"cannot read image {private(f'{path} (sample_id {sample_id!r})')} of the {self.split.name} split: "
+                f"{error_text(err, path)}; {REDO_HINT}. data.verify_images=true decodes every image "
                 f"at start and lists all that fail") from err
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from mdfnet_hydra.labels import CHEXPERT_LABELS, CLINICAL_FEATURES
+from mdfnet_hydra.tracking import private
 
 ID_COLUMNS = ("sample_id", "patient_id", "split", "image_path", "text")
 SPLITS = ("train", "val", "test")
@@ -110,7 +111,7 @@ def _check_patient_splits(frame: pd.DataFrame, source: str) -> None:
                           for split in SPLITS if (rows["split"] == split).any())
         examples.append(f"patient_id {patient!r} ({where})")
     raise ManifestError(
-        f"{source}: {len(leaking)} patients appear in more than one split, e.g. {'; '.join(examples)}; "
+        f"{source}: {len(leaking)} patients appear in more than one split, e.g. {private('; '.join(examples))}; "
         f"splits must be by patient: give each patient's rows one split (prepare does this with split.seed)"
     )
 

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.checkpoint import load_checkpoint
-from mdfnet_hydra.config import TrainConfig
+from mdfnet_hydra.config import ConfigError, TrainConfig
 from mdfnet_hydra.files import DamagedFileError
 from mdfnet_hydra.identity import outcome_identity
 from mdfnet_hydra.predictions import DamagedPredictionsError, Predictions, file_digest, load_predictions
@@ -298,6 +298,9 @@ def load_run_model(ckpt_path: Path, data_root: Optional[str], device: str, split
     except FileNotFoundError as err:
         raise LeftOutError(Path(err.filename or cfg.data.root),
                            "the data needed to recompute predictions is not there (evaluate with data_root=<dir>)") from err
+    except (ValueError, OSError, ConfigError) as err:  # ManifestError, UnreadableImageError, a bad data config
+        raise LeftOutError(Path(str(cfg.data.root)), f"its data cannot be loaded to recompute predictions "
+                           f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
     prep = Preprocessing.create(cfg.model, modalities, split_data["train"], state=ckpt["preprocessing"])
     model = build_model(cfg.model, modalities, prep.clinical_dim, prep.tokenizer)
     try:

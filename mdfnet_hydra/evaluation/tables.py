@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from mdfnet_hydra.evaluation.analysis import Comparison, RunResult
-from mdfnet_hydra.evaluation.runs import HYPERPARAMETERS, LeftOut, shown_path
+from mdfnet_hydra.evaluation.runs import LeftOut, shown_path
 from mdfnet_hydra.files import atomic_target
 from mdfnet_hydra.labels import CHEXPERT_LABELS
 

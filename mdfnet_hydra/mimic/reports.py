@@ -50,7 +50,7 @@ _COLON = re.compile(r":(?!\d)")  # not the colon of a time (10:30)
 _SEGMENT_END = re.compile(r"[.;?!,:]|//|\s{2,}")  # what may precede a header on its line
 _NUMBERING = re.compile(r"\s*(?:#?\d+|\(\d+\))$")  # FINDINGS 2, FINDINGS #2, FINDINGS (2)
 _JOINERS = re.compile(r"\s*(?:/|&|\+|\bAND\b)\s*")  # FINDINGS/IMPRESSION, FINDINGS AND IMPRESSION
-_LOOKS_LIKE_HEADER = re.compile(r"^(?:[A-Z][A-Z0-9 /&()#\-]*|[A-Z][a-z]+(?: [a-z]+){0,3})$")
+_LOOKS_LIKE_HEADER = re.compile(r"^[A-Z][A-Z0-9 /&()#\-]*$")
 _MAX_HEADER_WORDS = 5
 
 
@@ -79,18 +79,19 @@ def _headers(report: str) -> Iterator[tuple[int, int, Optional[str]]]:
     for colon in _COLON.finditer(report):
         line_start = report.rfind("\n", 0, colon.start()) + 1
         segment = _SEGMENT_END.split(report[line_start:colon.start()])[-1]
-        found = _header_in(segment)
+        found = _header_in(segment, at_line_start=not report[line_start:colon.start() - len(segment)].strip())
         if found:
             yield colon.start() - len(segment) + found[0], colon.end(), found[1]
 
 
-def _header_in(segment: str) -> Optional[tuple[int, Optional[str]]]:
+def _header_in(segment: str, at_line_start: bool) -> Optional[tuple[int, Optional[str]]]:
     """(offset, name) of the header that ends `segment` (the text before a colon), if any.
 
     Easy to stop, hard to start: an after-the-read header counts in any case and after any words
     ("... no change FINDINGS:"); a before-the-read one only in capitals with nothing before it on
     its line but punctuation, so "given history: CHF" inside the findings never opens a section
-    that becomes input text. Other short capitalised phrases are unknown headers (their text dropped).
+    that becomes input text. Other short phrases in capitals that start their line are unknown
+    headers (their text dropped); "History:", "PMH:" or "Question:" inside an indication are its text.
     """
     words = list(re.finditer(r"\S+", segment))
     for k in range(min(len(words), _MAX_HEADER_WORDS), 0, -1):
@@ -102,7 +103,8 @@ def _header_in(segment: str) -> Optional[tuple[int, Optional[str]]]:
             return start, name
         if k == len(words) and segment[start:].isupper():
             return start, name
-    if words and len(words) <= _MAX_HEADER_WORDS and _LOOKS_LIKE_HEADER.match(segment.strip()):
+    text = segment.strip()
+    if words and len(words) <= _MAX_HEADER_WORDS and at_line_start and text.isupper() and _LOOKS_LIKE_HEADER.match(text):
         return words[0].start(), None
     return None
 
@@ -119,8 +121,10 @@ def section_of(header: str) -> Optional[str]:
 
 
 def _first_paragraph(body: str, column: int) -> str:
-    """The body's first paragraph: it ends at a blank line or after a line that ends a sentence
-    well before the wrap width. `column` is where the body starts on the header's line."""
+    """The body's first paragraph: it ends at a blank line, or after any line that ends before the
+    wrap width (a line continues on the next only when it was wrapped, so findings written on the
+    line after a short indication never join it). `column` is where the body starts on the
+    header's line."""
     kept: list[str] = []
     for i, line in enumerate(body.split("\n")):
         if not line.strip():
@@ -129,7 +133,7 @@ def _first_paragraph(body: str, column: int) -> str:
             continue
         kept.append(line)
         width = len(line.rstrip()) + (column if i == 0 else 0)
-        if line.rstrip().endswith((".", "?", "!")) and width < WRAP_WIDTH:
+        if width < WRAP_WIDTH:
             break
     return "\n".join(kept)
 
