@@ -576,8 +576,41 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(str(err))
     if cfg.get("hparams") is not None and cfg.hparams.objective not in ("single", "multi"):
         problems.append(f"hparams.objective must be 'single' or 'multi', got {cfg.hparams.objective!r}")
+    sweep_problem = multirun_only_problem(cfg)
+    if sweep_problem:
+        problems.append(sweep_problem)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def multirun_only_message(preset: str) -> str:
+    """Said to a user who ran a sweep preset as one job, which would train one default config."""
+    return f"{preset} is a sweep (several jobs) and runs only with --multirun: python -m mdfnet_hydra.train --multirun {preset} ..."
+
+
+def refuse_single_run(preset: str) -> str:
+    """`${multirun_only:<preset>}`, the `hydra.run.dir` of a sweep preset: a run without --multirun
+    resolves it, and stops (it never returns), before Hydra creates any directory (a multirun uses
+    hydra.sweep.dir)."""
+    raise ConfigError(multirun_only_message(preset))
+
+
+def multirun_only_problem(cfg: DictConfig, hydra_cfg: Optional[DictConfig] = None) -> Optional[str]:
+    """A config that lists sweep parameters (`hydra.sweeper.params`) running as one job: Hydra would
+    silently train one default config. The backstop for a sweep preset whose `hydra.run.dir` was
+    overridden. `hydra_cfg`: the `hydra` node (HydraConfig's when omitted); without one (a
+    data-parallel worker, a composed test config) nothing is checked."""
+    if hydra_cfg is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    if hydra_cfg is None or str(getattr(hydra_cfg.get("mode"), "name", hydra_cfg.get("mode"))) != "RUN":
+        return None
+    if not OmegaConf.select(hydra_cfg, "sweeper.params", default=None, throw_on_resolution_failure=False):
+        return None
+    choices = OmegaConf.select(hydra_cfg, "runtime.choices", default=None) or {}
+    presets = [f"{group}={choices[group]}" for group in ("experiment", "hparams") if choices.get(group) not in (None, "null")]
+    return multirun_only_message(" ".join(presets) or "hydra.sweeper.params")
 
 
 def loader_problems(data: DataConfig) -> list[str]:

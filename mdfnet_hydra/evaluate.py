@@ -2,7 +2,8 @@
 output_dir=results/` (config: conf/evaluate.yaml, options in conf/evaluation/default.yaml).
 
 Runs with damaged files are left out (warning, and listed in results.md); if every run found is,
-the command fails with one line listing them (exit status 1)."""
+the command fails with one line listing them (exit status 1), as it does for a missing
+`experiments_dir` and other errors of its input (cli.py)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,17 @@ from mdfnet_hydra.config import EXECUTION_WHITELIST, register_configs
 register_configs()
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", execution_whitelist=EXECUTION_WHITELIST)
+@hydra.main(config_path="pkg://mdfnet_hydra.conf", config_name="evaluate", execution_whitelist=EXECUTION_WHITELIST)
 def main(cfg: DictConfig) -> None:
     import logging
 
-    from mdfnet_hydra.evaluation.report import evaluate
-    from mdfnet_hydra.evaluation.runs import NoRunEvaluatedError
+    from mdfnet_hydra.cli import reported
 
-    logging.getLogger("mdfnet_hydra").setLevel(logging.INFO)
-    try:
+    with reported("mdfnet_hydra.evaluate"):
+        from mdfnet_hydra.evaluation.report import evaluate
+
+        logging.getLogger("mdfnet_hydra").setLevel(logging.INFO)
         evaluate(cfg.experiments_dir, cfg.output_dir, cfg.evaluation, cfg.data_root)
-    except NoRunEvaluatedError as err:
-        raise SystemExit(f"mdfnet_hydra.evaluate: error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -18,6 +18,15 @@ def group_learning_rates(phase: PhaseConfig) -> dict[str, float]:
     }
 
 
+def describe_optimizer_config(cfg: OptimizerConfig) -> str:
+    """The optimizer with the settings build_optimizer passes it (learning rates are per stage)."""
+    if cfg.name is OptimizerName.adamw:
+        betas = ", ".join(format(float(b), "g") for b in cfg.betas)
+        return f"adamw (betas ({betas}), eps {float(cfg.eps):g}, weight decay {float(cfg.weight_decay):g})"
+    return (f"sgd (momentum {float(cfg.momentum):g}{', nesterov' if cfg.nesterov else ''}, "
+            f"weight decay {float(cfg.weight_decay):g})")
+
+
 def build_optimizer(model: MDFNet, phase: PhaseConfig, cfg: OptimizerConfig, fused: bool = False) -> torch.optim.Optimizer:
     """One parameter group per part (named in `group["name"]`), frozen parameters left out.
     `fused`: AdamW's single-kernel step (`Runtime.fused_optimizer`: a CUDA machine's choice; torch

@@ -24,8 +24,10 @@ from mdfnet_hydra.evaluation import evaluate_quietly
 from mdfnet_hydra.files import DamagedFileError, remove_stale_temporaries, write_text
 from mdfnet_hydra.labels import CHEXPERT_LABELS
 from mdfnet_hydra.launch import in_multirun
+from mdfnet_hydra.losses import describe_loss
 from mdfnet_hydra.metrics import rarest_labels
 from mdfnet_hydra.models.mdfnet import build_model
+from mdfnet_hydra.optim import describe_optimizer_config
 from mdfnet_hydra.predictions import file_digest
 from mdfnet_hydra.report import format_summary
 from mdfnet_hydra.run_directory import RunDirectoryBusy, RunDirectoryConflict, claim
@@ -97,6 +99,10 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
         "effective batch %d = %d per device x %d worker(s) x %d accumulation step(s)",
         per_device * runtime.world_size * cfg.trainer.grad_accum, per_device, runtime.world_size, cfg.trainer.grad_accum,
     )
+    log.info("%s", describe_training(cfg, runtime))
+    warnings = start_warnings(cfg)
+    for text in warnings:
+        log.warning("%s", text)
     seed_everything(int(cfg.seed))
     if runtime.is_main:
         remove_stale_temporaries(run_dir)  # of writers killed earlier (this job holds the directory)
@@ -158,8 +164,26 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
         evaluation = None
         if len(results) > 1 and cfg.evaluation.on_finish and not in_multirun():  # a multirun evaluates once, at its end
             evaluation = evaluate_quietly(run_dir, run_dir / "evaluation", cfg.evaluation)
-        log.info("\n%s", format_summary(results, run_dir, evaluation))
+        log.info("\n%s", format_summary(results, run_dir, evaluation, warnings))
     return summary
+
+
+def describe_training(cfg: DictConfig, runtime: Runtime) -> str:
+    """One line with the settings a reader compares runs by, stated once at the start of the job."""
+    clip = cfg.trainer.max_grad_norm
+    return (f"optimizer {describe_optimizer_config(cfg.optimizer)} | loss {describe_loss(cfg.loss)} | "
+            f"gradient clipping {'max_grad_norm ' + format(float(clip), 'g') if clip is not None else 'off'} | "
+            f"precision {runtime.precision.value} | seed {cfg.seed}")
+
+
+def start_warnings(cfg: DictConfig) -> list[str]:
+    """What this job does that its user may not expect; logged at start and repeated in the summary."""
+    warnings = []
+    if [s.value for s in cfg.stage.run][:1] == ["stage2"] and not cfg.stage.init_from:
+        warnings.append(
+            "stage 2 starts from an untrained fusion and head (stage=stage2 without stage.init_from): to start from "
+            "stage 1, pass stage.init_from=<run>/stage1/checkpoints/best_mean.pth, or run both with stage=two_stage")
+    return warnings
 
 
 PHASE_RESULT_KEYS = ("stage", "selected_checkpoint", "val", "test", "wall_time_s")

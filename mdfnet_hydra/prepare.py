@@ -11,14 +11,18 @@ from mdfnet_hydra.config import EXECUTION_WHITELIST, register_configs
 register_configs()
 
 
-@hydra.main(config_path="../conf", config_name="prepare", execution_whitelist=EXECUTION_WHITELIST)
+@hydra.main(config_path="pkg://mdfnet_hydra.conf", config_name="prepare", execution_whitelist=EXECUTION_WHITELIST)
 def main(cfg: DictConfig) -> None:
+    """Input the preparation cannot use ends it with one line naming the file (cli.py)."""
     import logging
 
-    from mdfnet_hydra.mimic.build import prepare
+    from mdfnet_hydra.cli import reported
 
-    logging.getLogger("mdfnet_hydra").setLevel(logging.INFO)
-    prepare(cfg)
+    with reported("mdfnet_hydra.prepare"):
+        from mdfnet_hydra.mimic.build import prepare
+
+        logging.getLogger("mdfnet_hydra").setLevel(logging.INFO)
+        prepare(cfg)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from mdfnet_hydra.labels import CHEXPERT_LABELS
 
@@ -12,14 +12,18 @@ def _cell(value: Optional[float]) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
 
 
-def format_summary(results: dict[str, dict[str, Any]], run_dir: Path, evaluation: Optional[Path] = None) -> str:
+def format_summary(results: dict[str, dict[str, Any]], run_dir: Path, evaluation: Optional[Path] = None,
+                   warnings: Sequence[str] = ()) -> str:
+    """`warnings`: what the job warned about at its start, repeated first (the start scrolled away)."""
+    head = [f"WARNING: {text}" for text in warnings]
     evaluated = [name for name, r in results.items() if r.get("val")]
     if not evaluated:
-        return f"No epoch finished (trainer.max_time spent before the first one); nothing to report. Run: {run_dir}"
+        return "\n".join([*head, f"No epoch finished (trainer.max_time spent before the first one); nothing to report. Run: {run_dir}"])
     final_name = evaluated[-1]
     final = results[final_name]
     val, test = final["val"], final.get("test")
     lines = [
+        *head,
         f"AUROC of {final_name}'s {final['selected_checkpoint']} checkpoint (epoch {final['best_epoch']}):",
         f"  {'label':<28} {'val':>6} {'test':>6}  val pos/neg",
     ]

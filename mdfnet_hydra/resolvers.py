@@ -5,8 +5,13 @@
 - `${short_hash:${hydra.job.override_dirname}}`: a stable 8-character id of a job's overrides, the
   second half of a trial directory's name (the first is the Optuna trial number, see sweep_study.py).
 - `${objective_directions:single|multi}`: Optuna's direction(s) for `hparams.objective`.
+- `${job_dir:}`: the job's directory, `${hydra:runtime.output_dir}`, which Hydra sets only when the
+  job runs; before that (`--cfg job --resolve`) the directory a run started now would get.
 - `${optuna_storage:<sweep dir>}`: the study's SQLite URL in the sweep directory, which it creates
   (the sweeper opens the database before Hydra creates the directory for the first job).
+- `${multirun_only:<preset>}`: the `hydra.run.dir` of the sweep presets (experiment=baselines,
+  hparams=random, ...): run without --multirun, the job stops with one line saying to add it,
+  before Hydra creates a directory (config.refuse_single_run).
 
 The study's budget (trials already in the study, from any process) and the sampler's per-trial
 seeds are the sweeper's business (mdfnet_hydra/sweep_study.py), decided under the study's lock
@@ -16,11 +21,13 @@ when each trial is asked for, not once at composition time.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Union
 
 from omegaconf import OmegaConf
 
+from mdfnet_hydra.config import refuse_single_run
 from mdfnet_hydra.distributed import agreed_now
 
 OPTUNA_DB = "optuna.db"
@@ -44,8 +51,25 @@ def optuna_storage(sweep_dir: str) -> str:
     return f"sqlite:///{directory / OPTUNA_DB}"
 
 
+def job_dir() -> str:
+    """`${hydra:runtime.output_dir}`, or before the job runs (Hydra sets it then) the directory a
+    run would use: `hydra.run.dir`, or a placeholder under the sweep directory of a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra = HydraConfig.get()
+    output_dir = OmegaConf.select(hydra, "runtime.output_dir", default=None)  # ??? before the job runs
+    if output_dir:
+        return str(output_dir)
+    if hydra.mode == RunMode.MULTIRUN:
+        return os.path.join(os.path.abspath(str(hydra.sweep.dir)), "<each job's hydra.sweep.subdir>")
+    return os.path.abspath(str(hydra.run.dir))
+
+
 def register_resolvers() -> None:
     OmegaConf.register_resolver("agreed_now", agreed_now, replace=True, use_cache=True)
     OmegaConf.register_resolver("short_hash", short_hash, replace=True)
     OmegaConf.register_resolver("objective_directions", objective_directions, replace=True)
     OmegaConf.register_resolver("optuna_storage", optuna_storage, replace=True)
+    OmegaConf.register_resolver("multirun_only", refuse_single_run, replace=True)
+    OmegaConf.register_resolver("job_dir", job_dir, replace=True)  # not cached: one per multirun job

@@ -70,10 +70,15 @@ def job_row(job_dir: Path) -> Optional[dict[str, Any]]:
     return row
 
 
-def write_summary(sweep_dir: str | Path) -> Path:
-    sweep_dir = Path(sweep_dir)
+def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job directory of the sweep, in job order."""
     rows = [row for d in sorted(p for p in sweep_dir.iterdir() if p.is_dir()) if (row := job_row(d)) is not None]
-    rows.sort(key=lambda r: _job_order(r["job"]))
+    return sorted(rows, key=lambda r: _job_order(r["job"]))
+
+
+def write_summary(sweep_dir: str | Path, rows: Optional[list[dict[str, Any]]] = None) -> Path:
+    sweep_dir = Path(sweep_dir)
+    rows = job_rows(sweep_dir) if rows is None else rows
     out = sweep_dir / SUMMARY_FILE
     with atomic_target(out) as tmp, tmp.open("w", newline="") as handle:  # several sweep processes may write it
         writer = csv.DictWriter(handle, fieldnames=BASE_COLUMNS + LABEL_COLUMNS, extrasaction="ignore")
@@ -125,13 +130,44 @@ def _other_processes_running(config: DictConfig, sweep_dir: Path) -> bool:
     return any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False))
 
 
+USAGE = "usage: python -m mdfnet_hydra.summary <sweep directory>"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 2 for a wrong command line, 1 for a directory that is not a sweep (nothing is
+    written there), 0 with the CSV's path."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not Path(args[0]).is_dir():
-        print("usage: python -m mdfnet_hydra.summary <sweep directory>", file=sys.stderr)
+    if len(args) != 1 or args[0].startswith("-"):
+        print(USAGE, file=sys.stderr)
         return 2
-    print(write_summary(args[0]))
+    sweep_dir = Path(args[0])
+    try:
+        print(write_summary(sweep_dir, sweep_rows(sweep_dir)))
+    except NotASweepError as err:
+        print(f"mdfnet_hydra.summary: error: {err}", file=sys.stderr)
+        return 1
     return 0
+
+
+class NotASweepError(ValueError):
+    """The directory given is missing, or holds no job directories of a multirun."""
+
+
+def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The sweep's rows; a missing directory, a single run or a directory without job directories
+    is named instead of summarised as an empty table."""
+    if not sweep_dir.exists():
+        raise NotASweepError(f"{sweep_dir} does not exist")
+    if not sweep_dir.is_dir():
+        raise NotASweepError(f"{sweep_dir} is not a directory")
+    rows = job_rows(sweep_dir)
+    if rows:
+        return rows
+    if (sweep_dir / ".hydra" / "overrides.yaml").is_file():
+        raise NotASweepError(f"{sweep_dir} is a single run, not a sweep; give the multirun's directory "
+                             f"(outputs/multiruns/<date>/<time>), whose job directories it summarises")
+    raise NotASweepError(f"{sweep_dir} holds no job directories (<job>/.hydra/overrides.yaml): give a multirun's "
+                         f"directory (outputs/multiruns/<date>/<time>)")
 
 
 if __name__ == "__main__":

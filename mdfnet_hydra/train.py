@@ -22,12 +22,16 @@ register_resolvers()
 register_sweeper()
 
 
-@hydra.main(config_path="../conf", config_name="train", execution_whitelist=EXECUTION_WHITELIST)
+@hydra.main(config_path="pkg://mdfnet_hydra.conf", config_name="train", execution_whitelist=EXECUTION_WHITELIST)
 def main(cfg: DictConfig):
-    """Returns the sweep objective (validation mean AUROC, or [mean, min] for hparams.objective=multi)."""
-    from mdfnet_hydra.launch import run_job
+    """Returns the sweep objective (validation mean AUROC, or [mean, min] for hparams.objective=multi).
+    A single run's user errors and Ctrl-C end it with one line (cli.py)."""
+    from mdfnet_hydra.cli import reported, training_interrupted
 
-    return run_job(cfg)
+    with reported("mdfnet_hydra.train", interrupted=lambda: training_interrupted(cfg)):
+        from mdfnet_hydra.launch import run_job
+
+        return run_job(cfg)
 
 
 def _quiet_non_zero_ranks() -> None:

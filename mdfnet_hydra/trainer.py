@@ -494,11 +494,20 @@ class PhaseTrainer:
                 tracker.scalar(f"lr/{group['name']}", group["lr"], epoch)
         best = self.state.best[CheckpointName.best_mean.value]
         remaining = (epochs - epoch) * self.state.elapsed_s / max(epoch, 1)
+        val = self._val_label()
         log.info(
-            "%s epoch %d/%d | train loss %.4f (bce %.4f, focal %.4f) | val loss %.4f | val mean AUROC %s (best %s @ %s) | %.1fs, ETA %.0fs",
-            self.name, epoch, epochs, train["combined"], train["bce"], train["focal"], val_loss,
-            _fmt(m["auroc_mean"]), _fmt(best.value), best.epoch, seconds, remaining,
+            "%s epoch %d/%d | train loss %.4f (bce %.4f, focal %.4f) | %s loss %.4f | %s mean AUROC %s (best %s @ %s) | %.1fs, %s ETA %.0fs",
+            self.name, epoch, epochs, train["combined"], train["bce"], train["focal"], val, val_loss,
+            val, _fmt(m["auroc_mean"]), _fmt(best.value), best.epoch, seconds, self.name, remaining,
         )
+
+    def _val_label(self) -> str:
+        """`val`, or `val (first N of M batches)` under trainer.limit_val_batches: the epoch line's
+        metrics (and best checkpoints) then come from part of the split, the final summary's from all of it."""
+        limit, total = self.trainer_cfg.limit_val_batches, len(self.loaders["val"])
+        if limit is None or int(limit) >= total:
+            return "val"
+        return f"val (first {int(limit)} of {total} batches)"
 
     # ------------------------------------------------------------------ end of phase
     def _finish(self) -> dict[str, Any]:

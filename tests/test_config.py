@@ -95,3 +95,19 @@ def test_cli_rejects_mistakes_before_any_work(tmp_path, override, message):
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert not (tmp_path / "data").exists(), "nothing may be generated or trained before the config is valid"
+
+
+@pytest.mark.parametrize("preset", ["experiment=baselines", "hparams=random"])
+def test_a_sweep_preset_without_multirun_stops_before_any_directory(tmp_path, preset):
+    result = run_cli(preset, "modality=clinical", "debug=fast", f"paths.root={tmp_path}", timeout=120)
+    assert result.returncode != 0
+    assert f"{preset} is a sweep (several jobs) and runs only with --multirun" in result.stderr
+    assert not list(tmp_path.iterdir()), "no run directory, no data, no training"
+
+
+def test_a_sweep_preset_with_its_own_run_dir_still_refuses_to_train(tmp_path):
+    result = run_cli("experiment=ablations", "modality=clinical", "debug=fast", f"paths.root={tmp_path}",
+                     f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    assert result.returncode != 0
+    assert "experiment=ablations is a sweep (several jobs) and runs only with --multirun" in result.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "stage1").exists()

@@ -133,6 +133,18 @@ def test_figures_are_written_and_not_blank(known):
             assert pixels.std() > 10 and (pixels < 128).mean() > 0.01, f"{name} looks blank"
 
 
+def test_results_md_maps_figure_labels_to_runs(known):
+    _, out, rows, _, _ = known
+    section = (out / "results.md").read_text().split("### Run labels in the figures", 1)[1]
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+             if line.startswith("| ") and not line.startswith("| ---")]
+    assert table[0] == ["label", "run"]
+    assert dict((run, label) for label, run in table[1:]) == {
+        "all_s1/stage2": "all stage2 s1", "all_s2/stage2": "all stage2 s2", "vision_s1/stage2": "vision stage2 s1",
+        "vision_s2/stage2": "vision stage2 s2", "text_s1/stage2": "text stage2 s1"}
+    assert set(rows) == {run for _, run in table[1:]}, "every run in the figures (max_curves 6) is listed"
+
+
 def test_stale_predictions_are_recomputed_from_the_checkpoint(tmp_path, output_root):
     """A real tiny run: saved predictions are reused while their digest matches the checkpoint; a
     re-saved checkpoint with the same weights is recomputed to the same numbers; changed weights change them."""

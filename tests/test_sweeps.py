@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sqlite3
 
 import optuna
 import pytest
@@ -61,6 +62,30 @@ def test_bayesian_study_persists_and_resumes(tmp_path):
     again = sweep(tmp_path, *common, "hparams.n_trials=3")
     assert "Launching" not in again.stdout + again.stderr
     assert len(load_study(sweep_dir).trials) == 3
+
+
+def test_a_study_refuses_trials_that_are_not_comparable(tmp_path):
+    """A debug study resumed by the real sweep (same command without debug=fast) must not run 0 trials
+    and report the debug trial as best: it stops before any trial, naming what differs."""
+    common = ("hparams=random", "modality=clinical", "stage=stage1", "hparams.n_trials=1", f"paths.root={tmp_path}")
+    sweep_dir = tmp_path / "sweeps" / "random-clinical-stage1"
+    assert run_cli("--multirun", *TINY, *common).returncode == 0
+    real = run_cli("--multirun", *TINY[1:], *common)
+    assert real.returncode != 0
+    err = real.stderr
+    assert "Study random-clinical-stage1 was created with other settings" in err
+    assert "data.small_sample: 96 -> None" in err and "trainer.limit_train_batches: 4 -> None" in err
+    assert "phases.stage1.lr" not in err, "the swept parameters differ between trials by design"
+    assert "hparams.study_name=<new name>" in err
+    assert "Launching" not in real.stdout + err and len(load_study(sweep_dir).trials) == 1
+
+    # a study from before fingerprints adopts the settings of the next command that resumes it
+    with sqlite3.connect(sweep_dir / "optuna.db") as db:
+        db.execute("DELETE FROM study_user_attributes")
+    adopted = run_cli("--multirun", *TINY[1:], *common)
+    assert adopted.returncode == 0, adopted.stderr[-4000:]
+    assert "adopting this command's settings" in adopted.stdout + adopted.stderr
+    assert "data.small_sample: None -> 96" in run_cli("--multirun", *TINY, *common).stderr
 
 
 def test_grid_records_failed_and_nan_trials_and_goes_on(tmp_path):

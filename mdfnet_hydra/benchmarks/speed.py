@@ -25,6 +25,7 @@ import shutil
 import threading
 import time
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -33,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(str(resources.files("mdfnet_hydra.conf")))  # the top-level conf/ of a checkout, or an install's copy
 # dense bf16 tensor-core peaks (TFLOP/s) for the model-FLOPs utilisation
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 989.0,
                     "A100": 312.0, "L40S": 362.0, "A10": 125.0}

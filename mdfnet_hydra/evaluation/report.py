@@ -49,18 +49,20 @@ def evaluate(experiments_dir: str | Path, output_dir: str | Path, options, data_
     comparisons, notes = compare_to_vision(results, options.n_bootstrap, options.seed)
     seeds = aggregate_seeds(results)
     figures: list[Path] = []
+    labels: dict[str, str] = {}
     if options.figures:
         shown = _shown(results, int(options.max_curves))
-        figures += fig.curves(shown, out)
-        figures.append(fig.auroc_bars(shown, out))
-        figures.append(fig.calibration(shown, out))
+        labels = fig.short_labels([r.run for r in shown])  # legend label -> run: listed in results.md
+        figures += fig.curves(shown, out, labels)
+        figures.append(fig.auroc_bars(shown, out, labels))
+        figures.append(fig.calibration(shown, out, labels=labels))
         figures += [fig.confusion_matrices(r, rule, out) for r in results]
         figures += _saliency(results, out, options, data_root, checkpoint)
     summary = summary_rows(results, rule)  # after the figures: saliency adds notes to runs
     written = [write_csv(out / "results_summary.csv", summary + left_out_rows(left_out, summary[0], experiments_dir)),
                write_csv(out / "comparisons.csv", comparison_rows(comparisons))]
     written.append(write_text(out / "results.md", markdown(results, comparisons, notes, seeds, figures, out, rule,
-                                                           left_out, experiments_dir)))
+                                                           left_out, experiments_dir, labels)))
     log.info("evaluation of %d runs written to %s (results.md, results_summary.csv, comparisons.csv, %d figures)%s",
              len(results), out, len(figures), f"; {len(left_out)} run(s) left out, listed there" if left_out else "")
     return {"runs": len(results), "output_dir": str(out), "files": [str(p) for p in written],

@@ -79,7 +79,9 @@ def comparison_rows(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
 
 def markdown(results: Sequence[RunResult], comparisons: Sequence[Comparison], notes: Sequence[str],
              seeds: Sequence[dict[str, Any]], figures: Sequence[Path], out: Path, rule: str,
-             left_out: Sequence[LeftOut] = (), root: Optional[Path] = None) -> str:
+             left_out: Sequence[LeftOut] = (), root: Optional[Path] = None,
+             labels: Optional[dict[str, str]] = None) -> str:
+    """results.md; `labels` (run name -> short label in the figures' legends) are listed under the figures."""
     lines = ["# Evaluation on the test split", "",
              f"Per-run test metrics of the selected checkpoint; mean AUROC with a patient-level bootstrap 95% CI; "
              f"F1 at per-label thresholds chosen on validation ({rule}). Labels without both classes are undefined "
@@ -124,6 +126,12 @@ def markdown(results: Sequence[RunResult], comparisons: Sequence[Comparison], no
             if p.parent.parent.name == "saliency":
                 maps[p.parent] = maps.get(p.parent, 0) + 1
         lines += [f"- {folder.relative_to(out)}/: Grad-CAM maps for {n} labels (<Label>.png)" for folder, n in maps.items()]
+    if figures and labels:
+        lines += ["", "### Run labels in the figures", "",
+                  "The ROC, precision-recall, per-label AUROC and calibration figures name runs by these labels "
+                  "(`<modality> <stage> s<seed>`, with the end of the run's path where runs share those):", "",
+                  "| label | run |", "| --- | --- |"]
+        lines += [f"| {_cell(label)} | {_cell(name)} |" for name, label in labels.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,111 @@
+"""Errors a person reads: what the entry points print and leave behind when the input is wrong or
+the user presses Ctrl-C, run as a user runs them (real subprocesses)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO, SMALL_DATA, run_cli
+
+
+def module(name: str, *args: str, cwd: Path = REPO, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", name, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})})
+
+
+def test_a_config_error_is_one_line_and_leaves_no_run_directory(tmp_path):
+    result = run_cli("data=processed", f"paths.root={tmp_path}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "mdfnet_hydra.train: error: invalid configuration: data=processed needs data.root=<prepared dataset directory>"
+    )
+    assert not list((tmp_path / "runs").glob("*/*")), "the job never started: no run directory with only .hydra/"
+    assert not list((tmp_path / "runs").glob("*")), "nor an empty date directory"
+    full = run_cli("data=processed", f"paths.root={tmp_path}", env_extra={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode == 1 and "Traceback" in full.stderr and "ConfigError" in full.stderr
+
+
+def test_a_config_error_in_a_directory_another_job_holds_leaves_it_alone(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / ".mdfnet").mkdir(parents=True)
+    with (run_dir / ".mdfnet" / "lock").open("a+") as held:  # a job that runs there now, before its first result
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_cli("+trainer.foo=1", f"paths.root={tmp_path}", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("mdfnet_hydra.train: error: invalid configuration: config does not match the "
+                                     "schema: Key 'foo' not in 'TrainerConfig' (full_key: trainer.foo)")
+    assert (run_dir / ".mdfnet" / "lock").is_file() and (run_dir / ".hydra").is_dir()
+
+
+def test_evaluate_without_experiments_dir_says_what_to_pass(tmp_path):
+    result = module("mdfnet_hydra.evaluate", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "mdfnet_hydra.evaluate: error: experiments_dir is not set (it is ??? in the config): pass experiments_dir=<value>"
+    )
+    assert not (tmp_path / "results").exists(), "no results/ holding only Hydra's record"
+
+
+def test_cfg_job_resolve_prints_the_run_directory_a_job_would_use(tmp_path):
+    result = run_cli("--cfg", "job", "--resolve", f"paths.root={tmp_path}", exact=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [line for line in result.stdout.splitlines() if line.strip().startswith("run_dir:")]
+    assert re.fullmatch(rf"run_dir: {re.escape(str(tmp_path))}/runs/\d{{4}}-\d\d-\d\d/\d\d-\d\d-\d\d_all_two_stage",
+                        line.strip()), line
+    chosen = run_cli("--cfg", "job", "--resolve", f"hydra.run.dir={tmp_path / 'mine'}", exact=True)
+    assert f"run_dir: {tmp_path / 'mine'}" in chosen.stdout
+    assert not list(tmp_path.iterdir()), "printing the config creates nothing"
+
+
+def test_summary_of_a_missing_or_non_sweep_directory_says_so(tmp_path):
+    missing = module("mdfnet_hydra.summary", str(tmp_path / "nope"))
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"mdfnet_hydra.summary: error: {tmp_path / 'nope'} does not exist"
+    (tmp_path / "notes").mkdir()
+    empty = module("mdfnet_hydra.summary", str(tmp_path))
+    assert empty.returncode == 1 and f"{tmp_path} holds no job directories" in empty.stderr
+    single = tmp_path / "run"
+    (single / ".hydra").mkdir(parents=True)
+    (single / ".hydra" / "overrides.yaml").write_text("[]\n")
+    (single / "notes").mkdir()
+    result = module("mdfnet_hydra.summary", str(single))
+    assert result.returncode == 1 and f"{single} is a single run, not a sweep" in result.stderr
+    assert not list(tmp_path.rglob("results_summary.csv")), "no header-only table"
+
+
+def test_ctrl_c_prints_where_the_run_stands_and_the_command_that_resumes_it(tmp_path, output_root):
+    args = ["debug=fast", "modality=clinical", "stage=stage1", "phases.stage1.epochs=3", *SMALL_DATA,
+            f"paths.root={tmp_path}", f"paths.data_dir={output_root}/data", f"paths.cache_dir={output_root}/cache",
+            "evaluation.on_finish=false"]
+    job = subprocess.Popen([sys.executable, "-m", "mdfnet_hydra.train", *args], cwd=REPO, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                           start_new_session=True,  # its own process group, as a terminal's foreground job
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C not ignored
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("runs/*/*/stage1/checkpoints/last.pth")) and time.time() < deadline:
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C sends
+    _, stderr = job.communicate(timeout=120)
+    (run_dir,) = tmp_path.glob("runs/*/*")
+    assert job.returncode == 130, stderr[-3000:]
+    (line,) = stderr.strip().splitlines()
+    stands = re.match(rf"mdfnet_hydra.train: interrupted \(Ctrl-C\); run directory {re.escape(str(run_dir))}: stage1 "
+                      r"checkpointed after epoch ([12]) of 3\. Resume with: python -m mdfnet_hydra.train ", line)
+    assert stands, line
+    command = shlex.split(line.split("Resume with: ", 1)[1])
+    assert command[-1] == f"hydra.run.dir={run_dir}"
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = run_dir / "stage1" / "checkpoints" / "last.pth"
+    assert f"stage1: resumed from {last} after epoch {stands.group(1)}" in resumed.stdout
+    assert (run_dir / "metrics.json").is_file() and list(tmp_path.glob("runs/*/*")) == [run_dir], "in the same directory"

@@ -1,0 +1,51 @@
+"""What a job's log tells its reader (logs/train.log and the end-of-run summary): the training
+setup in one line, why a stage-2-only job starts untrained, and which numbers a debug run's epoch
+line is computed on."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import run_cli
+
+JOB = ("modality=clinical", "stage=stage2", "debug=fast", "data.synthetic.num_samples=300", "data.synthetic.image_size=32",
+       "optimizer=sgd", "loss=focal", "trainer.max_grad_norm=1.5", "trainer.precision=fp32", "seed=7",
+       "trainer.limit_val_batches=1")
+
+
+@pytest.fixture(scope="module")
+def job_log(tmp_path_factory) -> tuple[str, str]:
+    """(logs/train.log, console output) of one small stage-2-only job."""
+    root = tmp_path_factory.mktemp("run_log")
+    result = run_cli(*JOB, f"paths.root={root}", f"hydra.run.dir={root / 'run'}", timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return (root / "run" / "logs" / "train.log").read_text(), result.stdout + result.stderr
+
+
+def test_the_log_states_the_training_setup_in_one_line(job_log):
+    log, _ = job_log
+    (line,) = [line for line in log.splitlines() if "] optimizer " in line]
+    assert "optimizer sgd (momentum 0.9, nesterov, weight decay 0.0001)" in line
+    assert "loss focal (0 x bce + 1 x focal; focal alpha 0.25, gamma 2)" in line
+    assert "gradient clipping max_grad_norm 1.5" in line
+    assert "precision fp32" in line and "seed 7" in line
+    assert log.index("] optimizer ") < log.index("epoch 1/1"), "stated at the start"
+
+
+def test_a_stage2_job_without_init_from_warns_at_start_and_in_the_summary(job_log):
+    log, _ = job_log
+    warning = "stage 2 starts from an untrained fusion and head"
+    assert log.count(warning) == 2, "at the start and again in the end-of-run summary"
+    start, summary = log.index(warning), log.rindex(warning)
+    assert "[WARNING]" in log[log.rfind("\n", 0, start):start]
+    assert start < log.index("epoch 1/1") < summary < log.index("AUROC of stage2's")
+    assert "stage.init_from=<run>/stage1/checkpoints/best_mean.pth" in log and "stage=two_stage" in log
+
+
+def test_a_limited_epoch_line_says_on_what_it_is_computed(job_log):
+    log, _ = job_log
+    (line,) = [line for line in log.splitlines() if "stage2 epoch 1/1 |" in line]
+    assert re.search(r"val \(first 1 of \d+ batches\) loss [\d.]+ \| val \(first 1 of \d+ batches\) mean AUROC", line), line
+    assert "stage2 ETA" in line
