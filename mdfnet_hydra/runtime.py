@@ -12,7 +12,7 @@ from typing import ContextManager, Optional
 import numpy as np
 import torch
 
-from mdfnet_hydra.config import Precision, TrainerConfig
+from mdfnet_hydra.config import ConfigError, Precision, TrainerConfig
 from mdfnet_hydra.distributed import WorkerEnv, default_backend
 from mdfnet_hydra.machine import Machine
 
@@ -72,7 +72,7 @@ class Runtime:
         if cfg.global_batch_size is None:
             return int(cfg.batch_size)
         if cfg.global_batch_size % self.world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.global_batch_size={cfg.global_batch_size} does not split over {self.world_size} workers"
             )
         return int(cfg.global_batch_size) // self.world_size
@@ -98,7 +98,7 @@ def resolve_device(name: str, machine: Machine) -> tuple[str, torch.device]:
     """(the device kind choices are made for, the device to compute on) for `trainer.device`."""
     target = ("cuda" if machine.cuda else "cpu") if name == "auto" else torch.device(name).type
     if target == "cuda" and not machine.cuda:
-        raise RuntimeError(f"trainer.device={name} but the machine has no CUDA ({machine.describe()}); use trainer.device=cpu")
+        raise ConfigError(f"trainer.device={name} but the machine has no CUDA ({machine.describe()}); use trainer.device=cpu")
     device = torch.device(target if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         device = torch.device("cpu")  # a machine MDFNET_MACHINE describes as CUDA: its choices, computed here
@@ -114,7 +114,7 @@ def resolve_precision(requested: Precision, target: str, machine: Machine) -> Pr
             return Precision.fp32
         return Precision.bf16 if machine.bf16 else Precision.fp16
     if requested is Precision.bf16 and target == "cuda" and not machine.bf16:
-        raise ValueError("trainer.precision=bf16 but this CUDA device has no bf16 support; use fp16 (or auto)")
+        raise ConfigError("trainer.precision=bf16 but this CUDA device has no bf16 support; use fp16 (or auto)")
     return requested
 
 

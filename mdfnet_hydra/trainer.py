@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from mdfnet_hydra.checkpoint import CheckpointManager, load_checkpoint, move_aside
-from mdfnet_hydra.config import CheckpointName, PhaseConfig
+from mdfnet_hydra.config import CheckpointName, ConfigError, PhaseConfig
 from mdfnet_hydra.data.dataset import MultimodalDataset
 from mdfnet_hydra.data.loading import describe_loader, loader_settings
 from mdfnet_hydra.distributed import all_gather_rows, barrier, broadcast_from_main
@@ -124,7 +124,7 @@ class PhaseTrainer:
         if self.trainer_cfg.limit_train_batches:
             n_batches = min(n_batches, int(self.trainer_cfg.limit_train_batches))
         if n_batches == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the training split ({len(datasets['train'])} samples) is smaller than one batch "
                 f"({self.trainer_cfg.batch_size}); lower trainer.batch_size"
             )

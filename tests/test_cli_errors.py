@@ -45,6 +45,17 @@ def test_a_config_error_in_a_directory_another_job_holds_leaves_it_alone(tmp_pat
     assert (run_dir / ".mdfnet" / "lock").is_file() and (run_dir / ".hydra").is_dir()
 
 
+def test_mistakes_found_once_the_job_knows_its_machine_are_one_line_too(tmp_path):
+    """Asking for a GPU this machine lacks, or a batch larger than the training split."""
+    no_gpu = run_cli("debug=fast", "modality=clinical", "trainer.device=cuda", f"paths.root={tmp_path}", *SMALL_DATA)
+    assert no_gpu.returncode == 1 and "Traceback" not in no_gpu.stderr, no_gpu.stderr[-2000:]
+    assert no_gpu.stderr.strip().startswith("mdfnet_hydra.train: error: trainer.device=cuda but the machine has no CUDA")
+    too_big = run_cli("debug=fast", "modality=clinical", "stage=stage1", "trainer.batch_size=100000",
+                      f"paths.root={tmp_path}", *SMALL_DATA)
+    assert too_big.returncode == 1 and "Traceback" not in too_big.stderr, too_big.stderr[-2000:]
+    assert "lower trainer.batch_size" in too_big.stderr.strip().splitlines()[-1]
+
+
 def test_evaluate_without_experiments_dir_says_what_to_pass(tmp_path):
     result = module("mdfnet_hydra.evaluate", cwd=tmp_path)
     assert result.returncode == 1

@@ -65,11 +65,12 @@ def installed_env(site: Path) -> dict:
 
 def test_the_wheel_holds_every_module_and_config_of_the_checkout(site):
     def files(root: Path, pattern: str) -> set[str]:
-        return {p.relative_to(root).as_posix() for p in root.rglob(pattern) if "__pycache__" not in p.parts}
+        """Files under `root` (a package or conf/ directory, never a venv beside it), relative to its parent."""
+        return {p.relative_to(root.parent).as_posix() for p in root.rglob(pattern) if "__pycache__" not in p.parts}
 
-    expected = files(REPO, "mdfnet_hydra/**/*.py") | {f"mdfnet_hydra/{f}" for f in files(REPO, "conf/**/*.yaml")}
+    expected = files(REPO / "mdfnet_hydra", "*.py") | {f"mdfnet_hydra/{f}" for f in files(REPO / "conf", "*.yaml")}
     expected.add("mdfnet_hydra/conf/__init__.py")
-    assert files(site, "mdfnet_hydra/**/*.py") | files(site, "mdfnet_hydra/**/*.yaml") == expected
+    assert files(site / "mdfnet_hydra", "*.py") | files(site / "mdfnet_hydra", "*.yaml") == expected
     top_level = {p.name for p in site.iterdir() if not p.name.endswith(".dist-info") and p.name != "__pycache__"}
     assert top_level == {"mdfnet_hydra"}  # no stray top-level `conf` or `tests` package
 

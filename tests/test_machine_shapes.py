@@ -81,14 +81,14 @@ def test_a_gpu_node_chooses_workers_pinning_bf16_and_fused_adamw(monkeypatch):
     assert settings(rt4, FakeImages())["num_workers"] == 3
     assert "16 CPUs, CUDA (bf16) [MDFNET_MACHINE: simulated" in rt.describe()
     # a machine without CUDA cannot be asked for CUDA
-    with pytest.raises(RuntimeError, match="the machine has no CUDA"):
+    with pytest.raises(ConfigError, match="the machine has no CUDA"):
         runtime_for(CPU_BOX, device="cuda", monkeypatch=monkeypatch)
 
 
 def test_an_older_gpu_chooses_fp16_with_a_live_scaler_and_refuses_bf16(monkeypatch):
     rt = runtime_for(OLD_GPU_NODE, monkeypatch=monkeypatch)
     assert rt.precision is Precision.fp16 and rt.grad_scaler().is_enabled()
-    with pytest.raises(ValueError, match="no bf16 support"):
+    with pytest.raises(ConfigError, match="no bf16 support"):
         runtime_for(OLD_GPU_NODE, precision="bf16", monkeypatch=monkeypatch)
 
 
