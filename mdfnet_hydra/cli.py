@@ -30,7 +30,7 @@ import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Optional
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -80,6 +80,28 @@ def reported(prog: str, interrupted: Optional[Callable[[], str]] = None) -> Iter
             raise
         print(f"{prog}: error: {one_message(err)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+def stop_at_start(message: str) -> NoReturn:
+    """A mistake found while Hydra resolves the job's directory (a resolver of resolvers.py), before
+    the task function runs and so outside `reported`, where Hydra would print its traceback: an
+    entry point run as a program prints the one line and exits with status 1. Anywhere else (a test
+    composing configs, `HYDRA_FULL_ERROR=1`) it is raised as the ConfigError it is. Hydra has
+    created no directory yet, so none is left behind."""
+    from mdfnet_hydra.config import ConfigError
+
+    prog = _program()
+    if prog is None or _full_error():
+        raise ConfigError(message)
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+def _program() -> Optional[str]:
+    """`mdfnet_hydra.<entry point>` when the process runs one as `python -m`, else None."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None) or ""
+    return name if name.startswith("mdfnet_hydra.") else None
 
 
 def is_user_error(err: BaseException) -> bool:

@@ -588,13 +588,6 @@ def multirun_only_message(preset: str) -> str:
     return f"{preset} is a sweep (several jobs) and runs only with --multirun: python -m mdfnet_hydra.train --multirun {preset} ..."
 
 
-def refuse_single_run(preset: str) -> str:
-    """`${multirun_only:<preset>}`, the `hydra.run.dir` of a sweep preset: a run without --multirun
-    resolves it, and stops (it never returns), before Hydra creates any directory (a multirun uses
-    hydra.sweep.dir)."""
-    raise ConfigError(multirun_only_message(preset))
-
-
 def multirun_only_problem(cfg: DictConfig, hydra_cfg: Optional[DictConfig] = None) -> Optional[str]:
     """A config that lists sweep parameters (`hydra.sweeper.params`) running as one job: Hydra would
     silently train one default config. The backstop for a sweep preset whose `hydra.run.dir` was

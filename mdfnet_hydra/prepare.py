@@ -7,8 +7,10 @@ import hydra
 from omegaconf import DictConfig
 
 from mdfnet_hydra.config import EXECUTION_WHITELIST, register_configs
+from mdfnet_hydra.resolvers import register_resolvers
 
 register_configs()
+register_resolvers()
 
 
 @hydra.main(config_path="pkg://mdfnet_hydra.conf", config_name="prepare", execution_whitelist=EXECUTION_WHITELIST)

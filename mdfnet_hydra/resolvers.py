@@ -11,7 +11,12 @@
   (the sweeper opens the database before Hydra creates the directory for the first job).
 - `${multirun_only:<preset>}`: the `hydra.run.dir` of the sweep presets (experiment=baselines,
   hparams=random, ...): run without --multirun, the job stops with one line saying to add it,
-  before Hydra creates a directory (config.refuse_single_run).
+  before Hydra creates a directory (a multirun uses hydra.sweep.dir).
+- `${required:<key>}`: the value of a mandatory (`???`) key that names the job's directory
+  (prepare's `output_dir`); not given, the job stops with one line saying what to pass.
+
+The last two run while Hydra resolves the job's directory, before the task function and so before
+cli.reported can turn an error into one line: they stop the program themselves (cli.stop_at_start).
 
 The study's budget (trials already in the study, from any process) and the sampler's per-trial
 seeds are the sweeper's business (mdfnet_hydra/sweep_study.py), decided under the study's lock
@@ -23,11 +28,12 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 from omegaconf import OmegaConf
 
-from mdfnet_hydra.config import refuse_single_run
+from mdfnet_hydra.cli import stop_at_start
+from mdfnet_hydra.config import multirun_only_message
 from mdfnet_hydra.distributed import agreed_now
 
 OPTUNA_DB = "optuna.db"
@@ -66,10 +72,24 @@ def job_dir() -> str:
     return os.path.abspath(str(hydra.run.dir))
 
 
+def multirun_only(preset: str) -> str:
+    """A sweep preset run as one job would silently train one default config: stop, saying to add
+    --multirun. It never returns (OmegaConf checks a resolver's annotation: NoReturn warns)."""
+    stop_at_start(multirun_only_message(preset))
+
+
+def required(key: str, _root_: Any) -> str:
+    """The value of `key`, which must be given (it names the job's directory)."""
+    if OmegaConf.is_missing(_root_, key):
+        stop_at_start(f"{key} is not set (it is ??? in the config): pass {key}=<value>")
+    return str(OmegaConf.select(_root_, key))
+
+
 def register_resolvers() -> None:
     OmegaConf.register_resolver("agreed_now", agreed_now, replace=True, use_cache=True)
     OmegaConf.register_resolver("short_hash", short_hash, replace=True)
     OmegaConf.register_resolver("objective_directions", objective_directions, replace=True)
     OmegaConf.register_resolver("optuna_storage", optuna_storage, replace=True)
-    OmegaConf.register_resolver("multirun_only", refuse_single_run, replace=True)
+    OmegaConf.register_resolver("multirun_only", multirun_only, replace=True)
+    OmegaConf.register_resolver("required", required, replace=True)
     OmegaConf.register_resolver("job_dir", job_dir, replace=True)  # not cached: one per multirun job

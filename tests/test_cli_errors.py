@@ -65,6 +65,18 @@ def test_evaluate_without_experiments_dir_says_what_to_pass(tmp_path):
     assert not (tmp_path / "results").exists(), "no results/ holding only Hydra's record"
 
 
+def test_prepare_without_output_dir_says_what_to_pass(tmp_path):
+    """output_dir names prepare's run directory, which Hydra resolves before the task function runs."""
+    result = module("mdfnet_hydra.prepare", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "mdfnet_hydra.prepare: error: output_dir is not set (it is ??? in the config): pass output_dir=<value>"
+    )
+    assert not list(tmp_path.iterdir())
+    full = module("mdfnet_hydra.prepare", cwd=tmp_path, env_extra={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode == 1 and "Traceback" in full.stderr and "output_dir is not set" in full.stderr
+
+
 def test_cfg_job_resolve_prints_the_run_directory_a_job_would_use(tmp_path):
     result = run_cli("--cfg", "job", "--resolve", f"paths.root={tmp_path}", exact=True)
     assert result.returncode == 0, result.stderr[-3000:]

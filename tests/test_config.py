@@ -100,8 +100,9 @@ def test_cli_rejects_mistakes_before_any_work(tmp_path, override, message):
 @pytest.mark.parametrize("preset", ["experiment=baselines", "hparams=random"])
 def test_a_sweep_preset_without_multirun_stops_before_any_directory(tmp_path, preset):
     result = run_cli(preset, "modality=clinical", "debug=fast", f"paths.root={tmp_path}", timeout=120)
-    assert result.returncode != 0
-    assert f"{preset} is a sweep (several jobs) and runs only with --multirun" in result.stderr
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"mdfnet_hydra.train: error: {preset} is a sweep (several jobs) and runs only "
+                                     f"with --multirun: python -m mdfnet_hydra.train --multirun {preset} ..."), result.stderr
     assert not list(tmp_path.iterdir()), "no run directory, no data, no training"
 
 

@@ -48,17 +48,27 @@ def report(scores: dict[str, dict[str, list[float]]]) -> tuple[str, bool]:
     return "\n".join(lines), ok
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The benchmark's own options and the Hydra overrides passed on to every job."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--out", type=Path, default=None, help="sweep directory (default: outputs/benchmarks/modality_gap-<time>)")
-    args, overrides = parser.parse_known_args(argv)
-    out = args.out or Path("outputs/benchmarks") / time.strftime("modality_gap-%Y%m%d-%H%M%S")
-    command = [
+    return parser.parse_known_args(argv)
+
+
+def sweep_command(args: argparse.Namespace, overrides: list[str], out: Path) -> list[str]:
+    """The one multirun that trains every modality with every seed."""
+    return [
         sys.executable, "-m", "mdfnet_hydra.train", "--multirun",
         f"modality={','.join(MODALITIES)}", f"seed={','.join(map(str, args.seeds))}",
         f"hydra.sweep.dir={out}", *overrides,
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_arguments(argv)
+    out = args.out or Path("outputs/benchmarks") / time.strftime("modality_gap-%Y%m%d-%H%M%S")
+    command = sweep_command(args, overrides, out)
     print("running:", " ".join(command), flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True)
