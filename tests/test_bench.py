@@ -15,6 +15,7 @@ MEASUREMENTS = ("pipeline", "stage1_recompute", "cache_build", "stage1_cached",
                 "stage2/vision", "stage2/text", "stage2/clinical", "stage2/all")
 
 
+@pytest.mark.slow  # tens of seconds; CI's slow suite runs it
 def test_benchmark_measures_every_path_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(

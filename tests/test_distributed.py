@@ -132,6 +132,7 @@ def _worker_pids(launcher_pid: int) -> list[int]:
     return sorted(pids)
 
 
+@pytest.mark.slow  # tens of seconds; CI's slow suite runs it
 def test_killed_worker_is_restarted_and_training_resumes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     epochs = 8
@@ -206,6 +207,7 @@ def test_frozen_encoders_stay_out_of_ddp_buckets(cfg_factory, monkeypatch):
     assert synced == trainable < len(list(model.parameters()))
 
 
+@pytest.mark.slow  # tens of seconds; CI's slow suite runs it
 def test_data_parallel_jobs_inside_a_multirun(tmp_path):
     """Each job launches two workers; the workers know they belong to a multirun, so the runs are
     evaluated once, by the sweep (the workers used to evaluate each job as well)."""

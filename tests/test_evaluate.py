@@ -18,6 +18,7 @@ from conftest import REPO, make_cfg
 from mdfnet_hydra.config import EvaluationConfig
 from mdfnet_hydra.evaluation.report import evaluate
 from mdfnet_hydra.evaluation.stats import delong_test
+from mdfnet_hydra.evaluation.tables import COMPARISON_COLUMNS
 from mdfnet_hydra.labels import CHEXPERT_LABELS
 from mdfnet_hydra.predictions import file_digest
 
@@ -71,7 +72,9 @@ def known(tmp_path_factory):
     with (out / "results_summary.csv").open() as handle:
         rows = {r["run"]: r for r in csv.DictReader(handle)}
     with (out / "comparisons.csv").open() as handle:
-        comparisons = list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        comparisons = list(reader)
+    assert tuple(reader.fieldnames) == COMPARISON_COLUMNS, "the header an empty comparisons.csv keeps"
     return root, out, rows, comparisons, (targets, mask, groups)
 
 

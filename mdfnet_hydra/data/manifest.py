@@ -44,7 +44,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise ManifestError(
             f"no manifest at {path}: data.root must be a prepared dataset directory holding "
-            f"{path.name} (see README, 'Prepared-dataset format')"
+            f"{path.name} (see docs/data.md, 'Prepared-dataset format')"
         )
     frame = pd.read_parquet(path)
     validate_manifest(frame, source=str(path))

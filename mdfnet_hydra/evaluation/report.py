@@ -14,7 +14,8 @@ from mdfnet_hydra.evaluation import figures as fig
 from mdfnet_hydra.evaluation.analysis import RunResult, aggregate_seeds, analyse, compare_to_vision
 from mdfnet_hydra.evaluation.runs import (LeftOut, LeftOutError, NoRunEvaluatedError, discover, leave_out, load_run_model,
                                           resolve_device, run_predictions)
-from mdfnet_hydra.evaluation.tables import comparison_rows, left_out_rows, markdown, summary_rows, write_csv
+from mdfnet_hydra.evaluation.tables import (COMPARISON_COLUMNS, comparison_rows, left_out_rows, markdown, summary_rows,
+                                           write_csv)
 from mdfnet_hydra.files import write_text
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def evaluate(experiments_dir: str | Path, output_dir: str | Path, options, data_
         figures += _saliency(results, out, options, data_root, checkpoint)
     summary = summary_rows(results, rule)  # after the figures: saliency adds notes to runs
     written = [write_csv(out / "results_summary.csv", summary + left_out_rows(left_out, summary[0], experiments_dir)),
-               write_csv(out / "comparisons.csv", comparison_rows(comparisons))]
+               write_csv(out / "comparisons.csv", comparison_rows(comparisons), COMPARISON_COLUMNS)]
     written.append(write_text(out / "results.md", markdown(results, comparisons, notes, seeds, figures, out, rule,
                                                            left_out, experiments_dir, labels)))
     log.info("evaluation of %d runs written to %s (results.md, results_summary.csv, comparisons.csv, %d figures)%s",

@@ -54,10 +54,16 @@ def left_out_rows(left_out: Sequence[LeftOut], template: dict[str, Any], root: O
              "left_out": f"{shown_path(item.file, root)}: {item.reason}"} for item in left_out]
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+COMPARISON_COLUMNS = ("run", "baseline", "label", "difference", "ci95_low", "ci95_high", "p_value")
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str] = ()) -> Path:
+    """A table with its header; `columns` keeps the header when there are no rows (a CSV of zero
+    bytes reads as a failed write)."""
+    fields = list(rows[0]) if rows else list(columns)
     with atomic_target(path) as tmp, tmp.open("w", newline="") as handle:
-        if rows:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        if fields:
+            writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
     return path
