@@ -1,7 +1,7 @@
 """How an entry point ends when the job cannot go on: errors a person reads, not tracebacks.
 
 Every task function runs its body inside `reported(prog)`. In a single run (not a multirun trial,
-whose failures launch.run_job records in the trial's directory and the sweep goes on):
+whose failures trial.run_trial records in the trial's directory and the sweep goes on):
 
 - An error that is the user's input, not a bug (`USER_ERRORS`: a config the project refuses, a run
   directory another job holds or that holds another config's results, a damaged input file, a full
@@ -62,10 +62,12 @@ _SAFE_OVERRIDE_VALUE = re.compile(r"^[\w./-]+$")
 def reported(prog: str, interrupted: Optional[Callable[[], str]] = None) -> Iterator[None]:
     """Run a task function's body; a user error or Ctrl-C ends the process with one line on stderr.
     `interrupted` says where the job stands and how to go on (computed only after a Ctrl-C)."""
+    from mdfnet_hydra.trial import in_multirun
+
     try:
         yield
     except BaseException as err:  # noqa: BLE001 - sorted below; everything else is re-raised as it was
-        if _in_multirun():
+        if in_multirun():
             raise
         if is_interrupt(err):
             print(f"{prog}: interrupted (Ctrl-C){_describe(interrupted)}", file=sys.stderr, flush=True)
@@ -148,13 +150,6 @@ def _hydra_config() -> Any:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get() if HydraConfig.initialized() else None
-
-
-def _in_multirun() -> bool:
-    from hydra.types import RunMode
-
-    hydra = _hydra_config()
-    return hydra is not None and hydra.mode == RunMode.MULTIRUN
 
 
 def _describe(interrupted: Optional[Callable[[], str]]) -> str:

@@ -26,6 +26,13 @@ class Modality(str, Enum):
     clinical = "clinical"
 
 
+def modality_label(modalities) -> str:
+    """The `modality` option that names a set of inputs: `all` for the three, else their names
+    joined in order (`vision_text`)."""
+    names = [getattr(m, "value", m) for m in modalities]
+    return "all" if len(names) == len(Modality) else "_".join(names)
+
+
 class StageName(str, Enum):
     stage1 = "stage1"
     stage2 = "stage2"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, TypeVar
 
 
 
@@ -78,11 +78,25 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+T = TypeVar("T")
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def main_first(is_main: bool) -> Callable[[Callable[[], T]], T]:
+    """Run a build on rank 0 first (it fills a shared cache), then on the other ranks (they read it)."""
+
+    def first(build: Callable[[], T]) -> T:
+        built = build() if is_main else None
+        barrier()
+        return built if is_main else build()
+
+    return first
 
 
 def broadcast_from_main(value: str) -> str:

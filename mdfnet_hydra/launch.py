@@ -9,64 +9,45 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import sys
 import uuid
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from mdfnet_hydra.config import ConfigError, TrainConfig, validate_config
+from mdfnet_hydra.config import ConfigError, validate_config
 from mdfnet_hydra.distributed import worker_env
-from mdfnet_hydra.files import write_text
-from mdfnet_hydra.tracking import public_message, public_traceback
 from mdfnet_hydra.run_directory import RunDirectoryBusy, RunDirectoryConflict, claim
+from mdfnet_hydra.trial import Objective, in_multirun, objective_value, run_trial
 
 log = logging.getLogger(__name__)
-FAILURE_FILE = "failure.json"
 
 
-def run_job(cfg: DictConfig) -> Union[float, list[float]]:
-    """The task function's body. Returns the sweep objective: validation mean AUROC, or with
-    `hparams.objective=multi` the pair (mean AUROC, minimum per-label AUROC); NaN when undefined.
-
-    In a multirun a failing job (exception, NaN loss, out of memory) is recorded in its directory
-    (failure.json) and returns NaN, which Optuna records as a failed trial, so one bad trial never
-    ends a sweep; past `hparams.max_failure_rate` the sweep is aborted. A single run fails loudly.
-    """
+def run_job(cfg: DictConfig) -> Objective:
+    """The task function's body, in the Hydra process. Returns the sweep objective (trial.py). A
+    single run fails loudly; a multirun's job records a failure and the sweep goes on. The Hydra
+    process is the one that knows whether this is a multirun: it tells the pipeline (and the
+    workers it starts) whether to evaluate at the end (a multirun evaluates once, at its end)."""
     validate_config(cfg)
+    multirun = in_multirun()
     holder = claim(cfg) if claims_run_directory(cfg) else nullcontext()
-    if not in_multirun():
+
+    def train_here() -> dict:
+        return train(cfg, evaluate_at_end=not multirun)
+
+    if not multirun:
         with holder:
-            return objective_value(cfg, train(cfg))
-    run_dir = Path(cfg.paths.run_dir)
-    failure = run_dir / FAILURE_FILE
+            return objective_value(cfg, train_here())
+    rank = worker_env()
     try:
         with holder:
-            return _trial(cfg, run_dir, failure)
+            return run_trial(cfg, Path(cfg.paths.run_dir), train_here, is_writer=rank is None or rank.rank == 0)
     except (RunDirectoryBusy, RunDirectoryConflict) as err:  # the directory is another job's: write nothing there
         log.error("trial not run: %s", err)
-        return objective_value(cfg, {})
-
-
-def _trial(cfg: DictConfig, run_dir: Path, failure: Path) -> Union[float, list[float]]:
-    failure.unlink(missing_ok=True)  # a resumed or requeued trial starts with a clean record
-    try:
-        value = objective_value(cfg, train(cfg))
-        if any(math.isnan(v) for v in _as_list(value)):
-            _record_failure(failure, "objective undefined (no epoch finished, or no label with both classes in val)", None)
-        return value
-    except Exception as err:  # noqa: BLE001 - every failure becomes a failed trial with its reason
-        text = public_message(err).strip()
-        reason = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-        log.error("job failed: %s", reason)
-        _record_failure(failure, reason, public_traceback(err))
-        _abort_if_too_many_failures(cfg, run_dir.parent, reason)
         return objective_value(cfg, {})
 
 
@@ -83,66 +64,17 @@ def claims_run_directory(cfg: DictConfig) -> bool:
     return int(tc.nnodes) == 1 or int(tc.node_rank) == 0
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, evaluate_at_end: bool = True) -> dict:
     """Train here, or start the data-parallel workers and return rank 0's job summary."""
     tc = cfg.trainer
     if worker_env(nproc_per_node=tc.nproc_per_node) is None:
         topology = slurm_topology()
         if tc.nproc_per_node > 1 or tc.nnodes > 1 or topology is not None:
-            return launch_workers(cfg, topology)
+            return launch_workers(cfg, topology, evaluate_at_end)
     from mdfnet_hydra.pipeline import run
 
-    return run(cfg, claim_run_dir=worker_env(nproc_per_node=tc.nproc_per_node) is not None)
-
-
-def objective_value(cfg: DictConfig, summary: dict) -> Union[float, list[float]]:
-    mean = _nan_if_none(summary.get("objective"))
-    if cfg.get("hparams") is not None and cfg.hparams.objective == "multi":
-        return [mean, _nan_if_none(summary.get("auroc_min"))]
-    return mean
-
-
-_WORKER_OF_MULTIRUN_JOB = False  # set in workers that a multirun job's launcher started
-
-
-def in_multirun() -> bool:
-    """Whether this job is one of a multirun's: the Hydra job itself, or a data-parallel worker
-    its launcher started (a fresh interpreter that does not inherit Hydra's mode)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if _WORKER_OF_MULTIRUN_JOB:
-        return True
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-class SweepAborted(RuntimeError):
-    """More trials failed than hparams.max_failure_rate allows."""
-
-
-def _record_failure(path: Path, reason: str, trace: Optional[str]) -> None:
-    if worker_env() is None or worker_env().rank == 0:
-        write_text(path, json.dumps({"status": "failed", "reason": reason, "traceback": trace}, indent=2))
-
-
-def _abort_if_too_many_failures(cfg: DictConfig, sweep_dir: Path, reason: str) -> None:
-    if cfg.get("hparams") is None:
-        return  # plain multiruns (ablations) run every job and report failures in the summary
-    failed = len(list(sweep_dir.glob(f"*/{FAILURE_FILE}")))
-    allowed = cfg.hparams.max_failure_rate * cfg.hparams.n_trials
-    if failed > allowed:
-        raise SweepAborted(
-            f"{failed} trials failed, more than hparams.max_failure_rate={cfg.hparams.max_failure_rate} x "
-            f"{cfg.hparams.n_trials} trials allows; aborting the sweep. Last failure: {reason}"
-        )
-
-
-def _as_list(value: Union[float, list[float]]) -> list[float]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _nan_if_none(value: Optional[float]) -> float:
-    return float("nan") if value is None else float(value)
+    return run(cfg, claim_run_dir=worker_env(nproc_per_node=tc.nproc_per_node) is not None,
+               evaluate_at_end=evaluate_at_end)
 
 
 def slurm_topology(environ=os.environ) -> Optional[tuple[int, int, str, str]]:
@@ -156,7 +88,8 @@ def slurm_topology(environ=os.environ) -> Optional[tuple[int, int, str, str]]:
     return nodes, int(environ.get("SLURM_NODEID", "0")), f"{host}:{port}", f"slurm-{environ['SLURM_JOB_ID']}"
 
 
-def launch_workers(cfg: DictConfig, topology: Optional[tuple[int, int, str, str]] = None) -> dict:
+def launch_workers(cfg: DictConfig, topology: Optional[tuple[int, int, str, str]] = None,
+                   evaluate_at_end: bool = True) -> dict:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     tc = cfg.trainer
@@ -193,22 +126,22 @@ def launch_workers(cfg: DictConfig, topology: Optional[tuple[int, int, str, str]
         nproc, nnodes, backend, endpoint, tc.max_restarts,
     )
     payload = OmegaConf.to_yaml(cfg, resolve=True)
-    results = elastic_launch(config, entrypoint=worker)(payload, in_multirun())
+    results = elastic_launch(config, entrypoint=worker)(payload, evaluate_at_end)
     rank = min(results)  # global rank 0 on node 0; the lowest local worker elsewhere
     return results[rank]
 
 
-def worker(payload: str, multirun: bool = False) -> dict:
-    """Entry point of a spawned worker: the launcher's resolved config and Hydra mode, then the pipeline."""
+def worker(payload: str, evaluate_at_end: bool = True) -> dict:
+    """Entry point of a spawned worker: the launcher's resolved config, then the pipeline."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(_worker)(payload, multirun)
+    return record(_worker)(payload, evaluate_at_end)
 
 
-def _worker(payload: str, multirun: bool) -> dict:
-    global _WORKER_OF_MULTIRUN_JOB
-    _WORKER_OF_MULTIRUN_JOB = multirun  # a multirun evaluates its runs once, at the sweep's end
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(payload))
+def _worker(payload: str, evaluate_at_end: bool) -> dict:
+    from mdfnet_hydra.job import load_train_config
+
+    cfg = load_train_config(OmegaConf.create(payload))
     if not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s", "%H:%M:%S"))
@@ -216,4 +149,4 @@ def _worker(payload: str, multirun: bool) -> dict:
         logging.getLogger().setLevel(logging.INFO)
     from mdfnet_hydra.pipeline import run
 
-    return run(cfg)
+    return run(cfg, evaluate_at_end=evaluate_at_end)

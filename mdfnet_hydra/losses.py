@@ -17,9 +17,11 @@ from mdfnet_hydra.config import LossConfig
 
 
 class LossTerms(NamedTuple):
+    """What a loss returns: the optimised total and its named terms, which the trainer logs as they
+    come (`train/loss_<name>`, the epoch line), so a new loss adds terms here and nowhere else."""
+
     total: torch.Tensor  # what is optimised: bce_weight * bce + focal_weight * focal
-    bce: torch.Tensor
-    focal: torch.Tensor
+    parts: dict[str, torch.Tensor]
 
 
 def focal_elementwise(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
@@ -56,4 +58,4 @@ class MultiLabelLoss(nn.Module):
         denominator = float(targets.numel())
         bce = (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * mask).sum() / denominator
         focal = (focal_elementwise(logits, targets, self.alpha, self.gamma) * mask).sum() / denominator
-        return LossTerms(self.bce_weight * bce + self.focal_weight * focal, bce, focal)
+        return LossTerms(self.bce_weight * bce + self.focal_weight * focal, {"bce": bce, "focal": focal})

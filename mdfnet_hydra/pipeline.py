@@ -16,17 +16,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.checkpoint import is_readable, load_checkpoint, move_aside
-from mdfnet_hydra.config import ConfigError, parse_duration, to_plain, validate_config
-from mdfnet_hydra.data.dataset import Collator, SplitData, load_splits, resolve_root
+from mdfnet_hydra.config import ConfigError, parse_duration, to_plain
+from mdfnet_hydra.data.dataset import SplitData, resolve_root
 from mdfnet_hydra.data.preprocessing import Preprocessing
-from mdfnet_hydra.distributed import barrier, broadcast_from_main, destroy_process_group, init_process_group, worker_env
+from mdfnet_hydra.distributed import (barrier, broadcast_from_main, destroy_process_group, init_process_group, main_first,
+                                      worker_env)
 from mdfnet_hydra.evaluation import evaluate_quietly
 from mdfnet_hydra.files import DamagedFileError, remove_stale_temporaries, write_text
+from mdfnet_hydra.job import Job, modality_names, open_job
 from mdfnet_hydra.labels import CHEXPERT_LABELS
-from mdfnet_hydra.launch import in_multirun
 from mdfnet_hydra.losses import describe_loss
 from mdfnet_hydra.metrics import rarest_labels
-from mdfnet_hydra.models.mdfnet import build_model
 from mdfnet_hydra.optim import describe_optimizer_config
 from mdfnet_hydra.predictions import file_digest
 from mdfnet_hydra.report import format_summary
@@ -38,15 +38,16 @@ from mdfnet_hydra.trainer import PhaseTrainer
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, claim_run_dir: bool = False) -> dict[str, Any]:
-    """Train every phase of `stage.run`; return the job summary (written to <run>/metrics.json).
+def run(cfg: DictConfig, claim_run_dir: bool = False, evaluate_at_end: bool = True) -> dict[str, Any]:
+    """Train every phase of `stage.run` of a validated config; return the job summary (written to
+    <run>/metrics.json).
 
     Every rank of a data-parallel job runs this; only rank 0 logs progress and writes files.
     `claim_run_dir`: workers that torchrun / srun started claim the run directory here (rank 0,
     once the process group exists, so every rank learns a refusal); otherwise the process that
-    started the job holds it (launch.py).
+    started the job holds it (launch.py). `evaluate_at_end`: the evaluation of a two-stage job
+    (its caller decides: a multirun evaluates its runs once, at its end).
     """
-    validate_config(cfg)
     env = worker_env(nproc_per_node=int(cfg.trainer.nproc_per_node))
     runtime = Runtime.from_config(cfg.trainer, env)
     if runtime.distributed:
@@ -64,7 +65,7 @@ def run(cfg: DictConfig, claim_run_dir: bool = False) -> dict[str, Any]:
                 _claim_for_all_ranks(cfg, runtime, run_dir, held)
             handler = attach_log_file(run_dir / "logs" / "train.log") if runtime.is_main else None
             try:
-                return _run(cfg, runtime, run_dir)
+                return _run(cfg, runtime, run_dir, evaluate_at_end)
             except BaseException as err:
                 log_failure(handler, err)  # the console has Hydra's traceback; the run's own log gets it too
                 raise
@@ -89,10 +90,32 @@ def _claim_for_all_ranks(cfg: DictConfig, runtime: Runtime, run_dir: Path, held:
         raise RunDirectoryConflict(refusal)
 
 
-def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
-    modalities = [m.value for m in cfg.modality.inputs]
-    phases = [s.value for s in cfg.stage.run]
-    log.info("mdfnet-hydra: modality %s (%s), stages %s, data %s", cfg.modality.name, ", ".join(modalities), " -> ".join(phases), cfg.data.name)
+def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path, evaluate_at_end: bool) -> dict[str, Any]:
+    warnings = _announce(cfg, runtime)
+    seed_everything(int(cfg.seed))
+    if runtime.is_main:
+        remove_stale_temporaries(run_dir)  # of writers killed earlier (this job holds the directory)
+        resolve_root(cfg.data)  # generate the synthetic dataset once, not on every rank
+    barrier()
+    init = _initial_checkpoint(cfg, modality_names(cfg))
+    job = open_job(cfg, state=init["preprocessing"] if init else None, first=main_first(runtime.is_main))
+    log.info("data %s: %s", job.root, ", ".join(f"{k} {len(v)}" for k, v in job.splits.items()))
+    results = _train_phases(job, runtime, run_dir, init)
+    summary = summarise_job(results)
+    if runtime.is_main:
+        write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))
+        evaluation = None
+        if len(results) > 1 and cfg.evaluation.on_finish and evaluate_at_end:
+            evaluation = evaluate_quietly(run_dir, run_dir / "evaluation", cfg.evaluation)
+        log.info("\n%s", format_summary(results, run_dir, evaluation, warnings))
+    return summary
+
+
+def _announce(cfg: DictConfig, runtime: Runtime) -> list[str]:
+    """The job's first lines: what runs, where, with which batch and settings; then its warnings
+    (returned: the summary repeats them)."""
+    log.info("mdfnet-hydra: modality %s (%s), stages %s, data %s", cfg.modality.name, ", ".join(modality_names(cfg)),
+             " -> ".join(s.value for s in cfg.stage.run), cfg.data.name)
     per_device = runtime.per_device_batch(cfg.trainer)
     log.info("%s", runtime.describe())
     log.info(
@@ -103,33 +126,25 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
     warnings = start_warnings(cfg)
     for text in warnings:
         log.warning("%s", text)
-    seed_everything(int(cfg.seed))
-    if runtime.is_main:
-        remove_stale_temporaries(run_dir)  # of writers killed earlier (this job holds the directory)
-        resolve_root(cfg.data)  # generate the synthetic dataset once, not on every rank
-    barrier()
-    root, splits = load_splits(cfg.data, int(cfg.seed))
-    log.info("data %s: %s", root, ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    return warnings
 
-    init = _initial_checkpoint(cfg, modalities)
-    prep = Preprocessing.create(cfg.model, modalities, splits["train"], state=init["preprocessing"] if init else None)
-    # rank 0 tokenises into the shared token cache; the other ranks then read it
-    datasets = prep.datasets(splits, root, cfg) if runtime.is_main else None
-    barrier()
-    if datasets is None:
-        datasets = prep.datasets(splits, root, cfg)
-    rare = _rare_labels(cfg, splits["train"])
+
+def _train_phases(job: Job, runtime: Runtime, run_dir: Path, init: dict | None) -> dict[str, dict[str, Any]]:
+    """Each phase of `stage.run` in turn, each starting from the previous one's selected checkpoint
+    (the first from `stage.init_from`); a complete phase is skipped, a spent time budget stops."""
+    cfg = job.cfg
+    rare = _rare_labels(cfg, job.splits["train"])
     extras = {
-        "modalities": modalities,
+        "modalities": job.modalities,
         "label_names": list(CHEXPERT_LABELS),
-        "preprocessing": prep.state(),
+        "preprocessing": job.prep.state(),
         "config": to_plain(cfg),
     }
     start_from: Path | dict | None = init  # the checkpoint (or its path) the next phase starts from
     start_file = Path(cfg.stage.init_from) if init else None  # ... and the file it came from
     budget = parse_duration(cfg.trainer.max_time)
     results: dict[str, dict[str, Any]] = {}
-    for name in phases:
+    for name in [s.value for s in cfg.stage.run]:
         directory = run_dir / name
         spent = sum(r["wall_time_s"] for r in results.values())
         digest = file_digest(start_file) if start_file is not None and runtime.is_main else None
@@ -142,30 +157,30 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
             log.info("%s: skipped, trainer.max_time (%.0fs) is spent", name, budget)
             break
         else:
-            if runtime.is_main:
-                directory.mkdir(parents=True, exist_ok=True)
-                write_text(directory / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-            seed_everything(int(cfg.seed))
-            model = build_model(cfg.model, modalities, prep.clinical_dim, prep.tokenizer)
-            if start_from is not None:
-                ckpt = load_checkpoint(start_from) if isinstance(start_from, Path) else start_from
-                model.load_state_dict(ckpt["model"])
-            trainer = PhaseTrainer(cfg, name, model, _phase_datasets(cfg, name, modalities, model, datasets, runtime, prep),
-                                   Collator(prep.pad_id), runtime, directory, rare, {**extras, "started_from_sha256": digest},
-                                   time_budget_s=None if budget is None else budget - spent)
-            results[name] = trainer.fit()
+            results[name] = _train_phase(job, name, runtime, directory, start_from, rare,
+                                         {**extras, "started_from_sha256": digest},
+                                         None if budget is None else budget - spent)
         if results[name]["selected_checkpoint"] is None:
             break  # no epoch finished within the time budget
         start_from = start_file = directory / "checkpoints" / f"{results[name]['selected_checkpoint']}.pth"
+    return results
 
-    summary = summarise_job(results)
+
+def _train_phase(job: Job, name: str, runtime: Runtime, directory: Path, start_from: Path | dict | None,
+                 rare: list[int], extras: dict[str, Any], time_budget_s: float | None) -> dict[str, Any]:
+    cfg = job.cfg
     if runtime.is_main:
-        write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))
-        evaluation = None
-        if len(results) > 1 and cfg.evaluation.on_finish and not in_multirun():  # a multirun evaluates once, at its end
-            evaluation = evaluate_quietly(run_dir, run_dir / "evaluation", cfg.evaluation)
-        log.info("\n%s", format_summary(results, run_dir, evaluation, warnings))
-    return summary
+        directory.mkdir(parents=True, exist_ok=True)
+        write_text(directory / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    seed_everything(int(cfg.seed))
+    model = job.build_model()
+    if start_from is not None:
+        ckpt = load_checkpoint(start_from) if isinstance(start_from, Path) else start_from
+        model.load_state_dict(ckpt["model"])
+    datasets = _phase_datasets(cfg, name, job.modalities, model, job.datasets, runtime, job.prep)
+    trainer = PhaseTrainer(cfg, name, model, datasets, job.collator, runtime, directory, rare, extras,
+                           time_budget_s=time_budget_s)
+    return trainer.fit()
 
 
 def describe_training(cfg: DictConfig, runtime: Runtime) -> str:

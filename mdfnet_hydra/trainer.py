@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -35,6 +34,7 @@ from mdfnet_hydra.models.mdfnet import MDFNet
 from mdfnet_hydra.optim import build_optimizer, build_scheduler
 from mdfnet_hydra.predictions import save_predictions
 from mdfnet_hydra.runtime import Runtime
+from mdfnet_hydra.step import TrainingStep, to_device
 from mdfnet_hydra.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,9 @@ class PhaseTrainer:
             warmup_steps=int(self.phase.warmup_epochs) * self.steps_per_epoch,
             total_steps=int(self.phase.epochs) * self.steps_per_epoch,
         )
-        self.scaler = runtime.grad_scaler()
-        self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.step = TrainingStep(self.forward, self.optimizer, self.loss_fn, runtime, accumulation=self.accum,
+                                 max_grad_norm=self.trainer_cfg.max_grad_norm, scheduler=self.scheduler)
+        self.scaler = self.step.scaler  # saved in and restored from full checkpoints
         self.checkpoints = CheckpointManager(
             directory / "checkpoints",
             int(self.trainer_cfg.checkpoint.every_n_epochs),
@@ -184,7 +185,7 @@ class PhaseTrainer:
         return self.per_device_batch * self.runtime.world_size * self.accum
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
+        return to_device(batch, self.runtime.device)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, metrics: Optional[dict], full: bool) -> dict[str, Any]:
@@ -376,38 +377,26 @@ class PhaseTrainer:
         # worker seeds from (seed, epoch): a resumed run does not replay the first epoch's (augment)
         self.loaders["train"].generator.manual_seed(int(self.cfg.seed) * 100_003 + epoch)
         device = self.runtime.device
-        totals = torch.zeros(3, device=device)
+        totals: Optional[torch.Tensor] = None  # the optimised loss and its named terms, summed on the device
+        names: list[str] = []
         batches = 0
         interval_samples, interval_start = 0, time.perf_counter()
-        clip = self.trainer_cfg.max_grad_norm
         log_every = max(1, int(self.trainer_cfg.log_every_n_steps))
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(self.loaders["train"]):
             if i >= self.batches_per_epoch:
                 break
-            batch = self._to_device(batch)
-            syncing = (i + 1) % self.accum == 0
-            # within an accumulation window only the last backward all-reduces gradients
-            with nullcontext() if syncing or not self.runtime.distributed else self.forward.no_sync():
-                with self.runtime.autocast():
-                    logits = self.forward(batch)
-                terms = self.loss_fn(logits, batch["targets"], batch["mask"])
-                self.scaler.scale(terms.total / self.accum).backward()
-            totals += torch.stack([terms.total.detach(), terms.bce.detach(), terms.focal.detach()])
-            batches += 1
-            interval_samples += batch["targets"].shape[0] * self.runtime.world_size
-            if not syncing:
-                continue
             step = self.state.global_step + 1
             logging_step = step % log_every == 0 or (i + 1) == self.batches_per_epoch
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = None
-            if clip is not None or logging_step:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, float(clip) if clip is not None else math.inf)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+            result = self.step(self._to_device(batch), i, measure_norm=logging_step)
+            terms = result.terms
+            names = ["combined", *terms.parts]
+            current = torch.stack([terms.total.detach(), *(t.detach() for t in terms.parts.values())])
+            totals = current if totals is None else totals + current
+            batches += 1
+            interval_samples += batch["targets"].shape[0] * self.runtime.world_size
+            if not result.stepped:
+                continue
             self.state.global_step = step
             if logging_step:
                 loss = float(terms.total.detach())  # host sync only at logging intervals
@@ -416,21 +405,21 @@ class PhaseTrainer:
                 elapsed = time.perf_counter() - interval_start
                 throughput = interval_samples / max(elapsed, 1e-9)
                 tracker.scalar("batch/loss", loss, step)
-                tracker.scalar("batch/grad_norm", float(grad_norm), step)
+                tracker.scalar("batch/grad_norm", float(result.grad_norm), step)
                 tracker.scalar("batch/samples_per_sec", throughput, step)
                 if device.type == "cuda":
                     tracker.scalar("batch/gpu_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30, step)
                 log.info(
                     "%s epoch %d step %d/%d | loss %.4f | grad norm %.3f | %.0f samples/s",
-                    self.name, epoch, (i + 1) // self.accum, self.steps_per_epoch, loss, float(grad_norm), throughput,
+                    self.name, epoch, (i + 1) // self.accum, self.steps_per_epoch, loss, float(result.grad_norm), throughput,
                 )
                 interval_samples, interval_start = 0, time.perf_counter()
                 if self._time_is_up(epoch_start):
                     break
-        means = (totals / max(batches, 1)).tolist()
+        means = (totals / max(batches, 1)).tolist() if totals is not None else []
         if not all(math.isfinite(v) for v in means):
             raise FloatingPointError(f"{self.name}: non-finite training loss in epoch {epoch}: {means}")
-        return {"combined": means[0], "bce": means[1], "focal": means[2]}
+        return dict(zip(names, means))
 
     @torch.no_grad()
     def predict(self, split: str, limit: Optional[int] = None) -> Prediction:
@@ -496,8 +485,9 @@ class PhaseTrainer:
         remaining = (epochs - epoch) * self.state.elapsed_s / max(epoch, 1)
         val = self._val_label()
         log.info(
-            "%s epoch %d/%d | train loss %.4f (bce %.4f, focal %.4f) | %s loss %.4f | %s mean AUROC %s (best %s @ %s) | %.1fs, %s ETA %.0fs",
-            self.name, epoch, epochs, train["combined"], train["bce"], train["focal"], val, val_loss,
+            "%s epoch %d/%d | train loss %.4f (%s) | %s loss %.4f | %s mean AUROC %s (best %s @ %s) | %.1fs, %s ETA %.0fs",
+            self.name, epoch, epochs, train["combined"], ", ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "combined"),
+            val, val_loss,
             val, _fmt(m["auroc_mean"]), _fmt(best.value), best.epoch, seconds, self.name, remaining,
         )
 

@@ -19,6 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
+from mdfnet_hydra.config import modality_label
+
 MODALITIES = ("all", "vision", "text", "clinical")
 
 
@@ -28,7 +30,7 @@ def collect(sweep_dir: Path) -> dict[str, dict[str, list[float]]]:
     for summary in sorted(sweep_dir.glob("*/metrics.json")):
         data = json.loads(summary.read_text())
         final = data["stages"][data["final_stage"]]
-        modality = "all" if len(final["modalities"]) == 3 else "_".join(final["modalities"])
+        modality = modality_label(final["modalities"])
         scores[modality]["val"].append(final["val"]["auroc_mean"])
         scores[modality]["test"].append(final["test"]["auroc_mean"] if final.get("test") else float("nan"))
     return scores

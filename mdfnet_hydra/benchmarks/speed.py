@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mdfnet_hydra.config import modality_label
 log = logging.getLogger(__name__)
 
 CONF = Path(str(resources.files("mdfnet_hydra.conf")))  # the top-level conf/ of a checkout, or an install's copy
@@ -114,11 +115,12 @@ def measure(name: str, step: Callable[[], int], device: torch.device, steps: int
 def bench_config(cfg: DictConfig, image_size: int) -> DictConfig:
     """The training config the benchmark runs: the chosen size's encoders at `image_size`, a
     synthetic dataset of `bench.samples` images of that size, its own cache directory."""
-    from mdfnet_hydra.config import BenchSize, TrainConfig
+    from mdfnet_hydra.config import BenchSize
+    from mdfnet_hydra.job import load_train_config
 
     # unresolved, so that data.root follows the sample count and image size set below
     train = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in ("bench", "hydra")}
-    run = OmegaConf.merge(OmegaConf.structured(TrainConfig), train)
+    run = load_train_config(train)
     b = cfg.bench
     with open_dict(run):
         if b.size == BenchSize.real:
@@ -143,28 +145,25 @@ def text_length(b: DictConfig) -> Optional[int]:
 
 
 class Setup:
-    """Data, preprocessing and a model for one configuration, as the training pipeline builds them."""
+    """A job opened for `modalities` exactly as training opens it (job.open_job), training split only."""
 
     def __init__(self, cfg: DictConfig, modalities: list[str], runtime, length: Optional[int] = None) -> None:
-        from mdfnet_hydra.data.dataset import Collator, load_splits
-        from mdfnet_hydra.data.preprocessing import Preprocessing
-        from mdfnet_hydra.data.token_cache import TokenIds, cache_dir
+        from mdfnet_hydra.data.token_cache import TokenIds
+        from mdfnet_hydra.job import open_job
         from mdfnet_hydra.runtime import seed_everything
 
-        self.cfg, self.modalities, self.runtime = cfg, modalities, runtime
+        cfg = cfg.copy()
+        cfg.modality.inputs = list(modalities)
+        self.cfg, self.modalities, self.runtime = cfg, list(modalities), runtime
         seed_everything(int(cfg.seed))
-        self.root, splits = load_splits(cfg.data, int(cfg.seed))
-        self.prep = Preprocessing.create(cfg.model, modalities, splits["train"])
-        self.train = self.prep.dataset(splits["train"], self.root, cfg.model, token_cache=cache_dir(cfg))
-        self.collate = Collator(self.prep.pad_id)
+        self.job = open_job(cfg, splits=("train",))
+        self.root, self.prep, self.train, self.collate = self.job.root, self.job.prep, self.job.datasets["train"], self.job.collator
         if length and self.train.token_ids is not None:  # reports as long as real ones, not the synthetic sentences
             self.train.token_ids = TokenIds.from_lists(
                 [ids.repeat(-(-int(length) // len(ids)))[: int(length)].tolist() for ids in self.train.token_ids])
 
     def model(self, frozen: bool):
-        from mdfnet_hydra.models.mdfnet import build_model
-
-        model = build_model(self.cfg.model, self.modalities, self.prep.clinical_dim, self.prep.tokenizer).to(self.runtime.device)
+        model = self.job.build_model().to(self.runtime.device)
         model.set_encoders_frozen(frozen)
         if self.cfg.trainer.compile:
             model = torch.compile(model)
@@ -192,22 +191,22 @@ def _cycle(loader) -> Iterator[dict]:
         yield from loader
 
 
-def train_step(model, optimizer, loss_fn, runtime) -> Callable[[dict], int]:
-    """One optimizer step as the trainer takes it (autocast forward, loss, scaled backward, step)."""
-    scaler = runtime.grad_scaler()  # active for fp16 only
+def train_step(model, optimizer, loss_fn, runtime, trainer_cfg: DictConfig) -> Callable[[dict], int]:
+    """The trainer's own step (step.TrainingStep: autocast forward, loss, scaled backward, gradient
+    accumulation with DDP's no_sync, clipping, the optimizer step) over one batch after another;
+    returns the samples each call took."""
+    from mdfnet_hydra.step import TrainingStep, to_device
 
-    def step(batch: dict) -> int:
-        batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
-        with runtime.autocast():
-            logits = model(batch)
-        loss = loss_fn(logits, batch["targets"], batch["mask"]).total
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    step = TrainingStep(model, optimizer, loss_fn, runtime, accumulation=int(trainer_cfg.grad_accum),
+                        max_grad_norm=trainer_cfg.max_grad_norm)
+    index = iter(range(10**12))
+
+    def take(batch: dict) -> int:
+        batch = to_device(batch, runtime.device)
+        step(batch, next(index))
         return int(batch["targets"].shape[0])
 
-    return step
+    return take
 
 
 def _optimizer(model, cfg: DictConfig, phase: str, runtime=None):
@@ -254,7 +253,7 @@ def bench_stage1(setup: Setup, steps: int, warmup: int) -> dict[str, dict[str, A
     loss_fn = MultiLabelLoss(cfg.loss)
     out: dict[str, dict[str, Any]] = {}
     model = setup.model(frozen=True)
-    step = train_step(model, _optimizer(model, cfg, "stage1", rt), loss_fn, rt)
+    step = train_step(model, _optimizer(model, cfg, "stage1", rt), loss_fn, rt, cfg.trainer)
     batches = _cycle(setup.loader())
     out["stage1_recompute"] = measure("stage1_recompute", lambda: step(next(batches)), rt.device, steps, warmup)
 
@@ -282,11 +281,11 @@ def bench_stage2(setup: Setup, steps: int, warmup: int, flops: bool, estimate_me
     rt, cfg = setup.runtime, setup.cfg
     loss_fn = MultiLabelLoss(cfg.loss)
     model = setup.model(frozen=False)
-    step = train_step(model, _optimizer(model, cfg, "stage2", rt), loss_fn, rt)
+    step = train_step(model, _optimizer(model, cfg, "stage2", rt), loss_fn, rt, cfg.trainer)
     loader = iter(setup.loader())
     staged = [{k: v.to(rt.device) for k, v in next(loader).items()} for _ in range(min(4, len(setup.train) // int(cfg.trainer.batch_size)))]
     counter = iter(range(10**9))
-    name = "stage2/" + ("all" if len(setup.modalities) == 3 else "_".join(setup.modalities))
+    name = "stage2/" + modality_label(setup.modalities)
     result = measure(name, lambda: step(staged[next(counter) % len(staged)]), rt.device, steps, warmup)
     result["parameters_m"] = sum(p.numel() for p in model.parameters()) / 1e6
     if flops:
@@ -319,10 +318,9 @@ def estimate_step_memory(setup: Setup, batch: dict, dtype: torch.dtype = torch.b
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from mdfnet_hydra.losses import MultiLabelLoss
-    from mdfnet_hydra.models.mdfnet import build_model
 
     cfg = setup.cfg
-    model = build_model(cfg.model, setup.modalities, setup.prep.clinical_dim, setup.prep.tokenizer)
+    model = setup.job.build_model()
     model.set_encoders_frozen(False)
     model.train()
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -360,9 +358,9 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_yaml: str, length: Optiona
     torch.set_num_threads(max(1, real_cpus() // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        from mdfnet_hydra.config import TrainConfig
+        from mdfnet_hydra.job import load_train_config
 
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(cfg_yaml))
+        cfg = load_train_config(OmegaConf.create(cfg_yaml))
         runtime = Runtime.from_config(cfg.trainer, WorkerEnv(rank=rank, local_rank=rank, world_size=world, source="torchrun"))
         setup = Setup(cfg, [m.value for m in cfg.modality.inputs], runtime, length)
         from torch.nn.parallel import DistributedDataParallel
@@ -371,7 +369,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_yaml: str, length: Optiona
 
         model = setup.model(frozen=False)
         ddp = DistributedDataParallel(model)
-        step = train_step(ddp, _optimizer(model, cfg, "stage2", runtime), MultiLabelLoss(cfg.loss), runtime)
+        step = train_step(ddp, _optimizer(model, cfg, "stage2", runtime), MultiLabelLoss(cfg.loss), runtime, cfg.trainer)
         loader = iter(setup.loader())
         staged = [next(loader) for _ in range(4)]
         counter = iter(range(10**9))
@@ -405,27 +403,6 @@ def bench_ddp(cfg: DictConfig, workers: int, length: Optional[int], steps: int, 
     return result
 
 
-STARTUP_PROBE = """
-import json, sys, time
-t0 = time.perf_counter()
-import mdfnet_hydra.train
-from mdfnet_hydra.pipeline import run
-t1 = time.perf_counter()
-from omegaconf import OmegaConf
-from mdfnet_hydra.config import TrainConfig, validate_config
-cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(sys.argv[1]))
-validate_config(cfg)
-t2 = time.perf_counter()
-from mdfnet_hydra.data.dataset import load_splits
-from mdfnet_hydra.data.preprocessing import Preprocessing
-root, splits = load_splits(cfg.data, int(cfg.seed))
-prep = Preprocessing.create(cfg.model, [m.value for m in cfg.modality.inputs], splits["train"])
-datasets = prep.datasets(splits, root, cfg)
-t3 = time.perf_counter()
-print(json.dumps({"imports_s": t1 - t0, "config_s": t2 - t1, "dataset_open_s": t3 - t2}))
-"""
-
-
 def bench_startup(cfg: DictConfig, work: Path) -> dict[str, float]:
     """The fixed cost of a job in a fresh interpreter: imports, config, opening the dataset
     (manifest, splits, tokenizer, token ids, clinical normaliser) as a job opens it; interpreter start-up
@@ -436,7 +413,8 @@ def bench_startup(cfg: DictConfig, work: Path) -> dict[str, float]:
     path = work / "startup_config.yaml"
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", STARTUP_PROBE, str(path)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "mdfnet_hydra.benchmarks.startup", str(path)], capture_output=True,
+                         text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["total_s"] = time.perf_counter() - started
     log.info("%-22s %9.1f s (imports %.1f s, config %.2f s, dataset open %.2f s)", "job start-up", result["total_s"],
@@ -477,12 +455,13 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         if "stage1" in measure:
             entry.update(bench_stage1(full, int(b.steps), int(b.warmup)))
         for modalities in (["vision"], ["text"], ["clinical"], ["vision", "text", "clinical"]):
-            key = "stage2/" + ("all" if len(modalities) == 3 else modalities[0])
+            key = "stage2/" + modality_label(modalities)
             if key.replace("/", "_") not in measure:
                 continue
-            setup = full if len(modalities) == 3 else Setup(run_cfg, modalities, runtime, text_length(b))
-            entry[key] = bench_stage2(setup, int(b.steps), int(b.warmup), flops=len(modalities) == 3,
-                                      estimate_memory=bool(b.estimate_memory) and len(modalities) == 3)
+            every = key == "stage2/all"
+            setup = full if every else Setup(run_cfg, modalities, runtime, text_length(b))
+            entry[key] = bench_stage2(setup, int(b.steps), int(b.warmup), flops=every,
+                                      estimate_memory=bool(b.estimate_memory) and every)
         if peak and "achieved_tflops" in entry.get("stage2/all", {}):
             entry["stage2/all"]["mfu"] = entry["stage2/all"]["achieved_tflops"] / peak
         entry["ratios"] = ratios(entry)

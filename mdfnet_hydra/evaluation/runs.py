@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.checkpoint import load_checkpoint
-from mdfnet_hydra.config import ConfigError, TrainConfig
+from mdfnet_hydra.config import ConfigError, modality_label
 from mdfnet_hydra.files import DamagedFileError
 from mdfnet_hydra.identity import outcome_identity
 from mdfnet_hydra.predictions import DamagedPredictionsError, Predictions, file_digest, load_predictions
@@ -105,7 +105,7 @@ class Run:
 
     @property
     def modality(self) -> str:
-        return "all" if len(self.modalities) == 3 else "_".join(self.modalities)
+        return modality_label(self.modalities)
 
     @property
     def label(self) -> str:
@@ -237,7 +237,11 @@ def run_predictions(run: Run, split: str, checkpoint: str, data_root: Optional[s
 
 
 def run_config(ckpt: dict, data_root: Optional[str]) -> DictConfig:
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
+    """The run's training config as its checkpoint stores it. Token ids are made in memory: the
+    evaluation never writes into a cache directory that a stored config names."""
+    from mdfnet_hydra.job import load_train_config
+
+    cfg = load_train_config(ckpt["config"], {"data": {"token_cache": False}})
     if data_root is not None:
         cfg.data.root = data_root
         cfg.data.synthetic = None
@@ -283,32 +287,29 @@ def load_run_model(ckpt_path: Path, data_root: Optional[str], device: str, split
     """The checkpoint's model (eval mode, on device), datasets built with its own preprocessing, and
     that preprocessing (for the collator's padding id). `LeftOutError` if the checkpoint cannot be
     used, or the data it names to recompute predictions on is not there."""
-    from mdfnet_hydra.data.dataset import load_splits
-    from mdfnet_hydra.data.preprocessing import Preprocessing
-    from mdfnet_hydra.models.mdfnet import build_model
+    from mdfnet_hydra.job import open_job
 
     ckpt = read_checkpoint(ckpt_path)
     try:
         cfg = run_config(ckpt, data_root)
-        modalities = list(ckpt["modalities"])
+        cfg.modality.inputs = list(ckpt["modalities"])
     except Exception as err:  # noqa: BLE001 - a stored config the schema refuses
         raise LeftOutError(ckpt_path, f"its stored config does not fit the schema ({type(err).__name__}: {err})") from err
     try:
-        root, split_data = load_splits(cfg.data, int(cfg.seed))
+        job = open_job(cfg, state=ckpt["preprocessing"], splits=splits)
     except FileNotFoundError as err:
         raise LeftOutError(Path(err.filename or cfg.data.root),
                            "the data needed to recompute predictions is not there (evaluate with data_root=<dir>)") from err
     except (ValueError, OSError, ConfigError) as err:  # ManifestError, UnreadableImageError, a bad data config
         raise LeftOutError(Path(str(cfg.data.root)), f"its data cannot be loaded to recompute predictions "
                            f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
-    prep = Preprocessing.create(cfg.model, modalities, split_data["train"], state=ckpt["preprocessing"])
-    model = build_model(cfg.model, modalities, prep.clinical_dim, prep.tokenizer)
+    model = job.build_model()
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError) as err:
         raise LeftOutError(ckpt_path, f"its weights do not fit the model its config builds ({str(err).splitlines()[0]})") from err
     model.eval().to(resolve_device(device))
-    return model, {s: prep.dataset(split_data[s], root, cfg.model) for s in splits}, prep
+    return model, job.datasets, job.prep
 
 
 @torch.no_grad()

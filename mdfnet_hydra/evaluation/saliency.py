@@ -1,7 +1,7 @@
 """Grad-CAM over the vision encoder's patch tokens: where in the image a label's logit comes from.
 
-The final token states of the ViT trunk (captured by a hook on its last norm layer, so pooled and
-token outputs both work) are weighted by the gradient of the label's logit; the positive part, per
+The final token states of the vision encoder (captured by a hook on the layer it names as their
+source, `token_layer`, so pooled and token outputs both work) are weighted by the gradient of the label's logit; the positive part, per
 patch, is upsampled onto the image. Shown next to the original for the test images the model is
 most confident about for each label.
 """
@@ -18,14 +18,9 @@ from PIL import Image
 from mdfnet_hydra.labels import CHEXPERT_LABELS, tag_name
 
 
-def _trunk(model):
-    encoder = model.encoders["vision"]
-    return encoder.trunk if hasattr(encoder, "trunk") else encoder.visual.trunk
-
-
 def grad_cam(model, batch: dict[str, torch.Tensor], label: int) -> np.ndarray:
     """(B, h, w) maps in [0, 1] for one label."""
-    trunk = _trunk(model)
+    encoder = model.encoders["vision"]
     captured = {}
 
     def keep(_module, _inputs, output):
@@ -33,7 +28,7 @@ def grad_cam(model, batch: dict[str, torch.Tensor], label: int) -> np.ndarray:
         captured["tokens"] = output.detach().requires_grad_(True)
         return captured["tokens"]
 
-    handle = trunk.norm.register_forward_hook(keep)
+    handle = encoder.token_layer.register_forward_hook(keep)
     try:
         with torch.enable_grad():
             logits = model(batch)
@@ -41,7 +36,7 @@ def grad_cam(model, batch: dict[str, torch.Tensor], label: int) -> np.ndarray:
             (grad,) = torch.autograd.grad(logits[:, label].sum(), tokens)
     finally:
         handle.remove()
-    cam = torch.relu((grad * tokens).sum(-1))[:, getattr(trunk, "num_prefix_tokens", 1):].detach()
+    cam = torch.relu((grad * tokens).sum(-1))[:, encoder.num_prefix_tokens:].detach()
     side = int(math.isqrt(cam.shape[1]))
     cam = cam[:, : side * side].reshape(-1, side, side)
     cam = cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]

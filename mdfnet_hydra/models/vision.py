@@ -36,6 +36,19 @@ class VisionEncoder(nn.Module):
             return self.trunk.forward_features(images)
         return self.visual(images).unsqueeze(1)
 
+    @property
+    def token_layer(self) -> nn.Module:
+        """The layer whose output is the final token states (prefix tokens, then one per patch, in
+        row-major order), whichever output the fusion takes: what Grad-CAM hooks."""
+        trunk = self.trunk if self.output is TokenOutput.tokens else self.visual.trunk
+        return trunk.norm
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in `token_layer`'s output (the class token)."""
+        trunk = self.trunk if self.output is TokenOutput.tokens else self.visual.trunk
+        return int(getattr(trunk, "num_prefix_tokens", 1))
+
 
 def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
     from open_clip.model import _build_vision_tower

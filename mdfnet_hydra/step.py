@@ -1,0 +1,69 @@
+"""One training step: a micro-batch's forward, loss and scaled backward, and at the end of each
+accumulation window the optimizer step (unscale, clip, step, scaler update, scheduler). The trainer
+runs it for every batch and the benchmark times it, so the benchmark measures the trainer's step.
+
+Within an accumulation window only the last backward all-reduces gradients (DDP's `no_sync`). The
+step reads nothing back to the host: the gradient norm is computed only when clipping or asked
+for (a logging step), and stays a device tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from mdfnet_hydra.losses import LossTerms
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch on the step's device (asynchronous from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@dataclass
+class StepResult:
+    terms: LossTerms  # the micro-batch's loss terms (device tensors, not detached)
+    stepped: bool  # whether this micro-batch ended an accumulation window and the optimizer stepped
+    grad_norm: Optional[torch.Tensor]  # the total gradient norm before clipping, when computed
+
+
+class TrainingStep:
+    def __init__(self, forward: Callable[[dict], torch.Tensor], optimizer: torch.optim.Optimizer, loss_fn, runtime,
+                 accumulation: int = 1, max_grad_norm: Optional[float] = None, scheduler: Any = None) -> None:
+        self.forward = forward  # the model, its DDP wrapper, or either compiled
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.runtime = runtime
+        self.accumulation = max(1, int(accumulation))
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.scheduler = scheduler
+        self.scaler = runtime.grad_scaler()  # active for fp16 only
+        self.trainable = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def __call__(self, batch: dict[str, torch.Tensor], index: int, measure_norm: bool = False) -> StepResult:
+        """The `index`-th micro-batch of an epoch (already on the device); `measure_norm`: compute
+        the gradient norm even without clipping (the trainer's logging steps)."""
+        syncing = (index + 1) % self.accumulation == 0
+        no_sync = getattr(self.forward, "no_sync", None) if not syncing and self.runtime.distributed else None
+        with no_sync() if no_sync is not None else nullcontext():
+            with self.runtime.autocast():
+                logits = self.forward(batch)
+            terms = self.loss_fn(logits, batch["targets"], batch["mask"])
+            self.scaler.scale(terms.total / self.accumulation).backward()
+        if not syncing:
+            return StepResult(terms, False, None)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.max_grad_norm is not None or measure_norm:
+            limit = self.max_grad_norm if self.max_grad_norm is not None else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, limit)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return StepResult(terms, True, grad_norm)
