@@ -1,8 +1,10 @@
 """Structured-config schema for every config group.
 
-Hydra merges `conf/**.yaml` on top of these dataclasses (the primary config lists `train_schema`
-first), so a misspelt key or a value of the wrong type fails at composition time with the offending
-key named, instead of an hour into a job. Each dataclass mirrors the module that consumes it.
+Hydra merges `conf/**.yaml` on top of these dataclasses (the primary config lists its schema first,
+`schema: train`, and an optimizer option its own, `adamw_schema`), so a misspelt key or a value of
+the wrong type fails at composition time with the offending key named, instead of an hour into a
+job. Each dataclass mirrors the module that consumes it. The defaults are here and only here: a
+file of conf/ says what its option changes (tests/test_conf_defaults.py).
 
 This module imports nothing heavy: the entry point registers the schema before torch is loaded.
 """
@@ -17,7 +19,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from mdfnet_hydra.machine import ENV_VAR as MACHINE_ENV_VAR, parse_spec as parse_machine_spec
+from mdfnet_hydra.machine import ENV_VAR as MACHINE_ENV_VAR
+from mdfnet_hydra.machine import parse_spec as parse_machine_spec
 
 
 class Modality(str, Enum):
@@ -77,12 +80,6 @@ class TokenOutput(str, Enum):
 class FusionKind(str, Enum):
     attention = "attention"  # transformer layer over one token per modality
     concat = "concat"  # concatenation + MLP
-
-
-class LossName(str, Enum):
-    bce = "bce"
-    focal = "focal"
-    combined = "combined"
 
 
 class OptimizerName(str, Enum):
@@ -259,7 +256,10 @@ class PhasesConfig:
 
 @dataclass
 class LossConfig:
-    name: LossName = LossName.combined
+    """The optimised loss: bce_weight x BCE + focal_weight x focal. The options of conf/loss/ (combined,
+    bce, focal) are weightings of the two terms; the option's name is not a key (it would only label
+    weights that an override can change)."""
+
     bce_weight: float = 0.7
     focal_weight: Optional[float] = None  # None: 1 - bce_weight (so sweeping bce_weight keeps the sum 1)
     focal_alpha: float = 0.25
@@ -268,12 +268,32 @@ class LossConfig:
 
 @dataclass
 class OptimizerConfig:
+    """What every optimizer option has; each option's own schema (below) adds its settings, and
+    conf/optimizer/<name>.yaml starts from it (`defaults: [<name>_schema]`)."""
+
+    name: OptimizerName = MISSING
+    weight_decay: float = 1e-4  # on every trained parameter (the spec's single value)
+
+
+@dataclass
+class AdamWConfig(OptimizerConfig):
     name: OptimizerName = OptimizerName.adamw
-    weight_decay: float = 1e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    """SGD with (Nesterov) momentum; it usually wants learning rates ~10-100x AdamW's."""
+
+    name: OptimizerName = OptimizerName.sgd
     momentum: float = 0.9
     nesterov: bool = True
+
+
+OPTIMIZER_SCHEMAS = {OptimizerName.adamw: AdamWConfig, OptimizerName.sgd: SGDConfig}
+OPTIMIZER_NAMES = {name.value for name in OptimizerName}
+SHARED_OPTIMIZER_KEYS = ("betas", "eps", "momentum", "nesterov")  # one schema held them all until the split
 
 
 @dataclass
@@ -371,7 +391,7 @@ class TrainConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     phases: PhasesConfig = field(default_factory=PhasesConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optimizer: OptimizerConfig = MISSING  # one of OPTIMIZER_SCHEMAS, chosen by the optimizer group
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     hparams: Optional[HparamsConfig] = None
@@ -395,23 +415,25 @@ class BenchMeasure(str, Enum):
 
 @dataclass
 class BenchConfig:
-    """`python -m mdfnet_hydra.bench` (see conf/bench.yaml)."""
+    """`python -m mdfnet_hydra.bench` (see conf/bench.yaml and docs/performance.md)."""
 
+    # tiny: the offline default encoders; real: BiomedCLIP's ViT-B/16 + a ModernBERT-base-sized text
+    # encoder, random weights
     size: BenchSize = BenchSize.tiny
     image_sizes: Optional[List[int]] = None  # None: [64, 224] tiny, [224] real
     text_length: Optional[int] = None  # token ids per report (None: the data's own; real: 256)
-    batch_size: int = 16
-    samples: int = 512
-    steps: int = 20
+    batch_size: int = 16  # per device, as in the spec
+    samples: int = 512  # synthetic training images generated for the benchmark (per image size)
+    steps: int = 20  # timed steps (or batches) per measurement, after `warmup` untimed ones
     warmup: int = 3
-    ddp_workers: List[int] = field(default_factory=lambda: [1, 2])
-    peak_tflops: Optional[float] = None
+    ddp_workers: List[int] = field(default_factory=lambda: [1, 2])  # CPU only: the stage-2 step in n gloo processes
+    peak_tflops: Optional[float] = None  # dense bf16 peak of the GPU for MFU; None: known GPUs by name
     # the full model's stage-2 peak memory in bf16, traced with fake tensors (no GPU needed)
     estimate_memory: bool = True
     # what to measure (default: everything); e.g. [stage2_all] for one throughput figure
     measure: List[BenchMeasure] = field(default_factory=lambda: list(BenchMeasure))
-    work_dir: str = MISSING
-    output: str = MISSING
+    work_dir: str = MISSING  # the benchmark's feature caches
+    output: str = MISSING  # the JSON file of results
 
 
 @dataclass
@@ -529,10 +551,49 @@ EXECUTION_WHITELIST: tuple[str, ...] = execution_whitelist()
 
 def register_configs() -> None:
     """Store the schemas so `conf/train.yaml` / `conf/prepare.yaml` can list them first in their defaults."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    # the schema a primary config starts from, as a group so that bench.yaml can extend train.yaml
+    ConfigStore.instance().store(group="schema", name="train", node=TrainConfig, package="_global_")
+    ConfigStore.instance().store(group="schema", name="bench", node=BenchRootConfig, package="_global_")
+    for name, schema in OPTIMIZER_SCHEMAS.items():
+        ConfigStore.instance().store(group="optimizer", name=f"{name.value}_schema", node=schema)
     ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
-    ConfigStore.instance().store(name="bench_schema", node=BenchRootConfig)
+
+
+def load_train_config(*nodes: Any, stored: bool = False) -> DictConfig:
+    """A training config on the schema from plain or typed nodes (a composed config, a worker's
+    payload, a checkpoint's or run record's `config`), later nodes overriding earlier ones; the
+    optimizer node gets the schema its `name` chooses. `stored`: a config an earlier version wrote,
+    read without the keys it has retired (`retired_keys`); anything else must fit the schema."""
+    plain = [OmegaConf.to_container(OmegaConf.create(n) if not OmegaConf.is_config(n) else n, resolve=False) for n in nodes]
+    if stored:
+        plain = [without_retired_keys(n) for n in plain]
+    name = next((n["optimizer"]["name"] for n in reversed(plain) if isinstance(n.get("optimizer"), dict)
+                 and n["optimizer"].get("name") is not None), OptimizerName.adamw)
+    schema = OmegaConf.structured(TrainConfig)
+    schema.optimizer = OmegaConf.structured(OPTIMIZER_SCHEMAS[OptimizerName(getattr(name, "value", name))])
+    return OmegaConf.merge(schema, *plain)
+
+
+def retired_keys(flat: dict[str, Any]) -> set[str]:
+    """Dotted keys of a stored config (flat: `section.key`) that today's schema no longer has and
+    that never changed what its run did: `loss.name` (a label of the weights) and, from when both
+    optimizers shared one schema, the other optimizer's settings (an AdamW run's momentum)."""
+    retired = {"loss.name"} & set(flat)
+    name = flat.get("optimizer.name")
+    name = str(getattr(name, "value", name))
+    if name in OPTIMIZER_NAMES:
+        fields = OPTIMIZER_SCHEMAS[OptimizerName(name)].__dataclass_fields__
+        retired |= {f"optimizer.{key}" for key in SHARED_OPTIMIZER_KEYS if f"optimizer.{key}" in flat and key not in fields}
+    return retired
+
+
+def without_retired_keys(config: dict) -> dict:
+    """A stored (nested) config without its retired keys (all of them sit one level down)."""
+    top = {f"{section}.{key}": value for section, node in config.items() if isinstance(node, dict) for key, value in node.items()}
+    retired = retired_keys(top)
+    return {section: ({k: v for k, v in node.items() if f"{section}.{k}" not in retired} if isinstance(node, dict) else node)
+            for section, node in config.items()}
 
 
 class ConfigError(ValueError):
@@ -542,11 +603,9 @@ class ConfigError(ValueError):
 def validate_config(cfg: DictConfig) -> None:
     """Checks the schema cannot express. Fails at start, naming the key and what to pass instead."""
     problems: list[str] = []
-    schema = OmegaConf.structured(TrainConfig)
     try:
         # a plain copy drops the node types that let `+key=value` slip past the schema
-        plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]))
-        OmegaConf.merge(schema, OmegaConf.create(plain))
+        load_train_config(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])))
     except Exception as err:  # omegaconf's ConfigKeyError / ValidationError name the key
         problems.append(f"config does not match the schema: {err}")
     if OmegaConf.is_missing(cfg.data, "root"):

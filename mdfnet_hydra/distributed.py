@@ -14,7 +14,6 @@ from datetime import datetime, timedelta
 from typing import Callable, Mapping, Optional, TypeVar
 
 
-
 @dataclass(frozen=True)
 class WorkerEnv:
     rank: int

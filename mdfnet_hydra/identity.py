@@ -38,8 +38,13 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def outcome_identity(config: dict[str, Any], effective_batch: Optional[int] = None) -> dict[str, Any]:
-    """The resolved config as flat keys, without what cannot change what a run learns."""
-    flat = {key: value for key, value in flatten(config).items() if not irrelevant(key)}
+    """The resolved config as flat keys, without what cannot change what a run learns (nor the keys
+    an earlier version wrote that today's schema has retired: config.retired_keys)."""
+    from mdfnet_hydra.config import retired_keys
+
+    every = flatten(config)
+    retired = retired_keys(every)
+    flat = {key: value for key, value in every.items() if not irrelevant(key) and key not in retired}
     if (config.get("data") or {}).get("synthetic") is not None:
         flat.pop("data.root", None)  # derived from data.synthetic and paths.data_dir
     flat[EFFECTIVE_BATCH] = effective_batch if effective_batch is not None else effective_batch_of(config)

@@ -11,17 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mdfnet_hydra.config import TrainConfig
 from mdfnet_hydra.data.dataset import Collator, MultimodalDataset, SplitData, load_splits
 from mdfnet_hydra.data.preprocessing import Preprocessing
-
-
-def load_train_config(*nodes: Any) -> DictConfig:
-    """A training config on the schema, from a stored or composed one (a dict, a DictConfig, a
-    checkpoint's `config`, a worker's YAML payload), later nodes overriding earlier ones."""
-    return OmegaConf.merge(OmegaConf.structured(TrainConfig), *nodes)
 
 
 def modality_names(cfg: DictConfig) -> list[str]:

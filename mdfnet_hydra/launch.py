@@ -139,7 +139,7 @@ def worker(payload: str, evaluate_at_end: bool = True) -> dict:
 
 
 def _worker(payload: str, evaluate_at_end: bool) -> dict:
-    from mdfnet_hydra.job import load_train_config
+    from mdfnet_hydra.config import load_train_config
 
     cfg = load_train_config(OmegaConf.create(payload))
     if not logging.getLogger().handlers:

@@ -38,11 +38,12 @@ def focal_elementwise(logits: torch.Tensor, targets: torch.Tensor, alpha: float,
 def describe_loss(cfg: LossConfig) -> str:
     """The loss as it is computed: the effective weights (focal_weight null is 1 - bce_weight) and
     the focal parameters where a focal term counts."""
-    name = getattr(cfg.name, "value", cfg.name)
     bce = float(cfg.bce_weight)
     focal = float(cfg.focal_weight) if cfg.focal_weight is not None else 1.0 - bce
     focal_params = f"focal alpha {float(cfg.focal_alpha):g}, gamma {float(cfg.focal_gamma):g}"
-    return f"{name} ({bce:g} x bce + {focal:g} x focal; {focal_params})" if focal else f"{name} ({bce:g} x bce)"
+    if not bce:
+        return f"{focal:g} x focal ({focal_params})"
+    return f"{bce:g} x bce + {focal:g} x focal ({focal_params})" if focal else f"{bce:g} x bce"
 
 
 class MultiLabelLoss(nn.Module):

@@ -19,8 +19,14 @@ from mdfnet_hydra.checkpoint import is_readable, load_checkpoint, move_aside
 from mdfnet_hydra.config import ConfigError, parse_duration, to_plain
 from mdfnet_hydra.data.dataset import SplitData, resolve_root
 from mdfnet_hydra.data.preprocessing import Preprocessing
-from mdfnet_hydra.distributed import (barrier, broadcast_from_main, destroy_process_group, init_process_group, main_first,
-                                      worker_env)
+from mdfnet_hydra.distributed import (
+    barrier,
+    broadcast_from_main,
+    destroy_process_group,
+    init_process_group,
+    main_first,
+    worker_env,
+)
 from mdfnet_hydra.evaluation import evaluate_quietly
 from mdfnet_hydra.files import DamagedFileError, remove_stale_temporaries, write_text
 from mdfnet_hydra.job import Job, modality_names, open_job

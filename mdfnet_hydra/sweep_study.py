@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 import zlib
@@ -288,10 +287,14 @@ def study_fingerprint(config: DictConfig, distributions: dict[str, BaseDistribut
 
 def fingerprint_differences(stored: dict, current: dict) -> list[str]:
     """`key: stored -> current` for each key whose value differs (search space and objective keys prefixed)."""
+    from mdfnet_hydra.config import retired_keys
+
     absent = "(absent)"
     changes = []
     for section, label in (("config", ""), ("search_space", "search space "), ("objective", "objective ")):
         old, new = stored.get(section) or {}, current.get(section) or {}
+        if section == "config":  # a study made by an earlier version: keys retired since never counted
+            old = {k: v for k, v in old.items() if k not in retired_keys(old)}
         for key in sorted(set(old) | set(new)):
             if old.get(key, absent) != new.get(key, absent):
                 changes.append(f"{label}{key}: {old.get(key, absent)} -> {new.get(key, absent)}")
@@ -443,13 +446,12 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
         if n_directions == 1:
             try:
                 return [float(value)]
-            except (ValueError, TypeError):
-                raise ValueError(f"Return value must be float-castable. Got '{value}'.").with_traceback(sys.exc_info()[2])
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"Return value must be float-castable. Got '{value}'.") from err
         try:
             values = [float(v) for v in value]
-        except (ValueError, TypeError):
-            raise ValueError("Return value must be a list or tuple of float-castable values."
-                             f" Got '{value}'.").with_traceback(sys.exc_info()[2])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"Return value must be a list or tuple of float-castable values. Got '{value}'.") from err
         if len(values) != n_directions:
             raise ValueError("The number of the values and the number of the objectives are"
                              f" mismatched. Expect {n_directions}, but actually {len(values)}.")

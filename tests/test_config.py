@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 from conftest import config_options, run_cli
 from mdfnet_hydra.config import ConfigError, Modality, StageName, validate_config
 
-GROUPS = ["data", "modality", "model/vision", "model/text", "stage", "phases", "loss", "optimizer", "scheduler", "trainer",
-          "debug", "experiment", "hparams", "hparams/space"]
+GROUPS = ["data", "modality", "model", "model/vision", "model/text", "stage", "phases", "loss", "optimizer", "scheduler",
+          "trainer", "evaluation", "paths", "debug", "experiment", "hparams", "hparams/space"]
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -22,7 +22,7 @@ def test_every_option_of_every_group_composes(cfg_factory, group):
             extra = ["hparams=bayesian"]
         cfg = cfg_factory(*extra, f"{group}={option}")
         OmegaConf.to_container(cfg.model, resolve=True)  # every interpolation resolves
-        if group in ("modality", "stage", "data", "loss", "optimizer"):
+        if group in ("modality", "stage", "data", "optimizer"):
             node = cfg[group] if group != "data" else cfg.data
             assert node.name == option
 
@@ -50,7 +50,7 @@ def test_defaults_are_the_spec(cfg_factory):
     from mdfnet_hydra.losses import MultiLabelLoss
 
     loss = MultiLabelLoss(cfg.loss)
-    assert (cfg.loss.name.value, loss.bce_weight, loss.alpha, loss.gamma) == ("combined", 0.7, 0.25, 2.0)
+    assert (loss.bce_weight, loss.alpha, loss.gamma) == (0.7, 0.25, 2.0)
     assert loss.focal_weight == pytest.approx(0.3)
     assert [StageName(s).value for s in cfg.stage.run] == ["stage1", "stage2"]
     assert cfg.modality.name == "all" and cfg.data.name == "synthetic"
@@ -112,3 +112,32 @@ def test_a_sweep_preset_with_its_own_run_dir_still_refuses_to_train(tmp_path):
     assert result.returncode != 0
     assert "experiment=ablations is a sweep (several jobs) and runs only with --multirun" in result.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "stage1").exists()
+
+
+def test_each_optimizer_has_its_own_schema(cfg_factory):
+    sgd = cfg_factory("optimizer=sgd", "optimizer.momentum=0.5")
+    assert (sgd.optimizer.name, sgd.optimizer.momentum, "betas" in sgd.optimizer) == ("sgd", 0.5, False)
+    with pytest.raises(Exception, match="optimizer.betas"):
+        cfg_factory("optimizer=sgd", "optimizer.betas=[0.9,0.99]")
+    with pytest.raises(Exception, match="optimizer.momentum"):
+        cfg_factory("optimizer=adamw", "optimizer.momentum=0.5")
+
+
+def test_configs_that_earlier_versions_stored_still_load_and_match(cfg_factory):
+    """Run records, checkpoints and study fingerprints written before the optimizer schema split and
+    before loss.name went: read without those keys, and the same training as today's config."""
+    from mdfnet_hydra.config import load_train_config
+    from mdfnet_hydra.identity import outcome_identity
+
+    today = cfg_factory()
+    stored = OmegaConf.to_container(today, resolve=True, enum_to_str=True)
+    stored["loss"]["name"] = "combined"
+    stored["optimizer"].update(momentum=0.9, nesterov=True)  # every optimizer carried every key
+    loaded = load_train_config(stored, stored=True)
+    assert "name" not in loaded.loss and "momentum" not in loaded.optimizer and loaded.optimizer.eps == 1e-8
+    with pytest.raises(Exception, match="not in 'LossConfig'"):
+        load_train_config(stored)  # anything but a stored config must fit today's schema
+    now = OmegaConf.to_container(today, resolve=True, enum_to_str=True)
+    assert outcome_identity(stored) == outcome_identity(now)
+    stored["optimizer"]["eps"] = 1e-6  # a setting that is still there still counts
+    assert outcome_identity(stored) != outcome_identity(now)

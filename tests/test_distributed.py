@@ -190,9 +190,8 @@ def test_slurm_one_task_per_node_topology(monkeypatch):
 
 def test_frozen_encoders_stay_out_of_ddp_buckets(cfg_factory, monkeypatch):
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
     from test_model import build
+    from torch.nn.parallel import DistributedDataParallel
 
     model, _, _ = build(cfg_factory())
     model.set_encoders_frozen(True)

@@ -121,7 +121,7 @@ def test_seeds_are_aggregated(known):
     _, out, rows, _, _ = known
     markdown = (out / "results.md").read_text()
     values = [float(rows[f"all_s{s}/stage2"]["test_auroc_mean"]) for s in (1, 2)]
-    line = next(l for l in markdown.splitlines() if l.startswith("| vision_text_clinical/stage2 ") or l.startswith("| all/stage2 "))
+    line = next(row for row in markdown.splitlines() if row.startswith(("| vision_text_clinical/stage2 ", "| all/stage2 ")))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[3] == "2" and float(cells[4]) == pytest.approx(np.mean(values), abs=1e-3)
     assert float(cells[5]) == pytest.approx(np.std(values, ddof=1), abs=1e-3)

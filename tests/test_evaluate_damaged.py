@@ -149,7 +149,7 @@ def test_good_runs_are_evaluated_and_broken_ones_listed(mixed):
         assert rows[name]["predictions"] == "left out" and rows[name]["test_auroc_mean"] == ""
         assert rows[name]["left_out"].startswith(f"{file}: ") and why in rows[name]["left_out"], rows[name]["left_out"]
         assert left[name]["file"] == str(root / file)
-        line = next(l for l in markdown.splitlines() if l.startswith(f"| {name} | {file} |"))
+        line = next(row for row in markdown.splitlines() if row.startswith(f"| {name} | {file} |"))
         assert why in line, line
         assert any(file in w and name in w for w in warnings), (file, warnings)
         assert "\n" not in left[name]["reason"]

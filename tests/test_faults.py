@@ -132,7 +132,7 @@ def test_a_rerun_with_another_training_config_is_refused_naming_the_keys(copy_of
     assert result.returncode != 0
     message = result.stderr
     assert f"{copy_of} holds results of another training config" in message
-    assert "loss.name" in message and "seed (42 recorded, 7 now)" in message
+    assert "loss.bce_weight (0.7 recorded, 1.0 now)" in message and "seed (42 recorded, 7 now)" in message
     assert {p.name: p.read_bytes() for p in (copy_of / ".hydra").iterdir()} == record, ".hydra/ still describes the results"
     assert (copy_of / "metrics.json").read_bytes() == summary
     # what cannot change results may differ: a longer time budget, other loader settings

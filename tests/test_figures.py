@@ -125,7 +125,7 @@ def test_calibration_shows_cases_per_bin_and_greys_small_bins(drawn, tmp_path):
             assert len(filled) == 1
             np.testing.assert_allclose(filled[0].get_offsets(), np.c_[predicted, observed][enough], atol=1e-6)
             pairs += list(zip(cases[enough], filled[0].get_sizes()))
-            line = [l for l in ax.lines if np.allclose(to_rgba(l.get_color())[:3], colour[:3])]
+            line = [curve for curve in ax.lines if np.allclose(to_rgba(curve.get_color())[:3], colour[:3])]
             assert len(line) == 1, "one curve per run"
             np.testing.assert_allclose(line[0].get_xydata(), np.c_[predicted, observed][enough], atol=1e-6,
                                        err_msg="the curve joins the bins with enough cases only")
@@ -176,7 +176,7 @@ def test_curve_legends_use_short_labels_and_one_colour_per_run(drawn, tmp_path):
     legend = fig.axes[-2].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["all stage2 s0 (3_a1b2c3d4)", "all stage2 s0 (5_ffee0011)"]
     colours = [to_rgba(h.get_color()) for h in legend.legend_handles]
-    edema = [l for l in fig.axes[EDEMA].lines if l.get_linestyle() != ":"]
+    edema = [curve for curve in fig.axes[EDEMA].lines if curve.get_linestyle() != ":"]
     assert len(edema) == 1 and to_rgba(edema[0].get_color()) == colours[1], "the second run's curve in its legend colour"
     y, p = runs[1].test.targets[:, EDEMA], runs[1].test.probs[:, EDEMA]
     fpr, tpr = edema[0].get_xydata().T

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
-from mdfnet_hydra.config import LossConfig, LossName
+from mdfnet_hydra.config import LossConfig
 from mdfnet_hydra.losses import MultiLabelLoss
 
 
@@ -27,7 +27,7 @@ def numpy_bce(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def test_bce_matches_numpy_formula_over_valid_slots(batch):
     logits, targets, mask = batch
-    terms = MultiLabelLoss(LossConfig(name=LossName.bce, bce_weight=1.0, focal_weight=0.0))(logits, targets, mask)
+    terms = MultiLabelLoss(LossConfig(bce_weight=1.0, focal_weight=0.0))(logits, targets, mask)
     expected = (numpy_bce(logits.numpy(), targets.numpy()) * mask.numpy()).sum() / targets.numel()
     assert terms.parts['bce'].item() == pytest.approx(expected, rel=1e-5)
     assert terms.total.item() == pytest.approx(expected, rel=1e-5)
@@ -36,7 +36,7 @@ def test_bce_matches_numpy_formula_over_valid_slots(batch):
 @pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (0.5, 1.5), (-1.0, 0.0)])
 def test_focal_matches_torchvision(batch, alpha, gamma):
     logits, targets, mask = batch
-    cfg = LossConfig(name=LossName.focal, bce_weight=0.0, focal_weight=1.0, focal_alpha=alpha, focal_gamma=gamma)
+    cfg = LossConfig(bce_weight=0.0, focal_weight=1.0, focal_alpha=alpha, focal_gamma=gamma)
     terms = MultiLabelLoss(cfg)(logits, targets, mask)
     reference = (sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none") * mask).sum() / targets.numel()
     assert terms.parts['focal'].item() == pytest.approx(reference.item(), rel=1e-5)

@@ -28,7 +28,7 @@ def test_the_log_states_the_training_setup_in_one_line(job_log):
     log, _ = job_log
     (line,) = [line for line in log.splitlines() if "] optimizer " in line]
     assert "optimizer sgd (momentum 0.9, nesterov, weight decay 0.0001)" in line
-    assert "loss focal (0 x bce + 1 x focal; focal alpha 0.25, gamma 2)" in line
+    assert "loss 1 x focal (focal alpha 0.25, gamma 2)" in line
     assert "gradient clipping max_grad_norm 1.5" in line
     assert "precision fp32" in line and "seed 7" in line
     assert log.index("] optimizer ") < log.index("epoch 1/1"), "stated at the start"

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from conftest import run_cli
-from mdfnet_hydra.benchmarks.modality_gap import collect, main as modality_gap
+from mdfnet_hydra.benchmarks.modality_gap import collect
+from mdfnet_hydra.benchmarks.modality_gap import main as modality_gap
 
 
 @pytest.mark.slow

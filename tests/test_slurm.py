@@ -40,7 +40,7 @@ TINY = ("debug=fast", "data.synthetic.num_samples=300", "data.synthetic.image_si
 # a 2-core test node: one CPU per task, two tasks at once
 SMALL_JOBS = ("hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
               "hydra.launcher.timeout_min=20", "hydra.launcher.array_parallelism=2",
-              f"hydra.launcher.setup=[\"export HF_HUB_OFFLINE=1\"]")
+              "hydra.launcher.setup=[\"export HF_HUB_OFFLINE=1\"]")
 
 
 def submitted(sweep_dir: Path) -> list[str]:

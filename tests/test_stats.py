@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mdfnet_hydra.evaluation.stats import (auroc_ci, bootstrap_mean_auroc, bootstrap_p_value, delong, delong_test,
-                                           fast_auroc, mean_auroc)
+from mdfnet_hydra.evaluation.stats import (
+    auroc_ci,
+    bootstrap_mean_auroc,
+    bootstrap_p_value,
+    delong,
+    delong_test,
+    fast_auroc,
+    mean_auroc,
+)
 
 
 def brute_force_delong(y, scores):

@@ -13,7 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import run_cli
-from mdfnet_hydra.summary import SUMMARY_FILE, main as summary_main
+from mdfnet_hydra.summary import SUMMARY_FILE
+from mdfnet_hydra.summary import main as summary_main
 
 TINY = ("debug=fast", "data.synthetic.num_samples=300", "data.synthetic.image_size=32")
 

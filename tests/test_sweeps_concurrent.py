@@ -18,8 +18,15 @@ from optuna.trial import TrialState
 
 from conftest import REPO, quiet_evaluation
 from mdfnet_hydra.summary import write_summary
-from mdfnet_hydra.sweep_study import (HEARTBEAT_ATTR, OWNER_ATTR, STALE_AFTER_S, pid_space, is_orphan, reseed_for_trial,
-                                       trial_directory_busy)
+from mdfnet_hydra.sweep_study import (
+    HEARTBEAT_ATTR,
+    OWNER_ATTR,
+    STALE_AFTER_S,
+    is_orphan,
+    pid_space,
+    reseed_for_trial,
+    trial_directory_busy,
+)
 
 TINY = ("debug=fast", "data.synthetic.num_samples=300", "data.synthetic.image_size=32")
 STUDY = ("hparams=random", "modality=clinical", "stage=stage1")

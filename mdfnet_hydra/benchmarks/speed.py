@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mdfnet_hydra.config import modality_label
+
 log = logging.getLogger(__name__)
 
 CONF = Path(str(resources.files("mdfnet_hydra.conf")))  # the top-level conf/ of a checkout, or an install's copy
@@ -115,8 +116,7 @@ def measure(name: str, step: Callable[[], int], device: torch.device, steps: int
 def bench_config(cfg: DictConfig, image_size: int) -> DictConfig:
     """The training config the benchmark runs: the chosen size's encoders at `image_size`, a
     synthetic dataset of `bench.samples` images of that size, its own cache directory."""
-    from mdfnet_hydra.config import BenchSize
-    from mdfnet_hydra.job import load_train_config
+    from mdfnet_hydra.config import BenchSize, load_train_config
 
     # unresolved, so that data.root follows the sample count and image size set below
     train = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in ("bench", "hydra")}
@@ -351,14 +351,13 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_yaml: str, length: Optiona
     import torch.distributed as dist
 
     from mdfnet_hydra.distributed import WorkerEnv
-    from mdfnet_hydra.runtime import Runtime
-
     from mdfnet_hydra.machine import real_cpus
+    from mdfnet_hydra.runtime import Runtime
 
     torch.set_num_threads(max(1, real_cpus() // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        from mdfnet_hydra.job import load_train_config
+        from mdfnet_hydra.config import load_train_config
 
         cfg = load_train_config(OmegaConf.create(cfg_yaml))
         runtime = Runtime.from_config(cfg.trainer, WorkerEnv(rank=rank, local_rank=rank, world_size=world, source="torchrun"))
@@ -424,9 +423,8 @@ def bench_startup(cfg: DictConfig, work: Path) -> dict[str, float]:
 
 # ---------------------------------------------------------------- the whole benchmark
 def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
-    from mdfnet_hydra.runtime import Runtime
-
     from mdfnet_hydra.config import BenchMeasure, BenchSize
+    from mdfnet_hydra.runtime import Runtime
 
     b = cfg.bench
     size_name = BenchSize(b.size).value

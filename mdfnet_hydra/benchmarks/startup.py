@@ -23,8 +23,8 @@ def main(config_path: str) -> dict[str, float]:
     imported = time.perf_counter()
     from omegaconf import OmegaConf
 
-    from mdfnet_hydra.config import validate_config
-    from mdfnet_hydra.job import load_train_config, open_job
+    from mdfnet_hydra.config import load_train_config, validate_config
+    from mdfnet_hydra.job import open_job
 
     cfg = load_train_config(OmegaConf.load(config_path))
     validate_config(cfg)

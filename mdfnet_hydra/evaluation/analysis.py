@@ -9,13 +9,20 @@ from typing import Any, Optional
 import numpy as np
 
 from mdfnet_hydra.evaluation.runs import Run, aligned
-from mdfnet_hydra.evaluation.stats import (auroc_ci, bootstrap_mean_auroc, bootstrap_p_value, delong_test, mean_auroc,
-                                           percentile_ci, roc_points)
+from mdfnet_hydra.evaluation.stats import (
+    auroc_ci,
+    bootstrap_mean_auroc,
+    bootstrap_p_value,
+    delong_test,
+    mean_auroc,
+    percentile_ci,
+    roc_points,
+)
 from mdfnet_hydra.labels import CHEXPERT_LABELS
 from mdfnet_hydra.metrics import compute_metrics
 from mdfnet_hydra.predictions import Predictions
 
-# The seed's (TRAINING_GUIDE.md) targets: the MDF-Net paper's numbers and the Enhanced goal.
+# The spec's targets: the MDF-Net paper's numbers and the Enhanced goal.
 TARGETS = {
     "vision": [("vision-only (MDF-Net paper)", 0.810)],
     "all": [("MDF-Net (paper)", 0.856), ("Enhanced MDF-Net goal", 0.860)],

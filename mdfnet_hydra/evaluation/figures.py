@@ -18,8 +18,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from mdfnet_hydra.evaluation.analysis import RunResult  # noqa: E402
 from mdfnet_hydra.evaluation.runs import Run  # noqa: E402
@@ -149,7 +149,7 @@ def auroc_bars(results: Sequence[RunResult], out: Path, labels: Optional[dict[st
     width = 0.8 / max(len(results), 1)
     x = np.arange(len(names))
     rows = [_auroc_rows(result) for result in results]
-    lowest = min([0.4] + [float(np.nanmin(v - l)) for v, l, _ in rows if np.isfinite(v).any()])
+    lowest = min([0.4] + [float(np.nanmin(v - low)) for v, low, _ in rows if np.isfinite(v).any()])
     bottom = lowest - 0.03
     stub = 0.08 * (1.0 - bottom)
     for k, (label, (values, low, high)) in enumerate(zip(_labels(results, labels), rows)):

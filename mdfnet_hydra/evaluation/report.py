@@ -12,10 +12,24 @@ from typing import Any, Optional
 
 from mdfnet_hydra.evaluation import figures as fig
 from mdfnet_hydra.evaluation.analysis import RunResult, aggregate_seeds, analyse, compare_to_vision
-from mdfnet_hydra.evaluation.runs import (LeftOut, LeftOutError, NoRunEvaluatedError, discover, leave_out, load_run_model,
-                                          resolve_device, run_predictions)
-from mdfnet_hydra.evaluation.tables import (COMPARISON_COLUMNS, comparison_rows, left_out_rows, markdown, summary_rows,
-                                           write_csv)
+from mdfnet_hydra.evaluation.runs import (
+    LeftOut,
+    LeftOutError,
+    NoRunEvaluatedError,
+    discover,
+    leave_out,
+    load_run_model,
+    resolve_device,
+    run_predictions,
+)
+from mdfnet_hydra.evaluation.tables import (
+    COMPARISON_COLUMNS,
+    comparison_rows,
+    left_out_rows,
+    markdown,
+    summary_rows,
+    write_csv,
+)
 from mdfnet_hydra.files import write_text
 
 log = logging.getLogger(__name__)

@@ -239,9 +239,9 @@ def run_predictions(run: Run, split: str, checkpoint: str, data_root: Optional[s
 def run_config(ckpt: dict, data_root: Optional[str]) -> DictConfig:
     """The run's training config as its checkpoint stores it. Token ids are made in memory: the
     evaluation never writes into a cache directory that a stored config names."""
-    from mdfnet_hydra.job import load_train_config
+    from mdfnet_hydra.config import load_train_config
 
-    cfg = load_train_config(ckpt["config"], {"data": {"token_cache": False}})
+    cfg = load_train_config(ckpt["config"], {"data": {"token_cache": False}}, stored=True)
     if data_root is not None:
         cfg.data.root = data_root
         cfg.data.synthetic = None
@@ -318,10 +318,9 @@ def predict(model, dataset, pad_id: int, options, checkpoint_sha256: str) -> Pre
     (`evaluation.num_workers`: null = chosen from the machine, as in training)."""
     from torch.utils.data import DataLoader
 
+    from mdfnet_hydra.config import DataConfig
     from mdfnet_hydra.data.dataset import Collator
     from mdfnet_hydra.data.loading import describe_loader, loader_settings
-
-    from mdfnet_hydra.config import DataConfig
 
     runtime = evaluation_runtime(options.device)
     # the machine's choices for every loader setting but the worker count evaluation.* may fix
@@ -343,7 +342,8 @@ def evaluation_runtime(device: str):
     """fp32 on `evaluation.device` (auto: CUDA where the machine has it), with the machine's choices."""
     from mdfnet_hydra.config import Precision
     from mdfnet_hydra.machine import Machine
-    from mdfnet_hydra.runtime import Runtime, resolve_device as runtime_device
+    from mdfnet_hydra.runtime import Runtime
+    from mdfnet_hydra.runtime import resolve_device as runtime_device
 
     machine = Machine.detect()
     target, where = runtime_device(device, machine)

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from mdfnet_hydra.config import to_plain, TextConfig, TextSource, TokenOutput
+from mdfnet_hydra.config import TextConfig, TextSource, TokenOutput, to_plain
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 

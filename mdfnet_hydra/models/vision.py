@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mdfnet_hydra.config import to_plain, TokenOutput, VisionConfig, VisionSource
+from mdfnet_hydra.config import TokenOutput, VisionConfig, VisionSource, to_plain
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
