@@ -18,8 +18,9 @@ def _bind_checkout_conf() -> None:
     name = f"{__name__}.conf"
     if (here / "conf").is_dir() or name in _sys.modules or not (checkout_conf / "__init__.py").is_file():
         return  # an installed copy (the configs inside the package), or no checkout around it
-    spec = _util.spec_from_file_location(name, checkout_conf / "__init__.py",
-                                         submodule_search_locations=[str(checkout_conf)])
+    spec = _util.spec_from_file_location(
+        name, checkout_conf / "__init__.py", submodule_search_locations=[str(checkout_conf)]
+    )
     module = _util.module_from_spec(spec)
     _sys.modules[name] = module
     spec.loader.exec_module(module)

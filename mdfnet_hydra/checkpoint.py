@@ -47,8 +47,10 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
             f"{str(err).splitlines()[0]}); it was not loaded. Use a checkpoint this project wrote."
         ) from err
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise DamagedFileError(f"checkpoint {path} is damaged or incomplete ({type(err).__name__}: "
-                               f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        raise DamagedFileError(
+            f"checkpoint {path} is damaged or incomplete ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
     if not isinstance(state, dict) or "model" not in state:
         raise DamagedFileError(f"checkpoint {path} holds no model weights (not a checkpoint of this project)")
     return state

@@ -565,11 +565,19 @@ def load_train_config(*nodes: Any, stored: bool = False) -> DictConfig:
     payload, a checkpoint's or run record's `config`), later nodes overriding earlier ones; the
     optimizer node gets the schema its `name` chooses. `stored`: a config an earlier version wrote,
     read without the keys it has retired (`retired_keys`); anything else must fit the schema."""
-    plain = [OmegaConf.to_container(OmegaConf.create(n) if not OmegaConf.is_config(n) else n, resolve=False) for n in nodes]
+    plain = [
+        OmegaConf.to_container(OmegaConf.create(n) if not OmegaConf.is_config(n) else n, resolve=False) for n in nodes
+    ]
     if stored:
         plain = [without_retired_keys(n) for n in plain]
-    name = next((n["optimizer"]["name"] for n in reversed(plain) if isinstance(n.get("optimizer"), dict)
-                 and n["optimizer"].get("name") is not None), OptimizerName.adamw)
+    name = next(
+        (
+            n["optimizer"]["name"]
+            for n in reversed(plain)
+            if isinstance(n.get("optimizer"), dict) and n["optimizer"].get("name") is not None
+        ),
+        OptimizerName.adamw,
+    )
     schema = OmegaConf.structured(TrainConfig)
     schema.optimizer = OmegaConf.structured(OPTIMIZER_SCHEMAS[OptimizerName(getattr(name, "value", name))])
     return OmegaConf.merge(schema, *plain)
@@ -584,16 +592,27 @@ def retired_keys(flat: dict[str, Any]) -> set[str]:
     name = str(getattr(name, "value", name))
     if name in OPTIMIZER_NAMES:
         fields = OPTIMIZER_SCHEMAS[OptimizerName(name)].__dataclass_fields__
-        retired |= {f"optimizer.{key}" for key in SHARED_OPTIMIZER_KEYS if f"optimizer.{key}" in flat and key not in fields}
+        retired |= {
+            f"optimizer.{key}" for key in SHARED_OPTIMIZER_KEYS if f"optimizer.{key}" in flat and key not in fields
+        }
     return retired
 
 
 def without_retired_keys(config: dict) -> dict:
     """A stored (nested) config without its retired keys (all of them sit one level down)."""
-    top = {f"{section}.{key}": value for section, node in config.items() if isinstance(node, dict) for key, value in node.items()}
+    top = {
+        f"{section}.{key}": value
+        for section, node in config.items()
+        if isinstance(node, dict)
+        for key, value in node.items()
+    }
     retired = retired_keys(top)
-    return {section: ({k: v for k, v in node.items() if f"{section}.{k}" not in retired} if isinstance(node, dict) else node)
-            for section, node in config.items()}
+    return {
+        section: (
+            {k: v for k, v in node.items() if f"{section}.{k}" not in retired} if isinstance(node, dict) else node
+        )
+        for section, node in config.items()
+    }
 
 
 class ConfigError(ValueError):
@@ -612,7 +631,9 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(f"data={cfg.data.name} needs data.root=<prepared dataset directory>")
     inputs = list(cfg.modality.inputs)
     if not inputs or len(set(inputs)) != len(inputs):
-        problems.append(f"modality.inputs must list distinct modalities from {[m.value for m in Modality]}, got {inputs}")
+        problems.append(
+            f"modality.inputs must list distinct modalities from {[m.value for m in Modality]}, got {inputs}"
+        )
     run = [StageName(s) for s in cfg.stage.run]
     if run not in ([StageName.stage1], [StageName.stage2], [StageName.stage1, StageName.stage2]):
         problems.append(f"stage.run must be [stage1], [stage2] or [stage1, stage2], got {[s.value for s in run]}")
@@ -620,12 +641,16 @@ def validate_config(cfg: DictConfig) -> None:
 
     unknown = [name for name in cfg.trainer.checkpoint.rare_labels if name not in CHEXPERT_LABELS]
     if unknown:
-        problems.append(f"trainer.checkpoint.rare_labels has unknown labels {unknown}; choose from {list(CHEXPERT_LABELS)}")
+        problems.append(
+            f"trainer.checkpoint.rare_labels has unknown labels {unknown}; choose from {list(CHEXPERT_LABELS)}"
+        )
     problems += loader_problems(cfg.data)
     if str(cfg.data.get("verify_images", "auto")).lower() not in ("auto", "true", "false"):
         problems.append(f"data.verify_images must be auto, true or false, got {cfg.data.verify_images!r}")
     if cfg.evaluation.num_workers is not None and int(cfg.evaluation.num_workers) < 0:
-        problems.append(f"evaluation.num_workers must be >= 0 (or null: chosen from the machine), got {cfg.evaluation.num_workers}")
+        problems.append(
+            f"evaluation.num_workers must be >= 0 (or null: chosen from the machine), got {cfg.evaluation.num_workers}"
+        )
     try:
         parse_machine_spec(os.environ.get(MACHINE_ENV_VAR, ""))
     except ValueError as err:
@@ -668,7 +693,9 @@ def multirun_only_problem(cfg: DictConfig, hydra_cfg: Optional[DictConfig] = Non
     if not OmegaConf.select(hydra_cfg, "sweeper.params", default=None, throw_on_resolution_failure=False):
         return None
     choices = OmegaConf.select(hydra_cfg, "runtime.choices", default=None) or {}
-    presets = [f"{group}={choices[group]}" for group in ("experiment", "hparams") if choices.get(group) not in (None, "null")]
+    presets = [
+        f"{group}={choices[group]}" for group in ("experiment", "hparams") if choices.get(group) not in (None, "null")
+    ]
     return multirun_only_message(" ".join(presets) or "hydra.sweeper.params")
 
 
@@ -681,11 +708,17 @@ def loader_problems(data: DataConfig) -> list[str]:
     problems = []
     start = getattr(data.worker_start, "value", data.worker_start)
     if start is not None and start not in multiprocessing.get_all_start_methods():
-        problems.append(f"data.worker_start={start} is not available here; use one of {multiprocessing.get_all_start_methods()}")
+        problems.append(
+            f"data.worker_start={start} is not available here; use one of {multiprocessing.get_all_start_methods()}"
+        )
     if data.num_workers is not None and int(data.num_workers) < 0:
         problems.append(f"data.num_workers must be >= 0 (or null: chosen from the machine), got {data.num_workers}")
     if data.prefetch_factor is not None and int(data.prefetch_factor) < 1:
         problems.append(f"data.prefetch_factor must be >= 1 (or null), got {data.prefetch_factor}")
-    if data.num_workers == 0 and (data.persistent_workers or data.prefetch_factor is not None or data.worker_start is not None):
-        problems.append("data.persistent_workers / prefetch_factor / worker_start need worker processes, but data.num_workers=0")
+    if data.num_workers == 0 and (
+        data.persistent_workers or data.prefetch_factor is not None or data.worker_start is not None
+    ):
+        problems.append(
+            "data.persistent_workers / prefetch_factor / worker_start need worker processes, but data.num_workers=0"
+        )
     return problems

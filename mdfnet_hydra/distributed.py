@@ -60,14 +60,22 @@ def init_process_group(env: WorkerEnv, backend: str) -> None:
         # per-attempt prefix are always this group's own.
         store = dist.PrefixStore(
             f"mdfnet_hydra/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/",
-            dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size, is_master=False, timeout=timeout),
+            dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                env.world_size,
+                is_master=False,
+                timeout=timeout,
+            ),
         )
         dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
         return
     if env.source == "slurm" and "MASTER_ADDR" not in os.environ:
         host, port = slurm_master()
         os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port))
-    dist.init_process_group(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=timeout)
+    dist.init_process_group(
+        backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=timeout
+    )
 
 
 def destroy_process_group() -> None:

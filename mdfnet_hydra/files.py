@@ -97,8 +97,10 @@ def no_space_message(path: Path) -> str:
         free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
     except OSError:
         free = "free space unknown"
-    return (f"no space left on device: writing {path} failed ({free} on its file system, or a quota is "
-            f"full). Free space there and rerun the same command: it resumes.")
+    return (
+        f"no space left on device: writing {path} failed ({free} on its file system, or a quota is "
+        f"full). Free space there and rerun the same command: it resumes."
+    )
 
 
 def remove_stale_temporaries(directory: Union[str, Path]) -> list[Path]:

@@ -44,8 +44,12 @@ class Job:
         return build_model(self.cfg.model, self.modalities, self.prep.clinical_dim, self.prep.tokenizer)
 
 
-def open_job(cfg: DictConfig, state: Optional[dict] = None, splits: Optional[Sequence[str]] = None,
-             first: Optional[Callable[[Callable[[], Any]], Any]] = None) -> Job:
+def open_job(
+    cfg: DictConfig,
+    state: Optional[dict] = None,
+    splits: Optional[Sequence[str]] = None,
+    first: Optional[Callable[[Callable[[], Any]], Any]] = None,
+) -> Job:
     """Read the splits, fit the preprocessing on the training split (or restore it from a
     checkpoint's `preprocessing` state), and build the datasets of `splits` (None: every non-empty
     split) as a training job opens them: `data.augment` on the training split only, token ids through

@@ -73,8 +73,9 @@ def train(cfg: DictConfig, evaluate_at_end: bool = True) -> dict:
             return launch_workers(cfg, topology, evaluate_at_end)
     from mdfnet_hydra.pipeline import run
 
-    return run(cfg, claim_run_dir=worker_env(nproc_per_node=tc.nproc_per_node) is not None,
-               evaluate_at_end=evaluate_at_end)
+    return run(
+        cfg, claim_run_dir=worker_env(nproc_per_node=tc.nproc_per_node) is not None, evaluate_at_end=evaluate_at_end
+    )
 
 
 def slurm_topology(environ=os.environ) -> Optional[tuple[int, int, str, str]]:
@@ -88,8 +89,9 @@ def slurm_topology(environ=os.environ) -> Optional[tuple[int, int, str, str]]:
     return nodes, int(environ.get("SLURM_NODEID", "0")), f"{host}:{port}", f"slurm-{environ['SLURM_JOB_ID']}"
 
 
-def launch_workers(cfg: DictConfig, topology: Optional[tuple[int, int, str, str]] = None,
-                   evaluate_at_end: bool = True) -> dict:
+def launch_workers(
+    cfg: DictConfig, topology: Optional[tuple[int, int, str, str]] = None, evaluate_at_end: bool = True
+) -> dict:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     tc = cfg.trainer
@@ -123,7 +125,11 @@ def launch_workers(cfg: DictConfig, topology: Optional[tuple[int, int, str, str]
     )
     log.info(
         "launching %d worker(s) per node on %d node(s) (rendezvous %s at %s, up to %d restarts)",
-        nproc, nnodes, backend, endpoint, tc.max_restarts,
+        nproc,
+        nnodes,
+        backend,
+        endpoint,
+        tc.max_restarts,
     )
     payload = OmegaConf.to_yaml(cfg, resolve=True)
     results = elastic_launch(config, entrypoint=worker)(payload, evaluate_at_end)

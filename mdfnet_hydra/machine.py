@@ -60,7 +60,9 @@ class Machine:
         gpu = "no CUDA" if not self.cuda else f"CUDA ({'bf16' if self.bf16 else 'no bf16'})"
         text = f"{self.cpus} CPUs, {gpu}"
         if self.simulated:
-            text += f" [{ENV_VAR}: simulated" + ("; computing on the CPU]" if self.cuda and not self.cuda_usable else "]")
+            text += f" [{ENV_VAR}: simulated" + (
+                "; computing on the CPU]" if self.cuda and not self.cuda_usable else "]"
+            )
         return text
 
 

@@ -23,11 +23,15 @@ def describe_optimizer_config(cfg: OptimizerConfig) -> str:
     if cfg.name is OptimizerName.adamw:
         betas = ", ".join(format(float(b), "g") for b in cfg.betas)
         return f"adamw (betas ({betas}), eps {float(cfg.eps):g}, weight decay {float(cfg.weight_decay):g})"
-    return (f"sgd (momentum {float(cfg.momentum):g}{', nesterov' if cfg.nesterov else ''}, "
-            f"weight decay {float(cfg.weight_decay):g})")
+    return (
+        f"sgd (momentum {float(cfg.momentum):g}{', nesterov' if cfg.nesterov else ''}, "
+        f"weight decay {float(cfg.weight_decay):g})"
+    )
 
 
-def build_optimizer(model: MDFNet, phase: PhaseConfig, cfg: OptimizerConfig, fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: MDFNet, phase: PhaseConfig, cfg: OptimizerConfig, fused: bool = False
+) -> torch.optim.Optimizer:
     """One parameter group per part (named in `group["name"]`), frozen parameters left out.
     `fused`: AdamW's single-kernel step (`Runtime.fused_optimizer`: a CUDA machine's choice; torch
     also runs it on CPU)."""
@@ -41,8 +45,9 @@ def build_optimizer(model: MDFNet, phase: PhaseConfig, cfg: OptimizerConfig, fus
         return torch.optim.AdamW(
             groups, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None
         )
-    return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        groups, lr=groups[0]["lr"], momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+    )
 
 
 def build_scheduler(

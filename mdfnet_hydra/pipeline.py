@@ -120,13 +120,21 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path, evaluate_at_end: bool
 def _announce(cfg: DictConfig, runtime: Runtime) -> list[str]:
     """The job's first lines: what runs, where, with which batch and settings; then its warnings
     (returned: the summary repeats them)."""
-    log.info("mdfnet-hydra: modality %s (%s), stages %s, data %s", cfg.modality.name, ", ".join(modality_names(cfg)),
-             " -> ".join(s.value for s in cfg.stage.run), cfg.data.name)
+    log.info(
+        "mdfnet-hydra: modality %s (%s), stages %s, data %s",
+        cfg.modality.name,
+        ", ".join(modality_names(cfg)),
+        " -> ".join(s.value for s in cfg.stage.run),
+        cfg.data.name,
+    )
     per_device = runtime.per_device_batch(cfg.trainer)
     log.info("%s", runtime.describe())
     log.info(
         "effective batch %d = %d per device x %d worker(s) x %d accumulation step(s)",
-        per_device * runtime.world_size * cfg.trainer.grad_accum, per_device, runtime.world_size, cfg.trainer.grad_accum,
+        per_device * runtime.world_size * cfg.trainer.grad_accum,
+        per_device,
+        runtime.world_size,
+        cfg.trainer.grad_accum,
     )
     log.info("%s", describe_training(cfg, runtime))
     warnings = start_warnings(cfg)
@@ -155,7 +163,9 @@ def _train_phases(job: Job, runtime: Runtime, run_dir: Path, init: dict | None) 
         spent = sum(r["wall_time_s"] for r in results.values())
         digest = file_digest(start_file) if start_file is not None and runtime.is_main else None
         # rank 0 looks at the files and decides; every rank follows
-        finished = json.loads(broadcast_from_main(json.dumps(phase_status(directory, digest) if runtime.is_main else None)))
+        finished = json.loads(
+            broadcast_from_main(json.dumps(phase_status(directory, digest) if runtime.is_main else None))
+        )
         if finished is not None:
             log.info("%s: already complete in %s, skipping", name, directory)
             results[name] = finished
@@ -163,17 +173,32 @@ def _train_phases(job: Job, runtime: Runtime, run_dir: Path, init: dict | None) 
             log.info("%s: skipped, trainer.max_time (%.0fs) is spent", name, budget)
             break
         else:
-            results[name] = _train_phase(job, name, runtime, directory, start_from, rare,
-                                         {**extras, "started_from_sha256": digest},
-                                         None if budget is None else budget - spent)
+            results[name] = _train_phase(
+                job,
+                name,
+                runtime,
+                directory,
+                start_from,
+                rare,
+                {**extras, "started_from_sha256": digest},
+                None if budget is None else budget - spent,
+            )
         if results[name]["selected_checkpoint"] is None:
             break  # no epoch finished within the time budget
         start_from = start_file = directory / "checkpoints" / f"{results[name]['selected_checkpoint']}.pth"
     return results
 
 
-def _train_phase(job: Job, name: str, runtime: Runtime, directory: Path, start_from: Path | dict | None,
-                 rare: list[int], extras: dict[str, Any], time_budget_s: float | None) -> dict[str, Any]:
+def _train_phase(
+    job: Job,
+    name: str,
+    runtime: Runtime,
+    directory: Path,
+    start_from: Path | dict | None,
+    rare: list[int],
+    extras: dict[str, Any],
+    time_budget_s: float | None,
+) -> dict[str, Any]:
     cfg = job.cfg
     if runtime.is_main:
         directory.mkdir(parents=True, exist_ok=True)
@@ -184,17 +209,20 @@ def _train_phase(job: Job, name: str, runtime: Runtime, directory: Path, start_f
         ckpt = load_checkpoint(start_from) if isinstance(start_from, Path) else start_from
         model.load_state_dict(ckpt["model"])
     datasets = _phase_datasets(cfg, name, job.modalities, model, job.datasets, runtime, job.prep)
-    trainer = PhaseTrainer(cfg, name, model, datasets, job.collator, runtime, directory, rare, extras,
-                           time_budget_s=time_budget_s)
+    trainer = PhaseTrainer(
+        cfg, name, model, datasets, job.collator, runtime, directory, rare, extras, time_budget_s=time_budget_s
+    )
     return trainer.fit()
 
 
 def describe_training(cfg: DictConfig, runtime: Runtime) -> str:
     """One line with the settings a reader compares runs by, stated once at the start of the job."""
     clip = cfg.trainer.max_grad_norm
-    return (f"optimizer {describe_optimizer_config(cfg.optimizer)} | loss {describe_loss(cfg.loss)} | "
-            f"gradient clipping {'max_grad_norm ' + format(float(clip), 'g') if clip is not None else 'off'} | "
-            f"precision {runtime.precision.value} | seed {cfg.seed}")
+    return (
+        f"optimizer {describe_optimizer_config(cfg.optimizer)} | loss {describe_loss(cfg.loss)} | "
+        f"gradient clipping {'max_grad_norm ' + format(float(clip), 'g') if clip is not None else 'off'} | "
+        f"precision {runtime.precision.value} | seed {cfg.seed}"
+    )
 
 
 def start_warnings(cfg: DictConfig) -> list[str]:
@@ -203,7 +231,8 @@ def start_warnings(cfg: DictConfig) -> list[str]:
     if [s.value for s in cfg.stage.run][:1] == ["stage2"] and not cfg.stage.init_from:
         warnings.append(
             "stage 2 starts from an untrained fusion and head (stage=stage2 without stage.init_from): to start from "
-            "stage 1, pass stage.init_from=<run>/stage1/checkpoints/best_mean.pth, or run both with stage=two_stage")
+            "stage 1, pass stage.init_from=<run>/stage1/checkpoints/best_mean.pth, or run both with stage=two_stage"
+        )
     return warnings
 
 
@@ -218,8 +247,14 @@ def phase_status(directory: Path, started_from: str | None) -> dict[str, Any] | 
     recorded = _recorded_start(directory)
     if started_from is not None and recorded is not None and recorded != started_from:
         aside = move_aside(directory)
-        log.warning("%s started from another checkpoint than this job's (sha256 %s..., now %s...): training it "
-                    "again; the earlier results are in %s", directory.name, recorded[:12], started_from[:12], aside)
+        log.warning(
+            "%s started from another checkpoint than this job's (sha256 %s..., now %s...): training it "
+            "again; the earlier results are in %s",
+            directory.name,
+            recorded[:12],
+            started_from[:12],
+            aside,
+        )
         return None
     return completed_phase(directory)
 
@@ -256,8 +291,11 @@ def completed_phase(directory: Path) -> dict[str, Any] | None:
         return None
     damaged = [p for p in _phase_files(directory, result) if not is_readable(p)]
     if damaged:
-        log.warning("%s: %s missing or damaged: finishing the stage again from its checkpoints",
-                    directory.name, ", ".join(str(p) for p in damaged))
+        log.warning(
+            "%s: %s missing or damaged: finishing the stage again from its checkpoints",
+            directory.name,
+            ", ".join(str(p) for p in damaged),
+        )
         return None
     return result
 
@@ -270,8 +308,9 @@ def _phase_files(directory: Path, result: dict[str, Any]) -> list[Path]:
     return files
 
 
-def _phase_datasets(cfg: DictConfig, name: str, modalities: list[str], model, datasets: dict, runtime: Runtime,
-                    prep: Preprocessing) -> dict:
+def _phase_datasets(
+    cfg: DictConfig, name: str, modalities: list[str], model, datasets: dict, runtime: Runtime, prep: Preprocessing
+) -> dict:
     """The phase's datasets: from the frozen-encoder feature cache where it applies."""
     from mdfnet_hydra.data.feature_cache import cached_datasets, feature_cache_applies
 
@@ -316,5 +355,3 @@ def _rare_labels(cfg: DictConfig, train: SplitData) -> list[int]:
     if chosen:
         return [CHEXPERT_LABELS.index(name) for name in chosen]
     return rarest_labels(train.targets, train.mask, int(cfg.trainer.checkpoint.num_rare))
-
-

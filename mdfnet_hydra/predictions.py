@@ -26,8 +26,10 @@ class DamagedPredictionsError(DamagedFileError):
 
     def __init__(self, path: Path, reason: str) -> None:
         self.path, self.reason = Path(path), reason
-        super().__init__(f"saved predictions {path} are damaged ({reason}): delete the file to have the evaluation "
-                         f"recompute them from the checkpoint, or rerun the stage")
+        super().__init__(
+            f"saved predictions {path} are damaged ({reason}): delete the file to have the evaluation "
+            f"recompute them from the checkpoint, or rerun the stage"
+        )
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:
@@ -48,8 +50,14 @@ class Predictions:
     checkpoint_sha256: str = ""
 
     def subset(self, rows: np.ndarray) -> "Predictions":
-        return Predictions(self.probs[rows], self.targets[rows], self.mask[rows], self.sample_id[rows], self.group[rows],
-                           self.checkpoint_sha256)
+        return Predictions(
+            self.probs[rows],
+            self.targets[rows],
+            self.mask[rows],
+            self.sample_id[rows],
+            self.group[rows],
+            self.checkpoint_sha256,
+        )
 
 
 def save_predictions(path: Path, probs: np.ndarray, split: SplitData, indices: np.ndarray, checkpoint: Path) -> None:
@@ -119,4 +127,3 @@ def _shape_problem(arrays: dict[str, np.ndarray]) -> str:
     if arrays["group"].dtype.kind not in "iu":
         return f"group is {arrays['group'].dtype}, not integers"
     return ""
-

@@ -12,13 +12,19 @@ def _cell(value: Optional[float]) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
 
 
-def format_summary(results: dict[str, dict[str, Any]], run_dir: Path, evaluation: Optional[Path] = None,
-                   warnings: Sequence[str] = ()) -> str:
+def format_summary(
+    results: dict[str, dict[str, Any]], run_dir: Path, evaluation: Optional[Path] = None, warnings: Sequence[str] = ()
+) -> str:
     """`warnings`: what the job warned about at its start, repeated first (the start scrolled away)."""
     head = [f"WARNING: {text}" for text in warnings]
     evaluated = [name for name, r in results.items() if r.get("val")]
     if not evaluated:
-        return "\n".join([*head, f"No epoch finished (trainer.max_time spent before the first one); nothing to report. Run: {run_dir}"])
+        return "\n".join(
+            [
+                *head,
+                f"No epoch finished (trainer.max_time spent before the first one); nothing to report. Run: {run_dir}",
+            ]
+        )
     final_name = evaluated[-1]
     final = results[final_name]
     val, test = final["val"], final.get("test")
@@ -33,11 +39,17 @@ def format_summary(results: dict[str, dict[str, Any]], run_dir: Path, evaluation
             f"  {val['positives'][name]}/{val['negatives'][name]}"
         )
     defined = len(CHEXPERT_LABELS) - len(val["undefined_labels"])
-    lines.append(f"  {'mean (' + str(defined) + ' defined labels)':<28} {_cell(val['auroc_mean']):>6} {_cell(test['auroc_mean'] if test else None):>6}")
+    lines.append(
+        f"  {'mean (' + str(defined) + ' defined labels)':<28} {_cell(val['auroc_mean']):>6} {_cell(test['auroc_mean'] if test else None):>6}"
+    )
     lines.append(f"  {'mean AUPRC':<28} {_cell(val['auprc_mean']):>6} {_cell(test['auprc_mean'] if test else None):>6}")
-    lines.append(f"  {'macro F1 @ ' + str(val['threshold']):<28} {_cell(val['f1_macro']):>6} {_cell(test['f1_macro'] if test else None):>6}")
+    lines.append(
+        f"  {'macro F1 @ ' + str(val['threshold']):<28} {_cell(val['f1_macro']):>6} {_cell(test['f1_macro'] if test else None):>6}"
+    )
     if val["undefined_labels"]:
-        lines.append(f"  undefined on val (no positives or no negatives), left out of the mean: {', '.join(val['undefined_labels'])}")
+        lines.append(
+            f"  undefined on val (no positives or no negatives), left out of the mean: {', '.join(val['undefined_labels'])}"
+        )
     for name, result in results.items():
         if not result.get("val"):
             continue
@@ -50,7 +62,9 @@ def format_summary(results: dict[str, dict[str, Any]], run_dir: Path, evaluation
     lines.append(f"  run        {run_dir}  (config: .hydra/, log: logs/train.log, summary: metrics.json)")
     for name in results:
         stage_dir = run_dir / name
-        lines.append(f"  {name:<10} {stage_dir}  (config.yaml, logs/, tensorboard/, checkpoints/, metrics.json, predictions/)")
+        lines.append(
+            f"  {name:<10} {stage_dir}  (config.yaml, logs/, tensorboard/, checkpoints/, metrics.json, predictions/)"
+        )
     if evaluation is not None:
         lines.append(f"  evaluation {evaluation}  (results.md, results_summary.csv, comparisons.csv, figures)")
     lines.append(f"  TensorBoard: tensorboard --logdir {run_dir}")

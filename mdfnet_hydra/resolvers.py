@@ -48,7 +48,9 @@ def objective_directions(objective: str) -> Union[str, list[str]]:
         return "maximize"
     if objective == "multi":
         return ["maximize", "maximize"]
-    raise ValueError(f"hparams.objective must be 'single' (val mean AUROC) or 'multi' (mean and minimum AUROC), got {objective!r}")
+    raise ValueError(
+        f"hparams.objective must be 'single' (val mean AUROC) or 'multi' (mean and minimum AUROC), got {objective!r}"
+    )
 
 
 def optuna_storage(sweep_dir: str) -> str:

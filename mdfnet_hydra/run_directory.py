@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 RECORD_DIR = ".mdfnet"
 HYDRA_RECORD = ".hydra"
-EFFECTIVE_BATCH_SHOWN = "effective batch (trainer.batch_size x devices x trainer.grad_accum, or trainer.global_batch_size)"
+EFFECTIVE_BATCH_SHOWN = (
+    "effective batch (trainer.batch_size x devices x trainer.grad_accum, or trainer.global_batch_size)"
+)
 REQUEUE_LOCK_WAIT_S = 300  # a requeued SLURM job waits this long for a lost node's lock (NFS leases)
 
 
@@ -94,8 +96,12 @@ def acquire_lock(run_dir: Path, wait_s: float = 0.0):
             ) from None
         except OSError as err:  # ENOLCK / ENOSYS / EOPNOTSUPP: Lustre without -o flock, NFS with nolock
             handle.close()
-            log.warning("%s: the file system refuses locks (%s): one job at a time in %s is not enforced there",
-                        path, err.strerror or err, run_dir)
+            log.warning(
+                "%s: the file system refuses locks (%s): one job at a time in %s is not enforced there",
+                path,
+                err.strerror or err,
+                run_dir,
+            )
             return None
     handle.seek(0)
     handle.truncate()
@@ -114,8 +120,11 @@ def check_config(cfg: DictConfig, run_dir: Path) -> None:
     recorded, source = recorded_config(run_dir)
     differences = config_differences(recorded, current) if recorded is not None else []
     if differences and not has_results(run_dir):
-        log.info("%s: replacing the record of a job that left no results (it differed in %s)", run_dir,
-                 "; ".join(differences[:3]))
+        log.info(
+            "%s: replacing the record of a job that left no results (it differed in %s)",
+            run_dir,
+            "; ".join(differences[:3]),
+        )
         differences = []
     if not differences:
         write_text(run_dir / RECORD_DIR / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(current)))
@@ -144,8 +153,9 @@ def recorded_config(run_dir: Path) -> tuple[Optional[dict[str, Any]], Optional[P
             try:
                 node = OmegaConf.load(path)
             except Exception as err:  # noqa: BLE001 - a damaged record is named, not trusted
-                raise RunDirectoryConflict(f"the run record {path} is damaged ({type(err).__name__}); "
-                                           f"move it away to adopt this job's config") from err
+                raise RunDirectoryConflict(
+                    f"the run record {path} is damaged ({type(err).__name__}); move it away to adopt this job's config"
+                ) from err
             return OmegaConf.to_container(node, resolve=False), path
     return None, None
 

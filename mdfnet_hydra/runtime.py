@@ -47,7 +47,9 @@ class Runtime:
         return self.target == "cuda"
 
     @classmethod
-    def from_config(cls, cfg: TrainerConfig, env: Optional[WorkerEnv] = None, machine: Optional[Machine] = None) -> "Runtime":
+    def from_config(
+        cls, cfg: TrainerConfig, env: Optional[WorkerEnv] = None, machine: Optional[Machine] = None
+    ) -> "Runtime":
         machine = machine if machine is not None else Machine.detect()
         target, device = resolve_device(cfg.device, machine)
         precision = resolve_precision(Precision(cfg.precision), target, machine)
@@ -90,15 +92,19 @@ class Runtime:
     def describe(self) -> str:
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         parallel = f"backend {self.backend}, rank {self.rank}" if self.distributed else "single process"
-        return (f"world size {self.world_size} ({parallel}), device {self.device} ({where}), precision {self.precision.value}; "
-                f"machine: {self.machine.describe()}")
+        return (
+            f"world size {self.world_size} ({parallel}), device {self.device} ({where}), precision {self.precision.value}; "
+            f"machine: {self.machine.describe()}"
+        )
 
 
 def resolve_device(name: str, machine: Machine) -> tuple[str, torch.device]:
     """(the device kind choices are made for, the device to compute on) for `trainer.device`."""
     target = ("cuda" if machine.cuda else "cpu") if name == "auto" else torch.device(name).type
     if target == "cuda" and not machine.cuda:
-        raise ConfigError(f"trainer.device={name} but the machine has no CUDA ({machine.describe()}); use trainer.device=cpu")
+        raise ConfigError(
+            f"trainer.device={name} but the machine has no CUDA ({machine.describe()}); use trainer.device=cpu"
+        )
     device = torch.device(target if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         device = torch.device("cpu")  # a machine MDFNET_MACHINE describes as CUDA: its choices, computed here

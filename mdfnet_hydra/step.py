@@ -32,8 +32,16 @@ class StepResult:
 
 
 class TrainingStep:
-    def __init__(self, forward: Callable[[dict], torch.Tensor], optimizer: torch.optim.Optimizer, loss_fn, runtime,
-                 accumulation: int = 1, max_grad_norm: Optional[float] = None, scheduler: Any = None) -> None:
+    def __init__(
+        self,
+        forward: Callable[[dict], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        loss_fn,
+        runtime,
+        accumulation: int = 1,
+        max_grad_norm: Optional[float] = None,
+        scheduler: Any = None,
+    ) -> None:
         self.forward = forward  # the model, its DDP wrapper, or either compiled
         self.optimizer = optimizer
         self.loss_fn = loss_fn

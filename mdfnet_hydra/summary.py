@@ -23,10 +23,26 @@ from mdfnet_hydra.resolvers import OPTUNA_DB
 
 SUMMARY_FILE = "results_summary.csv"
 BASE_COLUMNS = [
-    "job", "overrides", "modality", "stage", "status", "reason",
-    "val_auroc_mean", "test_auroc_mean", "val_auroc_min", "test_auroc_min",
-    "val_auprc_mean", "test_auprc_mean", "val_f1_macro", "val_f1_micro", "test_f1_macro", "test_f1_micro",
-    "best_epoch", "epochs_run", "stopped_by", "wall_time_s",
+    "job",
+    "overrides",
+    "modality",
+    "stage",
+    "status",
+    "reason",
+    "val_auroc_mean",
+    "test_auroc_mean",
+    "val_auroc_min",
+    "test_auroc_min",
+    "val_auprc_mean",
+    "test_auprc_mean",
+    "val_f1_macro",
+    "val_f1_micro",
+    "test_f1_macro",
+    "test_f1_micro",
+    "best_epoch",
+    "epochs_run",
+    "stopped_by",
+    "wall_time_s",
 ]
 LABEL_COLUMNS = [f"val_auroc/{name}" for name in CHEXPERT_LABELS] + [f"test_auroc/{name}" for name in CHEXPERT_LABELS]
 
@@ -105,8 +121,10 @@ class WriteSummary(Callback):
         print(f"[mdfnet-hydra] sweep summary: {out}", flush=True)
         if "evaluation" in config and config.evaluation.on_finish:
             if _other_processes_running(config, sweep_dir):
-                print("[mdfnet-hydra] other processes still run trials of this study: the last to end evaluates the sweep",
-                      flush=True)
+                print(
+                    "[mdfnet-hydra] other processes still run trials of this study: the last to end evaluates the sweep",
+                    flush=True,
+                )
                 return
             from mdfnet_hydra.evaluation import evaluate_quietly
 
@@ -164,10 +182,14 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     if rows:
         return rows
     if (sweep_dir / ".hydra" / "overrides.yaml").is_file():
-        raise NotASweepError(f"{sweep_dir} is a single run, not a sweep; give the multirun's directory "
-                             f"(outputs/multiruns/<date>/<time>), whose job directories it summarises")
-    raise NotASweepError(f"{sweep_dir} holds no job directories (<job>/.hydra/overrides.yaml): give a multirun's "
-                         f"directory (outputs/multiruns/<date>/<time>)")
+        raise NotASweepError(
+            f"{sweep_dir} is a single run, not a sweep; give the multirun's directory "
+            f"(outputs/multiruns/<date>/<time>), whose job directories it summarises"
+        )
+    raise NotASweepError(
+        f"{sweep_dir} holds no job directories (<job>/.hydra/overrides.yaml): give a multirun's "
+        f"directory (outputs/multiruns/<date>/<time>)"
+    )
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def trial_directory_busy(sweep_dir: Path, number: int) -> bool:
 def sqlite_path(url: str) -> Optional[Path]:
     if not url.startswith("sqlite:///"):
         return None
-    path = url[len("sqlite:///"):].split("?", 1)[0]
+    path = url[len("sqlite:///") :].split("?", 1)[0]
     return None if path in ("", ":memory:") else Path(path)
 
 
@@ -271,17 +271,27 @@ def _resolved_tree(node: DictConfig, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def study_fingerprint(config: DictConfig, distributions: dict[str, BaseDistribution], directions: Sequence[Any]) -> dict:
+def study_fingerprint(
+    config: DictConfig, distributions: dict[str, BaseDistribution], directions: Sequence[Any]
+) -> dict:
     """What makes the trials of one study comparable: the config every trial shares (its outcome
     identity, identity.py, less the swept parameters), the search space and the objective."""
     swept = tuple(distributions)
-    identity = {key: value for key, value in outcome_identity(_resolved_tree(config)).items()
-                if not any(key == name or key.startswith(name + ".") for name in swept)}
+    identity = {
+        key: value
+        for key, value in outcome_identity(_resolved_tree(config)).items()
+        if not any(key == name or key.startswith(name + ".") for name in swept)
+    }
     hparams = config.get("hparams") if isinstance(config, DictConfig) else None
-    objective = {"directions": [getattr(d, "name", str(d)).lower() for d in directions],
-                 "hparams.objective": None if hparams is None else str(hparams.get("objective"))}
-    fingerprint = {"config": identity, "search_space": {k: distribution_to_json(d) for k, d in sorted(distributions.items())},
-                   "objective": objective}
+    objective = {
+        "directions": [getattr(d, "name", str(d)).lower() for d in directions],
+        "hparams.objective": None if hparams is None else str(hparams.get("objective")),
+    }
+    fingerprint = {
+        "config": identity,
+        "search_space": {k: distribution_to_json(d) for k, d in sorted(distributions.items())},
+        "objective": objective,
+    }
     return json.loads(json.dumps(fingerprint, default=str))  # as the storage returns it
 
 
@@ -307,8 +317,10 @@ def check_fingerprint(study: optuna.Study, fingerprint: dict) -> None:
     stored = study.user_attrs.get(FINGERPRINT_ATTR)
     if stored is None:
         if study._storage.get_all_trials(study._study_id, deepcopy=False):
-            log.info(f"Study {study.study_name} has no settings fingerprint (made by an earlier version): "
-                     "adopting this command's settings as the study's")
+            log.info(
+                f"Study {study.study_name} has no settings fingerprint (made by an earlier version): "
+                "adopting this command's settings as the study's"
+            )
         study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
         return
     changes = fingerprint_differences(stored, fingerprint)
@@ -317,7 +329,8 @@ def check_fingerprint(study: optuna.Study, fingerprint: dict) -> None:
         raise ConfigError(
             f"Study {study.study_name} was created with other settings, and its trials would not be comparable "
             f"with this command's ({shown}). Pass hparams.study_name=<new name> for a new study, or run with the "
-            f"study's settings to resume it.")
+            f"study's settings to resume it."
+        )
 
 
 # ----------------------------------------------------------------------------- the sweeper
@@ -347,8 +360,12 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
         self._lock_path = lock_path(self.storage, self.sweep_dir)
         with study_lock(self._lock_path):
             study = optuna.create_study(
-                study_name=self.study_name, storage=open_storage(self.storage), sampler=self.sampler,
-                directions=directions, load_if_exists=True)
+                study_name=self.study_name,
+                storage=open_storage(self.storage),
+                sampler=self.sampler,
+                directions=directions,
+                load_if_exists=True,
+            )
             check_fingerprint(study, study_fingerprint(self.config, distributions, directions))
         seeding = f" (re-seeded per trial from seed {self.seed} and the trial number)" if self.seed is not None else ""
         log.info(f"Study name: {study.study_name}")
@@ -383,8 +400,10 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
             try:
                 overrides = self._configure(trial)
             except Exception as err:  # noqa: BLE001 - its parameters no longer fit this command's search space
-                log.warning(f"Trial {trial.number} was left running by a sweep that ended and does not fit this "
-                            f"command's search space ({err}); recording it as failed")
+                log.warning(
+                    f"Trial {trial.number} was left running by a sweep that ended and does not fit this "
+                    f"command's search space ({err}); recording it as failed"
+                )
                 heartbeat.discard(frozen._trial_id)
                 study.tell(trial, state=TrialState.FAIL)
                 continue
@@ -418,8 +437,9 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
         return self._configure_trials([trial], distributions, fixed_params, fixed_overrides)[0]
 
     # -- running and recording -----------------------------------------------------------------
-    def _launch(self, study: optuna.Study, run: list[tuple[Trial, Sequence[str]]], directions: list[str],
-                heartbeat: Heartbeat) -> None:
+    def _launch(
+        self, study: optuna.Study, run: list[tuple[Trial, Sequence[str]]], directions: list[str], heartbeat: Heartbeat
+    ) -> None:
         trials = [trial for trial, _ in run]
         returns = self.launcher.launch([list(o) for _, o in run], initial_job_idx=trials[0].number)
         failures = []
@@ -453,8 +473,10 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
         except (ValueError, TypeError) as err:
             raise ValueError(f"Return value must be a list or tuple of float-castable values. Got '{value}'.") from err
         if len(values) != n_directions:
-            raise ValueError("The number of the values and the number of the objectives are"
-                             f" mismatched. Expect {n_directions}, but actually {len(values)}.")
+            raise ValueError(
+                "The number of the values and the number of the objectives are"
+                f" mismatched. Expect {n_directions}, but actually {len(values)}."
+            )
         return values
 
     def _save_results(self, study: optuna.Study, directions: list[str]) -> None:
@@ -474,4 +496,7 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
             log.info(f"Number of Pareto solutions: {len(front)}")
             for t in front:
                 log.info(f"    Values: {t.values}, Params: {t.params}")
-        write_text(Path(str(self.config.hydra.sweep.dir)) / "optimization_results.yaml", OmegaConf.to_yaml(OmegaConf.create(results)))
+        write_text(
+            Path(str(self.config.hydra.sweep.dir)) / "optimization_results.yaml",
+            OmegaConf.to_yaml(OmegaConf.create(results)),
+        )

@@ -41,7 +41,14 @@ class SharedStudySweeper(OptunaSweeper):
         seed = sampler.get("seed") if isinstance(sampler, DictConfig) else None
         self.sweeper = SharedStudySweeperImpl(
             instantiate(sampler, _execution_whitelist_=SAMPLER_WHITELIST),
-            direction, storage, study_name, n_trials, n_jobs, max_failure_rate, custom_search_space, params,
+            direction,
+            storage,
+            study_name,
+            n_trials,
+            n_jobs,
+            max_failure_rate,
+            custom_search_space,
+            params,
             seed=seed,
         )
 

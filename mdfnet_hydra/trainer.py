@@ -138,8 +138,15 @@ class PhaseTrainer:
             warmup_steps=int(self.phase.warmup_epochs) * self.steps_per_epoch,
             total_steps=int(self.phase.epochs) * self.steps_per_epoch,
         )
-        self.step = TrainingStep(self.forward, self.optimizer, self.loss_fn, runtime, accumulation=self.accum,
-                                 max_grad_norm=self.trainer_cfg.max_grad_norm, scheduler=self.scheduler)
+        self.step = TrainingStep(
+            self.forward,
+            self.optimizer,
+            self.loss_fn,
+            runtime,
+            accumulation=self.accum,
+            max_grad_norm=self.trainer_cfg.max_grad_norm,
+            scheduler=self.scheduler,
+        )
         self.scaler = self.step.scaler  # saved in and restored from full checkpoints
         self.checkpoints = CheckpointManager(
             directory / "checkpoints",
@@ -148,8 +155,11 @@ class PhaseTrainer:
             enabled=runtime.is_main,
         )
         self._resume_state: Optional[dict[str, Any]] = None  # rank 0's loaded resume state
-        self.state = PhaseState(effective_batch_size=self.effective_batch_size, steps_per_epoch=self.steps_per_epoch,
-                                precision=runtime.precision.value)
+        self.state = PhaseState(
+            effective_batch_size=self.effective_batch_size,
+            steps_per_epoch=self.steps_per_epoch,
+            precision=runtime.precision.value,
+        )
 
     # ------------------------------------------------------------------ setup
     def _wrap_ddp(self) -> torch.nn.Module:
@@ -168,16 +178,33 @@ class PhaseTrainer:
             self.datasets["train"], num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed, drop_last=True
         )
         settings = loader_settings(self.cfg.data, rt, self.datasets["train"], seed=seed)
-        loaders = {"train": DataLoader(self.datasets["train"], batch_size=self.per_device_batch, sampler=train_sampler,
-                                       drop_last=True, collate_fn=collate, **settings)}
+        loaders = {
+            "train": DataLoader(
+                self.datasets["train"],
+                batch_size=self.per_device_batch,
+                sampler=train_sampler,
+                drop_last=True,
+                collate_fn=collate,
+                **settings,
+            )
+        }
         for split in ("val", "test"):
             if split in self.datasets and len(self.datasets[split]):
                 # padded by repetition to equal shards; the duplicates are dropped after gathering
-                sampler = DistributedSampler(self.datasets[split], num_replicas=rt.world_size, rank=rt.rank, shuffle=False)
+                sampler = DistributedSampler(
+                    self.datasets[split], num_replicas=rt.world_size, rank=rt.rank, shuffle=False
+                )
                 # validation runs every epoch (workers kept); the test split once at the end
-                settings = loader_settings(self.cfg.data, rt, self.datasets[split], persistent=split == "val", seed=seed)
-                loaders[split] = DataLoader(self.datasets[split], batch_size=self.per_device_batch, sampler=sampler,
-                                            collate_fn=collate, **settings)
+                settings = loader_settings(
+                    self.cfg.data, rt, self.datasets[split], persistent=split == "val", seed=seed
+                )
+                loaders[split] = DataLoader(
+                    self.datasets[split],
+                    batch_size=self.per_device_batch,
+                    sampler=sampler,
+                    collate_fn=collate,
+                    **settings,
+                )
         return loaders
 
     @property
@@ -242,19 +269,27 @@ class PhaseTrainer:
             return {}
         if not self.trainer_cfg.resume:
             aside = move_aside(self.directory)
-            log.warning("%s: trainer.resume=false: training from the start; the earlier results are in %s", self.name, aside)
+            log.warning(
+                "%s: trainer.resume=false: training from the start; the earlier results are in %s", self.name, aside
+            )
             return {}
         path, ckpt, problems = self.checkpoints.resume_state(CheckpointName.last.value)
         if ckpt is None:
             if _first_epoch_only(existing):
-                log.warning("%s: %s; the stage had no finished epoch to resume: starting it again", self.name, "; ".join(problems))
+                log.warning(
+                    "%s: %s; the stage had no finished epoch to resume: starting it again",
+                    self.name,
+                    "; ".join(problems),
+                )
                 return {}
-            return {"refuse": (
-                f"{self.name}: cannot resume from {self.checkpoints.directory}: {'; '.join(problems)}, and no valid "
-                f"epoch_NNN checkpoint holds the training state. Its other checkpoints "
-                f"({', '.join(p.name for p in existing)}) would be overwritten by training from the start: "
-                f"set trainer.resume=false to do that (they are moved aside), or move the directory away."
-            )}
+            return {
+                "refuse": (
+                    f"{self.name}: cannot resume from {self.checkpoints.directory}: {'; '.join(problems)}, and no valid "
+                    f"epoch_NNN checkpoint holds the training state. Its other checkpoints "
+                    f"({', '.join(p.name for p in existing)}) would be overwritten by training from the start: "
+                    f"set trainer.resume=false to do that (they are moved aside), or move the directory away."
+                )
+            }
         for problem in problems:
             log.warning("%s: %s; resuming from %s instead", self.name, problem, path.name)
         mismatch = self._schedule_mismatch(PhaseState.from_dict(ckpt["trainer_state"]), path)
@@ -266,15 +301,25 @@ class PhaseTrainer:
     def _schedule_mismatch(self, saved: PhaseState, path: Path) -> Optional[str]:
         """Why `saved` cannot continue under this job's batch and schedule (None if it can)."""
         if saved.precision and saved.precision != self.runtime.precision.value:
-            log.warning("%s: %s was trained in %s, this job computes in %s", self.name, path.name, saved.precision,
-                        self.runtime.precision.value)
-        if saved.effective_batch_size in (None, self.effective_batch_size) and saved.steps_per_epoch in (None, self.steps_per_epoch):
+            log.warning(
+                "%s: %s was trained in %s, this job computes in %s",
+                self.name,
+                path.name,
+                saved.precision,
+                self.runtime.precision.value,
+            )
+        if saved.effective_batch_size in (None, self.effective_batch_size) and saved.steps_per_epoch in (
+            None,
+            self.steps_per_epoch,
+        ):
             return None
-        return (f"{self.name}: {path} was trained with effective batch {saved.effective_batch_size} "
-                f"({saved.steps_per_epoch} steps per epoch); this job makes {self.effective_batch_size} "
-                f"({self.steps_per_epoch} steps per epoch: {self.per_device_batch} per device x {self.runtime.world_size} "
-                f"worker(s) x {self.accum} accumulation), so its learning-rate schedule would not continue. Resume on "
-                f"as many devices, or fix the batch across device counts with trainer.global_batch_size")
+        return (
+            f"{self.name}: {path} was trained with effective batch {saved.effective_batch_size} "
+            f"({saved.steps_per_epoch} steps per epoch); this job makes {self.effective_batch_size} "
+            f"({self.steps_per_epoch} steps per epoch: {self.per_device_batch} per device x {self.runtime.world_size} "
+            f"worker(s) x {self.accum} accumulation), so its learning-rate schedule would not continue. Resume on "
+            f"as many devices, or fix the batch across device counts with trainer.global_batch_size"
+        )
 
     def _bests_on_disk(self, resumed_epoch: int) -> dict[str, dict]:
         """Best checkpoints written after the resumed state (a job killed between saving a best and
@@ -293,7 +338,12 @@ class PhaseTrainer:
             epoch, value = saved.get("epoch"), (saved.get("metrics") or {}).get(key)
             if epoch is not None and int(epoch) > resumed_epoch and value is not None:
                 adopted[name] = {"value": float(value), "epoch": int(epoch)}
-                log.warning("%s: %s holds epoch %d, after the resumed state: kept as the best so far", self.name, path.name, epoch)
+                log.warning(
+                    "%s: %s holds epoch %d, after the resumed state: kept as the best so far",
+                    self.name,
+                    path.name,
+                    epoch,
+                )
         return adopted
 
     # ------------------------------------------------------------------ loop
@@ -321,11 +371,23 @@ class PhaseTrainer:
         patience = self.phase.early_stopping_patience
         log.info(
             "%s: %d epochs (warmup %d), %s encoders, lr %s, %d steps/epoch, effective batch %d (%d per device x %d worker(s) x %d accumulation)",
-            self.name, epochs, self.phase.warmup_epochs, "frozen" if self.phase.freeze_encoders else "trainable",
-            self._describe_learning_rates(), self.steps_per_epoch,
-            self.effective_batch_size, self.per_device_batch, self.runtime.world_size, self.accum,
+            self.name,
+            epochs,
+            self.phase.warmup_epochs,
+            "frozen" if self.phase.freeze_encoders else "trainable",
+            self._describe_learning_rates(),
+            self.steps_per_epoch,
+            self.effective_batch_size,
+            self.per_device_batch,
+            self.runtime.world_size,
+            self.accum,
         )
-        log.info("%s: %s step; data loading %s", self.name, describe_optimizer(self.optimizer), describe_loader(self.loaders["train"]))
+        log.info(
+            "%s: %s step; data loading %s",
+            self.name,
+            describe_optimizer(self.optimizer),
+            describe_loader(self.loaders["train"]),
+        )
         while self.state.epoch < epochs and not (patience is not None and self.state.bad_epochs >= int(patience)):
             start = time.perf_counter()
             if self._time_is_up(start):
@@ -342,10 +404,19 @@ class PhaseTrainer:
             if self.out_of_time:
                 break
         if self.out_of_time:
-            log.info("%s: trainer.max_time reached after %.0fs in epoch %d; keeping the best checkpoint so far",
-                     self.name, self.state.elapsed_s, self.state.epoch + (0 if self.state.epoch else 1))
+            log.info(
+                "%s: trainer.max_time reached after %.0fs in epoch %d; keeping the best checkpoint so far",
+                self.name,
+                self.state.elapsed_s,
+                self.state.epoch + (0 if self.state.epoch else 1),
+            )
         elif self.state.epoch < epochs:
-            log.info("%s: early stop after epoch %d (no val mean AUROC gain for %d epochs)", self.name, self.state.epoch, patience)
+            log.info(
+                "%s: early stop after epoch %d (no val mean AUROC gain for %d epochs)",
+                self.name,
+                self.state.epoch,
+                patience,
+            )
 
     def _describe_learning_rates(self) -> str:
         """The scheduled peak rate of each group (what the config set), and where warmup starts:
@@ -411,7 +482,13 @@ class PhaseTrainer:
                     tracker.scalar("batch/gpu_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30, step)
                 log.info(
                     "%s epoch %d step %d/%d | loss %.4f | grad norm %.3f | %.0f samples/s",
-                    self.name, epoch, (i + 1) // self.accum, self.steps_per_epoch, loss, float(result.grad_norm), throughput,
+                    self.name,
+                    epoch,
+                    (i + 1) // self.accum,
+                    self.steps_per_epoch,
+                    loss,
+                    float(result.grad_norm),
+                    throughput,
                 )
                 interval_samples, interval_start = 0, time.perf_counter()
                 if self._time_is_up(epoch_start):
@@ -445,8 +522,11 @@ class PhaseTrainer:
     def _metrics(self, split: str, pred: Prediction) -> dict:
         data = self.datasets[split].split
         return compute_metrics(
-            pred.probs, data.targets[pred.indices], data.mask[pred.indices],
-            threshold=float(self.trainer_cfg.threshold), rare=self.rare,
+            pred.probs,
+            data.targets[pred.indices],
+            data.mask[pred.indices],
+            threshold=float(self.trainer_cfg.threshold),
+            rare=self.rare,
         )
 
     def _update_best(self, metrics: dict) -> list[str]:
@@ -471,10 +551,19 @@ class PhaseTrainer:
         last = self.checkpoints.save(CheckpointName.last.value, self._checkpoint(metrics, full=True))
         self.checkpoints.save_periodic(self.state.epoch, last)  # resumable, should `last` be lost
 
-    def _log_epoch(self, tracker: Tracker, epoch: int, epochs: int, train: dict, val_loss: float, m: dict, seconds: float) -> None:
+    def _log_epoch(
+        self, tracker: Tracker, epoch: int, epochs: int, train: dict, val_loss: float, m: dict, seconds: float
+    ) -> None:
         tracker.scalars("train", {f"loss_{k}": v for k, v in train.items()}, epoch)
         tracker.scalar("val/loss", val_loss, epoch)
-        tracker.scalars("val", {k: m[k] for k in ("auroc_mean", "auroc_micro", "auroc_rare", "auroc_min", "auprc_mean", "f1_macro", "f1_micro")}, epoch)
+        tracker.scalars(
+            "val",
+            {
+                k: m[k]
+                for k in ("auroc_mean", "auroc_micro", "auroc_rare", "auroc_min", "auprc_mean", "f1_macro", "f1_micro")
+            },
+            epoch,
+        )
         tracker.scalars("val/auroc", {tag_name(k): v for k, v in m["auroc"].items()}, epoch)
         seen: set[str] = set()
         for group in self.optimizer.param_groups:
@@ -486,9 +575,20 @@ class PhaseTrainer:
         val = self._val_label()
         log.info(
             "%s epoch %d/%d | train loss %.4f (%s) | %s loss %.4f | %s mean AUROC %s (best %s @ %s) | %.1fs, %s ETA %.0fs",
-            self.name, epoch, epochs, train["combined"], ", ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "combined"),
-            val, val_loss,
-            val, _fmt(m["auroc_mean"]), _fmt(best.value), best.epoch, seconds, self.name, remaining,
+            self.name,
+            epoch,
+            epochs,
+            train["combined"],
+            ", ".join(f"{k} {v:.4f}" for k, v in train.items() if k != "combined"),
+            val,
+            val_loss,
+            val,
+            _fmt(m["auroc_mean"]),
+            _fmt(best.value),
+            best.epoch,
+            seconds,
+            self.name,
+            remaining,
         )
 
     def _val_label(self) -> str:
@@ -506,7 +606,9 @@ class PhaseTrainer:
             "modalities": list(self.extras["modalities"]),
             "epochs_run": self.state.epoch,
             "stopped_early": self.state.epoch < int(self.phase.epochs) and not self.out_of_time,
-            "stopped_by": "max_time" if self.out_of_time else ("early_stopping" if self.state.epoch < int(self.phase.epochs) else None),
+            "stopped_by": "max_time"
+            if self.out_of_time
+            else ("early_stopping" if self.state.epoch < int(self.phase.epochs) else None),
             "best": {k: asdict(v) for k, v in self.state.best.items()},
             "rare_labels": [CHEXPERT_LABELS[j] for j in self.rare],
             "effective_batch_size": self.effective_batch_size,
@@ -526,8 +628,10 @@ class PhaseTrainer:
         try:
             self.model.load_state_dict(load_checkpoint(selected)["model"])
         except DamagedFileError as err:
-            raise DamagedFileError(f"{err}. It is {self.name}'s selected checkpoint ({select}); set "
-                                   f"trainer.resume=false to train the stage again") from err
+            raise DamagedFileError(
+                f"{err}. It is {self.name}'s selected checkpoint ({select}); set "
+                f"trainer.resume=false to train the stage again"
+            ) from err
         result.update(
             selected_checkpoint=select,
             checkpoint_path=str(selected),
@@ -551,8 +655,13 @@ class PhaseTrainer:
 
     def _save_predictions(self, split: str, pred: Prediction, checkpoint: Path) -> None:
         """Probabilities with labels for later evaluation; patient ids replaced by group numbers."""
-        save_predictions(self.directory / "predictions" / f"{split}.npz", pred.probs, self.datasets[split].split,
-                         pred.indices, checkpoint)
+        save_predictions(
+            self.directory / "predictions" / f"{split}.npz",
+            pred.probs,
+            self.datasets[split].split,
+            pred.indices,
+            checkpoint,
+        )
 
 
 def _first_epoch_only(checkpoints: list[Path]) -> bool:
@@ -579,4 +688,3 @@ def _fmt(value: Optional[float]) -> str:
 def _scalars(metrics: dict) -> dict:
     """The summary numbers of a metrics dict (plain floats / None) for the checkpoint."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
-

@@ -55,8 +55,12 @@ def run_trial(cfg: DictConfig, run_dir: Path, train: Callable[[], dict], is_writ
     try:
         value = objective_value(cfg, train())
         if any(math.isnan(v) for v in _as_list(value)):
-            _record_failure(failure, "objective undefined (no epoch finished, or no label with both classes in val)",
-                            None, is_writer)
+            _record_failure(
+                failure,
+                "objective undefined (no epoch finished, or no label with both classes in val)",
+                None,
+                is_writer,
+            )
         return value
     except Exception as err:  # noqa: BLE001 - every failure becomes a failed trial with its reason
         text = public_message(err).strip()

@@ -35,7 +35,9 @@ def output_root(tmp_path_factory) -> Path:
 def make_cfg(overrides: list[str], run_dir: Path, output_root: Path) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF)):
         small = [] if "data=processed" in overrides else SMALL_DATA
-        cfg = compose("train", overrides=[f"paths.root={output_root}", *small, *quiet_evaluation(overrides), *overrides])
+        cfg = compose(
+            "train", overrides=[f"paths.root={output_root}", *small, *quiet_evaluation(overrides), *overrides]
+        )
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir)
     return cfg
@@ -55,14 +57,19 @@ def quiet_evaluation(overrides) -> list[str]:
     return [] if any(o.startswith("evaluation.") for o in overrides) else ["evaluation.on_finish=false"]
 
 
-def run_cli(*args: str, cwd: Path = REPO, env_extra: dict | None = None, timeout: int = 600,
-            exact: bool = False) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path = REPO, env_extra: dict | None = None, timeout: int = 600, exact: bool = False
+) -> subprocess.CompletedProcess:
     """The real entry point, in a subprocess, as a user runs it (`exact`: with nothing added)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     extra = [] if exact else quiet_evaluation(args)
     return subprocess.run(
         [sys.executable, "-m", "mdfnet_hydra.train", *args, *extra],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

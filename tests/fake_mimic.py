@@ -21,9 +21,22 @@ import pandas as pd
 from PIL import Image
 
 # The chexpert CSV's own column order (alphabetical), not ours.
-CSV_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
-              "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
-              "Pneumothorax", "Support Devices"]
+CSV_LABELS = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+]
 
 REPORT_WITH_INDICATION = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)
@@ -72,26 +85,34 @@ LEAKY_REPORTS = {
     "wet read after the indication": " INDICATION:  cough\n WET READ:  ___ 10:30 PM  small left effusion\n",
     "history inside the findings": " INDICATION:  cough\n\n FINDINGS:  Small left effusion, given history: CHF, effusion.\n",
     "lower-case allowed header inside the findings": " INDICATION:  cough\n FINDINGS:\n history: small left effusion.\n",
-    "findings on the line after an indication without a full stop":
-        " INDICATION:  cough\n Single portable view of the chest. There is a new small left effusion.\n",
+    "findings on the line after an indication without a full stop": " INDICATION:  cough\n Single portable view of the chest. There is a new small left effusion.\n",
     "a findings line that reads like a header": " INDICATION:  cough\n AP portable chest radiograph: small left effusion.\n",
 }
 
 # Layouts that must keep their before-the-read text.
 ALLOWED_REPORTS = {
-    "wrapped indication": (" INDICATION:  ___M with a long history of congestive heart failure, now with\n"
-                           " worsening dyspnea  // eval for edema\n\n FINDINGS:  Small left effusion.\n",
-                           {"indication": "___M with a long history of congestive heart failure, now with worsening "
-                                          "dyspnea // eval for edema"}),
+    "wrapped indication": (
+        " INDICATION:  ___M with a long history of congestive heart failure, now with\n"
+        " worsening dyspnea  // eval for edema\n\n FINDINGS:  Small left effusion.\n",
+        {
+            "indication": "___M with a long history of congestive heart failure, now with worsening "
+            "dyspnea // eval for edema"
+        },
+    ),
     "indication below its header": (" INDICATION:\n\n cough\n\n IMPRESSION:  Effusion.\n", {"indication": "cough"}),
-    "wet read first": (" WET READ: ___ ___ 10:30 PM  small left effusion\n\n FINAL REPORT\n CLINICAL INFORMATION:  "
-                       "fever\n\n REASON FOR EXAMINATION:  eval pna\n\n FINDINGS:  Effusion.\n",
-                       {"history": "fever", "reason_for_exam": "eval pna"}),
-    "indication then comparison": (" INDICATION:  cough  // pna?\n\n COMPARISON:  ___.\n\n FINDINGS:  Effusion.\n",
-                                   {"indication": "cough // pna?", "comparison": "___."}),
+    "wet read first": (
+        " WET READ: ___ ___ 10:30 PM  small left effusion\n\n FINAL REPORT\n CLINICAL INFORMATION:  "
+        "fever\n\n REASON FOR EXAMINATION:  eval pna\n\n FINDINGS:  Effusion.\n",
+        {"history": "fever", "reason_for_exam": "eval pna"},
+    ),
+    "indication then comparison": (
+        " INDICATION:  cough  // pna?\n\n COMPARISON:  ___.\n\n FINDINGS:  Effusion.\n",
+        {"indication": "cough // pna?", "comparison": "___."},
+    ),
     "title-case words with colons inside the indication": (
         " INDICATION:  History: ___F with CHF. PMH: COPD. Question: pna?\n\n FINDINGS:  Effusion.\n",
-        {"indication": "History: ___F with CHF. PMH: COPD. Question: pna?"}),
+        {"indication": "History: ___F with CHF. PMH: COPD. Question: pna?"},
+    ),
 }
 
 
@@ -109,16 +130,38 @@ class Study:
 
 STUDIES = [
     # patient 10000032: two studies, the first with PA + lateral, inside ED stay 30000001
-    Study(10000032, 50414267, "train", 21800506, 213014.531, [("d-pa-1", "PA"), ("d-lat-1", "LATERAL")],
-          {"Pleural Effusion": 1.0, "Pneumothorax": 0.0, "Edema": -1.0}),
-    Study(10000032, 53189527, "train", 21800626, 165500.312, [("d-ap-2", "AP")],
-          {"No Finding": 1.0}, REPORT_WITHOUT_INDICATION),
+    Study(
+        10000032,
+        50414267,
+        "train",
+        21800506,
+        213014.531,
+        [("d-pa-1", "PA"), ("d-lat-1", "LATERAL")],
+        {"Pleural Effusion": 1.0, "Pneumothorax": 0.0, "Edema": -1.0},
+    ),
+    Study(
+        10000032,
+        53189527,
+        "train",
+        21800626,
+        165500.312,
+        [("d-ap-2", "AP")],
+        {"No Finding": 1.0},
+        REPORT_WITHOUT_INDICATION,
+    ),
     # patient 10000764: AP and PA of one study (PA preferred), outside any ED stay
-    Study(10000764, 57375967, "validate", 21320731, 90203.0, [("d-ap-3", "AP"), ("d-pa-3", "PA")],
-          {"Cardiomegaly": 1.0, "Edema": 1.0}, REPORT_WITH_HISTORY),
+    Study(
+        10000764,
+        57375967,
+        "validate",
+        21320731,
+        90203.0,
+        [("d-ap-3", "AP"), ("d-pa-3", "PA")],
+        {"Cardiomegaly": 1.0, "Edema": 1.0},
+        REPORT_WITH_HISTORY,
+    ),
     # patient 10000898: study 4 hours after the ED stay ended (linked only with slack >= 4 h)
-    Study(10000898, 50771383, "test", 21220712, 30000.0, [("d-pa-4", "PA")],
-          {"Fracture": 1.0, "Pneumonia": -1.0}),
+    Study(10000898, 50771383, "test", 21220712, 30000.0, [("d-pa-4", "PA")], {"Fracture": 1.0, "Pneumonia": -1.0}),
     # patient 10001122: lateral only (dropped by the view filter), and a study whose image is missing
     Study(10001122, 51245362, "train", 21400102, 120000.0, [("d-lat-5", "LATERAL")], {"Atelectasis": 1.0}),
     Study(10001122, 58937611, "train", 21400301, 80000.0, [("d-missing-6", "PA")], {"Atelectasis": 0.0}),
@@ -163,19 +206,31 @@ def build(root: Path, studies: list[Study] = STUDIES) -> dict[str, Path]:
     meta, labels, split = [], [], []
     for s in studies:
         for dicom, view in s.images:
-            meta.append({"dicom_id": dicom, "subject_id": s.subject, "study_id": s.study,
-                         "PerformedProcedureStepDescription": "CHEST (PA AND LAT)", "ViewPosition": view,
-                         "Rows": 3056, "Columns": 2544, "StudyDate": s.date, "StudyTime": s.time,
-                         "ProcedureCodeSequence_CodeMeaning": "CHEST (PA AND LAT)",
-                         "ViewCodeSequence_CodeMeaning": "postero-anterior",
-                         "PatientOrientationCodeSequence_CodeMeaning": "Erect"})
+            meta.append(
+                {
+                    "dicom_id": dicom,
+                    "subject_id": s.subject,
+                    "study_id": s.study,
+                    "PerformedProcedureStepDescription": "CHEST (PA AND LAT)",
+                    "ViewPosition": view,
+                    "Rows": 3056,
+                    "Columns": 2544,
+                    "StudyDate": s.date,
+                    "StudyTime": s.time,
+                    "ProcedureCodeSequence_CodeMeaning": "CHEST (PA AND LAT)",
+                    "ViewCodeSequence_CodeMeaning": "postero-anterior",
+                    "PatientOrientationCodeSequence_CodeMeaning": "Erect",
+                }
+            )
             split.append({"dicom_id": dicom, "study_id": s.study, "subject_id": s.subject, "split": s.split})
             if dicom not in MISSING_IMAGES:
                 path = study_dir(cxr, s.subject, s.study) / f"{dicom}.jpg"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 pixels = (rng.random((300, 250)) * 255).astype(np.uint8)  # portrait, like a radiograph
                 Image.fromarray(pixels, mode="L").save(path, quality=90)
-        labels.append({"subject_id": s.subject, "study_id": s.study, **{name: s.labels.get(name, np.nan) for name in CSV_LABELS}})
+        labels.append(
+            {"subject_id": s.subject, "study_id": s.study, **{name: s.labels.get(name, np.nan) for name in CSV_LABELS}}
+        )
         if s.report is not None:
             path = study_dir(reports, s.subject, s.study).with_suffix(".txt")
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,13 +241,43 @@ def build(root: Path, studies: list[Study] = STUDIES) -> dict[str, Path]:
     pd.DataFrame(split).to_csv(cxr / "mimic-cxr-2.0.0-split.csv", index=False)  # a plain CSV too
     (ed / "ed").mkdir(parents=True, exist_ok=True)
     pd.DataFrame(ED_STAYS, columns=["subject_id", "hadm_id", "stay_id", "intime", "outtime", "gender"]).assign(
-        race="UNKNOWN", arrival_transport="WALK IN", disposition="HOME").to_csv(ed / "ed" / "edstays.csv.gz", index=False)
-    pd.DataFrame(TRIAGE, columns=["stay_id", "temperature", "heartrate", "resprate", "o2sat", "sbp", "dbp", "pain",
-                                  "acuity", "chiefcomplaint"]).merge(
-        pd.DataFrame(ED_STAYS, columns=["subject_id", "hadm_id", "stay_id", "intime", "outtime", "gender"])[["subject_id", "stay_id"]]
-    )[["subject_id", "stay_id", "temperature", "heartrate", "resprate", "o2sat", "sbp", "dbp", "pain", "acuity",
-       "chiefcomplaint"]].to_csv(ed / "ed" / "triage.csv.gz", index=False)
+        race="UNKNOWN", arrival_transport="WALK IN", disposition="HOME"
+    ).to_csv(ed / "ed" / "edstays.csv.gz", index=False)
+    pd.DataFrame(
+        TRIAGE,
+        columns=[
+            "stay_id",
+            "temperature",
+            "heartrate",
+            "resprate",
+            "o2sat",
+            "sbp",
+            "dbp",
+            "pain",
+            "acuity",
+            "chiefcomplaint",
+        ],
+    ).merge(
+        pd.DataFrame(ED_STAYS, columns=["subject_id", "hadm_id", "stay_id", "intime", "outtime", "gender"])[
+            ["subject_id", "stay_id"]
+        ]
+    )[
+        [
+            "subject_id",
+            "stay_id",
+            "temperature",
+            "heartrate",
+            "resprate",
+            "o2sat",
+            "sbp",
+            "dbp",
+            "pain",
+            "acuity",
+            "chiefcomplaint",
+        ]
+    ].to_csv(ed / "ed" / "triage.csv.gz", index=False)
     (hosp / "hosp").mkdir(parents=True, exist_ok=True)
     pd.DataFrame(PATIENTS, columns=["subject_id", "gender", "anchor_age", "anchor_year"]).assign(
-        anchor_year_group="2008 - 2010", dod=None).to_csv(hosp / "hosp" / "patients.csv.gz", index=False)
+        anchor_year_group="2008 - 2010", dod=None
+    ).to_csv(hosp / "hosp" / "patients.csv.gz", index=False)
     return {"cxr_jpg": cxr, "reports": reports, "ed": ed, "hosp": hosp}

@@ -11,17 +11,39 @@ import pytest
 
 from conftest import REPO
 
-MEASUREMENTS = ("pipeline", "stage1_recompute", "cache_build", "stage1_cached",
-                "stage2/vision", "stage2/text", "stage2/clinical", "stage2/all")
+MEASUREMENTS = (
+    "pipeline",
+    "stage1_recompute",
+    "cache_build",
+    "stage1_cached",
+    "stage2/vision",
+    "stage2/text",
+    "stage2/clinical",
+    "stage2/all",
+)
 
 
 @pytest.mark.slow  # tens of seconds; CI's slow suite runs it
 def test_benchmark_measures_every_path_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "mdfnet_hydra.bench", f"paths.root={tmp_path}", f"bench.output={out}",
-         "bench.steps=2", "bench.warmup=1", "bench.samples=96", "bench.image_sizes=[32]", "bench.ddp_workers=[1,2]"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "mdfnet_hydra.bench",
+            f"paths.root={tmp_path}",
+            f"bench.output={out}",
+            "bench.steps=2",
+            "bench.warmup=1",
+            "bench.samples=96",
+            "bench.image_sizes=[32]",
+            "bench.ddp_workers=[1,2]",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads(out.read_text())
@@ -32,7 +54,10 @@ def test_benchmark_measures_every_path_and_writes_json(tmp_path):
     estimate = entry["stage2/all"]["estimated_memory_gb"]
     assert estimate["dtype"] == "bfloat16" and estimate["total"] > estimate["parameter"] > 0
     ratios = entry["ratios"]
-    assert ratios["cache_speedup_stage1"] == entry["stage1_cached"]["samples_per_s"] / entry["stage1_recompute"]["samples_per_s"]
+    assert (
+        ratios["cache_speedup_stage1"]
+        == entry["stage1_cached"]["samples_per_s"] / entry["stage1_recompute"]["samples_per_s"]
+    )
     assert ratios["pipeline_over_stage2"] == entry["pipeline"]["samples_per_s"] / entry["stage2/all"]["samples_per_s"]
     assert entry["cache_build"]["bytes_per_sample"] > 0
     assert set(results["ddp_cpu"]["scaling"]) == {"1", "2"} and results["ddp_cpu"]["scaling"]["1"] == 1.0

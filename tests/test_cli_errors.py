@@ -17,8 +17,14 @@ from conftest import REPO, SMALL_DATA, run_cli
 
 
 def module(name: str, *args: str, cwd: Path = REPO, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", name, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})})
+    return subprocess.run(
+        [sys.executable, "-m", name, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})},
+    )
 
 
 def test_a_config_error_is_one_line_and_leaves_no_run_directory(tmp_path):
@@ -40,8 +46,10 @@ def test_a_config_error_in_a_directory_another_job_holds_leaves_it_alone(tmp_pat
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         result = run_cli("+trainer.foo=1", f"paths.root={tmp_path}", f"hydra.run.dir={run_dir}")
     assert result.returncode == 1
-    assert result.stderr.strip() == ("mdfnet_hydra.train: error: invalid configuration: config does not match the "
-                                     "schema: Key 'foo' not in 'TrainerConfig' (full_key: trainer.foo)")
+    assert result.stderr.strip() == (
+        "mdfnet_hydra.train: error: invalid configuration: config does not match the "
+        "schema: Key 'foo' not in 'TrainerConfig' (full_key: trainer.foo)"
+    )
     assert (run_dir / ".mdfnet" / "lock").is_file() and (run_dir / ".hydra").is_dir()
 
 
@@ -49,9 +57,17 @@ def test_mistakes_found_once_the_job_knows_its_machine_are_one_line_too(tmp_path
     """Asking for a GPU this machine lacks, or a batch larger than the training split."""
     no_gpu = run_cli("debug=fast", "modality=clinical", "trainer.device=cuda", f"paths.root={tmp_path}", *SMALL_DATA)
     assert no_gpu.returncode == 1 and "Traceback" not in no_gpu.stderr, no_gpu.stderr[-2000:]
-    assert no_gpu.stderr.strip().startswith("mdfnet_hydra.train: error: trainer.device=cuda but the machine has no CUDA")
-    too_big = run_cli("debug=fast", "modality=clinical", "stage=stage1", "trainer.batch_size=100000",
-                      f"paths.root={tmp_path}", *SMALL_DATA)
+    assert no_gpu.stderr.strip().startswith(
+        "mdfnet_hydra.train: error: trainer.device=cuda but the machine has no CUDA"
+    )
+    too_big = run_cli(
+        "debug=fast",
+        "modality=clinical",
+        "stage=stage1",
+        "trainer.batch_size=100000",
+        f"paths.root={tmp_path}",
+        *SMALL_DATA,
+    )
     assert too_big.returncode == 1 and "Traceback" not in too_big.stderr, too_big.stderr[-2000:]
     assert "lower trainer.batch_size" in too_big.stderr.strip().splitlines()[-1]
 
@@ -81,8 +97,9 @@ def test_cfg_job_resolve_prints_the_run_directory_a_job_would_use(tmp_path):
     result = run_cli("--cfg", "job", "--resolve", f"paths.root={tmp_path}", exact=True)
     assert result.returncode == 0, result.stderr[-3000:]
     (line,) = [line for line in result.stdout.splitlines() if line.strip().startswith("run_dir:")]
-    assert re.fullmatch(rf"run_dir: {re.escape(str(tmp_path))}/runs/\d{{4}}-\d\d-\d\d/\d\d-\d\d-\d\d_all_two_stage",
-                        line.strip()), line
+    assert re.fullmatch(
+        rf"run_dir: {re.escape(str(tmp_path))}/runs/\d{{4}}-\d\d-\d\d/\d\d-\d\d-\d\d_all_two_stage", line.strip()
+    ), line
     chosen = run_cli("--cfg", "job", "--resolve", f"hydra.run.dir={tmp_path / 'mine'}", exact=True)
     assert f"run_dir: {tmp_path / 'mine'}" in chosen.stdout
     assert not list(tmp_path.iterdir()), "printing the config creates nothing"
@@ -105,13 +122,27 @@ def test_summary_of_a_missing_or_non_sweep_directory_says_so(tmp_path):
 
 
 def test_ctrl_c_prints_where_the_run_stands_and_the_command_that_resumes_it(tmp_path, output_root):
-    args = ["debug=fast", "modality=clinical", "stage=stage1", "phases.stage1.epochs=3", *SMALL_DATA,
-            f"paths.root={tmp_path}", f"paths.data_dir={output_root}/data", f"paths.cache_dir={output_root}/cache",
-            "evaluation.on_finish=false"]
-    job = subprocess.Popen([sys.executable, "-m", "mdfnet_hydra.train", *args], cwd=REPO, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                           start_new_session=True,  # its own process group, as a terminal's foreground job
-                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C not ignored
+    args = [
+        "debug=fast",
+        "modality=clinical",
+        "stage=stage1",
+        "phases.stage1.epochs=3",
+        *SMALL_DATA,
+        f"paths.root={tmp_path}",
+        f"paths.data_dir={output_root}/data",
+        f"paths.cache_dir={output_root}/cache",
+        "evaluation.on_finish=false",
+    ]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "mdfnet_hydra.train", *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # Ctrl-C not ignored
     deadline = time.time() + 300
     while not list(tmp_path.glob("runs/*/*/stage1/checkpoints/last.pth")) and time.time() < deadline:
         assert job.poll() is None, job.communicate()[1][-3000:]
@@ -121,14 +152,25 @@ def test_ctrl_c_prints_where_the_run_stands_and_the_command_that_resumes_it(tmp_
     (run_dir,) = tmp_path.glob("runs/*/*")
     assert job.returncode == 130, stderr[-3000:]
     (line,) = stderr.strip().splitlines()
-    stands = re.match(rf"mdfnet_hydra.train: interrupted \(Ctrl-C\); run directory {re.escape(str(run_dir))}: stage1 "
-                      r"checkpointed after epoch ([12]) of 3\. Resume with: python -m mdfnet_hydra.train ", line)
+    stands = re.match(
+        rf"mdfnet_hydra.train: interrupted \(Ctrl-C\); run directory {re.escape(str(run_dir))}: stage1 "
+        r"checkpointed after epoch ([12]) of 3\. Resume with: python -m mdfnet_hydra.train ",
+        line,
+    )
     assert stands, line
     command = shlex.split(line.split("Resume with: ", 1)[1])
     assert command[-1] == f"hydra.run.dir={run_dir}"
-    resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    resumed = subprocess.run(
+        [sys.executable, *command[1:]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     last = run_dir / "stage1" / "checkpoints" / "last.pth"
     assert f"stage1: resumed from {last} after epoch {stands.group(1)}" in resumed.stdout
-    assert (run_dir / "metrics.json").is_file() and list(tmp_path.glob("runs/*/*")) == [run_dir], "in the same directory"
+    assert (run_dir / "metrics.json").is_file() and list(tmp_path.glob("runs/*/*")) == [run_dir], (
+        "in the same directory"
+    )

@@ -89,16 +89,22 @@ def group_files() -> Iterator[tuple[Path, str]]:
 def test_the_checker_finds_a_restated_default(tmp_path):
     restating = tmp_path / "trainer" / "mine.yaml"
     restating.parent.mkdir()
-    restating.write_text("batch_size: 16\ngrad_accum: 4\ncheckpoint:\n  select: best_mean\n  keep_last: 3  # restated: on purpose\n")
+    restating.write_text(
+        "batch_size: 16\ngrad_accum: 4\ncheckpoint:\n  select: best_mean\n  keep_last: 3  # restated: on purpose\n"
+    )
     assert restated_values(restating, "trainer", root=tmp_path) == [
-        "trainer/mine.yaml: trainer.batch_size = 16", "trainer/mine.yaml: trainer.checkpoint.select = 'best_mean'"]
+        "trainer/mine.yaml: trainer.batch_size = 16",
+        "trainer/mine.yaml: trainer.checkpoint.select = 'best_mean'",
+    ]
 
 
 def test_no_option_restates_a_schema_default():
     files = list(group_files())
     assert len(files) > 30
     restated = [line for path, group in files for line in restated_values(path, group)]
-    assert restated == [], "values equal to the schema's default (say only what the option changes):\n" + "\n".join(restated)
+    assert restated == [], "values equal to the schema's default (say only what the option changes):\n" + "\n".join(
+        restated
+    )
 
 
 def test_the_benchmark_config_restates_no_default():

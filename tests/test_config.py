@@ -8,8 +8,25 @@ from omegaconf import OmegaConf
 from conftest import config_options, run_cli
 from mdfnet_hydra.config import ConfigError, Modality, StageName, validate_config
 
-GROUPS = ["data", "modality", "model", "model/vision", "model/text", "stage", "phases", "loss", "optimizer", "scheduler",
-          "trainer", "evaluation", "paths", "debug", "experiment", "hparams", "hparams/space"]
+GROUPS = [
+    "data",
+    "modality",
+    "model",
+    "model/vision",
+    "model/text",
+    "stage",
+    "phases",
+    "loss",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "evaluation",
+    "paths",
+    "debug",
+    "experiment",
+    "hparams",
+    "hparams/space",
+]
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -29,9 +46,13 @@ def test_every_option_of_every_group_composes(cfg_factory, group):
 
 def test_modality_group_is_the_seven_combinations(cfg_factory):
     expected = {
-        "vision": ["vision"], "text": ["text"], "clinical": ["clinical"],
-        "vision_text": ["vision", "text"], "vision_clinical": ["vision", "clinical"],
-        "text_clinical": ["text", "clinical"], "all": ["vision", "text", "clinical"],
+        "vision": ["vision"],
+        "text": ["text"],
+        "clinical": ["clinical"],
+        "vision_text": ["vision", "text"],
+        "vision_clinical": ["vision", "clinical"],
+        "text_clinical": ["text", "clinical"],
+        "all": ["vision", "text", "clinical"],
     }
     assert set(config_options("modality")) == set(expected)
     for name, inputs in expected.items():
@@ -101,14 +122,22 @@ def test_cli_rejects_mistakes_before_any_work(tmp_path, override, message):
 def test_a_sweep_preset_without_multirun_stops_before_any_directory(tmp_path, preset):
     result = run_cli(preset, "modality=clinical", "debug=fast", f"paths.root={tmp_path}", timeout=120)
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"mdfnet_hydra.train: error: {preset} is a sweep (several jobs) and runs only "
-                                     f"with --multirun: python -m mdfnet_hydra.train --multirun {preset} ..."), result.stderr
+    assert result.stderr.strip() == (
+        f"mdfnet_hydra.train: error: {preset} is a sweep (several jobs) and runs only "
+        f"with --multirun: python -m mdfnet_hydra.train --multirun {preset} ..."
+    ), result.stderr
     assert not list(tmp_path.iterdir()), "no run directory, no data, no training"
 
 
 def test_a_sweep_preset_with_its_own_run_dir_still_refuses_to_train(tmp_path):
-    result = run_cli("experiment=ablations", "modality=clinical", "debug=fast", f"paths.root={tmp_path}",
-                     f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    result = run_cli(
+        "experiment=ablations",
+        "modality=clinical",
+        "debug=fast",
+        f"paths.root={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "experiment=ablations is a sweep (several jobs) and runs only with --multirun" in result.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "stage1").exists()

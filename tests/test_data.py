@@ -55,7 +55,9 @@ def test_synthetic_looks_like_mimic(synthetic):
     assert frame[list(CLINICAL_FEATURES)].drop(columns="sex").isna().mean().max() > 0.05, "missing vitals"
     assert frame.text.str.startswith("INDICATION:").all()
     febrile = frame.temperature > 100.0
-    assert (frame.loc[febrile, "Pneumonia"] == 1).mean() > (frame.loc[~febrile, "Pneumonia"] == 1).mean(), "vitals shift with labels"
+    assert (frame.loc[febrile, "Pneumonia"] == 1).mean() > (frame.loc[~febrile, "Pneumonia"] == 1).mean(), (
+        "vitals shift with labels"
+    )
 
 
 def test_manifest_validation_names_the_problem(synthetic):

@@ -123,7 +123,9 @@ def test_verify_images_modes(prepared, cfg_factory, monkeypatch):
         data = cfg_factory("data=processed", f"data.root={root}", f"data.verify_images={value}").data
         assert dataset_module.wants_image_check(data, 80) is expected
     assert cfg_factory("data=processed", f"data.root={root}").data.verify_images == "auto"
-    assert dataset_module.wants_image_check(cfg_factory().data, 10) is False, "auto never checks the generated synthetic data"
+    assert dataset_module.wants_image_check(cfg_factory().data, 10) is False, (
+        "auto never checks the generated synthetic data"
+    )
     with pytest.raises(ConfigError, match="data.verify_images must be auto, true or false, got 'yes'"):
         dataset_module.wants_image_check(data_config(root, verify_images="yes"), 10)
 

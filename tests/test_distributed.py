@@ -45,9 +45,17 @@ def one_and_two_workers(tmp_path_factory):
     for workers in (1, 2):
         root = tmp_path_factory.mktemp(f"workers{workers}")
         result = run_cli(
-            "debug=fast", *SMALL, *NO_DROPOUT, f"paths.root={root}", "trainer.global_batch_size=16",
-            f"trainer.nproc_per_node={workers}", "data.small_sample=null", "trainer.limit_train_batches=6",
-            "trainer.limit_val_batches=null", "phases.stage1.epochs=2", "phases.stage2.epochs=2",
+            "debug=fast",
+            *SMALL,
+            *NO_DROPOUT,
+            f"paths.root={root}",
+            "trainer.global_batch_size=16",
+            f"trainer.nproc_per_node={workers}",
+            "data.small_sample=null",
+            "trainer.limit_train_batches=6",
+            "trainer.limit_val_batches=null",
+            "phases.stage1.epochs=2",
+            "phases.stage2.epochs=2",
         )
         assert result.returncode == 0, result.stderr[-4000:]
         roots[workers] = (only_run_dir(root), result)
@@ -67,7 +75,9 @@ def assert_adam_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -
     diff = (actual - expected).abs()
     strict = 1e-5 + 1e-4 * expected.abs()
     assert diff.max().item() <= 1e-4, f"{name}: max difference {diff.max().item():.2e}"
-    assert (diff > strict).float().mean().item() <= 1e-3, f"{name}: {(diff > strict).sum().item()} of {diff.numel()} elements beyond 1e-5"
+    assert (diff > strict).float().mean().item() <= 1e-3, (
+        f"{name}: {(diff > strict).sum().item()} of {diff.numel()} elements beyond 1e-5"
+    )
 
 
 def test_two_workers_match_one_worker(one_and_two_workers):
@@ -87,7 +97,9 @@ def test_two_workers_match_one_worker(one_and_two_workers):
             else:
                 assert mb["auroc"][name] == pytest.approx(ma["auroc"][name], abs=1e-4)
         # metrics cover the whole validation split, not rank 0's shard
-        assert sum(mb["positives"].values()) + sum(mb["negatives"].values()) == sum(ma["positives"].values()) + sum(ma["negatives"].values())
+        assert sum(mb["positives"].values()) + sum(mb["negatives"].values()) == sum(ma["positives"].values()) + sum(
+            ma["negatives"].values()
+        )
 
 
 def test_entry_point_with_two_workers_writes_one_complete_run(one_and_two_workers):
@@ -104,9 +116,24 @@ def test_entry_point_with_two_workers_writes_one_complete_run(one_and_two_worker
 def test_torchrun_gives_the_same_single_run_directory(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mdfnet_hydra.train",
-         "debug=fast", *SMALL, f"paths.root={tmp_path}", "modality=vision_clinical"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "mdfnet_hydra.train",
+            "debug=fast",
+            *SMALL,
+            f"paths.root={tmp_path}",
+            "modality=vision_clinical",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     run_dir = only_run_dir(tmp_path)
@@ -137,11 +164,28 @@ def test_killed_worker_is_restarted_and_training_resumes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     epochs = 8
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mdfnet_hydra.train", "debug=fast", *SMALL, f"paths.root={tmp_path}", "stage=stage1",
-         "modality=vision_text", "trainer.nproc_per_node=2", "trainer.max_restarts=1", f"phases.stage1.epochs={epochs}",
-         "trainer.limit_train_batches=null", "data.small_sample=null", "trainer.global_batch_size=8",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mdfnet_hydra.train",
+            "debug=fast",
+            *SMALL,
+            f"paths.root={tmp_path}",
+            "stage=stage1",
+            "modality=vision_text",
+            "trainer.nproc_per_node=2",
+            "trainer.max_restarts=1",
+            f"phases.stage1.epochs={epochs}",
+            "trainer.limit_train_batches=null",
+            "data.small_sample=null",
+            "trainer.global_batch_size=8",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     last = tmp_path / "run" / "stage1" / "checkpoints" / "last.pth"
     killed_after = None
@@ -180,8 +224,16 @@ def test_worker_environment_detection(monkeypatch):
 def test_slurm_one_task_per_node_topology(monkeypatch):
     from mdfnet_hydra.launch import slurm_topology
 
-    env = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NTASKS": "2", "SLURM_NODEID": "1",
-           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_JOB_NUM_NODES": "2"}
+    env = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "2",
+        "SLURM_NTASKS": "2",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "0",
+        "SLURM_JOB_NUM_NODES": "2",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert slurm_topology(env) == (2, 1, f"gpu07:{20000 + 4242}", "slurm-4242")
@@ -210,9 +262,17 @@ def test_frozen_encoders_stay_out_of_ddp_buckets(cfg_factory, monkeypatch):
 def test_data_parallel_jobs_inside_a_multirun(tmp_path):
     """Each job launches two workers; the workers know they belong to a multirun, so the runs are
     evaluated once, by the sweep (the workers used to evaluate each job as well)."""
-    result = run_cli("--multirun", "modality=clinical,vision_clinical", "trainer.nproc_per_node=2", "debug=fast",
-                     *SMALL, f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                     "evaluation.n_bootstrap=50", "evaluation.figures=false")
+    result = run_cli(
+        "--multirun",
+        "modality=clinical,vision_clinical",
+        "trainer.nproc_per_node=2",
+        "debug=fast",
+        *SMALL,
+        f"paths.root={tmp_path}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "evaluation.n_bootstrap=50",
+        "evaluation.figures=false",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     for job, modalities in (("0", ["clinical"]), ("1", ["vision", "clinical"])):
         summary = json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())

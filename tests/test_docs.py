@@ -97,7 +97,7 @@ def project_command(command: str) -> tuple[str, list[str]] | None:
     if words[0] in ("python", "torchrun") and "-m" in words:
         module = words[words.index("-m") + 1]
         if module.startswith("mdfnet_hydra."):
-            return module.removeprefix("mdfnet_hydra."), words[words.index("-m") + 2:]
+            return module.removeprefix("mdfnet_hydra."), words[words.index("-m") + 2 :]
     return None
 
 
@@ -187,7 +187,7 @@ def test_every_shown_command_composes(page, command, tmp_path):
 
         args, overrides = parse_arguments([concrete(a, tmp_path) for a in arguments])
         command = sweep_command(args, overrides, tmp_path / "sweep")
-        assert compose_shown("train", command[command.index("mdfnet_hydra.train") + 1:], tmp_path) >= 4
+        assert compose_shown("train", command[command.index("mdfnet_hydra.train") + 1 :], tmp_path) >= 4
     else:
         assert entry in HYDRA_ENTRY_POINTS, f"{page}: unknown entry point {entry}"
         assert compose_shown(entry, arguments, tmp_path) >= 1
@@ -242,9 +242,10 @@ def test_the_docs_speak_to_users_and_date_their_numbers():
         for match in re.finditer(r"(?i)\b(measured|took|takes)\b[^.]{0,200}", text):
             sentence = match.group(0)
             if re.search(r"\d+(\.\d+)? ?(s|ms|GB|MB|samples/s|minutes)\b", sentence):
-                context = text[max(0, match.start() - 400):match.end() + 400]
+                context = text[max(0, match.start() - 400) : match.end() + 400]
                 assert re.search(r"commit [0-9a-f]{7}", context) or "2026-" in context, (
-                    f"{page.name}: a measured number without its commit: {sentence[:120]}")
+                    f"{page.name}: a measured number without its commit: {sentence[:120]}"
+                )
 
 
 # ---------------------------------------------------------------- the first hour, for real
@@ -270,8 +271,13 @@ def test_the_first_hour_runs_as_the_docs_say(tmp_path):
     """The README's debug command, the evaluation and the summary it points to, run as shown
     (debug-sized, outputs under a temporary root): every file the docs promise is there."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MDFNET_OUTPUT_ROOT": str(tmp_path / "outputs")}
-    quick = [*SMALL_DATA, "modality=vision_clinical", "trainer.checkpoint.every_n_epochs=1",
-             "evaluation.saliency_per_label=1", "evaluation.n_bootstrap=50"]
+    quick = [
+        *SMALL_DATA,
+        "modality=vision_clinical",
+        "trainer.checkpoint.every_n_epochs=1",
+        "evaluation.saliency_per_label=1",
+        "evaluation.n_bootstrap=50",
+    ]
     run("-m", "mdfnet_hydra.train", "debug=fast", *quick, cwd=tmp_path, env=env)
     (run_dir,) = (tmp_path / "outputs" / "runs").glob("*/*_vision_clinical_two_stage")
     outputs_page = (REPO / "docs" / "outputs.md").read_text()
@@ -288,8 +294,16 @@ def test_the_first_hour_runs_as_the_docs_say(tmp_path):
                 assert list(where.glob(pattern)), f"docs/outputs.md promises {path}/{name}"
 
     results = tmp_path / "results"
-    run("-m", "mdfnet_hydra.evaluate", f"experiments_dir={run_dir}", f"output_dir={results}",
-        "evaluation.n_bootstrap=50", "evaluation.saliency_per_label=1", cwd=tmp_path, env=env)
+    run(
+        "-m",
+        "mdfnet_hydra.evaluate",
+        f"experiments_dir={run_dir}",
+        f"output_dir={results}",
+        "evaluation.n_bootstrap=50",
+        "evaluation.saliency_per_label=1",
+        cwd=tmp_path,
+        env=env,
+    )
     table = outputs_page.split("What `output_dir` holds:")[1].split("\n\n")[1]
     for name in re.findall(r"^\| `([^`]+)`(?:, `([^`]+)`)? \|", table, flags=re.M):
         for file in filter(None, name):
@@ -298,8 +312,18 @@ def test_the_first_hour_runs_as_the_docs_say(tmp_path):
     for table in results.glob("*.csv"):  # no vision-only run here: comparisons.csv has no rows, but its header
         assert table.read_text().splitlines()[0].startswith("run,"), table.name
 
-    run("-m", "mdfnet_hydra.train", "--multirun", "debug=fast", *SMALL_DATA, "modality=clinical", "stage=stage1",
-        "seed=1,2", cwd=tmp_path, env=env)
+    run(
+        "-m",
+        "mdfnet_hydra.train",
+        "--multirun",
+        "debug=fast",
+        *SMALL_DATA,
+        "modality=clinical",
+        "stage=stage1",
+        "seed=1,2",
+        cwd=tmp_path,
+        env=env,
+    )
     (sweep,) = (tmp_path / "outputs" / "multiruns").glob("*/*")
     run("-m", "mdfnet_hydra.summary", str(sweep), cwd=tmp_path, env=env)
     assert (sweep / "results_summary.csv").read_text().count("\n") == 3

@@ -14,9 +14,17 @@ from mdfnet_hydra.checkpoint import load_checkpoint
 from mdfnet_hydra.models.text import train_wordpiece
 from mdfnet_hydra.pipeline import run
 
-VISION_CFG = {"timm_model_name": "test_vit", "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear", "image_size": 64}
-TEXTS = ["INDICATION: ___ year old M with fever and cough. Evaluate for pneumonia.",
-         "INDICATION: ___ year old F with fall and rib pain. Evaluate for fracture."] * 50
+VISION_CFG = {
+    "timm_model_name": "test_vit",
+    "timm_model_pretrained": False,
+    "timm_pool": "",
+    "timm_proj": "linear",
+    "image_size": 64,
+}
+TEXTS = [
+    "INDICATION: ___ year old M with fever and cough. Evaluate for pneumonia.",
+    "INDICATION: ___ year old F with fall and rib pain. Evaluate for fracture.",
+] * 50
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +39,24 @@ def open_clip_dir(tmp_path_factory):
     state["text.proj.weight"] = torch.randn(64, 32)
     state["logit_scale"] = torch.tensor(4.6)
     save_file(state, str(directory / "open_clip_model.safetensors"))
-    (directory / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": {"embed_dim": 64, "vision_cfg": VISION_CFG,
-                      "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract", "context_length": 256}},
-        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
-    }))
+    (directory / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": {
+                    "embed_dim": 64,
+                    "vision_cfg": VISION_CFG,
+                    "text_cfg": {
+                        "hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                        "context_length": 256,
+                    },
+                },
+                "preprocess_cfg": {
+                    "mean": [0.48145466, 0.4578275, 0.40821073],
+                    "std": [0.26862954, 0.26130258, 0.27577711],
+                },
+            }
+        )
+    )
     return directory, state
 
 
@@ -46,10 +67,21 @@ def save_hf_encoder(directory, family: str) -> dict[str, torch.Tensor]:
     tokenizer.save_pretrained(directory)
     special = {"pad_token_id": tokenizer.pad_token_id}
     if family == "modernbert":
-        special.update(cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
-                       bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
-    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=64, **special)
+        special.update(
+            cls_token_id=tokenizer.cls_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+        )
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        **special,
+    )
     torch.manual_seed(7)
     model = AutoModel.from_config(config)
     model.save_pretrained(directory)
@@ -58,18 +90,26 @@ def save_hf_encoder(directory, family: str) -> dict[str, torch.Tensor]:
 
 def test_biomedclip_local_dir_loads_the_image_tower(cfg_factory, tmp_path, open_clip_dir):
     directory, state = open_clip_dir
-    cfg = cfg_factory("model/vision=biomedclip", f"model.vision.name_or_path=local-dir:{directory}",
-                      "model.vision.image_size=64", "modality=vision", "stage=stage1", "debug=fast")
+    cfg = cfg_factory(
+        "model/vision=biomedclip",
+        f"model.vision.name_or_path=local-dir:{directory}",
+        "model.vision.image_size=64",
+        "modality=vision",
+        "stage=stage1",
+        "debug=fast",
+    )
     run(cfg)
     trained = load_checkpoint(tmp_path / "run" / "stage1" / "checkpoints" / "last.pth")["model"]
-    trunk = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.trunk.")}
+    trunk = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.trunk.")}
     assert trunk
     for key, value in trunk.items():
         assert torch.equal(trained[f"encoders.vision.{key}"], value), key  # loaded, then frozen in stage 1
 
 
 def test_missing_open_clip_files_give_a_clear_error(cfg_factory, tmp_path):
-    cfg = cfg_factory("model/vision=biomedclip", f"model.vision.name_or_path=local-dir:{tmp_path}", "modality=vision", "debug=fast")
+    cfg = cfg_factory(
+        "model/vision=biomedclip", f"model.vision.name_or_path=local-dir:{tmp_path}", "modality=vision", "debug=fast"
+    )
     with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
         run(cfg)
 
@@ -78,18 +118,31 @@ def test_missing_open_clip_files_give_a_clear_error(cfg_factory, tmp_path):
 def test_any_local_bert_family_text_encoder_trains(cfg_factory, tmp_path, family):
     directory = tmp_path / family
     saved = save_hf_encoder(directory, family)
-    cfg = cfg_factory("model/text=clinical_modernbert", f"model.text.name_or_path={directory}",
-                      "model.text.max_length=64", "modality=text", "stage=stage1", "debug=fast")
+    cfg = cfg_factory(
+        "model/text=clinical_modernbert",
+        f"model.text.name_or_path={directory}",
+        "model.text.max_length=64",
+        "modality=text",
+        "stage=stage1",
+        "debug=fast",
+    )
     run(cfg)
     trained = load_checkpoint(tmp_path / "run" / "stage1" / "checkpoints" / "last.pth")["model"]
     for key, value in saved.items():
         assert torch.equal(trained[f"encoders.text.backbone.{key}"], value), key
 
 
-@pytest.mark.parametrize("group, repo, option", [
-    ("model/vision=biomedclip", "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "model.vision.name_or_path=local-dir:"),
-    ("model/text=clinical_modernbert", "Simonlee711/Clinical_ModernBERT", "model.text.name_or_path="),
-])
+@pytest.mark.parametrize(
+    "group, repo, option",
+    [
+        (
+            "model/vision=biomedclip",
+            "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+            "model.vision.name_or_path=local-dir:",
+        ),
+        ("model/text=clinical_modernbert", "Simonlee711/Clinical_ModernBERT", "model.text.name_or_path="),
+    ],
+)
 def test_uncached_hub_model_fails_with_what_to_do(cfg_factory, group, repo, option):
     from mdfnet_hydra.models.hub import ModelUnavailableError
     from mdfnet_hydra.models.text import build_tokenizer
@@ -116,6 +169,8 @@ def test_pretrained_vision_uses_its_own_preprocessing(cfg_factory, tmp_path, ope
     config = json.loads((custom / "open_clip_config.json").read_text())
     config["preprocess_cfg"] = {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.6, 0.7]}
     (custom / "open_clip_config.json").write_text(json.dumps(config))
-    cfg = cfg_factory("model/vision=biomedclip", f"model.vision.name_or_path=local-dir:{custom}", "model.vision.image_size=64")
+    cfg = cfg_factory(
+        "model/vision=biomedclip", f"model.vision.name_or_path=local-dir:{custom}", "model.vision.image_size=64"
+    )
     (normalize,) = [t for t in build_image_transform(cfg.model.vision).transforms if isinstance(t, Normalize)]
     assert tuple(normalize.mean) == (0.1, 0.2, 0.3) and tuple(normalize.std) == (0.5, 0.6, 0.7)

@@ -42,17 +42,32 @@ def fake_run(root, name, modalities, seed, strength, targets, mask, groups):
     (directory / "predictions").mkdir()
     ckpt = directory / "checkpoints" / "best_mean.pth"
     ckpt.write_bytes(f"{name}-{seed}".encode())
-    config = {"seed": seed, "modality": {"name": "_".join(modalities), "inputs": modalities},
-              "data": {"name": "synthetic"}, "phases": {"stage1": {"lr": 1e-3}}, "loss": {"bce_weight": 0.7}}
+    config = {
+        "seed": seed,
+        "modality": {"name": "_".join(modalities), "inputs": modalities},
+        "data": {"name": "synthetic"},
+        "phases": {"stage1": {"lr": 1e-3}},
+        "loss": {"bce_weight": 0.7},
+    }
     OmegaConf.save(OmegaConf.create(config), directory / "config.yaml")
-    (directory / "metrics.json").write_text(json.dumps({"stage": "stage2", "modalities": modalities, "val": {"auroc_mean": 0.5}}))
+    (directory / "metrics.json").write_text(
+        json.dumps({"stage": "stage2", "modalities": modalities, "val": {"auroc_mean": 0.5}})
+    )
     rng = np.random.default_rng(zlib.crc32(f"{name}-{seed}".encode()))
     for split in ("val", "test"):
         probs = 1 / (1 + np.exp(-(strength * (targets - 0.5) * 4 + rng.normal(size=targets.shape))))
-        np.savez(directory / "predictions" / f"{split}.npz", probs=probs.astype(np.float32), targets=targets, mask=mask,
-                 raw_labels=targets, sample_id=np.array([f"s{i:04d}" for i in range(N)]), group=groups,
-                 label_names=np.array(CHEXPERT_LABELS), checkpoint=np.array("best_mean.pth"),
-                 checkpoint_sha256=np.array(file_digest(ckpt)))
+        np.savez(
+            directory / "predictions" / f"{split}.npz",
+            probs=probs.astype(np.float32),
+            targets=targets,
+            mask=mask,
+            raw_labels=targets,
+            sample_id=np.array([f"s{i:04d}" for i in range(N)]),
+            group=groups,
+            label_names=np.array(CHEXPERT_LABELS),
+            checkpoint=np.array("best_mean.pth"),
+            checkpoint_sha256=np.array(file_digest(ckpt)),
+        )
     return directory
 
 
@@ -61,8 +76,10 @@ def known(tmp_path_factory):
     root = tmp_path_factory.mktemp("experiments")
     targets, mask, groups = ground_truth()
     for name, modalities, seed, strength in [
-        ("vision_s1", ["vision"], 1, 0.5), ("vision_s2", ["vision"], 2, 0.5),
-        ("all_s1", ["vision", "text", "clinical"], 1, 1.0), ("all_s2", ["vision", "text", "clinical"], 2, 1.0),
+        ("vision_s1", ["vision"], 1, 0.5),
+        ("vision_s2", ["vision"], 2, 0.5),
+        ("all_s1", ["vision", "text", "clinical"], 1, 1.0),
+        ("all_s2", ["vision", "text", "clinical"], 2, 1.0),
         ("text_s1", ["text"], 1, 0.1),
     ]:
         fake_run(root, name, modalities, seed, strength, targets, mask, groups)
@@ -89,12 +106,16 @@ def test_summary_matches_sklearn_and_ranks_runs(known):
         pred = load(root, name.split("/")[0])
         per_label = [roc_auc_score(pred["targets"][:, j], pred["probs"][:, j]) for j in range(14) if j != FRACTURE]
         assert float(row["test_auroc_mean"]) == pytest.approx(np.mean(per_label), abs=1e-4)
-        assert float(row["auroc/Cardiomegaly"]) == pytest.approx(per_label[CHEXPERT_LABELS.index("Cardiomegaly")], abs=1e-4)
+        assert float(row["auroc/Cardiomegaly"]) == pytest.approx(
+            per_label[CHEXPERT_LABELS.index("Cardiomegaly")], abs=1e-4
+        )
         assert row["auroc/Fracture"] == "" and row["undefined_labels"] == "Fracture"
         assert float(row["ci95_low"]) < float(row["test_auroc_mean"]) < float(row["ci95_high"])
         assert row["predictions"] == "saved"
     assert rows["vision_s1/stage2"]["target"] == "vision-only (MDF-Net paper) 0.810"
-    assert float(rows["vision_s1/stage2"]["difference_to_target"]) == pytest.approx(float(rows["vision_s1/stage2"]["test_auroc_mean"]) - 0.810, abs=2e-4)
+    assert float(rows["vision_s1/stage2"]["difference_to_target"]) == pytest.approx(
+        float(rows["vision_s1/stage2"]["test_auroc_mean"]) - 0.810, abs=2e-4
+    )
     assert "Enhanced MDF-Net goal 0.860" in rows["all_s1/stage2"]["target"]
     assert rows["text_s1/stage2"]["target"] == ""
 
@@ -102,7 +123,10 @@ def test_summary_matches_sklearn_and_ranks_runs(known):
 def test_paired_comparisons_against_vision(known):
     root, out, _, comparisons, (targets, mask, groups) = known
     mean_rows = [c for c in comparisons if c["label"].startswith("mean AUROC")]
-    assert {(c["run"], c["baseline"]) for c in mean_rows} == {("all_s1/stage2", "vision_s1/stage2"), ("all_s2/stage2", "vision_s2/stage2")}
+    assert {(c["run"], c["baseline"]) for c in mean_rows} == {
+        ("all_s1/stage2", "vision_s1/stage2"),
+        ("all_s2/stage2", "vision_s2/stage2"),
+    }
     for c in mean_rows:
         assert float(c["difference"]) > 0.05 and float(c["ci95_low"]) > 0
         assert float(c["p_value"].lstrip("<")) <= 1 / 300 + 1e-9, "the smallest p a 300-resample bootstrap can give"
@@ -121,7 +145,9 @@ def test_seeds_are_aggregated(known):
     _, out, rows, _, _ = known
     markdown = (out / "results.md").read_text()
     values = [float(rows[f"all_s{s}/stage2"]["test_auroc_mean"]) for s in (1, 2)]
-    line = next(row for row in markdown.splitlines() if row.startswith(("| vision_text_clinical/stage2 ", "| all/stage2 ")))
+    line = next(
+        row for row in markdown.splitlines() if row.startswith(("| vision_text_clinical/stage2 ", "| all/stage2 "))
+    )
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[3] == "2" and float(cells[4]) == pytest.approx(np.mean(values), abs=1e-3)
     assert float(cells[5]) == pytest.approx(np.std(values, ddof=1), abs=1e-3)
@@ -129,7 +155,13 @@ def test_seeds_are_aggregated(known):
 
 def test_figures_are_written_and_not_blank(known):
     _, out, _, _, _ = known
-    for name in ("roc_curves.png", "pr_curves.png", "auroc_by_label.png", "calibration.png", "confusion/all_s1_stage2.png"):
+    for name in (
+        "roc_curves.png",
+        "pr_curves.png",
+        "auroc_by_label.png",
+        "calibration.png",
+        "confusion/all_s1_stage2.png",
+    ):
         with Image.open(out / name) as image:
             pixels = np.asarray(image.convert("L"), dtype=float)
             assert image.size[0] >= 1500 and image.size[1] >= 700, (name, image.size)
@@ -139,12 +171,19 @@ def test_figures_are_written_and_not_blank(known):
 def test_results_md_maps_figure_labels_to_runs(known):
     _, out, rows, _, _ = known
     section = (out / "results.md").read_text().split("### Run labels in the figures", 1)[1]
-    table = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
-             if line.startswith("| ") and not line.startswith("| ---")]
+    table = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| ---")
+    ]
     assert table[0] == ["label", "run"]
     assert dict((run, label) for label, run in table[1:]) == {
-        "all_s1/stage2": "all stage2 s1", "all_s2/stage2": "all stage2 s2", "vision_s1/stage2": "vision stage2 s1",
-        "vision_s2/stage2": "vision stage2 s2", "text_s1/stage2": "text stage2 s1"}
+        "all_s1/stage2": "all stage2 s1",
+        "all_s2/stage2": "all stage2 s2",
+        "vision_s1/stage2": "vision stage2 s1",
+        "vision_s2/stage2": "vision stage2 s2",
+        "text_s1/stage2": "text stage2 s1",
+    }
     assert set(rows) == {run for _, run in table[1:]}, "every run in the figures (max_curves 6) is listed"
 
 
@@ -158,9 +197,21 @@ def test_stale_predictions_are_recomputed_from_the_checkpoint(tmp_path, output_r
     run_dir = tmp_path / "run"
     # float32 feature cache: the saved (stage-1, cached-feature) predictions then equal recomputing
     # the encoders; the float16 default agrees to about 1e-3 AUROC, not to the 2e-4 asked below
-    run(make_cfg(["debug=fast", "stage=stage1", "modality=vision_clinical", "data.small_sample=null",
-                  "trainer.limit_val_batches=null", "evaluation.on_finish=false", "data.feature_cache_dtype=float32"],
-                 run_dir, output_root))
+    run(
+        make_cfg(
+            [
+                "debug=fast",
+                "stage=stage1",
+                "modality=vision_clinical",
+                "data.small_sample=null",
+                "trainer.limit_val_batches=null",
+                "evaluation.on_finish=false",
+                "data.feature_cache_dtype=float32",
+            ],
+            run_dir,
+            output_root,
+        )
+    )
     options = OmegaConf.merge(OmegaConf.structured(EvaluationConfig), {"n_bootstrap": 50, "saliency_per_label": 1})
 
     def summary(name):
@@ -179,7 +230,9 @@ def test_stale_predictions_are_recomputed_from_the_checkpoint(tmp_path, output_r
     for key in ("test_auroc_mean", "auroc/Cardiomegaly", "f1_macro"):
         assert float(same[key]) == pytest.approx(float(saved[key]), abs=2e-4), key
     with torch.no_grad():
-        ckpt["model"] = {k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+        ckpt["model"] = {
+            k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ckpt["model"].items()
+        }
     torch.save(ckpt, ckpt_path)
     changed = summary("third")
     assert changed["predictions"] == "recomputed" and changed["test_auroc_mean"] != saved["test_auroc_mean"]
@@ -188,15 +241,35 @@ def test_stale_predictions_are_recomputed_from_the_checkpoint(tmp_path, output_r
 def test_cli_and_end_of_run_evaluation(tmp_path):
     from conftest import run_cli
 
-    result = run_cli("debug=fast", "modality=vision_clinical", f"paths.root={tmp_path}", "data.synthetic.num_samples=300",
-                     "data.synthetic.image_size=32", f"hydra.run.dir={tmp_path / 'run'}", "evaluation.saliency_per_label=0")
+    result = run_cli(
+        "debug=fast",
+        "modality=vision_clinical",
+        f"paths.root={tmp_path}",
+        "data.synthetic.num_samples=300",
+        "data.synthetic.image_size=32",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "evaluation.saliency_per_label=0",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     end_of_run = tmp_path / "run" / "evaluation"
     assert (end_of_run / "results.md").is_file() and (end_of_run / "roc_curves.png").is_file()
     with (end_of_run / "results_summary.csv").open() as handle:
         assert {r["run"] for r in csv.DictReader(handle)} == {"stage1", "stage2"}
-    cli = subprocess.run([sys.executable, "-m", "mdfnet_hydra.evaluate", f"experiments_dir={tmp_path / 'run'}",
-                          f"output_dir={tmp_path / 'results'}", "evaluation.n_bootstrap=50", "evaluation.figures=false"],
-                         cwd=REPO, capture_output=True, text=True)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mdfnet_hydra.evaluate",
+            f"experiments_dir={tmp_path / 'run'}",
+            f"output_dir={tmp_path / 'results'}",
+            "evaluation.n_bootstrap=50",
+            "evaluation.figures=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert cli.returncode == 0, cli.stderr[-3000:]
-    assert (tmp_path / "results" / "results_summary.csv").is_file() and not (tmp_path / "results" / "roc_curves.png").exists()
+    assert (tmp_path / "results" / "results_summary.csv").is_file() and not (
+        tmp_path / "results" / "roc_curves.png"
+    ).exists()

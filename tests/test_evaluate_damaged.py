@@ -138,8 +138,10 @@ def test_good_runs_are_evaluated_and_broken_ones_listed(mixed):
         "bad_metrics/stage1": ("bad_metrics/stage1/metrics.json", "not valid JSON"),
         "bad_checkpoint/stage1": ("bad_checkpoint/stage1/checkpoints/best_mean.pth", "weights_only"),
         "subclass_checkpoint/stage1": ("subclass_checkpoint/stage1/checkpoints/best_mean.pth", "WeightsDict"),
-        "object_npz_bad_checkpoint/stage1": ("object_npz_bad_checkpoint/stage1/checkpoints/best_mean.pth",
-                                             "predictions/test.npz is damaged too"),
+        "object_npz_bad_checkpoint/stage1": (
+            "object_npz_bad_checkpoint/stage1/checkpoints/best_mean.pth",
+            "predictions/test.npz is damaged too",
+        ),
     }
     left = {item["run"]: item for item in result["left_out"]}
     assert set(left) == set(expected)
@@ -210,12 +212,25 @@ def test_every_run_broken_fails_with_one_line(trained, tmp_path):
     assert "\n" not in message
     assert "half_written/stage1 (half_written/stage1/metrics.json: not valid JSON" in message
     assert "tampered/stage1 (tampered/stage1/checkpoints/best_mean.pth: " in message
-    cli = subprocess.run([sys.executable, "-m", "mdfnet_hydra.evaluate", f"experiments_dir={root}",
-                          f"output_dir={tmp_path / 'cli'}", "evaluation.figures=false"],
-                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mdfnet_hydra.evaluate",
+            f"experiments_dir={root}",
+            f"output_dir={tmp_path / 'cli'}",
+            "evaluation.figures=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert cli.returncode == 1
     last = cli.stderr.strip().splitlines()[-1]
-    assert last.startswith("mdfnet_hydra.evaluate: error: none of the 2 run(s)") and "Traceback" not in cli.stderr, cli.stderr[-3000:]
+    assert last.startswith("mdfnet_hydra.evaluate: error: none of the 2 run(s)") and "Traceback" not in cli.stderr, (
+        cli.stderr[-3000:]
+    )
     assert "half_written/stage1/metrics.json" in last and "tampered/stage1/checkpoints/best_mean.pth" in last
     assert not marker.exists()
 
@@ -247,14 +262,17 @@ def test_save_predictions_is_atomic_and_round_trips(tmp_path):
     assert preds.checkpoint_sha256 == file_digest(ckpt)
 
 
-@pytest.mark.parametrize("damage, reason", [
-    ("truncated", "BadZipFile"),
-    ("empty", "EOFError"),
-    ("objects", "Python objects"),
-    ("npy", "not an .npz archive"),
-    ("missing", "no group array"),
-    ("shape", "probs is float32 (6, 13)"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("truncated", "BadZipFile"),
+        ("empty", "EOFError"),
+        ("objects", "Python objects"),
+        ("npy", "not an .npz archive"),
+        ("missing", "no group array"),
+        ("shape", "probs is float32 (6, 13)"),
+    ],
+)
 def test_damaged_predictions_name_the_file(tmp_path, damage, reason):
     split = small_split()
     ckpt = tmp_path / "best_mean.pth"
@@ -295,15 +313,23 @@ def fake_stage2(root, name, config, targets, groups):
     ckpt = directory / "checkpoints" / "best_mean.pth"
     ckpt.write_bytes(name.encode())
     OmegaConf.save(OmegaConf.create(config), directory / "config.yaml")
-    (directory / "metrics.json").write_text(json.dumps({"stage": "stage2", "modalities": ["vision"], "val": {"auroc_mean": 0.5}}))
+    (directory / "metrics.json").write_text(
+        json.dumps({"stage": "stage2", "modalities": ["vision"], "val": {"auroc_mean": 0.5}})
+    )
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     n = len(targets)
     for split in ("val", "test"):
         probs = 1 / (1 + np.exp(-(2 * (targets - 0.5) + rng.normal(size=targets.shape))))
         (directory / "predictions").mkdir(exist_ok=True)
-        np.savez(directory / "predictions" / f"{split}.npz", probs=probs.astype(np.float32), targets=targets,
-                 mask=np.ones_like(targets), sample_id=np.array([f"s{i:03d}" for i in range(n)]), group=groups,
-                 checkpoint_sha256=np.array(file_digest(ckpt)))
+        np.savez(
+            directory / "predictions" / f"{split}.npz",
+            probs=probs.astype(np.float32),
+            targets=targets,
+            mask=np.ones_like(targets),
+            sample_id=np.array([f"s{i:03d}" for i in range(n)]),
+            group=groups,
+            checkpoint_sha256=np.array(file_digest(ckpt)),
+        )
 
 
 def test_seed_groups_differ_in_the_seed_alone(trained, tmp_path):
@@ -325,9 +351,17 @@ def test_seed_groups_differ_in_the_seed_alone(trained, tmp_path):
         "seed1": variant(seed=1),
         "seed2": variant(seed=2),
         # only bookkeeping differs besides the seed: same group
-        "seed3_bookkeeping": variant(seed=3, **{"data.num_workers": 3, "data.pin_memory": True, "trainer.max_time": "1h",
-                                                "trainer.log_every_n_steps": 50, "evaluation.n_bootstrap": 5,
-                                                "paths.cache_dir": "/scratch/cache"}),
+        "seed3_bookkeeping": variant(
+            seed=3,
+            **{
+                "data.num_workers": 3,
+                "data.pin_memory": True,
+                "trainer.max_time": "1h",
+                "trainer.log_every_n_steps": 50,
+                "evaluation.n_bootstrap": 5,
+                "paths.cache_dir": "/scratch/cache",
+            },
+        ),
         # two workers of 8 = one of 16 (same effective batch): same group
         "seed4_ddp": variant(seed=4, **{"trainer.nproc_per_node": 2, "trainer.batch_size": 8}),
         # started from another stage-1 checkpoint: its own group, even with seed 1 again
@@ -349,10 +383,15 @@ def test_seed_groups_differ_in_the_seed_alone(trained, tmp_path):
     assert result["runs"] == 6 and result["left_out"] == []
     markdown = (tmp_path / "results" / "results.md").read_text()
     seeds = markdown.split("## Seeds")[1]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in seeds.splitlines() if line.startswith("| vision/")]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")] for line in seeds.splitlines() if line.startswith("| vision/")
+    ]
     by_runs = {row[1]: row for row in rows}
-    assert set(by_runs) == {"seed1/stage2, seed2/stage2, seed3_bookkeeping/stage2, seed4_ddp/stage2",
-                            "other_init/stage2", "bigger_batch/stage2"}, rows
+    assert set(by_runs) == {
+        "seed1/stage2, seed2/stage2, seed3_bookkeeping/stage2, seed4_ddp/stage2",
+        "other_init/stage2",
+        "bigger_batch/stage2",
+    }, rows
     assert by_runs["seed1/stage2, seed2/stage2, seed3_bookkeeping/stage2, seed4_ddp/stage2"][2] == "1, 2, 3, 4"
     assert "stage.init_from=/runs/b/stage1/checkpoints/best_mean.pth" in by_runs["other_init/stage2"][0]
     assert "(effective batch)=64" in by_runs["bigger_batch/stage2"][0]

@@ -34,7 +34,10 @@ def job(run_dir: Path, output_root: Path, *extra: str, **kwargs) -> subprocess.C
 
 def final_metrics(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "metrics.json").read_text())
-    return {stage: (r["val"]["auroc_mean"], r["val"]["loss"], r["test"]["auroc_mean"]) for stage, r in summary["stages"].items()}
+    return {
+        stage: (r["val"]["auroc_mean"], r["val"]["loss"], r["test"]["auroc_mean"])
+        for stage, r in summary["stages"].items()
+    }
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -99,8 +102,10 @@ def test_temporaries_of_killed_writers_are_removed(copy_of, reference, output_ro
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host = socket.gethostname()
-    stale = [copy_of / "stage1" / "checkpoints" / f".last.pth.tmp-{host}-{dead.pid}",
-             copy_of / "stage2" / f".metrics.json.tmp-{dead.pid}"]
+    stale = [
+        copy_of / "stage1" / "checkpoints" / f".last.pth.tmp-{host}-{dead.pid}",
+        copy_of / "stage2" / f".metrics.json.tmp-{dead.pid}",
+    ]
     other_host = copy_of / "stage1" / f".metrics.json.tmp-othernode-{os.getpid()}"
     old_other_host = copy_of / "stage2" / f".metrics.json.tmp-othernode-{os.getpid()}"
     for path in [*stale, other_host, old_other_host]:
@@ -133,11 +138,24 @@ def test_a_rerun_with_another_training_config_is_refused_naming_the_keys(copy_of
     message = result.stderr
     assert f"{copy_of} holds results of another training config" in message
     assert "loss.bce_weight (0.7 recorded, 1.0 now)" in message and "seed (42 recorded, 7 now)" in message
-    assert {p.name: p.read_bytes() for p in (copy_of / ".hydra").iterdir()} == record, ".hydra/ still describes the results"
+    assert {p.name: p.read_bytes() for p in (copy_of / ".hydra").iterdir()} == record, (
+        ".hydra/ still describes the results"
+    )
     assert (copy_of / "metrics.json").read_bytes() == summary
     # what cannot change results may differ: a longer time budget, other loader settings
-    ok(job(copy_of, output_root, "trainer.max_time=2h", "data.num_workers=0", "trainer.log_every_n_steps=5",
-           "data.verify_images=false", "trainer.checkpoint.keep_last=5", "trainer.batch_size=8", "trainer.grad_accum=4"))
+    ok(
+        job(
+            copy_of,
+            output_root,
+            "trainer.max_time=2h",
+            "data.num_workers=0",
+            "trainer.log_every_n_steps=5",
+            "data.verify_images=false",
+            "trainer.checkpoint.keep_last=5",
+            "trainer.batch_size=8",
+            "trainer.grad_accum=4",
+        )
+    )
 
 
 def test_a_job_that_left_no_results_does_not_bind_its_directory(tmp_path, output_root):
@@ -198,8 +216,13 @@ def test_a_callable_is_allowed_deliberately_from_the_shell_not_from_a_config(tmp
     callback = "+hydra.callbacks.extra._target_=hydra.experimental.callbacks.LogJobReturnCallback"
     refused = job(tmp_path / "refused", output_root, "stage=stage1", callback)
     assert refused.returncode != 0 and "is not in the Hydra execution whitelist" in refused.stderr
-    allowed = job(tmp_path / "allowed", output_root, "stage=stage1", callback,
-                  env_extra={"MDFNET_ALLOW_TARGETS": "hydra.experimental.callbacks.LogJobReturnCallback"})
+    allowed = job(
+        tmp_path / "allowed",
+        output_root,
+        "stage=stage1",
+        callback,
+        env_extra={"MDFNET_ALLOW_TARGETS": "hydra.experimental.callbacks.LogJobReturnCallback"},
+    )
     ok(allowed)
     assert (tmp_path / "allowed" / "metrics.json").is_file()
 
@@ -207,16 +230,23 @@ def test_a_callable_is_allowed_deliberately_from_the_shell_not_from_a_config(tmp
 def test_two_jobs_in_one_directory_run_one_at_a_time(tmp_path, output_root):
     run_dir = tmp_path / "run"
     long_job = _cli(run_dir, output_root) + ["phases.stage1.epochs=50"]  # holds the directory for a while
-    first = subprocess.Popen(long_job, cwd=str(Path(__file__).parents[1]), env=_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen(
+        long_job,
+        cwd=str(Path(__file__).parents[1]),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         lock = run_dir / ".mdfnet" / "lock"
         deadline = time.time() + 120
         while not (lock.is_file() and f"pid {first.pid} " in lock.read_text()) and time.time() < deadline:
             assert first.poll() is None, "the first job ended early"
             time.sleep(0.1)
-        second = subprocess.run(long_job, cwd=str(Path(__file__).parents[1]), env=_env(), capture_output=True,
-                                text=True, timeout=300)
+        second = subprocess.run(
+            long_job, cwd=str(Path(__file__).parents[1]), env=_env(), capture_output=True, text=True, timeout=300
+        )
         assert first.poll() is None, "the first job was still running when the second was refused"
     finally:
         os.killpg(first.pid, signal.SIGKILL)
@@ -243,8 +273,14 @@ def test_resuming_on_another_number_of_workers_is_refused_naming_the_batch(copy_
 @pytest.mark.slow
 def test_a_job_killed_while_holding_its_directory_leaves_no_stuck_lock(tmp_path, reference, output_root):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_cli(run_dir, output_root), cwd=str(Path(__file__).parents[1]), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _cli(run_dir, output_root),
+        cwd=str(Path(__file__).parents[1]),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     checkpoint = run_dir / "stage1" / "checkpoints" / "last.pth"
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
@@ -278,15 +314,38 @@ def test_a_full_disk_is_reported_as_such_and_the_rerun_completes(tmp_path, refer
 
 def _torchrun(run_dir: Path, output_root: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mdfnet_hydra.train",
-         *JOB, f"paths.root={output_root}", f"hydra.run.dir={run_dir}", "evaluation.on_finish=false", *extra],
-        cwd=str(Path(__file__).parents[1]), env=_env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "mdfnet_hydra.train",
+            *JOB,
+            f"paths.root={output_root}",
+            f"hydra.run.dir={run_dir}",
+            "evaluation.on_finish=false",
+            *extra,
+        ],
+        cwd=str(Path(__file__).parents[1]),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 def _cli(run_dir: Path, output_root: Path) -> list[str]:
-    return [sys.executable, "-m", "mdfnet_hydra.train", *JOB, f"paths.root={output_root}", f"hydra.run.dir={run_dir}",
-            "evaluation.on_finish=false"]
+    return [
+        sys.executable,
+        "-m",
+        "mdfnet_hydra.train",
+        *JOB,
+        f"paths.root={output_root}",
+        f"hydra.run.dir={run_dir}",
+        "evaluation.on_finish=false",
+    ]
 
 
 def _env() -> dict:

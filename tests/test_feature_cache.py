@@ -23,8 +23,16 @@ from mdfnet_hydra.models.mdfnet import build_model
 from mdfnet_hydra.pipeline import run
 from mdfnet_hydra.runtime import seed_everything
 
-STAGE1 = ["stage=stage1", "modality=all", "data.small_sample=160", "phases.stage1.epochs=3", "phases.stage1.warmup_epochs=1",
-          "trainer.limit_train_batches=null", "trainer.limit_val_batches=null", "evaluation.on_finish=false"]
+STAGE1 = [
+    "stage=stage1",
+    "modality=all",
+    "data.small_sample=160",
+    "phases.stage1.epochs=3",
+    "phases.stage1.warmup_epochs=1",
+    "trainer.limit_train_batches=null",
+    "trainer.limit_val_batches=null",
+    "evaluation.on_finish=false",
+]
 
 
 def train(tmp_path: Path, name: str, output_root: Path, *overrides: str) -> tuple[dict, dict]:
@@ -77,7 +85,11 @@ def test_float16_cache_stays_within_half_precision_of_recomputing(reference, tmp
 
 def test_cached_features_are_the_encoder_outputs(tmp_path, output_root):
     """Reading the cache gives what the frozen encoders compute on the same samples."""
-    cfg = make_cfg([*STAGE1, f"paths.cache_dir={tmp_path / 'cache'}", "data.feature_cache_dtype=float32"], tmp_path / "r", output_root)
+    cfg = make_cfg(
+        [*STAGE1, f"paths.cache_dir={tmp_path / 'cache'}", "data.feature_cache_dtype=float32"],
+        tmp_path / "r",
+        output_root,
+    )
     root, splits = load_splits(cfg.data, int(cfg.seed))
     prep = Preprocessing.create(cfg.model, ["vision", "text"], splits["train"])
     seed_everything(0)
@@ -109,7 +121,10 @@ def _keys(cfg, output_root, seed: int = 0):
     dataset = prep.dataset(splits["train"], root, cfg.model)
     from mdfnet_hydra.config import to_plain
 
-    return {m: cache_key(model.encoders[m], to_plain(cfg.model[m]), dataset, m, "fp32", "float16") for m in ("vision", "text")}
+    return {
+        m: cache_key(model.encoders[m], to_plain(cfg.model[m]), dataset, m, "fp32", "float16")
+        for m in ("vision", "text")
+    }
 
 
 def test_a_changed_input_changes_the_key(tmp_path, output_root):
@@ -119,17 +134,37 @@ def test_a_changed_input_changes_the_key(tmp_path, output_root):
     import shutil
 
     shutil.copytree(root, data)
-    cfg = make_cfg([*STAGE1, "data=processed", f"data.root={data}", "data.small_sample=160"], tmp_path / "r", output_root)
+    cfg = make_cfg(
+        [*STAGE1, "data=processed", f"data.root={data}", "data.small_sample=160"], tmp_path / "r", output_root
+    )
     original = _keys(cfg, output_root)
     assert original == _keys(cfg, output_root), "the key is a pure function of the inputs"
 
     assert _keys(cfg, output_root, seed=1) != original, "other encoder weights"
-    other_length = _keys(make_cfg([*STAGE1, "data=processed", f"data.root={data}", "data.small_sample=160",
-                                   "model.text.max_length=16"], tmp_path / "r", output_root), output_root)
+    other_length = _keys(
+        make_cfg(
+            [*STAGE1, "data=processed", f"data.root={data}", "data.small_sample=160", "model.text.max_length=16"],
+            tmp_path / "r",
+            output_root,
+        ),
+        output_root,
+    )
     assert other_length["text"] != original["text"] and other_length["vision"] == original["vision"]
-    other_size = _keys(make_cfg([*STAGE1, "data=processed", f"data.root={data}", "data.small_sample=160",
-                                 "model.vision.image_size=48", "model.vision.open_clip_config.vision_cfg.image_size=48"],
-                                tmp_path / "r", output_root), output_root)
+    other_size = _keys(
+        make_cfg(
+            [
+                *STAGE1,
+                "data=processed",
+                f"data.root={data}",
+                "data.small_sample=160",
+                "model.vision.image_size=48",
+                "model.vision.open_clip_config.vision_cfg.image_size=48",
+            ],
+            tmp_path / "r",
+            output_root,
+        ),
+        output_root,
+    )
     assert other_size["vision"] != original["vision"], "another image transform"
 
     manifest = pd.read_parquet(data / "manifest.parquet")
@@ -192,12 +227,33 @@ def test_two_concurrent_training_jobs_share_the_cache(tmp_path):
 
     from conftest import REPO
 
-    common = ["debug=fast", "stage=stage1", "modality=vision_text", "data.synthetic.num_samples=300",
-              "data.synthetic.image_size=32", f"paths.root={tmp_path}", "evaluation.on_finish=false"]
+    common = [
+        "debug=fast",
+        "stage=stage1",
+        "modality=vision_text",
+        "data.synthetic.num_samples=300",
+        "data.synthetic.image_size=32",
+        f"paths.root={tmp_path}",
+        "evaluation.on_finish=false",
+    ]
     run_cli(*common, f"hydra.run.dir={tmp_path / 'warmup'}", "data.feature_cache=false")  # the dataset exists first
-    jobs = [subprocess.Popen([sys.executable, "-m", "mdfnet_hydra.train", *common, f"hydra.run.dir={tmp_path / f'job{i}'}",
-                              f"phases.stage1.lr={lr}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for i, lr in enumerate((1e-3, 3e-3))]
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mdfnet_hydra.train",
+                *common,
+                f"hydra.run.dir={tmp_path / f'job{i}'}",
+                f"phases.stage1.lr={lr}",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i, lr in enumerate((1e-3, 3e-3))
+    ]
     outputs = [job.communicate(timeout=300)[0] for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert len(cache_dirs(tmp_path / "cache")) == 6, "one cache per encoder and split, shared by both jobs"
@@ -211,13 +267,25 @@ def test_two_concurrent_training_jobs_share_the_cache(tmp_path):
         assert json.loads((tmp_path / f"job{i}" / "metrics.json").read_text())["objective"] is not None
 
 
-@pytest.mark.parametrize("overrides, reason", [
-    (["stage=stage2"], "the encoders train in this phase"),
-    (["stage=stage1", "data.augment=true"], "data.augment=true: training inputs are random"),
-])
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [
+        (["stage=stage2"], "the encoders train in this phase"),
+        (["stage=stage1", "data.augment=true"], "data.augment=true: training inputs are random"),
+    ],
+)
 def test_cache_is_never_used_where_invalid(tmp_path, output_root, overrides, reason):
-    cfg = make_cfg(["debug=fast", "modality=vision_clinical", f"paths.cache_dir={tmp_path / 'cache'}",
-                    "evaluation.on_finish=false", *overrides], tmp_path / "run", output_root)
+    cfg = make_cfg(
+        [
+            "debug=fast",
+            "modality=vision_clinical",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            "evaluation.on_finish=false",
+            *overrides,
+        ],
+        tmp_path / "run",
+        output_root,
+    )
     run(cfg)
     stage = overrides[0].split("=")[1]
     assert f"{stage}: inputs encoded every step ({reason})" in (tmp_path / "run" / "logs" / "train.log").read_text()

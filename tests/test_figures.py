@@ -44,9 +44,16 @@ def drawn(monkeypatch):
 
 
 def result(name, modalities, seed, probs, targets, stage="stage2"):
-    run = Run(name=name, directory=Path("/nonexistent") / name, stage=stage, modalities=modalities, config={}, seed=seed)
-    test = Predictions(probs.astype(np.float32), targets.astype(np.float32), np.ones_like(targets, dtype=np.float32),
-                       np.array([f"s{i:04d}" for i in range(len(targets))]), np.arange(len(targets)))
+    run = Run(
+        name=name, directory=Path("/nonexistent") / name, stage=stage, modalities=modalities, config={}, seed=seed
+    )
+    test = Predictions(
+        probs.astype(np.float32),
+        targets.astype(np.float32),
+        np.ones_like(targets, dtype=np.float32),
+        np.array([f"s{i:04d}" for i in range(len(targets))]),
+        np.arange(len(targets)),
+    )
     return analyse(run, test, None, "youden", 0.9, 0, 0)
 
 
@@ -69,13 +76,22 @@ def centre(patch) -> float:
 
 
 def test_auroc_bars_tell_undefined_from_zero(drawn, tmp_path):
-    runs = [result("sweeps/random-all-two_stage/3_a1b2c3d4/stage2", ["vision", "text", "clinical"], 0, *data(1, inverted=[EDEMA])),
-            result("sweeps/random-vision-two_stage/1_00ff00ff/stage2", ["vision"], 0, *data(2))]
+    runs = [
+        result(
+            "sweeps/random-all-two_stage/3_a1b2c3d4/stage2",
+            ["vision", "text", "clinical"],
+            0,
+            *data(1, inverted=[EDEMA]),
+        ),
+        result("sweeps/random-vision-two_stage/1_00ff00ff/stage2", ["vision"], 0, *data(2)),
+    ]
     figures.auroc_bars(runs, tmp_path)
     ax = drawn["auroc_by_label.png"].axes[0]
     bottom = ax.get_ylim()[0]
     assert bottom < 0, "the axis starts below 0 so that an AUROC of 0 is a bar"
-    bars = {c.get_label(): c for c in ax.containers if isinstance(c, BarContainer) and not c.get_label().startswith("_")}
+    bars = {
+        c.get_label(): c for c in ax.containers if isinstance(c, BarContainer) and not c.get_label().startswith("_")
+    }
     assert set(bars) == {"all stage2 s0", "vision stage2 s0"}, "short labels, not run paths"
     for r, label in zip(runs, ["all stage2 s0", "vision stage2 s0"]):
         tops = {round(centre(p)): p.get_y() + p.get_height() for p in bars[label].patches}
@@ -101,8 +117,10 @@ def test_auroc_bars_tell_undefined_from_zero(drawn, tmp_path):
 
 
 def test_calibration_shows_cases_per_bin_and_greys_small_bins(drawn, tmp_path):
-    runs = [result("a/all_s0/stage2", ["vision", "text", "clinical"], 0, *data(3)),
-            result("a/vision_s0/stage2", ["vision"], 0, *data(4))]
+    runs = [
+        result("a/all_s0/stage2", ["vision", "text", "clinical"], 0, *data(3)),
+        result("a/vision_s0/stage2", ["vision"], 0, *data(4)),
+    ]
     figures.calibration(runs, tmp_path, bins=10, min_cases=10)
     fig = drawn["calibration.png"]
     assert "fewer than 10 cases" in fig.get_suptitle() and "marker area" in fig.get_suptitle()
@@ -121,14 +139,22 @@ def test_calibration_shows_cases_per_bin_and_greys_small_bins(drawn, tmp_path):
             cases = cases[cases > 0]
             enough = cases >= 10
             colour = to_rgba(f"C{k}")
-            filled = [c for c in ax.collections if len(c.get_facecolors()) and np.allclose(c.get_facecolors()[0][:3], colour[:3])]
+            filled = [
+                c
+                for c in ax.collections
+                if len(c.get_facecolors()) and np.allclose(c.get_facecolors()[0][:3], colour[:3])
+            ]
             assert len(filled) == 1
             np.testing.assert_allclose(filled[0].get_offsets(), np.c_[predicted, observed][enough], atol=1e-6)
             pairs += list(zip(cases[enough], filled[0].get_sizes()))
             line = [curve for curve in ax.lines if np.allclose(to_rgba(curve.get_color())[:3], colour[:3])]
             assert len(line) == 1, "one curve per run"
-            np.testing.assert_allclose(line[0].get_xydata(), np.c_[predicted, observed][enough], atol=1e-6,
-                                       err_msg="the curve joins the bins with enough cases only")
+            np.testing.assert_allclose(
+                line[0].get_xydata(),
+                np.c_[predicted, observed][enough],
+                atol=1e-6,
+                err_msg="the curve joins the bins with enough cases only",
+            )
             expected_hollow += [(x, o, n) for x, o, n in zip(predicted[~enough], observed[~enough], cases[~enough])]
         small_bins += len(expected_hollow)
         order = np.lexsort(hollow_points.T[::-1])
@@ -138,7 +164,9 @@ def test_calibration_shows_cases_per_bin_and_greys_small_bins(drawn, tmp_path):
     assert small_bins > 0, "the data has bins below the minimum"
     cases, areas = np.array(pairs, dtype=float).T
     slope, intercept = np.polyfit(cases, areas, 1)
-    assert slope > 0 and np.allclose(areas, slope * cases + intercept, atol=1e-6), "marker area grows linearly with the cases"
+    assert slope > 0 and np.allclose(areas, slope * cases + intercept, atol=1e-6), (
+        "marker area grows linearly with the cases"
+    )
     assert intercept < 0.05 * slope * cases.max(), "and is nearly proportional to them"
     key = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
     assert key[-1] == "< 10 cases (not joined)" and all(t.endswith(" cases") for t in key[:-1])
@@ -149,12 +177,15 @@ def test_short_labels_tell_runs_apart():
         return Run(name=name, directory=Path(name), stage=stage, modalities=modalities, config={}, seed=seed)
 
     everything = ["vision", "text", "clinical"]
-    runs = [run("sweeps/random-all-two_stage/3_a1b2c3d4/stage2", everything, 0),
-            run("sweeps/random-all-two_stage/5_ffee0011/stage2", everything, 0),
-            run("sweeps/random-all-two_stage/3_a1b2c3d4/stage1", everything, 0, "stage1"),
-            run("baselines/vision/stage2", ["vision"], 0),
-            run("x/b/stage2", ["vision"], 1), run("b/stage2", ["vision"], 1),
-            run("sweeps/random-vt/2_abc/stage2", ["vision", "text"], 7)]
+    runs = [
+        run("sweeps/random-all-two_stage/3_a1b2c3d4/stage2", everything, 0),
+        run("sweeps/random-all-two_stage/5_ffee0011/stage2", everything, 0),
+        run("sweeps/random-all-two_stage/3_a1b2c3d4/stage1", everything, 0, "stage1"),
+        run("baselines/vision/stage2", ["vision"], 0),
+        run("x/b/stage2", ["vision"], 1),
+        run("b/stage2", ["vision"], 1),
+        run("sweeps/random-vt/2_abc/stage2", ["vision", "text"], 7),
+    ]
     assert figures.short_labels(runs) == {
         "sweeps/random-all-two_stage/3_a1b2c3d4/stage2": "all stage2 s0 (3_a1b2c3d4)",
         "sweeps/random-all-two_stage/5_ffee0011/stage2": "all stage2 s0 (5_ffee0011)",
@@ -169,15 +200,19 @@ def test_short_labels_tell_runs_apart():
 def test_curve_legends_use_short_labels_and_one_colour_per_run(drawn, tmp_path):
     first, second = data(5), data(6)
     first[1][:, EDEMA] = 0  # the first run has no Edema positive: its panel shows the second run only
-    runs = [result("sweeps/random-all-two_stage/3_a1b2c3d4/stage2", ["vision", "text", "clinical"], 0, *first),
-            result("sweeps/random-all-two_stage/5_ffee0011/stage2", ["vision", "text", "clinical"], 0, *second)]
+    runs = [
+        result("sweeps/random-all-two_stage/3_a1b2c3d4/stage2", ["vision", "text", "clinical"], 0, *first),
+        result("sweeps/random-all-two_stage/5_ffee0011/stage2", ["vision", "text", "clinical"], 0, *second),
+    ]
     figures.curves(runs, tmp_path)
     fig = drawn["roc_curves.png"]
     legend = fig.axes[-2].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["all stage2 s0 (3_a1b2c3d4)", "all stage2 s0 (5_ffee0011)"]
     colours = [to_rgba(h.get_color()) for h in legend.legend_handles]
     edema = [curve for curve in fig.axes[EDEMA].lines if curve.get_linestyle() != ":"]
-    assert len(edema) == 1 and to_rgba(edema[0].get_color()) == colours[1], "the second run's curve in its legend colour"
+    assert len(edema) == 1 and to_rgba(edema[0].get_color()) == colours[1], (
+        "the second run's curve in its legend colour"
+    )
     y, p = runs[1].test.targets[:, EDEMA], runs[1].test.probs[:, EDEMA]
     fpr, tpr = edema[0].get_xydata().T
     assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc_score(y, p), abs=1e-6)

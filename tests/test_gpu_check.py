@@ -21,8 +21,14 @@ SCRIPT = REPO / ".ci" / "gpu-check"
 
 def gpu_check(*args: str, script: Path = SCRIPT, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MDFNET_MACHINE"}
-    return subprocess.run([sys.executable, str(script), *args], cwd=script.parents[1], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=script.parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -38,7 +44,11 @@ def test_dry_run_composes_every_gpu_command_and_runs_every_step(tmp_path):
     assert steps["environment"]["details"]["loader"]["num_workers"] == 8
     assert "8 workers (persistent, prefetch 4, fork)" in steps["default"]["details"]["stage2_loading"]
     assert steps["bench64"]["details"]["batch_size"] == 64
-    verdict_lines = [line.split()[1] for line in result.stdout.splitlines() if line.startswith(("PASS ", "FAIL ", "TIMEOUT ", "SKIP "))]
+    verdict_lines = [
+        line.split()[1]
+        for line in result.stdout.splitlines()
+        if line.startswith(("PASS ", "FAIL ", "TIMEOUT ", "SKIP "))
+    ]
     assert verdict_lines == list(steps), "one verdict line per step"
 
 
@@ -55,14 +65,17 @@ def test_a_failing_step_fails_the_check(tmp_path):
 
 def test_runs_from_a_checkout_that_is_not_installed(tmp_path):
     """A GPU box may have torch and no registry: the script puts its own checkout on PYTHONPATH."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     copy = tmp_path / "checkout"
     for name in files:
         if (REPO / name).is_file():
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, copy / name)
-    result = gpu_check("--dry-run", "--only", "environment", "--out", str(tmp_path / "out"), script=copy / ".ci" / "gpu-check")
+    result = gpu_check(
+        "--dry-run", "--only", "environment", "--out", str(tmp_path / "out"), script=copy / ".ci" / "gpu-check"
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     details = json.loads((tmp_path / "out" / "summary.json").read_text())["steps"]["environment"]["details"]
     assert Path(details["mdfnet_hydra"]) == copy / "mdfnet_hydra"
@@ -85,13 +98,26 @@ def test_steps_run_together_are_each_killed_at_their_own_limit(tmp_path):
     import time
 
     gc = load_script()
-    hang = ("import subprocess, sys, time\n"
-            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-            "print(child.pid, flush=True)\ntime.sleep(120)")
+    hang = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print(child.pid, flush=True)\ntime.sleep(120)"
+    )
     chatty = "import sys\nfor _ in range(50): sys.stdout.write('x' * 10000 + '\\n')\nsys.stderr.write('y' * 100000)"
-    steps = [gc.Step("hang", 3, lambda ctx: [sys.executable, "-c", hang], None, lambda ctx, out: {}, composes=False, group="g"),
-             gc.Step("chatty", 60, lambda ctx: [sys.executable, "-c", chatty], None, lambda ctx, out: {"chars": len(out)},
-                     composes=False, group="g")]
+    steps = [
+        gc.Step(
+            "hang", 3, lambda ctx: [sys.executable, "-c", hang], None, lambda ctx, out: {}, composes=False, group="g"
+        ),
+        gc.Step(
+            "chatty",
+            60,
+            lambda ctx: [sys.executable, "-c", chatty],
+            None,
+            lambda ctx, out: {"chars": len(out)},
+            composes=False,
+            group="g",
+        ),
+    ]
     assert gc.batches(steps) == [steps]
     ctx = gc.Context(out=tmp_path, dry=False, env=dict(os.environ))
     started = time.monotonic()
@@ -101,8 +127,9 @@ def test_steps_run_together_are_each_killed_at_their_own_limit(tmp_path):
     assert results["hang"]["verdict"] == "TIMEOUT" and "its limit" in results["hang"]["reason"]
     assert 3 <= results["hang"]["seconds"] < 10
     child = int((tmp_path / "hang" / "stdout.log").read_text().split()[0])
-    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2], \
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2], (
         "the step's child process was killed with it"
+    )
     assert results["chatty"]["verdict"] == "PASS" and results["chatty"]["details"]["chars"] >= 500_000
     assert results["chatty"]["seconds"] < results["hang"]["seconds"], "each step's own time, not the group's"
 

@@ -22,9 +22,22 @@ PACKAGE = str(Path(__file__).resolve().parents[1] / "mdfnet_hydra")
 DATA = str(Path(PACKAGE) / "data")
 TORCH = str(Path(torch.__file__).parent)
 OPTIM = str(Path(TORCH) / "optim")
-SYNCING = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
-           torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__, torch.nonzero, torch.Tensor.nonzero,
-           torch.masked_select, torch.Tensor.masked_select, torch.unique, torch.Tensor.unique}
+SYNCING = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.cpu,
+    torch.Tensor.numpy,
+    torch.Tensor.__bool__,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.__index__,
+    torch.nonzero,
+    torch.Tensor.nonzero,
+    torch.masked_select,
+    torch.Tensor.masked_select,
+    torch.unique,
+    torch.Tensor.unique,
+}
 
 
 def _syncs(func, args, kwargs) -> bool:
@@ -47,9 +60,13 @@ class SyncCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         if _syncs(func, args, kwargs):
             frame = sys._getframe(1)
-            while frame is not None and (frame.f_code.co_filename.startswith(TORCH) or frame.f_code.co_filename == __file__):
+            while frame is not None and (
+                frame.f_code.co_filename.startswith(TORCH) or frame.f_code.co_filename == __file__
+            ):
                 if frame.f_code.co_filename.startswith(OPTIM):
-                    return func(*args, **kwargs)  # its step counts: on the device (fused AdamW) or on purpose on the host
+                    return func(
+                        *args, **kwargs
+                    )  # its step counts: on the device (fused AdamW) or on purpose on the host
                 frame = frame.f_back
             source = frame.f_code.co_filename if frame is not None else ""
             if source.startswith(PACKAGE) and not source.startswith(DATA):  # the input pipeline is host-side work
@@ -58,8 +75,19 @@ class SyncCounter(TorchFunctionMode):
 
 
 def _count(tmp_path: Path, output_root: Path, steps: int, *overrides: str) -> Counter:
-    cfg = make_cfg(["debug=fast", "data.small_sample=null", "modality=all", "trainer.log_every_n_steps=1000", f"trainer.limit_train_batches={steps}",
-                    f"paths.cache_dir={tmp_path / f'cache{steps}'}", *overrides], tmp_path / f"run{steps}", output_root)
+    cfg = make_cfg(
+        [
+            "debug=fast",
+            "data.small_sample=null",
+            "modality=all",
+            "trainer.log_every_n_steps=1000",
+            f"trainer.limit_train_batches={steps}",
+            f"paths.cache_dir={tmp_path / f'cache{steps}'}",
+            *overrides,
+        ],
+        tmp_path / f"run{steps}",
+        output_root,
+    )
     counter = SyncCounter()
     with counter:
         run(cfg)

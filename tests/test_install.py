@@ -80,9 +80,16 @@ def test_an_installed_wheel_trains_from_any_directory(site, tmp_path):
     elsewhere.mkdir()
     env = installed_env(site)
     probe = subprocess.run(
-        [sys.executable, "-c", "import json, mdfnet_hydra, mdfnet_hydra.conf as c; "
-                               "print(json.dumps([mdfnet_hydra.__file__, c.__file__]))"],
-        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            "import json, mdfnet_hydra, mdfnet_hydra.conf as c; print(json.dumps([mdfnet_hydra.__file__, c.__file__]))",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
     package, conf = map(Path, json.loads(probe.stdout.strip().splitlines()[-1]))
@@ -91,9 +98,23 @@ def test_an_installed_wheel_trains_from_any_directory(site, tmp_path):
 
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "mdfnet_hydra.train", "debug=fast", "modality=clinical", "stage=stage1",
-         f"paths.root={tmp_path / 'outputs'}", f"hydra.run.dir={run_dir}", *SMALL_DATA, "evaluation.on_finish=false"],
-        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "mdfnet_hydra.train",
+            "debug=fast",
+            "modality=clinical",
+            "stage=stage1",
+            f"paths.root={tmp_path / 'outputs'}",
+            f"hydra.run.dir={run_dir}",
+            *SMALL_DATA,
+            "evaluation.on_finish=false",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Primary config directory not found" not in result.stderr
@@ -109,9 +130,22 @@ def test_a_users_config_dir_adds_to_the_installed_configs(site, tmp_path):
     mine.mkdir(parents=True)
     (mine / "mine.yaml").write_text("# @package _global_\nseed: 1234\n")
     result = subprocess.run(
-        [sys.executable, "-m", "mdfnet_hydra.train", "--config-dir", str(tmp_path / "my_conf"), "experiment=mine",
-         "modality=clinical", "--cfg", "job"],
-        cwd=tmp_path, env=installed_env(site), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "mdfnet_hydra.train",
+            "--config-dir",
+            str(tmp_path / "my_conf"),
+            "experiment=mine",
+            "modality=clinical",
+            "--cfg",
+            "job",
+        ],
+        cwd=tmp_path,
+        env=installed_env(site),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "seed: 1234" in result.stdout
@@ -128,8 +162,11 @@ def test_a_checkout_on_pythonpath_reads_its_own_conf(tmp_path):
     assert "\nseed: 4242\n" in train_yaml.read_text()
     result = subprocess.run(
         [sys.executable, "-m", "mdfnet_hydra.train", "modality=clinical", "--cfg", "job"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(copy), "HF_HUB_OFFLINE": "1"},
-        capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(copy), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "seed: 4242" in result.stdout.splitlines()

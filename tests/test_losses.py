@@ -29,7 +29,7 @@ def test_bce_matches_numpy_formula_over_valid_slots(batch):
     logits, targets, mask = batch
     terms = MultiLabelLoss(LossConfig(bce_weight=1.0, focal_weight=0.0))(logits, targets, mask)
     expected = (numpy_bce(logits.numpy(), targets.numpy()) * mask.numpy()).sum() / targets.numel()
-    assert terms.parts['bce'].item() == pytest.approx(expected, rel=1e-5)
+    assert terms.parts["bce"].item() == pytest.approx(expected, rel=1e-5)
     assert terms.total.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -38,14 +38,18 @@ def test_focal_matches_torchvision(batch, alpha, gamma):
     logits, targets, mask = batch
     cfg = LossConfig(bce_weight=0.0, focal_weight=1.0, focal_alpha=alpha, focal_gamma=gamma)
     terms = MultiLabelLoss(cfg)(logits, targets, mask)
-    reference = (sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none") * mask).sum() / targets.numel()
-    assert terms.parts['focal'].item() == pytest.approx(reference.item(), rel=1e-5)
+    reference = (
+        sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none") * mask
+    ).sum() / targets.numel()
+    assert terms.parts["focal"].item() == pytest.approx(reference.item(), rel=1e-5)
 
 
 def test_combined_is_the_weighted_sum(batch):
     logits, targets, mask = batch
     terms = MultiLabelLoss(LossConfig())(logits, targets, mask)  # spec: 0.7 BCE + 0.3 focal(0.25, 2)
-    assert terms.total.item() == pytest.approx(0.7 * terms.parts['bce'].item() + 0.3 * terms.parts['focal'].item(), rel=1e-6)
+    assert terms.total.item() == pytest.approx(
+        0.7 * terms.parts["bce"].item() + 0.3 * terms.parts["focal"].item(), rel=1e-6
+    )
 
 
 def test_masked_slots_do_not_contribute(batch):

@@ -38,7 +38,12 @@ GPU_NODE = "cpus=16,cuda=true,bf16=true"  # a 16-CPU node with a bf16-capable GP
 OLD_GPU_NODE = "cpus=16,cuda=true,bf16=false"  # V100 / T4: fp16 autocast with the gradient scaler
 CPU_BOX = "cpus=2,cuda=false"  # CI's machine
 # two epochs per stage: persistent workers then skip a loader restart that 0 workers make
-SMALL = ("data.synthetic.num_samples=480", "data.synthetic.image_size=32", "phases.stage1.epochs=2", "phases.stage2.epochs=2")
+SMALL = (
+    "data.synthetic.num_samples=480",
+    "data.synthetic.image_size=32",
+    "phases.stage1.epochs=2",
+    "phases.stage2.epochs=2",
+)
 EVALUATION = ("evaluation.on_finish=true", "evaluation.n_bootstrap=100", "evaluation.figures=false")
 
 
@@ -51,7 +56,9 @@ class Cached:
     image_paths = None  # features / token ids read from memory maps
 
 
-def runtime_for(spec: str, device: str = "auto", precision: str = "auto", local_world: int = 1, monkeypatch=None) -> Runtime:
+def runtime_for(
+    spec: str, device: str = "auto", precision: str = "auto", local_world: int = 1, monkeypatch=None
+) -> Runtime:
     from mdfnet_hydra.config import TrainerConfig
 
     monkeypatch.setenv("MDFNET_MACHINE", spec)
@@ -73,8 +80,13 @@ def test_a_gpu_node_chooses_workers_pinning_bf16_and_fused_adamw(monkeypatch):
     assert rt.machine == Machine(cpus=16, cuda=True, bf16=True, simulated=True)
     assert rt.target == "cuda" and rt.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert rt.precision is Precision.bf16 and rt.fused_optimizer
-    assert settings(rt, FakeImages()) == {"num_workers": 8, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4,
-                                          "multiprocessing_context": "fork"}
+    assert settings(rt, FakeImages()) == {
+        "num_workers": 8,
+        "pin_memory": True,
+        "persistent_workers": True,
+        "prefetch_factor": 4,
+        "multiprocessing_context": "fork",
+    }
     assert settings(rt, Cached()) == {"num_workers": 0, "pin_memory": True}
     # four ranks on the node share its CPUs
     rt4 = runtime_for(GPU_NODE, local_world=4, monkeypatch=monkeypatch)
@@ -97,21 +109,50 @@ def test_cpu_machines_choose_by_cpu_count(monkeypatch):
     assert two.precision is Precision.fp32 and not two.fused_optimizer and two.target == "cpu"
     assert settings(two, FakeImages()) == {"num_workers": 0, "pin_memory": False}
     sixteen = runtime_for("cpus=16,cuda=false", monkeypatch=monkeypatch)
-    assert settings(sixteen, FakeImages()) == {"num_workers": 4, "pin_memory": False, "persistent_workers": True, "prefetch_factor": 4,
-                                               "multiprocessing_context": "fork"}
+    assert settings(sixteen, FakeImages()) == {
+        "num_workers": 4,
+        "pin_memory": False,
+        "persistent_workers": True,
+        "prefetch_factor": 4,
+        "multiprocessing_context": "fork",
+    }
     # trainer.device=cpu on a GPU node: the CPU's choices
     on_cpu = runtime_for(GPU_NODE, device="cpu", monkeypatch=monkeypatch)
-    assert on_cpu.target == "cpu" and on_cpu.precision is Precision.fp32 and not settings(on_cpu, FakeImages())["pin_memory"]
+    assert (
+        on_cpu.target == "cpu"
+        and on_cpu.precision is Precision.fp32
+        and not settings(on_cpu, FakeImages())["pin_memory"]
+    )
     # explicit data.* values win over the machine's
-    assert settings(two, FakeImages(), num_workers=3, pin_memory=True, persistent_workers=False, prefetch_factor=2,
-                    worker_start="spawn") == {
-        "num_workers": 3, "pin_memory": True, "persistent_workers": False, "prefetch_factor": 2, "multiprocessing_context": "spawn"}
+    assert settings(
+        two,
+        FakeImages(),
+        num_workers=3,
+        pin_memory=True,
+        persistent_workers=False,
+        prefetch_factor=2,
+        worker_start="spawn",
+    ) == {
+        "num_workers": 3,
+        "pin_memory": True,
+        "persistent_workers": False,
+        "prefetch_factor": 2,
+        "multiprocessing_context": "spawn",
+    }
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("cpu=16", "unknown key"), ("cpus=0", ">= 1"), ("cpus=many", "invalid literal"), ("cuda=maybe", "true or false"),
-    ("cuda", "key=value"), ("cpus=4,cpus=8", "given twice"), ("cuda=false,bf16=true", "but cuda=false"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("cpu=16", "unknown key"),
+        ("cpus=0", ">= 1"),
+        ("cpus=many", "invalid literal"),
+        ("cuda=maybe", "true or false"),
+        ("cuda", "key=value"),
+        ("cpus=4,cpus=8", "given twice"),
+        ("cuda=false,bf16=true", "but cuda=false"),
+    ],
+)
 def test_a_malformed_machine_description_fails_naming_it(spec, message):
     with pytest.raises(ValueError, match=message) as err:
         parse_spec(spec)
@@ -124,17 +165,22 @@ def test_a_malformed_machine_description_fails_before_any_work(tmp_path):
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("metrics.json"))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.num_workers=-1", "data.num_workers must be >= 0"),
-    ("data.prefetch_factor=0", "data.prefetch_factor must be >= 1"),
-    ("data.persistent_workers=true", "need worker processes"),
-    ("evaluation.num_workers=-2", "evaluation.num_workers must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("data.prefetch_factor=0", "data.prefetch_factor must be >= 1"),
+        ("data.persistent_workers=true", "need worker processes"),
+        ("evaluation.num_workers=-2", "evaluation.num_workers must be >= 0"),
+    ],
+)
 def test_loader_settings_torch_would_reject_fail_at_start(cfg_factory, override, message):
     from mdfnet_hydra.config import validate_config
 
     with pytest.raises(ConfigError, match=message):
-        validate_config(cfg_factory("debug=fast", "data.num_workers=0" if "workers=-1" not in override else "seed=1", override))
+        validate_config(
+            cfg_factory("debug=fast", "data.num_workers=0" if "workers=-1" not in override else "seed=1", override)
+        )
 
 
 # ---------------------------------------------------------------- the real pipeline in each shape
@@ -154,8 +200,15 @@ def jobs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("shapes")
     out = {}
     for name, (machine, overrides) in JOBS.items():
-        result = run_cli("debug=fast", *SMALL, *EVALUATION, f"paths.root={root}", f"hydra.run.dir={root / name}", *overrides,
-                         env_extra={"MDFNET_MACHINE": machine})
+        result = run_cli(
+            "debug=fast",
+            *SMALL,
+            *EVALUATION,
+            f"paths.root={root}",
+            f"hydra.run.dir={root / name}",
+            *overrides,
+            env_extra={"MDFNET_MACHINE": machine},
+        )
         assert result.returncode == 0, f"{name}: {result.stderr[-4000:]}"
         out[name] = root / name
     return out
@@ -180,7 +233,9 @@ def assert_same_metrics(a: Path, b: Path, tol: float = 1e-6) -> None:
     assert rows[0].keys() == rows[1].keys() == {"stage1", "stage2"}
     for run in rows[0]:
         for key in ("test_auroc_mean", "ci95_low", "ci95_high", "test_auprc_mean", "f1_macro"):
-            assert float(rows[1][run][key]) == pytest.approx(float(rows[0][run][key]), abs=tol), f"evaluation {run} {key}"
+            assert float(rows[1][run][key]) == pytest.approx(float(rows[0][run][key]), abs=tol), (
+                f"evaluation {run} {key}"
+            )
 
 
 def stage_log(run_dir: Path, stage: str = "stage2") -> str:
@@ -199,8 +254,13 @@ def test_gpu_node_choices_reproduce_zero_workers_in_bf16(jobs):
     assert "precision bf16; machine: 16 CPUs, CUDA (bf16)" in head
     assert "stage2: AdamW (fused) step; data loading" in stage_log(jobs["gpu"])
     # pinning is asked for; this CPU-only machine has no CUDA driver to pin with
-    assert "data loading 8 workers (persistent, prefetch 4, fork), pin_memory asked, no accelerator: not pinned" in stage_log(jobs["gpu"])
-    assert "data loading in the main process (0 workers)" in stage_log(jobs["gpu"], "stage1"), "stage 1 reads the feature cache"
+    assert (
+        "data loading 8 workers (persistent, prefetch 4, fork), pin_memory asked, no accelerator: not pinned"
+        in stage_log(jobs["gpu"])
+    )
+    assert "data loading in the main process (0 workers)" in stage_log(jobs["gpu"], "stage1"), (
+        "stage 1 reads the feature cache"
+    )
     assert_same_metrics(jobs["gpu_0_workers"], jobs["gpu"])
 
 
@@ -230,13 +290,28 @@ def test_evaluation_command_with_workers_matches_zero_workers(jobs, tmp_path):
     for name, extra in (("workers", []), ("zero", ["evaluation.num_workers=0"])):
         out = tmp_path / name
         result = subprocess.run(
-            [sys.executable, "-m", "mdfnet_hydra.evaluate", f"experiments_dir={run_dir}", f"output_dir={out}",
-             f"data_root={data_root}", "evaluation.n_bootstrap=100", "evaluation.figures=false", *extra],
-            cwd=REPO, capture_output=True, text=True, timeout=600,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "MDFNET_MACHINE": GPU_NODE})
+            [
+                sys.executable,
+                "-m",
+                "mdfnet_hydra.evaluate",
+                f"experiments_dir={run_dir}",
+                f"output_dir={out}",
+                f"data_root={data_root}",
+                "evaluation.n_bootstrap=100",
+                "evaluation.figures=false",
+                *extra,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "MDFNET_MACHINE": GPU_NODE},
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         logged = result.stdout + result.stderr
-        expected = "data loading 8 workers (restarted each epoch" if name == "workers" else "data loading in the main process"
+        expected = (
+            "data loading 8 workers (restarted each epoch" if name == "workers" else "data loading in the main process"
+        )
         assert expected in logged, logged[-3000:]
         summaries[name] = {r["run"]: r for r in csv.DictReader((out / "results_summary.csv").open())}
     for run, row in summaries["zero"].items():
@@ -248,14 +323,34 @@ def test_evaluation_command_with_workers_matches_zero_workers(jobs, tmp_path):
 def test_benchmark_runs_with_the_gpu_nodes_loader(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "mdfnet_hydra.bench", f"paths.root={tmp_path}", f"bench.output={out}", "bench.steps=2",
-         "bench.warmup=1", "bench.samples=96", "bench.image_sizes=[32]", "bench.ddp_workers=[]", "bench.estimate_memory=false"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "MDFNET_MACHINE": GPU_NODE})
+        [
+            sys.executable,
+            "-m",
+            "mdfnet_hydra.bench",
+            f"paths.root={tmp_path}",
+            f"bench.output={out}",
+            "bench.steps=2",
+            "bench.warmup=1",
+            "bench.samples=96",
+            "bench.image_sizes=[32]",
+            "bench.ddp_workers=[]",
+            "bench.estimate_memory=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "MDFNET_MACHINE": GPU_NODE},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads(out.read_text())
-    assert results["loader"] == {"num_workers": 8, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4,
-                                 "multiprocessing_context": "fork"}
+    assert results["loader"] == {
+        "num_workers": 8,
+        "pin_memory": True,
+        "persistent_workers": True,
+        "prefetch_factor": 4,
+        "multiprocessing_context": "fork",
+    }
     assert "precision bf16" in results["device"] and results["cpus"] == 16
     entry = results["by_image_size"]["32"]
     assert all(entry[k]["samples_per_s"] > 0 for k in ("pipeline", "stage1_recompute", "stage1_cached", "stage2/all"))
@@ -270,8 +365,16 @@ def test_two_process_ddp_with_workers_matches_zero_workers(tmp_path):
     elastic agent; their workers are forked (spawned ones re-imported everything: 148 s, not 12 s)."""
     runs = {}
     for name, extra in (("workers", []), ("zero", ["data.num_workers=0"])):
-        result = run_cli("debug=fast", *SMALL, *EVALUATION, f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path / name}",
-                         "trainer.nproc_per_node=2", *extra, env_extra={"MDFNET_MACHINE": GPU_NODE})
+        result = run_cli(
+            "debug=fast",
+            *SMALL,
+            *EVALUATION,
+            f"paths.root={tmp_path}",
+            f"hydra.run.dir={tmp_path / name}",
+            "trainer.nproc_per_node=2",
+            *extra,
+            env_extra={"MDFNET_MACHINE": GPU_NODE},
+        )
         assert result.returncode == 0, f"{name}: {result.stderr[-4000:]}"
         runs[name] = tmp_path / name
     head = (runs["workers"] / "logs" / "train.log").read_text()

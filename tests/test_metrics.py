@@ -48,8 +48,11 @@ def test_label_without_positives_is_undefined_not_zero():
     m = compute_metrics(probs, targets, mask)
     assert m["auroc"]["Fracture"] is None and m["auroc"]["Edema"] is None
     assert set(m["undefined_labels"]) == {"Fracture", "Edema"}
-    defined = [roc_auc_score(targets[mask[:, j] > 0, j], probs[mask[:, j] > 0, j])
-               for j in range(14) if j not in (fracture, edema)]
+    defined = [
+        roc_auc_score(targets[mask[:, j] > 0, j], probs[mask[:, j] > 0, j])
+        for j in range(14)
+        if j not in (fracture, edema)
+    ]
     assert m["auroc_mean"] == pytest.approx(np.mean(defined), abs=1e-6)
     assert m["f1"]["Fracture"] is None  # F1 needs a positive to be meaningful
 

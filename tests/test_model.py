@@ -42,7 +42,9 @@ def test_clinical_encoder_has_about_525k_parameters(cfg_factory):
 
 
 def test_pooled_outputs_and_concat_fusion_also_work(cfg_factory):
-    cfg = cfg_factory("model.vision.output=pooled", "model.text.output=pooled", "model.text.pooling=mean", "model.fusion.kind=concat")
+    cfg = cfg_factory(
+        "model.vision.output=pooled", "model.text.output=pooled", "model.text.pooling=mean", "model.fusion.kind=concat"
+    )
     model, batch, _ = build(cfg)
     assert model(batch).shape == (4, 14)
 

@@ -27,7 +27,11 @@ EXPECTED_SAMPLES = {"d-pa-1", "d-ap-2", "d-pa-3", "d-pa-4", "d-pa-7"}
 
 
 def make_cfg(paths: dict, out: Path, **overrides):
-    base = {"mimic": {k: str(v) for k, v in paths.items()}, "output_dir": str(out), "images": {"workers": 1, "size": 128}}
+    base = {
+        "mimic": {k: str(v) for k, v in paths.items()},
+        "output_dir": str(out),
+        "images": {"workers": 1, "size": 128},
+    }
     return OmegaConf.merge(OmegaConf.structured(PrepareConfig), base, overrides)
 
 
@@ -61,7 +65,9 @@ def test_labels_row_by_row(prepared):
     _, manifest, report = prepared
     row = manifest.loc["d-pa-1"]
     assert (row["Pleural Effusion"], row["Pneumothorax"], row["Edema"]) == (1.0, 0.0, -1.0)
-    assert all(math.isnan(row[name]) for name in CHEXPERT_LABELS if name not in ("Pleural Effusion", "Pneumothorax", "Edema"))
+    assert all(
+        math.isnan(row[name]) for name in CHEXPERT_LABELS if name not in ("Pleural Effusion", "Pneumothorax", "Edema")
+    )
     assert manifest.loc["d-pa-4", "Pneumonia"] == -1.0 and manifest.loc["d-pa-4", "Fracture"] == 1.0
     prevalence = report["label_prevalence"]
     assert prevalence["train"]["Pleural Effusion"] == {"positive": 1, "negative": 0, "uncertain": 0, "blank": 2}
@@ -70,8 +76,16 @@ def test_labels_row_by_row(prepared):
 def test_clinical_features_row_by_row(prepared):
     _, m, report = prepared
     inside = m.loc["d-pa-1"]  # inside ED stay 30000001
-    assert (inside.temperature, inside.heartrate, inside.resprate, inside.o2sat, inside.sbp, inside.dbp, inside.pain,
-            inside.acuity) == (98.4, 88.0, 18.0, 97.0, 120.0, 80.0, 5.0, 2.0)
+    assert (
+        inside.temperature,
+        inside.heartrate,
+        inside.resprate,
+        inside.o2sat,
+        inside.sbp,
+        inside.dbp,
+        inside.pain,
+        inside.acuity,
+    ) == (98.4, 88.0, 18.0, 97.0, 120.0, 80.0, 5.0, 2.0)
     assert (inside.age, inside.sex) == (52.0, "F")
     slack = m.loc["d-pa-4"]  # 4 h after the stay ended: linked with the default 6 h slack
     assert (slack.heartrate, slack.pain, slack.acuity) == (110.0, 8.0, 1.0) and math.isnan(slack.temperature)
@@ -88,8 +102,9 @@ def test_clinical_features_row_by_row(prepared):
 
 def test_text_comes_from_before_the_read(prepared):
     _, m, _ = prepared
-    assert m.loc["d-pa-1", "text"] == ("INDICATION: ___F with new onset ascites // eval for infection "
-                                        "CHIEF COMPLAINT: Abd pain, Abdominal distention")
+    assert m.loc["d-pa-1", "text"] == (
+        "INDICATION: ___F with new onset ascites // eval for infection CHIEF COMPLAINT: Abd pain, Abdominal distention"
+    )
     assert m.loc["d-pa-3", "text"] == "HISTORY: Shortness of breath, history of CHF."
     assert m.loc["d-ap-2", "text"] == "", "no INDICATION, no ED stay: no text rather than the findings"
     assert m.loc["d-pa-7", "text"] == "CHIEF COMPLAINT: Line check", "no report file"
@@ -146,11 +161,14 @@ def test_images_are_resized_once_and_reused(prepared, tree):
     assert again["images"]["done"] == 0 and again["images"]["reused"] == 5
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("label", r"mimic-cxr-2.0.0-chexpert.csv.gz: row \d+: label 'Edema' is 2.0"),
-    ("csv", r"mimic-cxr-2.0.0-metadata.csv.gz: cannot be read as CSV"),
-    ("column", r"triage.csv.gz: missing columns \['acuity'\]"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("label", r"mimic-cxr-2.0.0-chexpert.csv.gz: row \d+: label 'Edema' is 2.0"),
+        ("csv", r"mimic-cxr-2.0.0-metadata.csv.gz: cannot be read as CSV"),
+        ("column", r"triage.csv.gz: missing columns \['acuity'\]"),
+    ],
+)
 def test_bad_input_names_file_and_row(tree, tmp_path, damage, message):
     cxr = tree["cxr_jpg"]
     if damage == "label":
@@ -188,14 +206,24 @@ def test_cli_prepares_and_the_trainer_reads_it(tree, tmp_path):
 
     out = tmp_path / "prepared"
     args = [f"mimic.{k}={v}" for k, v in tree.items()] + [f"output_dir={out}", "images.workers=2", "images.size=64"]
-    result = subprocess.run([sys.executable, "-m", "mdfnet_hydra.prepare", *args], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mdfnet_hydra.prepare", *args], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| with a readable image | 5 studies | 4 |" in result.stdout
     assert (out / ".hydra" / "config.yaml").is_file()
     from conftest import run_cli
 
-    train = run_cli("data=processed", f"data.root={out}", "debug=fast", "stage=stage1", "trainer.batch_size=1",
-                    "trainer.grad_accum=1", f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}")
+    train = run_cli(
+        "data=processed",
+        f"data.root={out}",
+        "debug=fast",
+        "stage=stage1",
+        "trainer.batch_size=1",
+        "trainer.grad_accum=1",
+        f"paths.root={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["stages"]["stage1"]["train_samples"] == 3
@@ -217,8 +245,12 @@ def test_every_missing_input_is_named_before_any_table_is_read(tree, tmp_path, m
     with pytest.raises(PrepareError, match=r"^4 input\(s\) missing") as err:
         prepare(make_cfg(paths, tmp_path / "out"))
     message = str(err.value)
-    for missing in ("mimic-cxr-2.0.0-chexpert table (mimic.cxr_jpg=", "triage table (mimic.ed=",
-                    f"patients table (mimic.hosp={tmp_path / 'nowhere'}", f"{tree['reports'] / 'files'} (mimic.reports"):
+    for missing in (
+        "mimic-cxr-2.0.0-chexpert table (mimic.cxr_jpg=",
+        "triage table (mimic.ed=",
+        f"patients table (mimic.hosp={tmp_path / 'nowhere'}",
+        f"{tree['reports'] / 'files'} (mimic.reports",
+    ):
         assert missing in message
     assert "metadata" not in message and "edstays" not in message
     assert not (tmp_path / "out").exists()
@@ -233,9 +265,12 @@ def test_reports_are_not_required_when_no_section_is_wanted(tree, tmp_path):
 
 def test_wrong_reports_folder_fails_naming_it(tree, tmp_path):
     wrong = dict(tree, reports=tree["cxr_jpg"])  # has files/pXX/... but no reports in it
-    with pytest.raises(PrepareError, match=r"found 0 of 6 reports under .*mimic-cxr-jpg/files \(0%.*\); expected one "
-                                           r"per study as pXX/pXXXXXXXX/sXXXXXXXX.txt, e.g. .*/p10/p10000032/"
-                                           r"s50414267.txt: point mimic.reports at"):
+    with pytest.raises(
+        PrepareError,
+        match=r"found 0 of 6 reports under .*mimic-cxr-jpg/files \(0%.*\); expected one "
+        r"per study as pXX/pXXXXXXXX/sXXXXXXXX.txt, e.g. .*/p10/p10000032/"
+        r"s50414267.txt: point mimic.reports at",
+    ):
         prepare(make_cfg(wrong, tmp_path / "out"))
 
 
@@ -253,15 +288,21 @@ def test_cxr_without_its_image_folder_fails(tree, tmp_path):
     with pytest.raises(PrepareError, match=r"1 input\(s\) missing: the folder .*mimic-cxr-jpg/files \(mimic.cxr_jpg"):
         prepare(make_cfg(tree, tmp_path / "out"))
     (tree["cxr_jpg"] / "files" / "p10").mkdir(parents=True)  # the folder, but not the images
-    with pytest.raises(PrepareError, match=r"found 0 of 6 chosen images under .*mimic-cxr-jpg/files .*\(6 missing, "
-                                           r"0 unreadable, e.g. .*d-pa-1.jpg\): point mimic.cxr_jpg at"):
+    with pytest.raises(
+        PrepareError,
+        match=r"found 0 of 6 chosen images under .*mimic-cxr-jpg/files .*\(6 missing, "
+        r"0 unreadable, e.g. .*d-pa-1.jpg\): point mimic.cxr_jpg at",
+    ):
         prepare(make_cfg(tree, tmp_path / "out"))
     assert not (tmp_path / "out" / "manifest.parquet").exists()
 
 
 def test_partial_images_fail_unless_the_check_is_lowered(tree, tmp_path):
-    for dicom, subject, study in (("d-pa-1", 10000032, 50414267), ("d-ap-2", 10000032, 53189527),
-                                  ("d-pa-3", 10000764, 57375967)):
+    for dicom, subject, study in (
+        ("d-pa-1", 10000032, 50414267),
+        ("d-ap-2", 10000032, 53189527),
+        ("d-pa-3", 10000764, 57375967),
+    ):
         (fake_mimic.study_dir(tree["cxr_jpg"], subject, study) / f"{dicom}.jpg").unlink()
     with pytest.raises(PrepareError, match=r"found 2 of 6 chosen images .*fewer than checks.min_images_found=0.5"):
         prepare(make_cfg(tree, tmp_path / "a"))
@@ -286,9 +327,12 @@ def test_label_table_cut_mid_row_is_refused(tree, tmp_path):
     with gzip.open(path, "rt") as handle:
         text = handle.read()
     with gzip.open(path, "wt") as handle:  # a valid gzip whose last row stops after 3 of 16 fields
-        handle.write(text[:text.rstrip("\n").rfind("\n") + 1] + "10001401,55555555,1.0")
-    with pytest.raises(PrepareError, match=r"mimic-cxr-2.0.0-chexpert.csv.gz: 1 row\(s\) do not have the header's 16 "
-                                           r"fields \(line 8 has 3\).*download it again"):
+        handle.write(text[: text.rstrip("\n").rfind("\n") + 1] + "10001401,55555555,1.0")
+    with pytest.raises(
+        PrepareError,
+        match=r"mimic-cxr-2.0.0-chexpert.csv.gz: 1 row\(s\) do not have the header's 16 "
+        r"fields \(line 8 has 3\).*download it again",
+    ):
         prepare(make_cfg(tree, tmp_path / "out"))
 
 
@@ -300,8 +344,11 @@ def test_rows_with_too_many_fields_are_named_by_line(tree, tmp_path):
     lines[4] = lines[4].rsplit(",", 2)[0]
     with gzip.open(path, "wt") as handle:
         handle.write("\n".join(lines) + "\n")
-    with pytest.raises(PrepareError, match=r"edstays.csv.gz: 2 row\(s\) do not have the header's 9 fields "
-                                           r"\(line 3 has 10, line 5 has 7\)"):
+    with pytest.raises(
+        PrepareError,
+        match=r"edstays.csv.gz: 2 row\(s\) do not have the header's 9 fields "
+        r"\(line 3 has 10, line 5 has 7\)",
+    ):
         prepare(make_cfg(tree, tmp_path / "out"))
 
 

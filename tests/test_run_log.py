@@ -10,9 +10,19 @@ import pytest
 
 from conftest import run_cli
 
-JOB = ("modality=clinical", "stage=stage2", "debug=fast", "data.synthetic.num_samples=300", "data.synthetic.image_size=32",
-       "optimizer=sgd", "loss=focal", "trainer.max_grad_norm=1.5", "trainer.precision=fp32", "seed=7",
-       "trainer.limit_val_batches=1")
+JOB = (
+    "modality=clinical",
+    "stage=stage2",
+    "debug=fast",
+    "data.synthetic.num_samples=300",
+    "data.synthetic.image_size=32",
+    "optimizer=sgd",
+    "loss=focal",
+    "trainer.max_grad_norm=1.5",
+    "trainer.precision=fp32",
+    "seed=7",
+    "trainer.limit_val_batches=1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +49,7 @@ def test_a_stage2_job_without_init_from_warns_at_start_and_in_the_summary(job_lo
     warning = "stage 2 starts from an untrained fusion and head"
     assert log.count(warning) == 2, "at the start and again in the end-of-run summary"
     start, summary = log.index(warning), log.rindex(warning)
-    assert "[WARNING]" in log[log.rfind("\n", 0, start):start]
+    assert "[WARNING]" in log[log.rfind("\n", 0, start) : start]
     assert start < log.index("epoch 1/1") < summary < log.index("AUROC of stage2's")
     assert "stage.init_from=<run>/stage1/checkpoints/best_mean.pth" in log and "stage=two_stage" in log
 
@@ -47,5 +57,7 @@ def test_a_stage2_job_without_init_from_warns_at_start_and_in_the_summary(job_lo
 def test_a_limited_epoch_line_says_on_what_it_is_computed(job_log):
     log, _ = job_log
     (line,) = [line for line in log.splitlines() if "stage2 epoch 1/1 |" in line]
-    assert re.search(r"val \(first 1 of \d+ batches\) loss [\d.]+ \| val \(first 1 of \d+ batches\) mean AUROC", line), line
+    assert re.search(
+        r"val \(first 1 of \d+ batches\) loss [\d.]+ \| val \(first 1 of \d+ batches\) mean AUROC", line
+    ), line
     assert "stage2 ETA" in line

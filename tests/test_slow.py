@@ -49,9 +49,22 @@ def test_compiled_model_trains_like_eager(tmp_path, output_root):
     weights = {}
     for compiled in (False, True):
         run_dir = tmp_path / f"compiled-{compiled}"
-        run(make_cfg(["debug=fast", "stage=stage1", "modality=vision_clinical", f"trainer.compile={str(compiled).lower()}",
-                      "model.fusion.dropout=0", "model.head.dropout1=0", "model.head.dropout2=0", "model.clinical.dropout=0"],
-                     run_dir, output_root))
+        run(
+            make_cfg(
+                [
+                    "debug=fast",
+                    "stage=stage1",
+                    "modality=vision_clinical",
+                    f"trainer.compile={str(compiled).lower()}",
+                    "model.fusion.dropout=0",
+                    "model.head.dropout1=0",
+                    "model.head.dropout2=0",
+                    "model.clinical.dropout=0",
+                ],
+                run_dir,
+                output_root,
+            )
+        )
         weights[compiled] = load_checkpoint(run_dir / "stage1" / "checkpoints" / "last.pth")["model"]
         assert ("through torch.compile" in (run_dir / "logs" / "train.log").read_text()) is compiled
     for key, value in weights[False].items():

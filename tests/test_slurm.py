@@ -38,9 +38,14 @@ pytestmark = pytest.mark.slurm
 
 TINY = ("debug=fast", "data.synthetic.num_samples=300", "data.synthetic.image_size=32")
 # a 2-core test node: one CPU per task, two tasks at once
-SMALL_JOBS = ("hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
-              "hydra.launcher.timeout_min=20", "hydra.launcher.array_parallelism=2",
-              "hydra.launcher.setup=[\"export HF_HUB_OFFLINE=1\"]")
+SMALL_JOBS = (
+    "hydra/launcher=slurm",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+    "hydra.launcher.timeout_min=20",
+    "hydra.launcher.array_parallelism=2",
+    'hydra.launcher.setup=["export HF_HUB_OFFLINE=1"]',
+)
 
 
 def submitted(sweep_dir: Path) -> list[str]:
@@ -59,7 +64,9 @@ def final_states(job_id: str, wait_s: float = 60) -> list[str]:
     """sacct states of an array's tasks once SLURM has finished them (results can land first)."""
     deadline = time.time() + wait_s
     while True:
-        accounting = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"], capture_output=True, text=True)
+        accounting = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"], capture_output=True, text=True
+        )
         states = [line.split("|")[1] for line in accounting.stdout.split()]
         if all(s not in ("RUNNING", "PENDING", "COMPLETING", "REQUEUED") for s in states) or time.time() > deadline:
             return states
@@ -69,9 +76,17 @@ def final_states(job_id: str, wait_s: float = 60) -> list[str]:
 @pytest.mark.slow
 def test_ablations_run_as_one_job_array(tmp_path):
     sweep_dir = tmp_path / "ablations"
-    result = run_cli("--multirun", "experiment=ablations", *TINY, *SMALL_JOBS, f"paths.root={tmp_path}",
-                     f"hydra.sweep.dir={sweep_dir}", "evaluation.saliency_per_label=0", "evaluation.n_bootstrap=100",
-                     timeout=1200)
+    result = run_cli(
+        "--multirun",
+        "experiment=ablations",
+        *TINY,
+        *SMALL_JOBS,
+        f"paths.root={tmp_path}",
+        f"hydra.sweep.dir={sweep_dir}",
+        "evaluation.saliency_per_label=0",
+        "evaluation.n_bootstrap=100",
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     ids = array_ids(sweep_dir)
     assert len(ids) == 1, f"one SLURM job array, got {ids}"
@@ -80,7 +95,15 @@ def test_ablations_run_as_one_job_array(tmp_path):
     assert states == ["COMPLETED"] * 7, states
     with (sweep_dir / SUMMARY_FILE).open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["modality"] for r in rows] == ["vision", "text", "clinical", "vision_text", "vision_clinical", "text_clinical", "all"]
+    assert [r["modality"] for r in rows] == [
+        "vision",
+        "text",
+        "clinical",
+        "vision_text",
+        "vision_clinical",
+        "text_clinical",
+        "all",
+    ]
     assert all(r["status"] == "completed" and float(r["val_auroc_mean"]) > 0 for r in rows)
     for row in rows:
         job = sweep_dir / row["job"]
@@ -95,8 +118,17 @@ def test_ablations_run_as_one_job_array(tmp_path):
 
 def test_job_with_two_tasks_trains_data_parallel(tmp_path):
     sweep_dir = tmp_path / "ddp"
-    result = run_cli("--multirun", "modality=clinical", "stage=stage1", *TINY, *SMALL_JOBS, "hydra.launcher.tasks_per_node=2",
-                     f"paths.root={tmp_path}", f"hydra.sweep.dir={sweep_dir}", timeout=900)
+    result = run_cli(
+        "--multirun",
+        "modality=clinical",
+        "stage=stage1",
+        *TINY,
+        *SMALL_JOBS,
+        "hydra.launcher.tasks_per_node=2",
+        f"paths.root={tmp_path}",
+        f"hydra.sweep.dir={sweep_dir}",
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     log = (sweep_dir / "0" / "logs" / "train.log").read_text()
     assert "world size 2 (backend gloo, rank 0)" in log
@@ -108,12 +140,31 @@ def test_job_with_two_tasks_trains_data_parallel(tmp_path):
 def test_timeout_signal_requeues_and_resumes_from_checkpoint(tmp_path):
     sweep_dir = tmp_path / "requeue"
     epochs = 12
-    command = [sys.executable, "-m", "mdfnet_hydra.train", "--multirun", "modality=vision_text", "stage=stage1", *TINY,
-               *SMALL_JOBS, "hydra.launcher.max_num_timeout=2", f"phases.stage1.epochs={epochs}",
-               "trainer.limit_train_batches=null", "data.small_sample=null", "trainer.global_batch_size=8",
-               f"paths.root={tmp_path}", f"hydra.sweep.dir={sweep_dir}"]
-    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "mdfnet_hydra.train",
+        "--multirun",
+        "modality=vision_text",
+        "stage=stage1",
+        *TINY,
+        *SMALL_JOBS,
+        "hydra.launcher.max_num_timeout=2",
+        f"phases.stage1.epochs={epochs}",
+        "trainer.limit_train_batches=null",
+        "data.small_sample=null",
+        "trainer.global_batch_size=8",
+        f"paths.root={tmp_path}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     last = sweep_dir / "0" / "stage1" / "checkpoints" / "last.pth"
     signalled_at = None
     deadline = time.time() + 600

@@ -30,17 +30,34 @@ print(json.dumps(sorted(sys.modules)))
 IMAGE_STACK = {"open_clip", "timm", "mdfnet_hydra.models.vision"}
 
 
-@pytest.mark.parametrize("modality, absent", [
-    ("clinical", IMAGE_STACK | {"mdfnet_hydra.models.text"}),
-    ("text", IMAGE_STACK),
-    ("vision", {"mdfnet_hydra.models.text"}),
-])
+@pytest.mark.parametrize(
+    "modality, absent",
+    [
+        ("clinical", IMAGE_STACK | {"mdfnet_hydra.models.text"}),
+        ("text", IMAGE_STACK),
+        ("vision", {"mdfnet_hydra.models.text"}),
+    ],
+)
 def test_a_job_imports_only_what_its_modalities_use(tmp_path, modality, absent):
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, str(REPO / "conf"), str(tmp_path / "run"), f"modality={modality}", "stage=stage1",
-         "debug=fast", f"paths.root={tmp_path}", "data.synthetic.num_samples=200", "data.synthetic.image_size=32",
-         "evaluation.on_finish=false"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            PROBE,
+            str(REPO / "conf"),
+            str(tmp_path / "run"),
+            f"modality={modality}",
+            "stage=stage1",
+            "debug=fast",
+            f"paths.root={tmp_path}",
+            "data.synthetic.num_samples=200",
+            "data.synthetic.image_size=32",
+            "evaluation.on_finish=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))

@@ -48,8 +48,16 @@ def test_bayesian_study_persists_and_resumes(tmp_path):
     recorded = sorted(float(r["val_auroc_mean"]) for r in rows)
     assert sorted(t.value for t in study.trials) == pytest.approx(recorded)
     assert set(study.trials[0].params) == {
-        "phases.stage1.lr", "phases.stage2.lr_encoders", "phases.stage2.lr_fusion", "optimizer.weight_decay",
-        "model.fusion.dropout", "model.head.dropout1", "loss.bce_weight", "loss.focal_alpha", "loss.focal_gamma"}
+        "phases.stage1.lr",
+        "phases.stage2.lr_encoders",
+        "phases.stage2.lr_fusion",
+        "optimizer.weight_decay",
+        "model.fusion.dropout",
+        "model.head.dropout1",
+        "loss.bce_weight",
+        "loss.focal_alpha",
+        "loss.focal_gamma",
+    }
 
     # the same command with a larger budget continues the study: one more trial, no collisions
     sweep(tmp_path, *common, "hparams.n_trials=3")
@@ -90,9 +98,18 @@ def test_a_study_refuses_trials_that_are_not_comparable(tmp_path):
 
 
 def test_grid_records_failed_and_nan_trials_and_goes_on(tmp_path):
-    result = sweep(tmp_path, "hparams=grid", "hparams/space=none", "modality=clinical", "stage=stage1", "optimizer=sgd",
-                   "model.fusion.heads=choice(4,3)", "phases.stage1.lr=choice(1e-3,1e20)", "hparams.max_failure_rate=0.9",
-                   "hparams.n_trials=4")
+    result = sweep(
+        tmp_path,
+        "hparams=grid",
+        "hparams/space=none",
+        "modality=clinical",
+        "stage=stage1",
+        "optimizer=sgd",
+        "model.fusion.heads=choice(4,3)",
+        "phases.stage1.lr=choice(1e-3,1e20)",
+        "hparams.max_failure_rate=0.9",
+        "hparams.n_trials=4",
+    )
     sweep_dir = tmp_path / "sweeps" / "grid-clinical-stage1"
     study = load_study(sweep_dir)
     states = sorted(t.state.name for t in study.trials)
@@ -108,15 +125,25 @@ def test_grid_records_failed_and_nan_trials_and_goes_on(tmp_path):
 
 
 def test_too_many_failures_abort_the_sweep(tmp_path):
-    result = sweep(tmp_path, "hparams=grid", "hparams/space=none", "modality=clinical", "stage=stage1",
-                   "model.fusion.heads=choice(3,5)", "hparams.n_trials=2", "hparams.max_failure_rate=0.25",
-                   expect_ok=False)
+    result = sweep(
+        tmp_path,
+        "hparams=grid",
+        "hparams/space=none",
+        "modality=clinical",
+        "stage=stage1",
+        "model.fusion.heads=choice(3,5)",
+        "hparams.n_trials=2",
+        "hparams.max_failure_rate=0.25",
+        expect_ok=False,
+    )
     assert result.returncode != 0
     assert "aborting the sweep" in result.stdout + result.stderr
 
 
 def test_random_search_multi_objective_pareto_front(tmp_path):
-    result = sweep(tmp_path, "hparams=random", "hparams.objective=multi", "hparams.n_trials=2", "modality=clinical", "stage=stage1")
+    result = sweep(
+        tmp_path, "hparams=random", "hparams.objective=multi", "hparams.n_trials=2", "modality=clinical", "stage=stage1"
+    )
     assert "RandomSampler" in result.stdout + result.stderr
     sweep_dir = tmp_path / "sweeps" / "random-clinical-stage1"
     study = load_study(sweep_dir)
@@ -133,21 +160,34 @@ def test_random_search_multi_objective_pareto_front(tmp_path):
 
 
 def test_baselines_preset_and_summary_rebuild(tmp_path):
-    sweep(tmp_path, "experiment=baselines", "stage=stage1", f"hydra.sweep.dir={tmp_path / 'baselines'}",
-          "evaluation.saliency_per_label=0", "evaluation.n_bootstrap=50")
+    sweep(
+        tmp_path,
+        "experiment=baselines",
+        "stage=stage1",
+        f"hydra.sweep.dir={tmp_path / 'baselines'}",
+        "evaluation.saliency_per_label=0",
+        "evaluation.n_bootstrap=50",
+    )
     sweep_dir = tmp_path / "baselines"
     rows = summary_rows(sweep_dir)
     assert [(r["job"], r["modality"], r["status"]) for r in rows] == [
-        ("0_vision", "vision", "completed"), ("1_text", "text", "completed"), ("2_clinical", "clinical", "completed")]
+        ("0_vision", "vision", "completed"),
+        ("1_text", "text", "completed"),
+        ("2_clinical", "clinical", "completed"),
+    ]
     for r in rows:
-        defined = [float(r[f"val_auroc/{n}"]) for n in json.loads((sweep_dir / r["job"] / "metrics.json").read_text())
-                   ["stages"]["stage1"]["val"]["auroc"] if r[f"val_auroc/{n}"] != ""]
+        defined = [
+            float(r[f"val_auroc/{n}"])
+            for n in json.loads((sweep_dir / r["job"] / "metrics.json").read_text())["stages"]["stage1"]["val"]["auroc"]
+            if r[f"val_auroc/{n}"] != ""
+        ]
         assert float(r["val_auroc_mean"]) == pytest.approx(sum(defined) / len(defined), abs=1e-6)
         assert r["best_epoch"] == "1" and float(r["wall_time_s"]) > 0
     with (sweep_dir / "evaluation" / "results_summary.csv").open() as handle:
         evaluated = {r["run"]: r["modality"] for r in csv.DictReader(handle)}
-    assert evaluated == {"0_vision/stage1": "vision", "1_text/stage1": "text", "2_clinical/stage1": "clinical"}, \
+    assert evaluated == {"0_vision/stage1": "vision", "1_text/stage1": "text", "2_clinical/stage1": "clinical"}, (
         "the multirun's end evaluates every run in the sweep"
+    )
     assert (sweep_dir / "evaluation" / "auroc_by_label.png").is_file()
     assert not list(sweep_dir.glob("*/evaluation")), "jobs of a multirun leave the evaluation to the sweep's end"
     original = (sweep_dir / SUMMARY_FILE).read_text()
@@ -164,7 +204,14 @@ def test_ablations_preset_lists_all_seven_combinations(cfg_factory):
     with initialize_config_dir(config_dir=str(CONF)):
         cfg = compose("train", overrides=["experiment=ablations"], return_hydra_config=True)
     assert cfg.hydra.sweeper.params.modality.split(",") == [
-        "vision", "text", "clinical", "vision_text", "vision_clinical", "text_clinical", "all"]
+        "vision",
+        "text",
+        "clinical",
+        "vision_text",
+        "vision_clinical",
+        "text_clinical",
+        "all",
+    ]
 
 
 def test_time_budget_stops_cleanly_with_the_best_so_far(cfg_factory, tmp_path):
@@ -182,8 +229,14 @@ def test_time_budget_stops_cleanly_with_the_best_so_far(cfg_factory, tmp_path):
 
 def test_submitit_local_launcher_runs_the_same_jobs(tmp_path):
     sweep_dir = tmp_path / "local"
-    sweep(tmp_path, "modality=clinical,text", "stage=stage1", "hydra/launcher=submitit_local",
-          "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep_dir}")
+    sweep(
+        tmp_path,
+        "modality=clinical,text",
+        "stage=stage1",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     rows = summary_rows(sweep_dir)
     assert [(r["modality"], r["status"]) for r in rows] == [("clinical", "completed"), ("text", "completed")]
     assert (sweep_dir / ".submitit").is_dir(), "jobs went through submitit"

@@ -37,9 +37,15 @@ def start_sweep(tmp_path, *overrides: str, log_name: str) -> tuple[subprocess.Po
     """The real entry point as a user starts it, in its own process group (so a test can kill it)."""
     args = ["--multirun", *TINY, f"paths.root={tmp_path}", *STUDY, *overrides]
     log = (tmp_path / log_name).open("w")
-    process = subprocess.Popen([sys.executable, "-m", "mdfnet_hydra.train", *args, *quiet_evaluation(args)],
-                               cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mdfnet_hydra.train", *args, *quiet_evaluation(args)],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     return process, log
 
 
@@ -78,8 +84,9 @@ def test_two_processes_share_one_study(tmp_path):
     assert [t.number for t in trials] == [0, 1, 2, 3]
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4, "the study counts each trial once"
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 4, "the processes drew distinct trials"
-    assert [launched(o) for o in outputs] != [4, 0] and [launched(o) for o in outputs] != [0, 4], \
+    assert [launched(o) for o in outputs] != [4, 0] and [launched(o) for o in outputs] != [0, 4], (
         "both processes ran trials of the study"
+    )
     assert sum(launched(o) for o in outputs) == 4, "no trial was trained twice"
 
     dirs = job_dirs(sweep_dir)
@@ -136,8 +143,9 @@ def test_a_running_trial_is_orphaned_only_when_its_sweep_is_gone():
 
     def running(owner, beat):
         attrs = {OWNER_ATTR: owner, HEARTBEAT_ATTR: beat}
-        return optuna.trial.create_trial(state=TrialState.RUNNING, params={"x": 0.5}, distributions=space,
-                                         system_attrs=attrs)
+        return optuna.trial.create_trial(
+            state=TrialState.RUNNING, params={"x": 0.5}, distributions=space, system_attrs=attrs
+        )
 
     now = time.time()
     me = {"host": "here", "pid": os.getpid(), "start": None, "pids": pid_space()}
@@ -167,8 +175,10 @@ def test_a_trial_whose_job_still_holds_its_directory_is_not_taken_over(tmp_path)
     assert not trial_directory_busy(tmp_path, 3), "the job ended: the trial can be run again"
 
 
-@pytest.mark.parametrize("make", [lambda: optuna.samplers.RandomSampler(seed=7),
-                                  lambda: optuna.samplers.TPESampler(seed=7, n_startup_trials=10)])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: optuna.samplers.RandomSampler(seed=7), lambda: optuna.samplers.TPESampler(seed=7, n_startup_trials=10)],
+)
 def test_per_trial_seeds_make_draws_independent_of_the_process(make):
     """Two samplers (two processes) taking turns on one study draw what one sampler alone draws."""
     space = {"a": FloatDistribution(1e-5, 1e-2, log=True), "b": FloatDistribution(0.2, 0.4)}
@@ -182,8 +192,9 @@ def test_per_trial_seeds_make_draws_independent_of_the_process(make):
     alone = optuna.create_study(sampler=make())
     expected = [draw(alone, alone.sampler, n) for n in range(4)]
     storage = optuna.storages.InMemoryStorage()
-    first, second = (optuna.create_study(study_name="s", storage=storage, sampler=make(), load_if_exists=True)
-                     for _ in range(2))
+    first, second = (
+        optuna.create_study(study_name="s", storage=storage, sampler=make(), load_if_exists=True) for _ in range(2)
+    )
     turns = [draw(study, study.sampler, n) for n, study in enumerate([first, second, second, first])]
     assert turns == expected
     assert len({tuple(d.values()) for d in expected}) == 4
@@ -213,8 +224,18 @@ def study_sweeper(tmp_path, launcher, space: dict, sampler, n_trials: int, n_job
 
     from mdfnet_hydra.sweep_study import SharedStudySweeperImpl
 
-    impl = SharedStudySweeperImpl(sampler, "maximize", f"sqlite:///{tmp_path / 'optuna.db'}", "s", n_trials, n_jobs,
-                                  0.0, None, OmegaConf.create(space), seed=3)
+    impl = SharedStudySweeperImpl(
+        sampler,
+        "maximize",
+        f"sqlite:///{tmp_path / 'optuna.db'}",
+        "s",
+        n_trials,
+        n_jobs,
+        0.0,
+        None,
+        OmegaConf.create(space),
+        seed=3,
+    )
     impl.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
     impl.launcher, impl.hydra_context, impl.sweep_dir = launcher, object(), str(tmp_path)
     return impl
@@ -249,8 +270,9 @@ def test_a_sweeper_takes_over_a_trial_whose_process_ended(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize")
     orphan = study.ask({"x": FloatDistribution(0, 1)})
-    study._storage.set_trial_system_attr(orphan._trial_id, OWNER_ATTR,
-                                         {"host": socket.gethostname(), "pid": int(dead.stdout), "start": None})
+    study._storage.set_trial_system_attr(
+        orphan._trial_id, OWNER_ATTR, {"host": socket.gethostname(), "pid": int(dead.stdout), "start": None}
+    )
     launcher = RecordingLauncher()
     study_sweeper(tmp_path, launcher, {"x": "interval(0, 1)"}, optuna.samplers.RandomSampler(), 2, 2).sweep([])
     x = orphan.params["x"]

@@ -74,8 +74,18 @@ def test_any_change_to_the_ids_inputs_changes_the_key(tokenizer):
 
 
 def _train(tmp_path: Path, name: str, output_root: Path, *overrides: str) -> dict:
-    cfg = make_cfg(["debug=fast", "stage=stage1", "modality=text", "data.feature_cache=false",
-                    f"paths.cache_dir={tmp_path / 'cache'}", *overrides], tmp_path / name, output_root)
+    cfg = make_cfg(
+        [
+            "debug=fast",
+            "stage=stage1",
+            "modality=text",
+            "data.feature_cache=false",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            *overrides,
+        ],
+        tmp_path / name,
+        output_root,
+    )
     summary = run(cfg)["stages"]["stage1"]
     return {**summary, "log": (tmp_path / name / "logs" / "train.log").read_text()}
 
@@ -85,7 +95,9 @@ def test_training_from_cached_ids_matches_tokenising_in_memory(tmp_path, output_
     assert "token ids" not in in_memory["log"] and not (tmp_path / "cache" / "tokens").exists()
     first = _train(tmp_path, "first", output_root)
     second = _train(tmp_path, "second", output_root)
-    assert first["log"].count(": built in") == 3 and second["log"].count(": reused in") == 3, "train/val/test built once"
+    assert first["log"].count(": built in") == 3 and second["log"].count(": reused in") == 3, (
+        "train/val/test built once"
+    )
     for result in (first, second):
         assert result["val"]["auroc_mean"] == in_memory["val"]["auroc_mean"]
         assert result["test"]["loss"] == in_memory["test"]["loss"]

@@ -83,9 +83,19 @@ def test_tensorboard_has_the_spec_tags(two_stage):
         acc = EventAccumulator(str(run_dir / stage / "tensorboard"))
         acc.Reload()
         tags = set(acc.Tags()["scalars"])
-        expected = {"train/loss_bce", "train/loss_focal", "train/loss_combined", "val/loss", "val/auroc_mean",
-                    "val/auprc_mean", "val/f1_macro", "val/f1_micro", "batch/loss", "batch/grad_norm",
-                    "batch/samples_per_sec"} | {f"lr/{g}" for g in lr_groups}
+        expected = {
+            "train/loss_bce",
+            "train/loss_focal",
+            "train/loss_combined",
+            "val/loss",
+            "val/auroc_mean",
+            "val/auprc_mean",
+            "val/f1_macro",
+            "val/f1_micro",
+            "batch/loss",
+            "batch/grad_norm",
+            "batch/samples_per_sec",
+        } | {f"lr/{g}" for g in lr_groups}
         assert expected <= tags, expected - tags
         per_label = {t for t in tags if t.startswith("val/auroc/")}
         assert per_label and per_label <= {f"val/auroc/{tag_name(n)}" for n in CHEXPERT_LABELS}
@@ -145,7 +155,9 @@ def test_checkpoint_reloads_and_reproduces_saved_predictions(two_stage):
     assert ckpt["config"]["model"]["fusion"]["dim"] == cfg.model.fusion.dim
 
 
-@pytest.mark.parametrize("modality", ["vision", "text", "clinical", "vision_text", "vision_clinical", "text_clinical", "all"])
+@pytest.mark.parametrize(
+    "modality", ["vision", "text", "clinical", "vision_text", "vision_clinical", "text_clinical", "all"]
+)
 def test_every_modality_trains(cfg_factory, tmp_path, modality):
     objective = run(cfg_factory("debug=fast", f"modality={modality}"))["objective"]
     assert math.isfinite(objective) and 0.0 <= objective <= 1.0
@@ -155,11 +167,21 @@ def test_every_modality_trains(cfg_factory, tmp_path, modality):
 
 @pytest.mark.parametrize("loss, optimizer", [("bce", "sgd"), ("focal", "adamw")])
 def test_loss_and_optimizer_choices_train(cfg_factory, loss, optimizer):
-    assert math.isfinite(run(cfg_factory("debug=fast", "stage=stage1", f"loss={loss}", f"optimizer={optimizer}"))["objective"])
+    assert math.isfinite(
+        run(cfg_factory("debug=fast", "stage=stage1", f"loss={loss}", f"optimizer={optimizer}"))["objective"]
+    )
 
 
 def test_periodic_checkpoints_keep_the_last_three(cfg_factory, tmp_path):
-    run(cfg_factory("debug=fast", "stage=stage1", "modality=clinical", "phases.stage1.epochs=5", "trainer.checkpoint.every_n_epochs=1"))
+    run(
+        cfg_factory(
+            "debug=fast",
+            "stage=stage1",
+            "modality=clinical",
+            "phases.stage1.epochs=5",
+            "trainer.checkpoint.every_n_epochs=1",
+        )
+    )
     names = sorted(p.name for p in (tmp_path / "run" / "stage1" / "checkpoints").glob("epoch_*.pth"))
     assert names == ["epoch_003.pth", "epoch_004.pth", "epoch_005.pth"]
 
@@ -174,11 +196,21 @@ def test_stage2_from_a_stage1_checkpoint(two_stage, cfg_factory, tmp_path):
     log = (tmp_path / "run" / "logs" / "train.log").read_text()
     assert f"initialising from {best}" in log
     with pytest.raises(ConfigError, match="was trained with modalities"):
-        run(cfg_factory("debug=fast", "stage=stage2", "modality=vision", f"stage.init_from={best}", run_dir=tmp_path / "other"))
+        run(
+            cfg_factory(
+                "debug=fast", "stage=stage2", "modality=vision", f"stage.init_from={best}", run_dir=tmp_path / "other"
+            )
+        )
 
 
 def test_interrupted_phase_resumes_to_the_same_weights(cfg_factory, tmp_path, monkeypatch):
-    overrides = ("debug=fast", "stage=stage1", "modality=vision_clinical", "phases.stage1.epochs=3", "phases.stage1.warmup_epochs=1")
+    overrides = (
+        "debug=fast",
+        "stage=stage1",
+        "modality=vision_clinical",
+        "phases.stage1.epochs=3",
+        "phases.stage1.warmup_epochs=1",
+    )
     run(cfg_factory(*overrides, run_dir=tmp_path / "straight"))
 
     original = PhaseTrainer._train_epoch
@@ -203,8 +235,13 @@ def test_interrupted_phase_resumes_to_the_same_weights(cfg_factory, tmp_path, mo
 
 
 def test_cli_runs_one_directory_with_table(tmp_path):
-    result = run_cli("debug=fast", "modality=vision_text", f"paths.root={tmp_path}",
-                     "data.synthetic.num_samples=300", "data.synthetic.image_size=32")
+    result = run_cli(
+        "debug=fast",
+        "modality=vision_text",
+        f"paths.root={tmp_path}",
+        "data.synthetic.num_samples=300",
+        "data.synthetic.image_size=32",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "runs").glob("*/*"))
     assert len(runs) == 1 and runs[0].name.endswith("_vision_text_two_stage")
@@ -217,7 +254,9 @@ def test_cli_runs_one_directory_with_table(tmp_path):
 
 
 def test_a_callback_outside_the_execution_whitelist_is_refused(tmp_path):
-    result = run_cli("debug=fast", "modality=clinical", f"paths.root={tmp_path}", "+hydra.callbacks.evil._target_=builtins.print")
+    result = run_cli(
+        "debug=fast", "modality=clinical", f"paths.root={tmp_path}", "+hydra.callbacks.evil._target_=builtins.print"
+    )
     assert result.returncode != 0
     assert "Target 'builtins.print' is not in the Hydra execution whitelist" in result.stderr
     assert not (tmp_path / "runs").exists(), "refused before any work"
@@ -225,28 +264,45 @@ def test_a_callback_outside_the_execution_whitelist_is_refused(tmp_path):
 
 def test_phase_start_logs_the_scheduled_peak_learning_rates(cfg_factory, tmp_path):
     """Not the warmup's first rates (1% of the peak), which the optimizer holds at that point."""
-    run(cfg_factory("debug=fast", "stage=stage2", "modality=clinical", "phases.stage2.epochs=2", "phases.stage2.warmup_epochs=1"))
+    run(
+        cfg_factory(
+            "debug=fast", "stage=stage2", "modality=clinical", "phases.stage2.epochs=2", "phases.stage2.warmup_epochs=1"
+        )
+    )
     log = (tmp_path / "run" / "logs" / "train.log").read_text()
-    assert ("stage2: 2 epochs (warmup 1), trainable encoders, lr fusion 1.0e-04, head 1.0e-04 "
-            "(linear warmup from 0.01x over 1 epoch(s), then cosine to 0.01x)") in log
+    assert (
+        "stage2: 2 epochs (warmup 1), trainable encoders, lr fusion 1.0e-04, head 1.0e-04 "
+        "(linear warmup from 0.01x over 1 epoch(s), then cosine to 0.01x)"
+    ) in log
     assert "1.0e-06" not in log
 
 
 def test_bf16_autocast_path_trains_on_cpu(cfg_factory):
-    assert math.isfinite(run(cfg_factory("debug=fast", "stage=stage1", "modality=vision_text", "trainer.precision=bf16"))["objective"])
+    assert math.isfinite(
+        run(cfg_factory("debug=fast", "stage=stage1", "modality=vision_text", "trainer.precision=bf16"))["objective"]
+    )
 
 
 def test_fp16_on_cpu_trains_with_a_live_gradient_scaler(cfg_factory, tmp_path):
     """fp16 autocast and the scaler run on CPU too: the path an older GPU (V100, T4) takes."""
-    cfg = cfg_factory("debug=fast", "stage=stage1", "modality=vision_text", "trainer.precision=fp16", "trainer.device=cpu")
+    cfg = cfg_factory(
+        "debug=fast", "stage=stage1", "modality=vision_text", "trainer.precision=fp16", "trainer.device=cpu"
+    )
     assert math.isfinite(run(cfg)["objective"])
     scaler = load_checkpoint(tmp_path / "run" / "stage1" / "checkpoints" / "last.pth")["scaler"]
     assert scaler["scale"] > 1.0 and "_growth_tracker" in scaler
 
 
 def test_gradient_clipping_bounds_the_update(cfg_factory, tmp_path):
-    plain_sgd = ("debug=fast", "stage=stage1", "modality=clinical", "optimizer=sgd", "optimizer.weight_decay=0",
-                 "optimizer.momentum=0", "optimizer.nesterov=false")
+    plain_sgd = (
+        "debug=fast",
+        "stage=stage1",
+        "modality=clinical",
+        "optimizer=sgd",
+        "optimizer.weight_decay=0",
+        "optimizer.momentum=0",
+        "optimizer.nesterov=false",
+    )
     clipped_cfg = cfg_factory(*plain_sgd, "trainer.max_grad_norm=1e-9", run_dir=tmp_path / "clipped")
     run(clipped_cfg)
     run(cfg_factory(*plain_sgd, run_dir=tmp_path / "free"))
@@ -262,7 +318,13 @@ def test_gradient_clipping_bounds_the_update(cfg_factory, tmp_path):
 
 def test_same_seed_gives_identical_weights_across_processes(tmp_path):
     """Reproducibility a comparison between configurations relies on: two separate runs, same seed."""
-    common = ("debug=fast", "stage=stage1", f"paths.root={tmp_path}", "data.synthetic.num_samples=300", "data.synthetic.image_size=32")
+    common = (
+        "debug=fast",
+        "stage=stage1",
+        f"paths.root={tmp_path}",
+        "data.synthetic.num_samples=300",
+        "data.synthetic.image_size=32",
+    )
     for name, hashseed in (("a", "1"), ("b", "2")):
         result = run_cli(*common, f"hydra.run.dir={tmp_path / name}", env_extra={"PYTHONHASHSEED": hashseed})
         assert result.returncode == 0, result.stderr[-2000:]

@@ -38,7 +38,9 @@ def collect(sweep_dir: Path) -> dict[str, dict[str, list[float]]]:
 
 def report(scores: dict[str, dict[str, list[float]]]) -> tuple[str, bool]:
     full_val = mean(scores["all"]["val"])
-    lines = [f"{'modality':<10} {'val AUROC':>10} {'test AUROC':>10} {'val gap to all':>15}  (mean over {len(scores['all']['val'])} seed(s))"]
+    lines = [
+        f"{'modality':<10} {'val AUROC':>10} {'test AUROC':>10} {'val gap to all':>15}  (mean over {len(scores['all']['val'])} seed(s))"
+    ]
     ok = True
     for m in MODALITIES:
         val, test = mean(scores[m]["val"]), mean(scores[m]["test"])
@@ -54,16 +56,23 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[st
     """The benchmark's own options and the Hydra overrides passed on to every job."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
-    parser.add_argument("--out", type=Path, default=None, help="sweep directory (default: outputs/benchmarks/modality_gap-<time>)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="sweep directory (default: outputs/benchmarks/modality_gap-<time>)"
+    )
     return parser.parse_known_args(argv)
 
 
 def sweep_command(args: argparse.Namespace, overrides: list[str], out: Path) -> list[str]:
     """The one multirun that trains every modality with every seed."""
     return [
-        sys.executable, "-m", "mdfnet_hydra.train", "--multirun",
-        f"modality={','.join(MODALITIES)}", f"seed={','.join(map(str, args.seeds))}",
-        f"hydra.sweep.dir={out}", *overrides,
+        sys.executable,
+        "-m",
+        "mdfnet_hydra.train",
+        "--multirun",
+        f"modality={','.join(MODALITIES)}",
+        f"seed={','.join(map(str, args.seeds))}",
+        f"hydra.sweep.dir={out}",
+        *overrides,
     ]
 
 

@@ -38,8 +38,16 @@ log = logging.getLogger(__name__)
 
 CONF = Path(str(resources.files("mdfnet_hydra.conf")))  # the top-level conf/ of a checkout, or an install's copy
 # dense bf16 tensor-core peaks (TFLOP/s) for the model-FLOPs utilisation
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 989.0,
-                    "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+}
 
 
 # ---------------------------------------------------------------- memory
@@ -104,11 +112,21 @@ def measure(name: str, step: Callable[[], int], device: torch.device, steps: int
         samples = sum(step() for _ in range(steps))
         _sync(device)
         seconds = time.perf_counter() - started
-    result = {"samples_per_s": samples / seconds, "seconds": seconds, "samples": samples,
-              "peak_memory_gb": memory.peak_bytes / 2**30, "memory_increase_gb": (memory.peak_bytes - memory.start_bytes) / 2**30,
-              "memory": memory.kind}
-    log.info("%-22s %9.1f samples/s  peak %.2f GB (+%.2f GB)", name, result["samples_per_s"], result["peak_memory_gb"],
-             result["memory_increase_gb"])
+    result = {
+        "samples_per_s": samples / seconds,
+        "seconds": seconds,
+        "samples": samples,
+        "peak_memory_gb": memory.peak_bytes / 2**30,
+        "memory_increase_gb": (memory.peak_bytes - memory.start_bytes) / 2**30,
+        "memory": memory.kind,
+    }
+    log.info(
+        "%-22s %9.1f samples/s  peak %.2f GB (+%.2f GB)",
+        name,
+        result["samples_per_s"],
+        result["peak_memory_gb"],
+        result["memory_increase_gb"],
+    )
     return result
 
 
@@ -124,8 +142,12 @@ def bench_config(cfg: DictConfig, image_size: int) -> DictConfig:
     b = cfg.bench
     with open_dict(run):
         if b.size == BenchSize.real:
-            run.model.vision = OmegaConf.merge(run.model.vision, OmegaConf.load(CONF / "model/vision/biomedclip_arch.yaml"))
-            run.model.text = OmegaConf.merge(run.model.text, OmegaConf.load(CONF / "model/text/modernbert_base_arch.yaml"))
+            run.model.vision = OmegaConf.merge(
+                run.model.vision, OmegaConf.load(CONF / "model/vision/biomedclip_arch.yaml")
+            )
+            run.model.text = OmegaConf.merge(
+                run.model.text, OmegaConf.load(CONF / "model/text/modernbert_base_arch.yaml")
+            )
         run.model.vision.image_size = image_size
         if run.model.vision.open_clip_config is not None:
             run.model.vision.open_clip_config.vision_cfg.image_size = image_size
@@ -157,10 +179,16 @@ class Setup:
         self.cfg, self.modalities, self.runtime = cfg, list(modalities), runtime
         seed_everything(int(cfg.seed))
         self.job = open_job(cfg, splits=("train",))
-        self.root, self.prep, self.train, self.collate = self.job.root, self.job.prep, self.job.datasets["train"], self.job.collator
+        self.root, self.prep, self.train, self.collate = (
+            self.job.root,
+            self.job.prep,
+            self.job.datasets["train"],
+            self.job.collator,
+        )
         if length and self.train.token_ids is not None:  # reports as long as real ones, not the synthetic sentences
             self.train.token_ids = TokenIds.from_lists(
-                [ids.repeat(-(-int(length) // len(ids)))[: int(length)].tolist() for ids in self.train.token_ids])
+                [ids.repeat(-(-int(length) // len(ids)))[: int(length)].tolist() for ids in self.train.token_ids]
+            )
 
     def model(self, frozen: bool):
         model = self.job.build_model().to(self.runtime.device)
@@ -175,8 +203,14 @@ class Setup:
         from mdfnet_hydra.data.loading import loader_settings
 
         dataset = dataset if dataset is not None else self.train
-        return DataLoader(dataset, batch_size=int(self.cfg.trainer.batch_size), shuffle=True, drop_last=True,
-                          collate_fn=self.collate, **loader_settings(self.cfg.data, self.runtime, dataset))
+        return DataLoader(
+            dataset,
+            batch_size=int(self.cfg.trainer.batch_size),
+            shuffle=True,
+            drop_last=True,
+            collate_fn=self.collate,
+            **loader_settings(self.cfg.data, self.runtime, dataset),
+        )
 
 
 def loader_choices(setup: Setup) -> dict[str, Any]:
@@ -197,8 +231,14 @@ def train_step(model, optimizer, loss_fn, runtime, trainer_cfg: DictConfig) -> C
     returns the samples each call took."""
     from mdfnet_hydra.step import TrainingStep, to_device
 
-    step = TrainingStep(model, optimizer, loss_fn, runtime, accumulation=int(trainer_cfg.grad_accum),
-                        max_grad_norm=trainer_cfg.max_grad_norm)
+    step = TrainingStep(
+        model,
+        optimizer,
+        loss_fn,
+        runtime,
+        accumulation=int(trainer_cfg.grad_accum),
+        max_grad_norm=trainer_cfg.max_grad_norm,
+    )
     index = iter(range(10**12))
 
     def take(batch: dict) -> int:
@@ -261,14 +301,28 @@ def bench_stage1(setup: Setup, steps: int, warmup: int) -> dict[str, dict[str, A
     started = time.perf_counter()
     memory = PeakMemory(rt.device)
     with memory.track():
-        cached = cached_datasets(getattr(model, "_orig_mod", model), {"train": setup.train}, cfg, rt, setup.prep.pad_id)["train"]
+        cached = cached_datasets(
+            getattr(model, "_orig_mod", model), {"train": setup.train}, cfg, rt, setup.prep.pad_id
+        )["train"]
     seconds = time.perf_counter() - started
-    out["cache_build"] = {"samples_per_s": len(setup.train) / seconds, "seconds": seconds, "samples": len(setup.train),
-                          "peak_memory_gb": memory.peak_bytes / 2**30, "memory": memory.kind,
-                          "memory_increase_gb": (memory.peak_bytes - memory.start_bytes) / 2**30,
-                          "bytes_per_sample": sum((c.directory / "features.npy").stat().st_size for c in cached.caches.values()) / len(setup.train)}
-    log.info("%-22s %9.1f samples/s  (%.1fs for %d samples, %.0f KB per sample on disk)", "cache_build",
-             out["cache_build"]["samples_per_s"], seconds, len(setup.train), out["cache_build"]["bytes_per_sample"] / 1024)
+    out["cache_build"] = {
+        "samples_per_s": len(setup.train) / seconds,
+        "seconds": seconds,
+        "samples": len(setup.train),
+        "peak_memory_gb": memory.peak_bytes / 2**30,
+        "memory": memory.kind,
+        "memory_increase_gb": (memory.peak_bytes - memory.start_bytes) / 2**30,
+        "bytes_per_sample": sum((c.directory / "features.npy").stat().st_size for c in cached.caches.values())
+        / len(setup.train),
+    }
+    log.info(
+        "%-22s %9.1f samples/s  (%.1fs for %d samples, %.0f KB per sample on disk)",
+        "cache_build",
+        out["cache_build"]["samples_per_s"],
+        seconds,
+        len(setup.train),
+        out["cache_build"]["bytes_per_sample"] / 1024,
+    )
     batches = _cycle(setup.loader(cached))
     out["stage1_cached"] = measure("stage1_cached", lambda: step(next(batches)), rt.device, steps, warmup)
     return out
@@ -283,7 +337,10 @@ def bench_stage2(setup: Setup, steps: int, warmup: int, flops: bool, estimate_me
     model = setup.model(frozen=False)
     step = train_step(model, _optimizer(model, cfg, "stage2", rt), loss_fn, rt, cfg.trainer)
     loader = iter(setup.loader())
-    staged = [{k: v.to(rt.device) for k, v in next(loader).items()} for _ in range(min(4, len(setup.train) // int(cfg.trainer.batch_size)))]
+    staged = [
+        {k: v.to(rt.device) for k, v in next(loader).items()}
+        for _ in range(min(4, len(setup.train) // int(cfg.trainer.batch_size)))
+    ]
     counter = iter(range(10**9))
     name = "stage2/" + modality_label(setup.modalities)
     result = measure(name, lambda: step(staged[next(counter) % len(staged)]), rt.device, steps, warmup)
@@ -341,13 +398,22 @@ def estimate_step_memory(setup: Setup, batch: dict, dtype: torch.dtype = torch.b
         peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     result = {(k if isinstance(k, str) else k.value).lower(): v / 2**30 for k, v in peak.items()}
     result["dtype"] = str(dtype).removeprefix("torch.")
-    log.info("%-22s %9s           estimated peak %.2f GB in %s (parameters %.2f, optimizer %.2f, activations %.2f)",
-             "stage2 memory", "", result["total"], result["dtype"], result["parameter"], result["optstate"],
-             result["activation"])
+    log.info(
+        "%-22s %9s           estimated peak %.2f GB in %s (parameters %.2f, optimizer %.2f, activations %.2f)",
+        "stage2 memory",
+        "",
+        result["total"],
+        result["dtype"],
+        result["parameter"],
+        result["optstate"],
+        result["activation"],
+    )
     return result
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg_yaml: str, length: Optional[int], steps: int, warmup: int, queue) -> None:
+def _ddp_worker(
+    rank: int, world: int, port: int, cfg_yaml: str, length: Optional[int], steps: int, warmup: int, queue
+) -> None:
     import torch.distributed as dist
 
     from mdfnet_hydra.distributed import WorkerEnv
@@ -360,7 +426,9 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_yaml: str, length: Optiona
         from mdfnet_hydra.config import load_train_config
 
         cfg = load_train_config(OmegaConf.create(cfg_yaml))
-        runtime = Runtime.from_config(cfg.trainer, WorkerEnv(rank=rank, local_rank=rank, world_size=world, source="torchrun"))
+        runtime = Runtime.from_config(
+            cfg.trainer, WorkerEnv(rank=rank, local_rank=rank, world_size=world, source="torchrun")
+        )
         setup = Setup(cfg, [m.value for m in cfg.modality.inputs], runtime, length)
         from torch.nn.parallel import DistributedDataParallel
 
@@ -368,11 +436,15 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_yaml: str, length: Optiona
 
         model = setup.model(frozen=False)
         ddp = DistributedDataParallel(model)
-        step = train_step(ddp, _optimizer(model, cfg, "stage2", runtime), MultiLabelLoss(cfg.loss), runtime, cfg.trainer)
+        step = train_step(
+            ddp, _optimizer(model, cfg, "stage2", runtime), MultiLabelLoss(cfg.loss), runtime, cfg.trainer
+        )
         loader = iter(setup.loader())
         staged = [next(loader) for _ in range(4)]
         counter = iter(range(10**9))
-        result = measure(f"ddp/{world} rank {rank}", lambda: step(staged[next(counter) % 4]), runtime.device, steps, warmup)
+        result = measure(
+            f"ddp/{world} rank {rank}", lambda: step(staged[next(counter) % 4]), runtime.device, steps, warmup
+        )
         if rank == 0:
             queue.put(result)
     finally:
@@ -394,7 +466,13 @@ def bench_ddp(cfg: DictConfig, workers: int, length: Optional[int], steps: int, 
     with open_dict(cfg):
         cfg.trainer.device = "cpu"
     yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    mp.start_processes(_ddp_worker, args=(workers, port, yaml, length, steps, warmup, queue), nprocs=workers, join=True, start_method="spawn")
+    mp.start_processes(
+        _ddp_worker,
+        args=(workers, port, yaml, length, steps, warmup, queue),
+        nprocs=workers,
+        join=True,
+        start_method="spawn",
+    )
     result = queue.get()
     result["samples_per_s"] *= workers  # every worker processes its own batch per step
     result["workers"] = workers
@@ -412,12 +490,19 @@ def bench_startup(cfg: DictConfig, work: Path) -> dict[str, float]:
     path = work / "startup_config.yaml"
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "mdfnet_hydra.benchmarks.startup", str(path)], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "mdfnet_hydra.benchmarks.startup", str(path)], capture_output=True, text=True, check=True
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["total_s"] = time.perf_counter() - started
-    log.info("%-22s %9.1f s (imports %.1f s, config %.2f s, dataset open %.2f s)", "job start-up", result["total_s"],
-             result["imports_s"], result["config_s"], result["dataset_open_s"])
+    log.info(
+        "%-22s %9.1f s (imports %.1f s, config %.2f s, dataset open %.2f s)",
+        "job start-up",
+        result["total_s"],
+        result["imports_s"],
+        result["config_s"],
+        result["dataset_open_s"],
+    )
     return result
 
 
@@ -433,8 +518,13 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     sizes = list(b.image_sizes) if b.image_sizes else ([224] if size_name == "real" else [64, 224])
     runtime = Runtime.from_config(cfg.trainer)
     results: dict[str, Any] = {
-        "device": runtime.describe(), "size": size_name, "batch_size": int(b.batch_size), "steps": int(b.steps),
-        "torch": torch.__version__, "cpus": runtime.machine.cpus, "compile": bool(cfg.trainer.compile),
+        "device": runtime.describe(),
+        "size": size_name,
+        "batch_size": int(b.batch_size),
+        "steps": int(b.steps),
+        "torch": torch.__version__,
+        "cpus": runtime.machine.cpus,
+        "compile": bool(cfg.trainer.compile),
         "memory": PeakMemory(runtime.device).kind,
         "by_image_size": {},
     }
@@ -458,8 +548,9 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
                 continue
             every = key == "stage2/all"
             setup = full if every else Setup(run_cfg, modalities, runtime, text_length(b))
-            entry[key] = bench_stage2(setup, int(b.steps), int(b.warmup), flops=every,
-                                      estimate_memory=bool(b.estimate_memory) and every)
+            entry[key] = bench_stage2(
+                setup, int(b.steps), int(b.warmup), flops=every, estimate_memory=bool(b.estimate_memory) and every
+            )
         if peak and "achieved_tflops" in entry.get("stage2/all", {}):
             entry["stage2/all"]["mfu"] = entry["stage2/all"]["achieved_tflops"] / peak
         entry["ratios"] = ratios(entry)
@@ -468,27 +559,36 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         ddp_cfg = bench_config(cfg, int(sizes[0]))
         ddp = {str(n): bench_ddp(ddp_cfg, int(n), text_length(b), int(b.steps), int(b.warmup)) for n in b.ddp_workers}
         first = str(b.ddp_workers[0])
-        results["ddp_cpu"] = {**ddp, "scaling": {n: r["samples_per_s"] / ddp[first]["samples_per_s"] for n, r in ddp.items()}}
+        results["ddp_cpu"] = {
+            **ddp,
+            "scaling": {n: r["samples_per_s"] / ddp[first]["samples_per_s"] for n, r in ddp.items()},
+        }
     results["peak_bf16_tflops"] = peak
     return results
 
 
 def ratios(entry: dict[str, Any]) -> dict[str, float]:
     """The ratios whose two measurements were both taken."""
+
     def rate(name: str) -> Optional[float]:
         return entry[name]["samples_per_s"] if name in entry else None
 
-    pairs = {"cache_speedup_stage1": ("stage1_cached", "stage1_recompute"), "pipeline_over_stage2": ("pipeline", "stage2/all"),
-             **{f"all_over_{m}": ("stage2/all", f"stage2/{m}") for m in ("vision", "text", "clinical")}}
+    pairs = {
+        "cache_speedup_stage1": ("stage1_cached", "stage1_recompute"),
+        "pipeline_over_stage2": ("pipeline", "stage2/all"),
+        **{f"all_over_{m}": ("stage2/all", f"stage2/{m}") for m in ("vision", "text", "clinical")},
+    }
     return {name: rate(a) / rate(b) for name, (a, b) in pairs.items() if rate(a) and rate(b)}
 
 
 def format_table(results: dict[str, Any]) -> str:
-    lines = [f"mdfnet-hydra benchmark: {results['device']}, {results['size']} encoders, batch {results['batch_size']}",
-             f"input pipeline: {results.get('loader')}",
-             f"{'measurement':<22} {'px':>4} {'samples/s':>11} {'peak GB':>8} {'+GB':>6}  notes",
-             f"(peak memory: {'CUDA max allocated' if results['memory'] == 'cuda_max_allocated' else 'process resident set'}; "
-             "+GB: its increase during the measurement)"]
+    lines = [
+        f"mdfnet-hydra benchmark: {results['device']}, {results['size']} encoders, batch {results['batch_size']}",
+        f"input pipeline: {results.get('loader')}",
+        f"{'measurement':<22} {'px':>4} {'samples/s':>11} {'peak GB':>8} {'+GB':>6}  notes",
+        f"(peak memory: {'CUDA max allocated' if results['memory'] == 'cuda_max_allocated' else 'process resident set'}; "
+        "+GB: its increase during the measurement)",
+    ]
     for size, entry in results["by_image_size"].items():
         for name, r in entry.items():
             if name == "ratios":
@@ -504,20 +604,36 @@ def format_table(results: dict[str, Any]) -> str:
                 notes.append(f"{r['parameters_m']:.1f}M params")
             if "estimated_memory_gb" in r:
                 est = r["estimated_memory_gb"]
-                notes.append(f"estimated {est['dtype']} peak {est['total']:.2f} GB (activations {est['activation']:.2f})")
-            lines.append(f"{name:<22} {size:>4} {r['samples_per_s']:>11.1f} {r['peak_memory_gb']:>8.2f} "
-                         f"{r.get('memory_increase_gb', 0):>6.2f}  {'; '.join(notes)}")
-        shown = {"cache_speedup_stage1": "stage 1 cached / recomputed {:.1f}x", "pipeline_over_stage2": "input pipeline / stage-2 step {:.1f}x",
-                 "all_over_vision": "full model / vision {:.2f}", "all_over_text": "/ text {:.2f}", "all_over_clinical": "/ clinical {:.2f}"}
+                notes.append(
+                    f"estimated {est['dtype']} peak {est['total']:.2f} GB (activations {est['activation']:.2f})"
+                )
+            lines.append(
+                f"{name:<22} {size:>4} {r['samples_per_s']:>11.1f} {r['peak_memory_gb']:>8.2f} "
+                f"{r.get('memory_increase_gb', 0):>6.2f}  {'; '.join(notes)}"
+            )
+        shown = {
+            "cache_speedup_stage1": "stage 1 cached / recomputed {:.1f}x",
+            "pipeline_over_stage2": "input pipeline / stage-2 step {:.1f}x",
+            "all_over_vision": "full model / vision {:.2f}",
+            "all_over_text": "/ text {:.2f}",
+            "all_over_clinical": "/ clinical {:.2f}",
+        }
         if entry["ratios"]:
-            lines.append(f"  ratios at {size} px: " + ", ".join(text.format(entry["ratios"][k]) for k, text in shown.items() if k in entry["ratios"]))
+            lines.append(
+                f"  ratios at {size} px: "
+                + ", ".join(text.format(entry["ratios"][k]) for k, text in shown.items() if k in entry["ratios"])
+            )
     if "startup" in results:
         st = results["startup"]
-        lines.append(f"job start-up {st['total_s']:.1f} s: imports {st['imports_s']:.1f} s, config {st['config_s']:.2f} s, "
-                     f"dataset open {st['dataset_open_s']:.2f} s")
+        lines.append(
+            f"job start-up {st['total_s']:.1f} s: imports {st['imports_s']:.1f} s, config {st['config_s']:.2f} s, "
+            f"dataset open {st['dataset_open_s']:.2f} s"
+        )
     if "ddp_cpu" in results:
-        scaling = ", ".join(f"{n} workers {results['ddp_cpu'][n]['samples_per_s']:.1f} samples/s ({s:.2f}x)"
-                            for n, s in results["ddp_cpu"]["scaling"].items())
+        scaling = ", ".join(
+            f"{n} workers {results['ddp_cpu'][n]['samples_per_s']:.1f} samples/s ({s:.2f}x)"
+            for n, s in results["ddp_cpu"]["scaling"].items()
+        )
         lines.append(f"DDP on CPU (gloo, stage-2 step, {results['batch_size']} per worker): {scaling}")
     return "\n".join(lines)
 

@@ -56,9 +56,14 @@ class ClinicalNormalizer:
         raw = raw_clinical(train)
         unrecorded = np.isnan(raw).all(axis=0)
         for name in np.asarray(CLINICAL_FEATURES)[unrecorded]:
-            log.warning("triage feature '%s' is missing (or implausible) in all %d training rows: it is treated "
-                        "as missing in every split (value 0, missing indicator 1); check column '%s' of the "
-                        "manifest", name, len(raw), name)
+            log.warning(
+                "triage feature '%s' is missing (or implausible) in all %d training rows: it is treated "
+                "as missing in every split (value 0, missing indicator 1); check column '%s' of the "
+                "manifest",
+                name,
+                len(raw),
+                name,
+            )
         median = np.zeros(raw.shape[1])
         median[~unrecorded] = np.nanmedian(raw[:, ~unrecorded], axis=0)
         imputed = np.where(np.isnan(raw), median, raw)
@@ -85,5 +90,7 @@ class ClinicalNormalizer:
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "ClinicalNormalizer":
         """Restore; checkpoints written before `unrecorded` existed keep their old behaviour."""
         unrecorded = state.get("unrecorded")
-        return cls(**{k: state[k].numpy() for k in ("median", "mean", "std")},
-                   unrecorded=unrecorded.numpy().astype(bool) if unrecorded is not None else None)
+        return cls(
+            **{k: state[k].numpy() for k in ("median", "mean", "std")},
+            unrecorded=unrecorded.numpy().astype(bool) if unrecorded is not None else None,
+        )

@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 AUTO_VERIFY_MAX_IMAGES = 20_000  # data.verify_images=auto checks prepared datasets up to this size
 SHOWN_FAILURES = 20  # unreadable images listed in one error; the rest are counted
 RECORD_FORMAT = 1
-REDO_HINT = ("delete the file(s) and rerun `python -m mdfnet_hydra.prepare` (it re-creates missing images), "
-             "or drop their rows from the manifest")
+REDO_HINT = (
+    "delete the file(s) and rerun `python -m mdfnet_hydra.prepare` (it re-creates missing images), "
+    "or drop their rows from the manifest"
+)
 
 
 class UnreadableImageError(OSError):
@@ -106,8 +108,12 @@ def check_images(root: Path, manifest: Path, frame: pd.DataFrame, data: DataConf
     images = frame.drop_duplicates("image_path")
     if not wants_image_check(data, len(images)):
         if data.synthetic is None and str(data.verify_images).lower() == "auto":
-            log.info("data.verify_images=auto: %d images (more than %d), not decoded at start; "
-                     "data.verify_images=true checks them", len(images), AUTO_VERIFY_MAX_IMAGES)
+            log.info(
+                "data.verify_images=auto: %d images (more than %d), not decoded at start; "
+                "data.verify_images=true checks them",
+                len(images),
+                AUTO_VERIFY_MAX_IMAGES,
+            )
         return
     record = manifest.with_name(f".{manifest.name}.images-verified.json")
     key = files_key(root, manifest, images["image_path"])
@@ -123,11 +129,23 @@ def check_images(root: Path, manifest: Path, frame: pd.DataFrame, data: DataConf
             return
         decode_all(root, manifest, images)
         try:
-            write_text(record, json.dumps({"format": RECORD_FORMAT, "key": key, "images": len(images),
-                                           "checked": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+            write_text(
+                record,
+                json.dumps(
+                    {
+                        "format": RECORD_FORMAT,
+                        "key": key,
+                        "images": len(images),
+                        "checked": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    }
+                ),
+            )
         except OSError as err:
-            log.warning("images decoded, but the check could not be recorded (%s): it runs again in the "
-                        "next job; data.verify_images=false skips it", err)
+            log.warning(
+                "images decoded, but the check could not be recorded (%s): it runs again in the "
+                "next job; data.verify_images=false skips it",
+                err,
+            )
 
 
 def files_key(root: Path, manifest: Path, image_paths: pd.Series) -> str:
@@ -177,15 +195,22 @@ def decode_all(root: Path, manifest: Path, images: pd.DataFrame) -> None:
     paths = [root / rel for rel in images["image_path"]]
     with ThreadPoolExecutor(max_workers=min(8, real_cpus())) as pool:
         errors = list(pool.map(decode_error, paths))
-    failed = [(row, sid, path, err) for row, sid, path, err
-              in zip(images.index, images["sample_id"], paths, errors) if err is not None]
+    failed = [
+        (row, sid, path, err)
+        for row, sid, path, err in zip(images.index, images["sample_id"], paths, errors)
+        if err is not None
+    ]
     if failed:
-        lines = [f"  row {row}, {private(f'sample_id {sid!r}: {path}')}: {err}" for row, sid, path, err in failed[:SHOWN_FAILURES]]
+        lines = [
+            f"  row {row}, {private(f'sample_id {sid!r}: {path}')}: {err}"
+            for row, sid, path, err in failed[:SHOWN_FAILURES]
+        ]
         if len(failed) > SHOWN_FAILURES:
             lines.append(f"  ... and {len(failed) - SHOWN_FAILURES} more")
         raise UnreadableImageError(
             f"{len(failed)} of the {len(paths)} images of {manifest} cannot be decoded: {REDO_HINT} "
-            f"(data.verify_images=false skips this check):\n" + "\n".join(lines))
+            f"(data.verify_images=false skips this check):\n" + "\n".join(lines)
+        )
     log.info("all %d images decode (%.0fs)", len(paths), time.perf_counter() - started)
 
 
@@ -242,7 +267,8 @@ class MultimodalDataset(Dataset):
             raise UnreadableImageError(
                 f"cannot read image {private(f'{path} (sample_id {sample_id!r})')} of the {self.split.name} split: "
                 f"{error_text(err, path)}; {REDO_HINT}. data.verify_images=true decodes every image "
-                f"at start and lists all that fail") from err
+                f"at start and lists all that fail"
+            ) from err
 
 
 class Collator:

@@ -74,11 +74,24 @@ def _rows_digest(dataset: MultimodalDataset, modality: str) -> str:
     return h.hexdigest()
 
 
-def cache_key(encoder: torch.nn.Module, encoder_config: Any, dataset: MultimodalDataset, modality: str,
-              compute: str, dtype: str) -> str:
+def cache_key(
+    encoder: torch.nn.Module, encoder_config: Any, dataset: MultimodalDataset, modality: str, compute: str, dtype: str
+) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT, "modality": modality, "encoder": encoder_config, "compute": compute,
-                         "dtype": dtype, "output": str(getattr(encoder, "output", ""))}, sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "modality": modality,
+                "encoder": encoder_config,
+                "compute": compute,
+                "dtype": dtype,
+                "output": str(getattr(encoder, "output", "")),
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     h.update(weights_digest(encoder).encode())
     h.update(_rows_digest(dataset, modality).encode())
     return h.hexdigest()[:32]
@@ -122,15 +135,30 @@ def open_or_build(root: Path, modality: str, key: str, build) -> tuple[FeatureAr
 
 # ---------------------------------------------------------------- building
 @torch.no_grad()
-def compute_features(encoder: torch.nn.Module, dataset: MultimodalDataset, modality: str, out: Path, *,
-                     runtime, data, dtype: str, batch_size: int, pad_id: int) -> None:
+def compute_features(
+    encoder: torch.nn.Module,
+    dataset: MultimodalDataset,
+    modality: str,
+    out: Path,
+    *,
+    runtime,
+    data,
+    dtype: str,
+    batch_size: int,
+    pad_id: int,
+) -> None:
     """Run the frozen encoder over the split in order and write features.npy (N, T, D) [and
     padding.npy (N, T), text only, padded to the split's longest sequence] and meta.json."""
     encoder.eval()
     device, n = runtime.device, len(dataset)
     inputs = dataset.restricted_to(modality)
-    loader = DataLoader(inputs, batch_size=batch_size, shuffle=False, collate_fn=Collator(pad_id),
-                        **loader_settings(data, runtime, inputs, persistent=False))
+    loader = DataLoader(
+        inputs,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=Collator(pad_id),
+        **loader_settings(data, runtime, inputs, persistent=False),
+    )
     width = int(dataset.token_ids.lengths.max()) if modality == "text" else None
     features = padding = None
     started = time.perf_counter()
@@ -144,8 +172,9 @@ def compute_features(encoder: torch.nn.Module, dataset: MultimodalDataset, modal
         tokens = tokens.float().cpu().numpy()
         if features is None:
             length = tokens.shape[1] if pad is None else width
-            features = np.lib.format.open_memmap(out / "features.npy", mode="w+", dtype=DTYPES[dtype],
-                                                 shape=(n, length, tokens.shape[2]))
+            features = np.lib.format.open_memmap(
+                out / "features.npy", mode="w+", dtype=DTYPES[dtype], shape=(n, length, tokens.shape[2])
+            )
             if pad is not None:
                 padding = np.lib.format.open_memmap(out / "padding.npy", mode="w+", dtype=np.bool_, shape=(n, length))
                 padding[:] = True
@@ -159,8 +188,14 @@ def compute_features(encoder: torch.nn.Module, dataset: MultimodalDataset, modal
     for array in (features, padding):
         if array is not None:
             array.flush()
-    meta = {"format": FORMAT, "modality": modality, "rows": n, "shape": list(features.shape), "dtype": dtype,
-            "seconds": round(time.perf_counter() - started, 3)}
+    meta = {
+        "format": FORMAT,
+        "modality": modality,
+        "rows": n,
+        "shape": list(features.shape),
+        "dtype": dtype,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -246,15 +281,23 @@ def _cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime
         for modality, encoder in model.encoders.items():
             key = cache_key(encoder, to_plain(cfg.model[modality]), dataset, modality, runtime.precision.value, dtype)
             if runtime.is_main:
+
                 def build(tmp: Path, e=encoder, d=dataset, m=modality) -> None:
-                    compute_features(e, d, m, tmp, runtime=runtime, data=cfg.data, dtype=dtype, batch_size=batch_size,
-                                     pad_id=pad_id)
+                    compute_features(
+                        e, d, m, tmp, runtime=runtime, data=cfg.data, dtype=dtype, batch_size=batch_size, pad_id=pad_id
+                    )
 
                 started = time.perf_counter()
                 caches[modality], built = open_or_build(root, modality, key, build)
-                log.info("feature cache %s/%s (%s, %s): %s in %.1fs", modality, split, key[:12],
-                         "x".join(map(str, caches[modality].meta["shape"])), "built" if built else "reused",
-                         time.perf_counter() - started)
+                log.info(
+                    "feature cache %s/%s (%s, %s): %s in %.1fs",
+                    modality,
+                    split,
+                    key[:12],
+                    "x".join(map(str, caches[modality].meta["shape"])),
+                    "built" if built else "reused",
+                    time.perf_counter() - started,
+                )
             barrier()  # the other ranks read what rank 0 found or built
             if not runtime.is_main:
                 caches[modality] = FeatureArrays(root / modality / key)

@@ -73,5 +73,7 @@ def describe_loader(loader) -> str:
         pinned = "pinned memory" if torch.accelerator.is_available() else "pin_memory asked, no accelerator: not pinned"
     context = loader.multiprocessing_context
     start = context.get_start_method() if context is not None else "default start"
-    return (f"{loader.num_workers} workers ({'persistent' if loader.persistent_workers else 'restarted each epoch'}, "
-            f"prefetch {loader.prefetch_factor}, {start}), {pinned}")
+    return (
+        f"{loader.num_workers} workers ({'persistent' if loader.persistent_workers else 'restarted each epoch'}, "
+        f"prefetch {loader.prefetch_factor}, {start}), {pinned}"
+    )

@@ -107,8 +107,9 @@ def _check_patient_splits(frame: pd.DataFrame, source: str) -> None:
     examples = []
     for patient in leaking[:SHOWN_PATIENTS]:
         rows = frame[frame["patient_id"] == patient]
-        where = ", ".join(f"{split} rows {_rows(rows, rows['split'] == split)}"
-                          for split in SPLITS if (rows["split"] == split).any())
+        where = ", ".join(
+            f"{split} rows {_rows(rows, rows['split'] == split)}" for split in SPLITS if (rows["split"] == split).any()
+        )
         examples.append(f"patient_id {patient!r} ({where})")
     raise ManifestError(
         f"{source}: {len(leaking)} patients appear in more than one split, e.g. {private('; '.join(examples))}; "

@@ -28,7 +28,9 @@ class Preprocessing:
         return int(self.tokenizer.pad_token_id) if self.tokenizer is not None else 0
 
     @classmethod
-    def create(cls, model: ModelConfig, modalities: list[str], train: SplitData, state: Optional[dict] = None) -> "Preprocessing":
+    def create(
+        cls, model: ModelConfig, modalities: list[str], train: SplitData, state: Optional[dict] = None
+    ) -> "Preprocessing":
         """Fit on `train`, or restore from a checkpoint's `preprocessing` state when given."""
         prep = cls(modalities=list(modalities))
         if Modality.clinical.value in modalities:
@@ -37,7 +39,9 @@ class Preprocessing:
         if Modality.text.value in modalities:
             from mdfnet_hydra.models.text import build_tokenizer, serialise_tokenizer
 
-            prep.tokenizer = build_tokenizer(model.text, train.frame["text"].tolist(), (state or {}).get("tokenizer_json"))
+            prep.tokenizer = build_tokenizer(
+                model.text, train.frame["text"].tolist(), (state or {}).get("tokenizer_json")
+            )
             prep.tokenizer_json = serialise_tokenizer(model.text, prep.tokenizer)
         return prep
 
@@ -47,8 +51,14 @@ class Preprocessing:
             "tokenizer_json": self.tokenizer_json,
         }
 
-    def dataset(self, split: SplitData, root: Path, model: ModelConfig, augment: bool = False,
-                token_cache: Optional[Path] = None) -> MultimodalDataset:
+    def dataset(
+        self,
+        split: SplitData,
+        root: Path,
+        model: ModelConfig,
+        augment: bool = False,
+        token_cache: Optional[Path] = None,
+    ) -> MultimodalDataset:
         """Text is tokenised and clinical features transformed once here, not per item or epoch.
         `augment`: random training-image transforms (for the training split); `token_cache`: the
         directory where token ids are stored once and shared with other jobs (None: in memory)."""
@@ -60,8 +70,9 @@ class Preprocessing:
         if self.tokenizer is not None:
             from mdfnet_hydra.data.token_cache import token_ids as cached_token_ids
 
-            token_ids = cached_token_ids(self.tokenizer, split.frame["text"].fillna("").tolist(), model.text.max_length,
-                                         token_cache, split.name)
+            token_ids = cached_token_ids(
+                self.tokenizer, split.frame["text"].fillna("").tolist(), model.text.max_length, token_cache, split.name
+            )
         if self.clinical is not None:
             clinical = self.clinical.transform(split.frame)
         return MultimodalDataset(split, root, image_transform=image_transform, token_ids=token_ids, clinical=clinical)
@@ -71,6 +82,10 @@ class Preprocessing:
         only, token ids through the shared token cache unless `data.token_cache=false`."""
         from mdfnet_hydra.data.token_cache import cache_dir
 
-        return {name: self.dataset(split, root, cfg.model, augment=bool(cfg.data.augment) and name == "train",
-                                   token_cache=cache_dir(cfg))
-                for name, split in splits.items() if len(split)}
+        return {
+            name: self.dataset(
+                split, root, cfg.model, augment=bool(cfg.data.augment) and name == "train", token_cache=cache_dir(cfg)
+            )
+            for name, split in splits.items()
+            if len(split)
+        }

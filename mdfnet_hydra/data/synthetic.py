@@ -129,15 +129,48 @@ VITALS = {
     "temperature": (98.3, 1.1, 0.6, {"Pneumonia": 0.7, "Consolidation": 0.5, "Lung Opacity": 0.2}),
     "heartrate": (84.0, 10.0, 11.0, {"Pneumonia": 0.5, "Pneumothorax": 0.5, "Edema": 0.3, "Support Devices": 0.3}),
     "resprate": (18.0, 2.6, 2.2, {"Edema": 0.5, "Pneumothorax": 0.5, "Pleural Effusion": 0.4, "Pneumonia": 0.3}),
-    "o2sat": (97.5, -2.2, 1.3, {"Edema": 0.5, "Pneumothorax": 0.5, "Pleural Effusion": 0.4, "Consolidation": 0.4, "Lung Opacity": 0.3, "Atelectasis": 0.3}),
+    "o2sat": (
+        97.5,
+        -2.2,
+        1.3,
+        {
+            "Edema": 0.5,
+            "Pneumothorax": 0.5,
+            "Pleural Effusion": 0.4,
+            "Consolidation": 0.4,
+            "Lung Opacity": 0.3,
+            "Atelectasis": 0.3,
+        },
+    ),
     "sbp": (134.0, 14.0, 17.0, {"Edema": 0.6, "Cardiomegaly": 0.4, "Enlarged Cardiomediastinum": 0.4}),
     "dbp": (77.0, 7.0, 10.0, {"Edema": 0.4, "Enlarged Cardiomediastinum": 0.3}),
     "pain": (3.0, 2.0, 2.3, {"Fracture": 0.8, "Pneumothorax": 0.5, "Pleural Other": 0.3}),
     "acuity": (2.9, -0.55, 0.55, {"Support Devices": 0.6, "Pneumothorax": 0.4, "Edema": 0.3, "Pneumonia": 0.3}),
-    "age": (62.0, 9.0, 14.0, {"Cardiomegaly": 0.5, "Pleural Effusion": 0.4, "Lung Lesion": 0.5, "Enlarged Cardiomediastinum": 0.3, "Fracture": 0.3}),
+    "age": (
+        62.0,
+        9.0,
+        14.0,
+        {
+            "Cardiomegaly": 0.5,
+            "Pleural Effusion": 0.4,
+            "Lung Lesion": 0.5,
+            "Enlarged Cardiomediastinum": 0.3,
+            "Fracture": 0.3,
+        },
+    ),
 }
-MISSING_RATE = {"sex": 0.01, "temperature": 0.06, "heartrate": 0.04, "resprate": 0.05, "o2sat": 0.05,
-                "sbp": 0.04, "dbp": 0.04, "pain": 0.12, "acuity": 0.02, "age": 0.0}
+MISSING_RATE = {
+    "sex": 0.01,
+    "temperature": 0.06,
+    "heartrate": 0.04,
+    "resprate": 0.05,
+    "o2sat": 0.05,
+    "sbp": 0.04,
+    "dbp": 0.04,
+    "pain": 0.12,
+    "acuity": 0.02,
+    "age": 0.0,
+}
 ENTRY_ERROR_RATE = 0.003  # e.g. temperature typed as 986
 
 
@@ -314,7 +347,7 @@ def _render(rng: np.random.Generator, v: np.ndarray, size: int) -> np.ndarray:
     names = [f.name for f in FINDINGS]
     amp = {name: 1.0 / (1.0 + np.exp(-2.5 * (v[k] - 0.8))) for k, name in enumerate(names)}
     shift = rng.uniform(-0.06, 0.06, 2)
-    yy, xx = np.mgrid[-1:1:complex(size), -1:1:complex(size)]
+    yy, xx = np.mgrid[-1 : 1 : complex(size), -1 : 1 : complex(size)]
     xx, yy = xx + shift[0], yy + shift[1]
 
     def ellipse(cx, cy, rx, ry):

@@ -118,8 +118,9 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> TokenIds:
     return TokenIds.from_lists(tokenizer(list(texts), truncation=True, max_length=int(max_length))["input_ids"])
 
 
-def token_ids(tokenizer, texts: Sequence[str], max_length: int, cache_dir: Optional[Path] = None,
-              split: str = "") -> TokenIds:
+def token_ids(
+    tokenizer, texts: Sequence[str], max_length: int, cache_dir: Optional[Path] = None, split: str = ""
+) -> TokenIds:
     """The rows' token ids, from `cache_dir/tokens/<key>` (built there first where missing), or
     tokenised in memory when `cache_dir` is None."""
     if cache_dir is None:
@@ -130,11 +131,22 @@ def token_ids(tokenizer, texts: Sequence[str], max_length: int, cache_dir: Optio
     def build(tmp: Path) -> None:
         ids = tokenize(tokenizer, texts, max_length)
         ids.save(tmp)
-        meta = {"format": FORMAT, "rows": len(ids), "tokens": int(ids.lengths.sum()), "max_length": int(max_length),
-                "seconds": round(time.perf_counter() - started, 3)}
+        meta = {
+            "format": FORMAT,
+            "rows": len(ids),
+            "tokens": int(ids.lengths.sum()),
+            "max_length": int(max_length),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
     directory, built = cache_store.open_or_build(Path(cache_dir).expanduser().resolve(), KIND, key, build)
-    log.info("token ids %s (%s, %d rows): %s in %.1fs", split or "split", key[:12], len(texts),
-             "built" if built else "reused", time.perf_counter() - started)
+    log.info(
+        "token ids %s (%s, %d rows): %s in %.1fs",
+        split or "split",
+        key[:12],
+        len(texts),
+        "built" if built else "reused",
+        time.perf_counter() - started,
+    )
     return TokenIds.open(directory)

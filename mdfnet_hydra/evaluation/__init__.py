@@ -18,6 +18,11 @@ def evaluate_quietly(experiments_dir: Path, output_dir: Path, options) -> Option
         if evaluate(experiments_dir, output_dir, options)["runs"]:
             return output_dir
     except Exception as err:  # noqa: BLE001
-        log.warning("evaluation of %s failed (%s: %s); run python -m mdfnet_hydra.evaluate experiments_dir=%s to retry",
-                    experiments_dir, type(err).__name__, err, experiments_dir)
+        log.warning(
+            "evaluation of %s failed (%s: %s); run python -m mdfnet_hydra.evaluate experiments_dir=%s to retry",
+            experiments_dir,
+            type(err).__name__,
+            err,
+            experiments_dir,
+        )
     return None

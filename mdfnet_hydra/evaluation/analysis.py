@@ -79,12 +79,15 @@ class RunResult:
 
     def targets(self) -> list[tuple[str, float, Optional[float]]]:
         """(target name, target value, this run's difference) for the seed's targets of its configuration."""
-        return [(name, value, None if self.mean_auroc is None else self.mean_auroc - value)
-                for name, value in TARGETS.get(self.run.modality, [])]
+        return [
+            (name, value, None if self.mean_auroc is None else self.mean_auroc - value)
+            for name, value in TARGETS.get(self.run.modality, [])
+        ]
 
 
-def analyse(run: Run, test: Predictions, val: Optional[Predictions], rule: str, sensitivity: float,
-            n_bootstrap: int, seed: int) -> RunResult:
+def analyse(
+    run: Run, test: Predictions, val: Optional[Predictions], rule: str, sensitivity: float, n_bootstrap: int, seed: int
+) -> RunResult:
     thresholds = choose_thresholds(val, rule, sensitivity) if val is not None else np.full(test.probs.shape[1], 0.5)
     auprc = compute_metrics(test.probs, test.targets, test.mask)["auprc"]
     auroc, confusion = {}, {}
@@ -101,9 +104,18 @@ def analyse(run: Run, test: Predictions, val: Optional[Predictions], rule: str, 
         if (f1 := _f1(tp, fp, fn)) is not None:
             f1s.append(f1)
         totals += (tp, fp, fn)
-    result = RunResult(run, test, val, thresholds, auroc, auprc, confusion,
-                       mean_auroc(test.probs, test.targets, test.mask),
-                       f1_macro=float(np.mean(f1s)) if f1s else None, f1_micro=_f1(*totals))
+    result = RunResult(
+        run,
+        test,
+        val,
+        thresholds,
+        auroc,
+        auprc,
+        confusion,
+        mean_auroc(test.probs, test.targets, test.mask),
+        f1_macro=float(np.mean(f1s)) if f1s else None,
+        f1_micro=_f1(*totals),
+    )
     if n_bootstrap > 0 and result.mean_auroc is not None:
         samples = bootstrap_mean_auroc([test.probs], test.targets, test.mask, test.group, n_bootstrap, seed)[:, 0]
         result.mean_ci = percentile_ci(samples)
@@ -129,7 +141,9 @@ def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> 
         if len(result.run.modalities) < 2:
             continue
         ranked = sorted(baselines, key=lambda b: (b.run.stage != result.run.stage, b.run.seed != result.run.seed))
-        pair = next(((b, aligned(result.test, b.test)) for b in ranked if aligned(result.test, b.test) is not None), None)
+        pair = next(
+            ((b, aligned(result.test, b.test)) for b in ranked if aligned(result.test, b.test) is not None), None
+        )
         if pair is None:
             notes.append(f"{result.run.name}: no vision-only run on the same test set to compare with")
             continue
@@ -138,12 +152,16 @@ def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> 
         for j, name in enumerate(CHEXPERT_LABELS):
             valid = mine.mask[:, j] > 0
             y = mine.targets[valid, j] > 0.5
-            per_label[name] = delong_test(y, mine.probs[valid, j], theirs.probs[valid, j]) if 0 < y.sum() < len(y) else None
+            per_label[name] = (
+                delong_test(y, mine.probs[valid, j], theirs.probs[valid, j]) if 0 < y.sum() < len(y) else None
+            )
         mean_diff, ci, p = None, (float("nan"), float("nan")), None
         if result.mean_auroc is not None and baseline.mean_auroc is not None:
             mean_diff = result.mean_auroc - baseline.mean_auroc
             if n_bootstrap > 0:
-                samples = bootstrap_mean_auroc([mine.probs, theirs.probs], mine.targets, mine.mask, mine.group, n_bootstrap, seed)
+                samples = bootstrap_mean_auroc(
+                    [mine.probs, theirs.probs], mine.targets, mine.mask, mine.group, n_bootstrap, seed
+                )
                 differences = samples[:, 0] - samples[:, 1]
                 ci, p = percentile_ci(differences), bootstrap_p_value(differences)
         comparisons.append(Comparison(result.run.name, baseline.run.name, per_label, mean_diff, ci, p))
@@ -161,14 +179,16 @@ def aggregate_seeds(results: list[RunResult]) -> list[dict[str, Any]]:
     rows = []
     for label, members in zip(labels, groups.values()):
         values = [m.mean_auroc for m in members if m.mean_auroc is not None]
-        rows.append({
-            "configuration": label,
-            "runs": ", ".join(m.run.name for m in members),
-            "seeds": ", ".join(str(m.run.seed) for m in members),
-            "n": len(values),
-            "mean": float(np.mean(values)) if values else None,
-            "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-        })
+        rows.append(
+            {
+                "configuration": label,
+                "runs": ", ".join(m.run.name for m in members),
+                "seeds": ", ".join(str(m.run.seed) for m in members),
+                "n": len(values),
+                "mean": float(np.mean(values)) if values else None,
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            }
+        )
     return rows
 
 

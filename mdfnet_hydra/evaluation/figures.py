@@ -50,8 +50,10 @@ def short_labels(runs: Sequence[Run]) -> dict[str, str]:
             continue
         mine = _job_parts(run)
         theirs = [_job_parts(other) for other in same]
-        suffix = next(("/".join(mine[-k:]) for k in range(1, len(mine) + 1)
-                       if all(other[-k:] != mine[-k:] for other in theirs)), "/".join(mine))
+        suffix = next(
+            ("/".join(mine[-k:]) for k in range(1, len(mine) + 1) if all(other[-k:] != mine[-k:] for other in theirs)),
+            "/".join(mine),
+        )
         labels[run.name] = f"{base[run.name]} ({suffix})"
     counts = Counter(labels.values())
     return {name: label if counts[label] == 1 else name for name, label in labels.items()}
@@ -111,7 +113,9 @@ def curves(results: Sequence[RunResult], out: Path, labels: Optional[dict[str, s
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1.02)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(title="AUROC" if kind == "roc" else "AUPRC", loc="lower right" if kind == "roc" else "upper right")
+                ax.legend(
+                    title="AUROC" if kind == "roc" else "AUPRC", loc="lower right" if kind == "roc" else "upper right"
+                )
             else:
                 ax.text(0.5, 0.5, "undefined\n(one class only)", ha="center", va="center", transform=ax.transAxes)
         _legend_panel(axes, _labels(results, labels))
@@ -120,7 +124,7 @@ def curves(results: Sequence[RunResult], out: Path, labels: Optional[dict[str, s
 
 
 def _legend_panel(axes, labels: Sequence[str]) -> None:
-    for ax in axes[len(CHEXPERT_LABELS):]:
+    for ax in axes[len(CHEXPERT_LABELS) :]:
         ax.axis("off")
     handles = [plt.Line2D([0], [0], color=_colour(k), linewidth=3) for k in range(len(labels))]
     axes[-2].legend(handles, list(labels), loc="center", title="runs (full names: results.md)", fontsize=11)
@@ -155,14 +159,39 @@ def auroc_bars(results: Sequence[RunResult], out: Path, labels: Optional[dict[st
     for k, (label, (values, low, high)) in enumerate(zip(_labels(results, labels), rows)):
         position = x + (k - (len(results) - 1) / 2) * width
         defined = np.isfinite(values)
-        ax.bar(position[defined], values[defined] - bottom, width, bottom=bottom, color=_colour(k),
-               yerr=[low[defined], high[defined]], capsize=2, label=label)
+        ax.bar(
+            position[defined],
+            values[defined] - bottom,
+            width,
+            bottom=bottom,
+            color=_colour(k),
+            yerr=[low[defined], high[defined]],
+            capsize=2,
+            label=label,
+        )
         if not defined.all():
-            ax.bar(position[~defined], stub, width, bottom=bottom, facecolor="white", edgecolor=_colour(k),
-                   hatch="///", linewidth=1, label=f"_{label} undefined")
+            ax.bar(
+                position[~defined],
+                stub,
+                width,
+                bottom=bottom,
+                facecolor="white",
+                edgecolor=_colour(k),
+                hatch="///",
+                linewidth=1,
+                label=f"_{label} undefined",
+            )
             for where in position[~defined]:
-                ax.text(where, bottom + stub + 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=9,
-                        color="dimgrey")
+                ax.text(
+                    where,
+                    bottom + stub + 0.01,
+                    "n/a",
+                    rotation=90,
+                    ha="center",
+                    va="bottom",
+                    fontsize=9,
+                    color="dimgrey",
+                )
     ax.set_xticks(x, [n.replace(" ", "\n", 1) for n in names], fontsize=10)
     ax.set_ylabel("test AUROC (95% CI)")
     ax.set_ylim(bottom, 1.0)
@@ -188,12 +217,13 @@ def confusion_matrices(result: RunResult, rule: str, out: Path) -> Path:
         matrix = np.array([[tn, fp], [fn, tp]])
         ax.imshow(matrix, cmap="Blues")
         for (r, c), v in np.ndenumerate(matrix):
-            ax.text(c, r, str(v), ha="center", va="center", fontsize=13,
-                    color="white" if v > matrix.max() / 2 else "black")
+            ax.text(
+                c, r, str(v), ha="center", va="center", fontsize=13, color="white" if v > matrix.max() / 2 else "black"
+            )
         ax.set_xticks([0, 1], ["pred -", "pred +"])
         ax.set_yticks([0, 1], ["true -", "true +"])
         ax.set_title(f"{name}\nthreshold {result.thresholds[j]:.2f}")
-    for ax in axes[len(CHEXPERT_LABELS):]:
+    for ax in axes[len(CHEXPERT_LABELS) :]:
         ax.axis("off")
     return _save(fig, out / "confusion" / f"{slug(result.run.name)}.png")
 
@@ -215,12 +245,18 @@ def _marker_area(cases: np.ndarray, largest: int) -> np.ndarray:
     return 4.0 + 196.0 * np.asarray(cases, dtype=float) / max(largest, 1)
 
 
-def calibration(results: Sequence[RunResult], out: Path, bins: int = 10, min_cases: int = MIN_BIN_CASES,
-                labels: Optional[dict[str, str]] = None) -> Path:
+def calibration(
+    results: Sequence[RunResult],
+    out: Path,
+    bins: int = 10,
+    min_cases: int = MIN_BIN_CASES,
+    labels: Optional[dict[str, str]] = None,
+) -> Path:
     fig, axes = _label_grid(
         f"Calibration (test): observed frequency against mean predicted probability, {bins} equal-width bins; "
         f"marker area proportional to the cases in the bin;\nhollow grey markers: bins with fewer than {min_cases} "
-        "cases, not joined by the curve")
+        "cases, not joined by the curve"
+    )
     binned = {}
     for j in range(len(CHEXPERT_LABELS)):
         for k, result in enumerate(results):
@@ -237,13 +273,27 @@ def calibration(results: Sequence[RunResult], out: Path, bins: int = 10, min_cas
             predicted, observed, cases = binned[j, k]
             enough = cases >= min_cases
             ax.plot(predicted[enough], observed[enough], color=_colour(k), linewidth=1.2)
-            ax.scatter(predicted[enough], observed[enough], s=_marker_area(cases[enough], largest), color=_colour(k),
-                       alpha=0.75, linewidths=0, zorder=3)
+            ax.scatter(
+                predicted[enough],
+                observed[enough],
+                s=_marker_area(cases[enough], largest),
+                color=_colour(k),
+                alpha=0.75,
+                linewidths=0,
+                zorder=3,
+            )
             few += zip(predicted[~enough], observed[~enough], cases[~enough])
         if few:
             predicted, observed, cases = (np.array(column) for column in zip(*few))
-            ax.scatter(predicted, observed, s=_marker_area(cases, largest), facecolors="none", edgecolors="darkgrey",
-                       linewidths=1, zorder=2)
+            ax.scatter(
+                predicted,
+                observed,
+                s=_marker_area(cases, largest),
+                facecolors="none",
+                edgecolors="darkgrey",
+                linewidths=1,
+                zorder=2,
+            )
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -259,11 +309,30 @@ def _size_key(ax, largest: int, min_cases: int) -> None:
     """Marker areas for a few case counts, and the grey marker of a bin with too few cases."""
     candidates = (min_cases, _round(largest / 4), _round(largest))
     shown = sorted({n for n in candidates if min_cases <= n <= max(largest, min_cases)})
-    handles = [plt.Line2D([], [], linestyle="none", marker="o", color="dimgrey", alpha=0.75,
-                          markersize=float(np.sqrt(_marker_area(np.array([n]), largest)[0]))) for n in shown]
+    handles = [
+        plt.Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="o",
+            color="dimgrey",
+            alpha=0.75,
+            markersize=float(np.sqrt(_marker_area(np.array([n]), largest)[0])),
+        )
+        for n in shown
+    ]
     texts = [f"{n} cases" for n in shown]
-    handles.append(plt.Line2D([], [], linestyle="none", marker="o", markerfacecolor="none", markeredgecolor="darkgrey",
-                              markersize=float(np.sqrt(_marker_area(np.array([max(min_cases - 1, 1)]), largest)[0]))))
+    handles.append(
+        plt.Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="o",
+            markerfacecolor="none",
+            markeredgecolor="darkgrey",
+            markersize=float(np.sqrt(_marker_area(np.array([max(min_cases - 1, 1)]), largest)[0])),
+        )
+    )
     texts.append(f"< {min_cases} cases (not joined)")
     ax.legend(handles, texts, loc="center", title="cases per bin", fontsize=11, labelspacing=1.2)
 

@@ -35,7 +35,9 @@ from mdfnet_hydra.files import write_text
 log = logging.getLogger(__name__)
 
 
-def evaluate(experiments_dir: str | Path, output_dir: str | Path, options, data_root: Optional[str] = None) -> dict[str, Any]:
+def evaluate(
+    experiments_dir: str | Path, output_dir: str | Path, options, data_root: Optional[str] = None
+) -> dict[str, Any]:
     experiments_dir = Path(experiments_dir).expanduser().resolve()
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -50,14 +52,19 @@ def evaluate(experiments_dir: str | Path, output_dir: str | Path, options, data_
         except LeftOutError as err:
             leave_out(left_out, run.name, err, experiments_dir)
             continue
-        results.append(analyse(run, test, val, rule, options.target_sensitivity,
-                               options.n_bootstrap, options.seed))
-        log.info("evaluated %s (%s checkpoint, %s predictions): test mean AUROC %s", run.name, checkpoint,
-                 run.source.get("test"), "n/a" if results[-1].mean_auroc is None else f"{results[-1].mean_auroc:.4f}")
+        results.append(analyse(run, test, val, rule, options.target_sensitivity, options.n_bootstrap, options.seed))
+        log.info(
+            "evaluated %s (%s checkpoint, %s predictions): test mean AUROC %s",
+            run.name,
+            checkpoint,
+            run.source.get("test"),
+            "n/a" if results[-1].mean_auroc is None else f"{results[-1].mean_auroc:.4f}",
+        )
     if not results and left_out:
         raise NoRunEvaluatedError(
             f"none of the {len(left_out)} run(s) under {experiments_dir} could be evaluated: "
-            + "; ".join(item.describe(experiments_dir) for item in left_out))
+            + "; ".join(item.describe(experiments_dir) for item in left_out)
+        )
     if not results:
         log.warning("no finished runs under %s", experiments_dir)
         return {"runs": 0, "output_dir": str(out), "left_out": []}
@@ -74,15 +81,30 @@ def evaluate(experiments_dir: str | Path, output_dir: str | Path, options, data_
         figures += [fig.confusion_matrices(r, rule, out) for r in results]
         figures += _saliency(results, out, options, data_root, checkpoint)
     summary = summary_rows(results, rule)  # after the figures: saliency adds notes to runs
-    written = [write_csv(out / "results_summary.csv", summary + left_out_rows(left_out, summary[0], experiments_dir)),
-               write_csv(out / "comparisons.csv", comparison_rows(comparisons), COMPARISON_COLUMNS)]
-    written.append(write_text(out / "results.md", markdown(results, comparisons, notes, seeds, figures, out, rule,
-                                                           left_out, experiments_dir, labels)))
-    log.info("evaluation of %d runs written to %s (results.md, results_summary.csv, comparisons.csv, %d figures)%s",
-             len(results), out, len(figures), f"; {len(left_out)} run(s) left out, listed there" if left_out else "")
-    return {"runs": len(results), "output_dir": str(out), "files": [str(p) for p in written],
-            "figures": [str(p) for p in figures],
-            "left_out": [{"run": x.run, "file": str(x.file), "reason": x.reason} for x in left_out]}
+    written = [
+        write_csv(out / "results_summary.csv", summary + left_out_rows(left_out, summary[0], experiments_dir)),
+        write_csv(out / "comparisons.csv", comparison_rows(comparisons), COMPARISON_COLUMNS),
+    ]
+    written.append(
+        write_text(
+            out / "results.md",
+            markdown(results, comparisons, notes, seeds, figures, out, rule, left_out, experiments_dir, labels),
+        )
+    )
+    log.info(
+        "evaluation of %d runs written to %s (results.md, results_summary.csv, comparisons.csv, %d figures)%s",
+        len(results),
+        out,
+        len(figures),
+        f"; {len(left_out)} run(s) left out, listed there" if left_out else "",
+    )
+    return {
+        "runs": len(results),
+        "output_dir": str(out),
+        "files": [str(p) for p in written],
+        "figures": [str(p) for p in figures],
+        "left_out": [{"run": x.run, "file": str(x.file), "reason": x.reason} for x in left_out],
+    }
 
 
 def _shown(results: list[RunResult], limit: int) -> list[RunResult]:
@@ -109,12 +131,20 @@ def _saliency(results: list[RunResult], out: Path, options, data_root: Optional[
             log.info("%s: no saliency figures for real data unless evaluation.saliency_real_data=true", run.name)
             continue
         try:
-            model, datasets, prep = load_run_model(run.directory / "checkpoints" / f"{checkpoint}.pth", data_root,
-                                                   options.device, splits=("test",))
+            model, datasets, prep = load_run_model(
+                run.directory / "checkpoints" / f"{checkpoint}.pth", data_root, options.device, splits=("test",)
+            )
         except LeftOutError as err:
             log.warning("%s: no saliency maps: %s", run.name, err)
             run.notes.append(f"no saliency maps: {err.reason}")
             continue
-        written += saliency_maps(model, datasets["test"], prep.pad_id, result.test.probs, int(options.saliency_per_label),
-                                 out / "saliency" / fig.slug(run.name), resolve_device(options.device))
+        written += saliency_maps(
+            model,
+            datasets["test"],
+            prep.pad_id,
+            result.test.probs,
+            int(options.saliency_per_label),
+            out / "saliency" / fig.slug(run.name),
+            resolve_device(options.device),
+        )
     return written

@@ -133,8 +133,9 @@ class Run:
         return json.dumps(self.identity(), sort_keys=True, default=str)
 
 
-def discover(experiments_dir: Path, exclude: Optional[Path] = None,
-             left_out: Optional[list[LeftOut]] = None) -> list[Run]:
+def discover(
+    experiments_dir: Path, exclude: Optional[Path] = None, left_out: Optional[list[LeftOut]] = None
+) -> list[Run]:
     """Finished stage directories under `experiments_dir`. One whose metrics.json or config.yaml
     cannot be read is logged, added to `left_out` and skipped."""
     runs = []
@@ -182,8 +183,15 @@ def _read_run(directory: Path, name: str) -> Optional[Run]:
     except (TypeError, ValueError) as err:
         raise LeftOutError(config_path, f"seed {config.get('seed')!r} is not an integer") from err
     batch = result.get("effective_batch_size")
-    return Run(name=name, directory=directory, stage=str(result["stage"]), modalities=[str(m) for m in result["modalities"]],
-               config=config, seed=seed, effective_batch=batch if isinstance(batch, int) else None)
+    return Run(
+        name=name,
+        directory=directory,
+        stage=str(result["stage"]),
+        modalities=[str(m) for m in result["modalities"]],
+        config=config,
+        seed=seed,
+        effective_batch=batch if isinstance(batch, int) else None,
+    )
 
 
 def read_json(path: Path) -> Any:
@@ -218,8 +226,14 @@ def run_predictions(run: Run, split: str, checkpoint: str, data_root: Optional[s
             preds = load_predictions(saved)
         except DamagedPredictionsError as err:
             damaged = err
-            log.warning("%s: %s is damaged (%s); recomputing the %s predictions from %s", run.name, saved, err.reason,
-                        split, ckpt_path)
+            log.warning(
+                "%s: %s is damaged (%s); recomputing the %s predictions from %s",
+                run.name,
+                saved,
+                err.reason,
+                split,
+                ckpt_path,
+            )
         else:
             if preds.checkpoint_sha256 and preds.checkpoint_sha256 == digest:
                 run.source[split] = "saved"
@@ -228,11 +242,15 @@ def run_predictions(run: Run, split: str, checkpoint: str, data_root: Optional[s
         model, datasets, prep = load_run_model(ckpt_path, data_root, options.device, splits=(split,))
     except LeftOutError as err:
         if damaged is not None:
-            raise LeftOutError(err.file, f"{err.reason} (and predictions/{split}.npz is damaged too: {damaged.reason})") from err
+            raise LeftOutError(
+                err.file, f"{err.reason} (and predictions/{split}.npz is damaged too: {damaged.reason})"
+            ) from err
         raise
     run.source[split] = "recomputed"
     if damaged is not None:
-        run.notes.append(f"predictions/{split}.npz damaged ({damaged.reason}): recomputed from checkpoints/{ckpt_path.name}")
+        run.notes.append(
+            f"predictions/{split}.npz damaged ({damaged.reason}): recomputed from checkpoints/{ckpt_path.name}"
+        )
     return predict(model, datasets[split], prep.pad_id, options, digest)
 
 
@@ -260,7 +278,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise LeftOutError(path, "missing") from err
     except DamagedFileError as err:  # its message names the file: the reason is what follows
         cause = err.__cause__
-        reason = _checkpoint_problem(cause) if isinstance(cause, Exception) else str(err).replace(f"checkpoint {path} ", "")
+        reason = (
+            _checkpoint_problem(cause) if isinstance(cause, Exception) else str(err).replace(f"checkpoint {path} ", "")
+        )
         raise LeftOutError(path, reason) from err
     except Exception as err:  # noqa: BLE001 - whatever torch.load raises for a file it cannot read
         raise LeftOutError(path, _checkpoint_problem(err)) from err
@@ -268,7 +288,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise LeftOutError(path, f"holds a {type(ckpt).__name__}, not a checkpoint dictionary")
     missing = [key for key in REQUIRED_CHECKPOINT_KEYS if key not in ckpt]
     if missing:
-        raise LeftOutError(path, f"no {', '.join(missing)} entr{'y' if len(missing) == 1 else 'ies'}: not a checkpoint of a run")
+        raise LeftOutError(
+            path, f"no {', '.join(missing)} entr{'y' if len(missing) == 1 else 'ies'}: not a checkpoint of a run"
+        )
     return ckpt
 
 
@@ -276,8 +298,10 @@ def _checkpoint_problem(err: BaseException) -> str:
     if isinstance(err, pickle.UnpicklingError):
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f" ({found.group(1)})" if found else ""
-        return (f"holds Python objects{what} that only pickle could load; refused, since checkpoints hold tensors and "
-                "plain containers only (torch.load weights_only=True)")
+        return (
+            f"holds Python objects{what} that only pickle could load; refused, since checkpoints hold tensors and "
+            "plain containers only (torch.load weights_only=True)"
+        )
     if isinstance(err, RuntimeError) and "zip archive" in str(err):
         return "not a complete checkpoint archive (truncated, or not a torch.save file)"
     return one_line(f"cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", 200)
@@ -294,20 +318,28 @@ def load_run_model(ckpt_path: Path, data_root: Optional[str], device: str, split
         cfg = run_config(ckpt, data_root)
         cfg.modality.inputs = list(ckpt["modalities"])
     except Exception as err:  # noqa: BLE001 - a stored config the schema refuses
-        raise LeftOutError(ckpt_path, f"its stored config does not fit the schema ({type(err).__name__}: {err})") from err
+        raise LeftOutError(
+            ckpt_path, f"its stored config does not fit the schema ({type(err).__name__}: {err})"
+        ) from err
     try:
         job = open_job(cfg, state=ckpt["preprocessing"], splits=splits)
     except FileNotFoundError as err:
-        raise LeftOutError(Path(err.filename or cfg.data.root),
-                           "the data needed to recompute predictions is not there (evaluate with data_root=<dir>)") from err
+        raise LeftOutError(
+            Path(err.filename or cfg.data.root),
+            "the data needed to recompute predictions is not there (evaluate with data_root=<dir>)",
+        ) from err
     except (ValueError, OSError, ConfigError) as err:  # ManifestError, UnreadableImageError, a bad data config
-        raise LeftOutError(Path(str(cfg.data.root)), f"its data cannot be loaded to recompute predictions "
-                           f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
+        raise LeftOutError(
+            Path(str(cfg.data.root)),
+            f"its data cannot be loaded to recompute predictions ({type(err).__name__}: {str(err).splitlines()[0]})",
+        ) from err
     model = job.build_model()
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError) as err:
-        raise LeftOutError(ckpt_path, f"its weights do not fit the model its config builds ({str(err).splitlines()[0]})") from err
+        raise LeftOutError(
+            ckpt_path, f"its weights do not fit the model its config builds ({str(err).splitlines()[0]})"
+        ) from err
     model.eval().to(resolve_device(device))
     return model, job.datasets, job.prep
 
@@ -325,17 +357,33 @@ def predict(model, dataset, pad_id: int, options, checkpoint_sha256: str) -> Pre
     runtime = evaluation_runtime(options.device)
     # the machine's choices for every loader setting but the worker count evaluation.* may fix
     loader_choices = OmegaConf.merge(OmegaConf.structured(DataConfig), {"num_workers": options.num_workers})
-    loader = DataLoader(dataset, batch_size=int(options.batch_size), shuffle=False, collate_fn=Collator(pad_id),
-                        **loader_settings(loader_choices, runtime, dataset, persistent=False))
-    log.info("predicting %d %s cases on %s, data loading %s", len(dataset), dataset.split.name, runtime.device,
-             describe_loader(loader))
+    loader = DataLoader(
+        dataset,
+        batch_size=int(options.batch_size),
+        shuffle=False,
+        collate_fn=Collator(pad_id),
+        **loader_settings(loader_choices, runtime, dataset, persistent=False),
+    )
+    log.info(
+        "predicting %d %s cases on %s, data loading %s",
+        len(dataset),
+        dataset.split.name,
+        runtime.device,
+        describe_loader(loader),
+    )
     probs = []
     for batch in loader:
         batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
         probs.append(torch.sigmoid(model(batch).float()).cpu())
     split = dataset.split
-    return Predictions(torch.cat(probs).numpy(), split.targets, split.mask, split.frame["sample_id"].to_numpy(dtype=str),
-                       split.group, checkpoint_sha256)
+    return Predictions(
+        torch.cat(probs).numpy(),
+        split.targets,
+        split.mask,
+        split.frame["sample_id"].to_numpy(dtype=str),
+        split.group,
+        checkpoint_sha256,
+    )
 
 
 def evaluation_runtime(device: str):

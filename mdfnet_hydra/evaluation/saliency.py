@@ -36,14 +36,16 @@ def grad_cam(model, batch: dict[str, torch.Tensor], label: int) -> np.ndarray:
             (grad,) = torch.autograd.grad(logits[:, label].sum(), tokens)
     finally:
         handle.remove()
-    cam = torch.relu((grad * tokens).sum(-1))[:, encoder.num_prefix_tokens:].detach()
+    cam = torch.relu((grad * tokens).sum(-1))[:, encoder.num_prefix_tokens :].detach()
     side = int(math.isqrt(cam.shape[1]))
     cam = cam[:, : side * side].reshape(-1, side, side)
     cam = cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     return cam.cpu().numpy()
 
 
-def saliency_maps(model, dataset, pad_id: int, probs: np.ndarray, per_label: int, out: Path, device: torch.device) -> list[Path]:
+def saliency_maps(
+    model, dataset, pad_id: int, probs: np.ndarray, per_label: int, out: Path, device: torch.device
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,7 +69,14 @@ def saliency_maps(model, dataset, pad_id: int, probs: np.ndarray, per_label: int
         for row, (index, cam) in enumerate(zip(chosen, maps)):
             with Image.open(dataset.image_paths[index]) as image:
                 original = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BICUBIC))
-            heat = np.asarray(Image.fromarray((cam * 255).astype(np.uint8)).resize(original.shape[::-1], Image.Resampling.BILINEAR)) / 255
+            heat = (
+                np.asarray(
+                    Image.fromarray((cam * 255).astype(np.uint8)).resize(
+                        original.shape[::-1], Image.Resampling.BILINEAR
+                    )
+                )
+                / 255
+            )
             axes[row, 0].imshow(original, cmap="gray")
             axes[row, 0].set_title("test image")
             axes[row, 1].imshow(original, cmap="gray")

@@ -67,7 +67,7 @@ def delong_test(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> Pa
         p = 1.0 if diff == 0 else 0.0
         se = 0.0
     else:
-        se = var ** 0.5
+        se = var**0.5
         p = 2 * (1 - NormalDist().cdf(abs(diff) / se))
     return PairedTest(float(aucs[0]), float(aucs[1]), diff, diff - Z95 * se, diff + Z95 * se, p)
 
@@ -116,7 +116,12 @@ def _resample_indices(groups: np.ndarray, rng: np.random.Generator) -> np.ndarra
 
 
 def bootstrap_mean_auroc(
-    probs: Sequence[np.ndarray], targets: np.ndarray, mask: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0
+    probs: Sequence[np.ndarray],
+    targets: np.ndarray,
+    mask: np.ndarray,
+    groups: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> np.ndarray:
     """(n_boot, len(probs)) mean AUROCs of each model on the same patient-level resamples."""
     rng = np.random.default_rng(seed)

@@ -29,10 +29,17 @@ def summary_rows(results: Sequence[RunResult], rule: str) -> list[dict[str, Any]
     for r in sorted(results, key=lambda r: -(r.mean_auroc or 0)):
         targets = r.targets()
         row: dict[str, Any] = {
-            "run": r.run.name, "modality": r.run.modality, "stage": r.run.stage, "seed": r.run.seed,
+            "run": r.run.name,
+            "modality": r.run.modality,
+            "stage": r.run.stage,
+            "seed": r.run.seed,
             **r.run.hyperparameters(),
-            "test_auroc_mean": _f(r.mean_auroc, 4), "ci95_low": _f(r.mean_ci[0], 4), "ci95_high": _f(r.mean_ci[1], 4),
-            "test_auprc_mean": _f(r.mean_auprc, 4), "f1_macro": _f(r.f1_macro, 4), "f1_micro": _f(r.f1_micro, 4),
+            "test_auroc_mean": _f(r.mean_auroc, 4),
+            "ci95_low": _f(r.mean_ci[0], 4),
+            "ci95_high": _f(r.mean_ci[1], 4),
+            "test_auprc_mean": _f(r.mean_auprc, 4),
+            "f1_macro": _f(r.f1_macro, 4),
+            "f1_micro": _f(r.f1_micro, 4),
             "threshold_rule": rule,
             "target": "; ".join(f"{name} {value:.3f}" for name, value, _ in targets),
             "difference_to_target": "; ".join(_f(diff, 4) for _, _, diff in targets),
@@ -50,8 +57,15 @@ def summary_rows(results: Sequence[RunResult], rule: str) -> list[dict[str, Any]
 
 def left_out_rows(left_out: Sequence[LeftOut], template: dict[str, Any], root: Optional[Path]) -> list[dict[str, Any]]:
     """results_summary.csv rows of the runs left out: the run, "left out", and the file and why."""
-    return [{**{key: "" for key in template}, "run": item.run, "predictions": "left out",
-             "left_out": f"{shown_path(item.file, root)}: {item.reason}"} for item in left_out]
+    return [
+        {
+            **{key: "" for key in template},
+            "run": item.run,
+            "predictions": "left out",
+            "left_out": f"{shown_path(item.file, root)}: {item.reason}",
+        }
+        for item in left_out
+    ]
 
 
 COMPARISON_COLUMNS = ("run", "baseline", "label", "difference", "ci95_low", "ci95_high", "p_value")
@@ -72,35 +86,69 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str] = (
 def comparison_rows(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
     rows = []
     for c in comparisons:
-        rows.append({"run": c.run, "baseline": c.baseline, "label": "mean AUROC (patient bootstrap)",
-                     "difference": _f(c.mean_difference, 4), "ci95_low": _f(c.mean_ci[0], 4),
-                     "ci95_high": _f(c.mean_ci[1], 4), "p_value": _p(c.mean_p)})
+        rows.append(
+            {
+                "run": c.run,
+                "baseline": c.baseline,
+                "label": "mean AUROC (patient bootstrap)",
+                "difference": _f(c.mean_difference, 4),
+                "ci95_low": _f(c.mean_ci[0], 4),
+                "ci95_high": _f(c.mean_ci[1], 4),
+                "p_value": _p(c.mean_p),
+            }
+        )
         for name, test in c.per_label.items():
-            rows.append({"run": c.run, "baseline": c.baseline, "label": f"{name} (DeLong)",
-                         "difference": _f(test.difference, 4) if test else "undefined",
-                         "ci95_low": _f(test.ci_low, 4) if test else "", "ci95_high": _f(test.ci_high, 4) if test else "",
-                         "p_value": _p(test.p_value) if test else ""})
+            rows.append(
+                {
+                    "run": c.run,
+                    "baseline": c.baseline,
+                    "label": f"{name} (DeLong)",
+                    "difference": _f(test.difference, 4) if test else "undefined",
+                    "ci95_low": _f(test.ci_low, 4) if test else "",
+                    "ci95_high": _f(test.ci_high, 4) if test else "",
+                    "p_value": _p(test.p_value) if test else "",
+                }
+            )
     return rows
 
 
-def markdown(results: Sequence[RunResult], comparisons: Sequence[Comparison], notes: Sequence[str],
-             seeds: Sequence[dict[str, Any]], figures: Sequence[Path], out: Path, rule: str,
-             left_out: Sequence[LeftOut] = (), root: Optional[Path] = None,
-             labels: Optional[dict[str, str]] = None) -> str:
+def markdown(
+    results: Sequence[RunResult],
+    comparisons: Sequence[Comparison],
+    notes: Sequence[str],
+    seeds: Sequence[dict[str, Any]],
+    figures: Sequence[Path],
+    out: Path,
+    rule: str,
+    left_out: Sequence[LeftOut] = (),
+    root: Optional[Path] = None,
+    labels: Optional[dict[str, str]] = None,
+) -> str:
     """results.md; `labels` (run name -> short label in the figures' legends) are listed under the figures."""
-    lines = ["# Evaluation on the test split", "",
-             f"Per-run test metrics of the selected checkpoint; mean AUROC with a patient-level bootstrap 95% CI; "
-             f"F1 at per-label thresholds chosen on validation ({rule}). Labels without both classes are undefined "
-             "and left out of the means.", "",
-             "| run | modality | stage | seed | mean AUROC (95% CI) | target (difference) | mean AUPRC | macro F1 | micro F1 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Evaluation on the test split",
+        "",
+        f"Per-run test metrics of the selected checkpoint; mean AUROC with a patient-level bootstrap 95% CI; "
+        f"F1 at per-label thresholds chosen on validation ({rule}). Labels without both classes are undefined "
+        "and left out of the means.",
+        "",
+        "| run | modality | stage | seed | mean AUROC (95% CI) | target (difference) | mean AUPRC | macro F1 | micro F1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in sorted(results, key=lambda r: -(r.mean_auroc or 0)):
         targets = "; ".join(f"{name} {value:.3f} ({_f(diff)})" for name, value, diff in r.targets()) or "-"
-        lines.append(f"| {r.run.name} | {r.run.modality} | {r.run.stage} | {r.run.seed} | {_f(r.mean_auroc)} "
-                     f"({_f(r.mean_ci[0])}-{_f(r.mean_ci[1])}) | {targets} | {_f(r.mean_auprc)} | {_f(r.f1_macro)} | {_f(r.f1_micro)} |")
+        lines.append(
+            f"| {r.run.name} | {r.run.modality} | {r.run.stage} | {r.run.seed} | {_f(r.mean_auroc)} "
+            f"({_f(r.mean_ci[0])}-{_f(r.mean_ci[1])}) | {targets} | {_f(r.mean_auprc)} | {_f(r.f1_macro)} | {_f(r.f1_micro)} |"
+        )
     lines += _damaged_section(results, left_out, root)
-    lines += ["", "## Per-label test AUROC", "", "| label | " + " | ".join(r.run.name for r in results) + " |",
-              "| --- |" + " --- |" * len(results)]
+    lines += [
+        "",
+        "## Per-label test AUROC",
+        "",
+        "| label | " + " | ".join(r.run.name for r in results) + " |",
+        "| --- |" + " --- |" * len(results),
+    ]
     for name in CHEXPERT_LABELS:
         cells = []
         for r in results:
@@ -109,34 +157,57 @@ def markdown(results: Sequence[RunResult], comparisons: Sequence[Comparison], no
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Against the vision-only baseline (same test set)", ""]
     if comparisons:
-        lines += ["| run | baseline | mean AUROC difference (95% CI) | p (patient bootstrap) | labels better / worse at p<0.05 (DeLong) |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "| run | baseline | mean AUROC difference (95% CI) | p (patient bootstrap) | labels better / worse at p<0.05 (DeLong) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for c in comparisons:
             better = sum(1 for t in c.per_label.values() if t and t.p_value < 0.05 and t.difference > 0)
             worse = sum(1 for t in c.per_label.values() if t and t.p_value < 0.05 and t.difference < 0)
-            lines.append(f"| {c.run} | {c.baseline} | {_f(c.mean_difference)} ({_f(c.mean_ci[0])} to {_f(c.mean_ci[1])}) "
-                         f"| {_p(c.mean_p)} | {better} / {worse} |")
+            lines.append(
+                f"| {c.run} | {c.baseline} | {_f(c.mean_difference)} ({_f(c.mean_ci[0])} to {_f(c.mean_ci[1])}) "
+                f"| {_p(c.mean_p)} | {better} / {worse} |"
+            )
         lines += ["", "Per-label differences, CIs and DeLong p-values: comparisons.csv."]
     else:
         lines.append("No multimodal run shares its test set with a vision-only run.")
     lines += [f"- {note}" for note in notes]
-    lines += ["", "## Seeds", "", "Runs whose stored configurations differ in the seed alone (paths, logging, loader "
-              "workers, time limit and evaluation settings aside; batch settings compared as the effective batch).", "",
-              "| configuration | runs | seeds | n | mean AUROC mean | std |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Seeds",
+        "",
+        "Runs whose stored configurations differ in the seed alone (paths, logging, loader "
+        "workers, time limit and evaluation settings aside; batch settings compared as the effective batch).",
+        "",
+        "| configuration | runs | seeds | n | mean AUROC mean | std |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for row in seeds:
-        lines.append(f"| {_cell(row['configuration'])} | {row['runs']} | {row['seeds']} | {row['n']} | {_f(row['mean'])} | {_f(row['std'])} |")
+        lines.append(
+            f"| {_cell(row['configuration'])} | {row['runs']} | {row['seeds']} | {row['n']} | {_f(row['mean'])} | {_f(row['std'])} |"
+        )
     if figures:
-        lines += ["", "## Figures", ""] + [f"- {p.relative_to(out)}" for p in figures if p.parent.parent.name != "saliency"]
+        lines += ["", "## Figures", ""] + [
+            f"- {p.relative_to(out)}" for p in figures if p.parent.parent.name != "saliency"
+        ]
         maps: dict[Path, int] = {}
         for p in figures:
             if p.parent.parent.name == "saliency":
                 maps[p.parent] = maps.get(p.parent, 0) + 1
-        lines += [f"- {folder.relative_to(out)}/: Grad-CAM maps for {n} labels (<Label>.png)" for folder, n in maps.items()]
+        lines += [
+            f"- {folder.relative_to(out)}/: Grad-CAM maps for {n} labels (<Label>.png)" for folder, n in maps.items()
+        ]
     if figures and labels:
-        lines += ["", "### Run labels in the figures", "",
-                  "The ROC, precision-recall, per-label AUROC and calibration figures name runs by these labels "
-                  "(`<modality> <stage> s<seed>`, with the end of the run's path where runs share those):", "",
-                  "| label | run |", "| --- | --- |"]
+        lines += [
+            "",
+            "### Run labels in the figures",
+            "",
+            "The ROC, precision-recall, per-label AUROC and calibration figures name runs by these labels "
+            "(`<modality> <stage> s<seed>`, with the end of the run's path where runs share those):",
+            "",
+            "| label | run |",
+            "| --- | --- |",
+        ]
         lines += [f"| {_cell(label)} | {_cell(name)} |" for name, label in labels.items()]
     return "\n".join(lines) + "\n"
 
@@ -147,8 +218,12 @@ def _damaged_section(results: Sequence[RunResult], left_out: Sequence[LeftOut], 
         return []
     lines = ["", "## Left out", ""]
     if left_out:
-        lines += [f"{len(left_out)} run(s) could not be evaluated and are not in the tables above:", "",
-                  "| run | file | reason |", "| --- | --- | --- |"]
+        lines += [
+            f"{len(left_out)} run(s) could not be evaluated and are not in the tables above:",
+            "",
+            "| run | file | reason |",
+            "| --- | --- | --- |",
+        ]
         lines += [f"| {item.run} | {shown_path(item.file, root)} | {_cell(item.reason)} |" for item in left_out]
     else:
         lines.append("No run was left out.")

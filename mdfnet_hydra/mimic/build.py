@@ -63,9 +63,11 @@ def prepare(cfg) -> dict[str, Any]:
     remove_stale_temporaries(out)  # half-written images and reports of a killed run
     report = Report()
     if set(wanted_sections) & set(LABEL_SOURCE_SECTIONS):
-        message = (f"text.sections includes {sorted(set(wanted_sections) & set(LABEL_SOURCE_SECTIONS))}: MIMIC-CXR's "
-                   "CheXpert labels were derived from the findings and impression, so a text encoder fed them "
-                   "learns the labeller, not the patient")
+        message = (
+            f"text.sections includes {sorted(set(wanted_sections) & set(LABEL_SOURCE_SECTIONS))}: MIMIC-CXR's "
+            "CheXpert labels were derived from the findings and impression, so a text encoder fed them "
+            "learns the labeller, not the patient"
+        )
         log.warning(message)
         report.warnings.append(message)
 
@@ -128,8 +130,11 @@ def _locate_inputs(cfg, wanted_sections: list[str]) -> dict[str, Path]:
         tables["split"] = ("mimic.cxr_jpg", cxr, "mimic-cxr-2.0.0-split", ("",))
     folders = {"images": ("mimic.cxr_jpg", cxr / "files", "the JPEGs as pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg")}
     if wanted_sections:
-        folders["reports"] = ("mimic.reports", Path(cfg.mimic.reports).expanduser() / "files",
-                              "the reports as pXX/pXXXXXXXX/sXXXXXXXX.txt")
+        folders["reports"] = (
+            "mimic.reports",
+            Path(cfg.mimic.reports).expanduser() / "files",
+            "the reports as pXX/pXXXXXXXX/sXXXXXXXX.txt",
+        )
     return locate_inputs(tables, folders)
 
 
@@ -144,25 +149,33 @@ def _check_found(found: int, total: int, option: str, cfg, what: str, expected: 
     yields none, a partial download a few) rather than writing a dataset without it."""
     minimum = float(cfg.checks[option])
     if total and found < minimum * total:
-        raise PrepareError(f"found {found} of {total} {what} ({found / total:.0%}, fewer than checks.{option}="
-                           f"{minimum}); {expected}: {fix}, or lower checks.{option} for a partial download.")
+        raise PrepareError(
+            f"found {found} of {total} {what} ({found / total:.0%}, fewer than checks.{option}="
+            f"{minimum}); {expected}: {fix}, or lower checks.{option} for a partial download."
+        )
 
 
 def _frontal_studies(path: Path, cfg, report: Report) -> pd.DataFrame:
-    meta = read_table(path, ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime"],
-                      dtype={"dicom_id": str})
+    meta = read_table(
+        path, ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime"], dtype={"dicom_id": str}
+    )
     report.step("metadata: images", meta, "images")
     report.sections["views"] = {str(k): int(v) for k, v in meta["ViewPosition"].fillna("(none)").value_counts().items()}
     preference = {view.upper(): rank for rank, view in enumerate(cfg.views)}
     meta = meta.assign(view_rank=meta["ViewPosition"].astype(str).str.upper().map(preference))
     meta = meta[meta["view_rank"].notna()]
     report.step(f"view in {list(cfg.views)}", meta, "images")
-    _require_studies(meta, f"no image in {path} has a ViewPosition in views={list(cfg.views)}: "
-                           "check views (MIMIC-CXR-JPG uses PA, AP, LATERAL, LL, ...).")
+    _require_studies(
+        meta,
+        f"no image in {path} has a ViewPosition in views={list(cfg.views)}: "
+        "check views (MIMIC-CXR-JPG uses PA, AP, LATERAL, LL, ...).",
+    )
     if cfg.one_image_per_study:
         meta = meta.sort_values(["study_id", "view_rank", "dicom_id"]).drop_duplicates("study_id", keep="first")
         report.step("one image per study (view preference, then dicom_id)", meta)
-    meta = meta.assign(study_time=[_study_time(d, t, path, i) for i, d, t in zip(meta.index, meta["StudyDate"], meta["StudyTime"])])
+    meta = meta.assign(
+        study_time=[_study_time(d, t, path, i) for i, d, t in zip(meta.index, meta["StudyDate"], meta["StudyTime"])]
+    )
     return meta.drop(columns=["view_rank"]).reset_index(drop=True)
 
 
@@ -183,13 +196,19 @@ def _with_labels(path: Path, studies: pd.DataFrame, report: Report) -> pd.DataFr
         bad = values.notna() & ~values.isin(LABEL_VALUES)
         if bad.any():
             row = int(labels.index[bad][0])
-            raise PrepareError(f"{path}: row {row + 2}: label '{name}' is {labels[name][row]}; "
-                               "expected 1, 0, -1 or empty")
+            raise PrepareError(
+                f"{path}: row {row + 2}: label '{name}' is {labels[name][row]}; expected 1, 0, -1 or empty"
+            )
         labels[name] = values
-    merged = studies.merge(labels[["subject_id", "study_id", *CHEXPERT_LABELS]], on=["subject_id", "study_id"], how="inner")
+    merged = studies.merge(
+        labels[["subject_id", "study_id", *CHEXPERT_LABELS]], on=["subject_id", "study_id"], how="inner"
+    )
     report.step("with CheXpert labels", merged)
-    _require_studies(merged, f"no chosen study has a row in {path}: the metadata and chexpert tables under "
-                             "mimic.cxr_jpg must come from the same MIMIC-CXR-JPG release.")
+    _require_studies(
+        merged,
+        f"no chosen study has a row in {path}: the metadata and chexpert tables under "
+        "mimic.cxr_jpg must come from the same MIMIC-CXR-JPG release.",
+    )
     return merged
 
 
@@ -199,12 +218,17 @@ def _with_split(path: Path | None, studies: pd.DataFrame, cfg, report: Report) -
         unknown = ~split["split"].isin(OFFICIAL_SPLIT_NAMES)
         if unknown.any():
             row = int(split.index[unknown][0])
-            raise PrepareError(f"{path}: row {row + 2}: split {split['split'][row]!r} is not one of {list(OFFICIAL_SPLIT_NAMES)}")
+            raise PrepareError(
+                f"{path}: row {row + 2}: split {split['split'][row]!r} is not one of {list(OFFICIAL_SPLIT_NAMES)}"
+            )
         studies = studies.merge(split[["dicom_id", "split"]], on="dicom_id", how="inner")
         studies["split"] = studies["split"].map(OFFICIAL_SPLIT_NAMES)
         report.step("with an official split", studies)
-        _require_studies(studies, f"no chosen image is listed in {path}: the metadata and split tables under "
-                                  "mimic.cxr_jpg must come from the same MIMIC-CXR-JPG release.")
+        _require_studies(
+            studies,
+            f"no chosen image is listed in {path}: the metadata and split tables under "
+            "mimic.cxr_jpg must come from the same MIMIC-CXR-JPG release.",
+        )
     else:
         fractions = np.asarray(cfg.split.fractions, dtype=float)
         patients = np.sort(studies["subject_id"].unique())
@@ -215,8 +239,10 @@ def _with_split(path: Path | None, studies: pd.DataFrame, cfg, report: Report) -
         report.step(f"random patient-level split (seed {cfg.split.seed})", studies)
     per_patient = studies.groupby("subject_id")["split"].nunique()
     if (per_patient > 1).any():
-        raise PrepareError(f"{int((per_patient > 1).sum())} patients fall in more than one split "
-                           f"(e.g. subject {per_patient[per_patient > 1].index[0]}); the split must be by patient")
+        raise PrepareError(
+            f"{int((per_patient > 1).sum())} patients fall in more than one split "
+            f"(e.g. subject {per_patient[per_patient > 1].index[0]}); the split must be by patient"
+        )
     return studies
 
 
@@ -226,28 +252,43 @@ def _with_ed_stay(studies: pd.DataFrame, stays_path: Path, triage_path: Path, cf
         stays[column] = pd.to_datetime(stays[column], errors="coerce")
     slack = pd.Timedelta(hours=float(cfg.link.slack_hours))
     pairs = studies[["study_id", "subject_id", "study_time"]].merge(
-        stays[["subject_id", "stay_id", "intime", "outtime", *(["gender"] if "gender" in stays else [])]], on="subject_id")
+        stays[["subject_id", "stay_id", "intime", "outtime", *(["gender"] if "gender" in stays else [])]],
+        on="subject_id",
+    )
     inside = (pairs.study_time >= pairs.intime) & (pairs.study_time <= pairs.outtime)
     gap = np.maximum(pairs.intime - pairs.study_time, pairs.study_time - pairs.outtime)  # > 0 outside the stay
     pairs = pairs.assign(inside=inside, distance=gap.where(~inside, pd.Timedelta(0)))
     pairs = pairs[pairs.distance <= slack]
-    best = pairs.sort_values(["study_id", "distance", "intime"], ascending=[True, True, False]).drop_duplicates("study_id")
+    best = pairs.sort_values(["study_id", "distance", "intime"], ascending=[True, True, False]).drop_duplicates(
+        "study_id"
+    )
     linked = studies.merge(best.drop(columns=["subject_id", "study_time", "distance"]), on="study_id", how="left")
     is_linked = linked["stay_id"].notna()
     report.sections["ed_link"] = {
         "inside an ED stay": int(linked["inside"].fillna(False).astype(bool).sum()),
-        f"within {cfg.link.slack_hours} h slack only": int((is_linked & ~linked["inside"].fillna(False).astype(bool)).sum()),
+        f"within {cfg.link.slack_hours} h slack only": int(
+            (is_linked & ~linked["inside"].fillna(False).astype(bool)).sum()
+        ),
         "no ED stay": int((~is_linked).sum()),
     }
     report.step("linked to an ED stay", linked[is_linked])
-    _check_found(int(is_linked.sum()), len(linked), "min_ed_linked", cfg, f"studies linked to an ED stay of {stays_path}",
-                 f"expected stays of the same subject_id within link.slack_hours={cfg.link.slack_hours} of the study",
-                 "point mimic.ed at the MIMIC-IV-ED release of these MIMIC-CXR patients")
+    _check_found(
+        int(is_linked.sum()),
+        len(linked),
+        "min_ed_linked",
+        cfg,
+        f"studies linked to an ED stay of {stays_path}",
+        f"expected stays of the same subject_id within link.slack_hours={cfg.link.slack_hours} of the study",
+        "point mimic.ed at the MIMIC-IV-ED release of these MIMIC-CXR patients",
+    )
     if not cfg.link.keep_unlinked:
         linked = linked[is_linked]
         report.step("unlinked studies dropped (link.keep_unlinked=false)", linked)
-        _require_studies(linked, f"no study links to an ED stay of {stays_path} and link.keep_unlinked=false: "
-                                 "check mimic.ed or keep unlinked studies.")
+        _require_studies(
+            linked,
+            f"no study links to an ED stay of {stays_path} and link.keep_unlinked=false: "
+            "check mimic.ed or keep unlinked studies.",
+        )
     else:
         report.step("kept, unlinked ones with missing triage (link.keep_unlinked=true)", linked)
     return _with_triage(linked.drop(columns=["inside"]), triage_path, report)
@@ -266,12 +307,19 @@ def _with_triage(studies: pd.DataFrame, path: Path, report: Report) -> pd.DataFr
 def _with_demographics(studies: pd.DataFrame, path: Path, cfg, report: Report) -> pd.DataFrame:
     patients = read_table(path, ["subject_id", "gender", "anchor_age", "anchor_year"])
     columns = patients[["subject_id", "gender", "anchor_age", "anchor_year"]]
-    merged = studies.merge(columns.rename(columns={"gender": "patient_gender"}), on="subject_id", how="left",
-                           indicator="patient_found")
+    merged = studies.merge(
+        columns.rename(columns={"gender": "patient_gender"}), on="subject_id", how="left", indicator="patient_found"
+    )
     found = int((merged.pop("patient_found") == "both").sum())
-    _check_found(found, len(merged), "min_patients_found", cfg, f"studies with their patient in {path}",
-                 "expected a row per MIMIC-CXR subject_id",
-                 "point mimic.hosp at the MIMIC-IV release (hosp/patients) of these MIMIC-CXR patients")
+    _check_found(
+        found,
+        len(merged),
+        "min_patients_found",
+        cfg,
+        f"studies with their patient in {path}",
+        "expected a row per MIMIC-CXR subject_id",
+        "point mimic.hosp at the MIMIC-IV release (hosp/patients) of these MIMIC-CXR patients",
+    )
     merged["age"] = merged["anchor_age"] + (merged["study_time"].dt.year - merged["anchor_year"])
     sex = merged["patient_gender"]
     if "gender" in merged:
@@ -281,7 +329,9 @@ def _with_demographics(studies: pd.DataFrame, path: Path, cfg, report: Report) -
     return merged
 
 
-def _with_text(studies: pd.DataFrame, reports_files: Path | None, cfg, wanted: list[str], report: Report) -> pd.DataFrame:
+def _with_text(
+    studies: pd.DataFrame, reports_files: Path | None, cfg, wanted: list[str], report: Report
+) -> pd.DataFrame:
     if reports_files is None:  # text.sections is empty: the reports are not read
         report.sections["text"] = {"reports": "not read (text.sections is empty)"}
         return studies.assign(text=[input_text({}, [], _complaint(c, cfg)) for c in studies["chiefcomplaint"]])
@@ -296,9 +346,15 @@ def _with_text(studies: pd.DataFrame, reports_files: Path | None, cfg, wanted: l
             present[name] += bool(sections.get(name))
         texts.append(input_text(sections, wanted, _complaint(complaint, cfg)))
     found = len(studies) - len(missing)
-    _check_found(found, len(studies), "min_reports_found", cfg, f"reports under {reports_files}",
-                 f"expected one per study as pXX/pXXXXXXXX/sXXXXXXXX.txt, e.g. {missing[0] if missing else ''}",
-                 "point mimic.reports at the MIMIC-CXR release folder whose files/ holds the reports")
+    _check_found(
+        found,
+        len(studies),
+        "min_reports_found",
+        cfg,
+        f"reports under {reports_files}",
+        f"expected one per study as pXX/pXXXXXXXX/sXXXXXXXX.txt, e.g. {missing[0] if missing else ''}",
+        "point mimic.reports at the MIMIC-CXR release folder whose files/ holds the reports",
+    )
     report.sections["text"] = {
         "reports found": found,
         "reports missing": len(missing),
@@ -313,28 +369,47 @@ def _complaint(complaint: Any, cfg) -> str | None:
 
 
 def _with_images(images: Path, out: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
-    relative = [f"images/p{str(s)[:2]}/p{s}/s{st}/{d}.jpg" for s, st, d in zip(studies.subject_id, studies.study_id, studies.dicom_id)]
-    sources = [images / r[len("images/"):] for r in relative]
-    tasks = [(str(src), str(out / r), int(cfg.images.size), int(cfg.images.quality)) for src, r in zip(sources, relative)]
+    relative = [
+        f"images/p{str(s)[:2]}/p{s}/s{st}/{d}.jpg"
+        for s, st, d in zip(studies.subject_id, studies.study_id, studies.dicom_id)
+    ]
+    sources = [images / r[len("images/") :] for r in relative]
+    tasks = [
+        (str(src), str(out / r), int(cfg.images.size), int(cfg.images.quality)) for src, r in zip(sources, relative)
+    ]
     results = resize_all(tasks, int(cfg.images.workers))
     status = pd.Series([s for s, _ in results], index=studies.index)
     counts = status.value_counts().to_dict()
     report.sections["images"] = {k: int(counts.get(k, 0)) for k in STATUSES}
     if counts.get("remade"):
-        log.info("%d images in %s made with other settings were re-made (images.size=%s, images.quality=%s)",
-                 counts["remade"], out / "images", cfg.images.size, cfg.images.quality)
+        log.info(
+            "%d images in %s made with other settings were re-made (images.size=%s, images.quality=%s)",
+            counts["remade"],
+            out / "images",
+            cfg.images.size,
+            cfg.images.quality,
+        )
     for kind in ("missing", "unreadable"):
-        rows = [f"subject {s}, study {st}: {detail}" for (s, st), (state, detail) in
-                zip(zip(studies.subject_id, studies.study_id), results) if state == kind]
+        rows = [
+            f"subject {s}, study {st}: {detail}"
+            for (s, st), (state, detail) in zip(zip(studies.subject_id, studies.study_id), results)
+            if state == kind
+        ]
         if rows:
             report.problems[f"{kind} images (studies left out)"] = rows
             log.warning("%d studies left out: %s image; listed in prepare_report.json", len(rows), kind)
     usable = status.isin(["done", "remade", "reused"]).to_numpy()
     example = next((src for src, (state, _) in zip(sources, results) if state in ("missing", "unreadable")), "")
-    _check_found(int(usable.sum()), len(studies), "min_images_found", cfg, f"chosen images under {images}",
-                 f"expected readable JPEGs as pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg ({counts.get('missing', 0)} "
-                 f"missing, {counts.get('unreadable', 0)} unreadable, e.g. {example})",
-                 "point mimic.cxr_jpg at the MIMIC-CXR-JPG release folder whose files/ holds the JPEGs")
+    _check_found(
+        int(usable.sum()),
+        len(studies),
+        "min_images_found",
+        cfg,
+        f"chosen images under {images}",
+        f"expected readable JPEGs as pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg ({counts.get('missing', 0)} "
+        f"missing, {counts.get('unreadable', 0)} unreadable, e.g. {example})",
+        "point mimic.cxr_jpg at the MIMIC-CXR-JPG release folder whose files/ holds the JPEGs",
+    )
     kept = studies.assign(image_path=relative)[usable]
     report.step("with a readable image", kept)
     _require_studies(kept, f"no chosen study has a readable image under {images}: check mimic.cxr_jpg.")
@@ -342,13 +417,15 @@ def _with_images(images: Path, out: Path, studies: pd.DataFrame, cfg, report: Re
 
 
 def _manifest(studies: pd.DataFrame) -> pd.DataFrame:
-    frame = pd.DataFrame({
-        "sample_id": studies["dicom_id"].astype(str).to_numpy(),
-        "patient_id": studies["subject_id"].astype(str).to_numpy(),
-        "split": studies["split"].to_numpy(),
-        "image_path": studies["image_path"].to_numpy(),
-        "text": studies["text"].to_numpy(),
-    })
+    frame = pd.DataFrame(
+        {
+            "sample_id": studies["dicom_id"].astype(str).to_numpy(),
+            "patient_id": studies["subject_id"].astype(str).to_numpy(),
+            "split": studies["split"].to_numpy(),
+            "image_path": studies["image_path"].to_numpy(),
+            "text": studies["text"].to_numpy(),
+        }
+    )
     for name in CLINICAL_FEATURES:
         frame[name] = studies[name].to_numpy() if name == "sex" else studies[name].astype(float).to_numpy()
     for name in CHEXPERT_LABELS:
@@ -361,15 +438,28 @@ def _prevalence(manifest: pd.DataFrame) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for split in SPLITS:
         part = manifest[manifest.split == split]
-        out[split] = {name: {"positive": int((part[name] == 1).sum()), "negative": int((part[name] == 0).sum()),
-                             "uncertain": int((part[name] == -1).sum()), "blank": int(part[name].isna().sum())}
-                      for name in CHEXPERT_LABELS}
+        out[split] = {
+            name: {
+                "positive": int((part[name] == 1).sum()),
+                "negative": int((part[name] == 0).sum()),
+                "uncertain": int((part[name] == -1).sum()),
+                "blank": int(part[name].isna().sum()),
+            }
+            for name in CHEXPERT_LABELS
+        }
     return out
 
 
 def _missingness(manifest: pd.DataFrame) -> dict[str, Any]:
-    return {split: {name: round(float(manifest.loc[manifest.split == split, name].isna().mean()), 4) if (manifest.split == split).any() else None
-                    for name in CLINICAL_FEATURES} for split in SPLITS}
+    return {
+        split: {
+            name: round(float(manifest.loc[manifest.split == split, name].isna().mean()), 4)
+            if (manifest.split == split).any()
+            else None
+            for name in CLINICAL_FEATURES
+        }
+        for split in SPLITS
+    }
 
 
 def _markdown(report: Report) -> str:
@@ -381,18 +471,30 @@ def _markdown(report: Report) -> str:
     for key in ("ed_link", "text", "images", "split_sizes"):
         if key in report.sections:
             lines += ["", f"{key.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in report.sections[key].items())]
-    lines += ["", "label prevalence (positive / negative / uncertain / blank):", "",
-              "| label | " + " | ".join(SPLITS) + " |", "| --- |" + " --- |" * len(SPLITS)]
+    lines += [
+        "",
+        "label prevalence (positive / negative / uncertain / blank):",
+        "",
+        "| label | " + " | ".join(SPLITS) + " |",
+        "| --- |" + " --- |" * len(SPLITS),
+    ]
     for name in CHEXPERT_LABELS:
         cells = []
         for split in SPLITS:
             c = report.sections["label_prevalence"][split][name]
             cells.append(f"{c['positive']} / {c['negative']} / {c['uncertain']} / {c['blank']}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "clinical feature missingness (fraction):", "", "| feature | " + " | ".join(SPLITS) + " |",
-              "| --- |" + " --- |" * len(SPLITS)]
+    lines += [
+        "",
+        "clinical feature missingness (fraction):",
+        "",
+        "| feature | " + " | ".join(SPLITS) + " |",
+        "| --- |" + " --- |" * len(SPLITS),
+    ]
     for name in CLINICAL_FEATURES:
-        lines.append(f"| {name} | " + " | ".join(str(report.sections["clinical_missingness"][s][name]) for s in SPLITS) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(str(report.sections["clinical_missingness"][s][name]) for s in SPLITS) + " |"
+        )
     for name, rows in report.problems.items():
         lines += ["", f"{name}: {len(rows)} (listed in prepare_report.json)"]
     for warning in report.warnings:

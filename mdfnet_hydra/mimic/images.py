@@ -38,8 +38,9 @@ def resize_one(task: tuple[str, str, int, int]) -> tuple[str, str]:
             image = image.convert("L")
             scale = size / min(image.size)
             if scale < 1:
-                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                     Image.Resampling.BICUBIC)
+                image = image.resize(
+                    (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC
+                )
     except (UnidentifiedImageError, OSError, ValueError) as err:
         return "unreadable", f"{source}: {type(err).__name__}: {err}"
     with atomic_target(target, durable=False) as tmp:  # never a half image to reuse; a full disk stops the run

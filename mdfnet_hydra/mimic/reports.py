@@ -78,8 +78,8 @@ def _headers(report: str) -> Iterator[tuple[int, int, Optional[str]]]:
     """(start, end, canonical name or None for an unknown header) of every header, in order."""
     for colon in _COLON.finditer(report):
         line_start = report.rfind("\n", 0, colon.start()) + 1
-        segment = _SEGMENT_END.split(report[line_start:colon.start()])[-1]
-        found = _header_in(segment, at_line_start=not report[line_start:colon.start() - len(segment)].strip())
+        segment = _SEGMENT_END.split(report[line_start : colon.start()])[-1]
+        found = _header_in(segment, at_line_start=not report[line_start : colon.start() - len(segment)].strip())
         if found:
             yield colon.start() - len(segment) + found[0], colon.end(), found[1]
 
@@ -104,7 +104,13 @@ def _header_in(segment: str, at_line_start: bool) -> Optional[tuple[int, Optiona
         if k == len(words) and segment[start:].isupper():
             return start, name
     text = segment.strip()
-    if words and len(words) <= _MAX_HEADER_WORDS and at_line_start and text.isupper() and _LOOKS_LIKE_HEADER.match(text):
+    if (
+        words
+        and len(words) <= _MAX_HEADER_WORDS
+        and at_line_start
+        and text.isupper()
+        and _LOOKS_LIKE_HEADER.match(text)
+    ):
         return words[0].start(), None
     return None
 

@@ -30,8 +30,9 @@ def find_table(root: str | Path, stem: str, subdirs: Sequence[str] = ("",)) -> P
     raise PrepareError(f"cannot find the {stem} table; looked for: {', '.join(map(str, tried))}")
 
 
-def locate_inputs(tables: Mapping[str, tuple[str, Path, str, Sequence[str]]],
-                  folders: Mapping[str, tuple[str, Path, str]]) -> dict[str, Path]:
+def locate_inputs(
+    tables: Mapping[str, tuple[str, Path, str, Sequence[str]]], folders: Mapping[str, tuple[str, Path, str]]
+) -> dict[str, Path]:
     """Every table and folder the preparation reads, found before any is read, so one run names
     every wrong path at once instead of failing on them one by one after minutes of reading.
 
@@ -52,8 +53,10 @@ def locate_inputs(tables: Mapping[str, tuple[str, Path, str, Sequence[str]]],
         else:
             missing.append(f"the folder {path} ({option}; it holds {what})")
     if missing:
-        raise PrepareError(f"{len(missing)} input(s) missing: {'; '.join(missing)}. Point the mimic.* options at "
-                           "the release folders that hold them and rerun.")
+        raise PrepareError(
+            f"{len(missing)} input(s) missing: {'; '.join(missing)}. Point the mimic.* options at "
+            "the release folders that hold them and rerun."
+        )
     return found
 
 
@@ -86,8 +89,10 @@ def check_field_counts(path: Path) -> None:
     if bad:
         named = ", ".join(f"line {line} has {count}" for line, count in bad[:MAX_LINES_NAMED])
         more = f" and {len(bad) - MAX_LINES_NAMED} more" if len(bad) > MAX_LINES_NAMED else ""
-        raise PrepareError(f"{path}: {len(bad)} row(s) do not have the header's {width} fields ({named}{more}); "
-                           "the file is damaged or cut short: download it again.")
+        raise PrepareError(
+            f"{path}: {len(bad)} row(s) do not have the header's {width} fields ({named}{more}); "
+            "the file is damaged or cut short: download it again."
+        )
 
 
 def _open_text(path: Path):

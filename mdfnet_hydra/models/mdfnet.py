@@ -86,7 +86,9 @@ class ClassificationHead(nn.Sequential):
 class MDFNet(nn.Module):
     def __init__(self, encoders: dict[str, nn.Module], fusion: FusionConfig, head: HeadConfig) -> None:
         super().__init__()
-        self.modalities = [m for m in (Modality.vision.value, Modality.text.value, Modality.clinical.value) if m in encoders]
+        self.modalities = [
+            m for m in (Modality.vision.value, Modality.text.value, Modality.clinical.value) if m in encoders
+        ]
         if not self.modalities:
             raise ValueError("MDFNet needs at least one modality")
         # Pre-trained encoders (frozen in stage 1) apart from the clinical encoder, which starts
@@ -94,8 +96,10 @@ class MDFNet(nn.Module):
         self.encoders = nn.ModuleDict({m: encoders[m] for m in PRETRAINED_ENCODERS if m in encoders})
         self.clinical_encoder = encoders.get(Modality.clinical.value)
         self.adapters = nn.ModuleDict(
-            {m: ModalityAdapter(encoders[m].out_dim, fusion.dim, fusion.heads, pool=_emits_tokens(encoders[m]))
-             for m in self.modalities}
+            {
+                m: ModalityAdapter(encoders[m].out_dim, fusion.dim, fusion.heads, pool=_emits_tokens(encoders[m]))
+                for m in self.modalities
+            }
         )
         self.fusion = Fusion(len(self.modalities), fusion)
         self.head = ClassificationHead(fusion.dim, head)
@@ -129,7 +133,9 @@ class MDFNet(nn.Module):
                 out["text"] = self.encoders["text"](batch["input_ids"], batch["attention_mask"])
         return out
 
-    def fuse(self, encoded: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def fuse(
+        self, encoded: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]], batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         vectors = []
         for m in self.modalities:
             if m == Modality.clinical.value:

@@ -23,7 +23,9 @@ class TextEncoder(nn.Module):
         self.pooling = pooling
         self.out_dim = backbone.config.hidden_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.output is TokenOutput.tokens:
             return hidden, attention_mask == 0
@@ -112,8 +114,10 @@ def build_text_encoder(cfg: TextConfig, tokenizer) -> TextEncoder:
             raise ValueError(f"model.text '{cfg.name}': source=config needs model_config")
         kwargs: dict[str, Any] = dict(to_plain(cfg.model_config))
         model_type = kwargs.pop("model_type")
-        special = {f"{n}_token_id": tokenizer.convert_tokens_to_ids(t) for n, t in
-                   (("pad", "[PAD]"), ("cls", "[CLS]"), ("sep", "[SEP]"), ("bos", "[CLS]"), ("eos", "[SEP]"))}
+        special = {
+            f"{n}_token_id": tokenizer.convert_tokens_to_ids(t)
+            for n, t in (("pad", "[PAD]"), ("cls", "[CLS]"), ("sep", "[SEP]"), ("bos", "[CLS]"), ("eos", "[SEP]"))
+        }
         config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **special, **kwargs)
         backbone = AutoModel.from_config(config, attn_implementation="sdpa")
     return TextEncoder(backbone, cfg.output, cfg.pooling)
@@ -132,5 +136,6 @@ def _from_pretrained(factory, cfg: TextConfig, **kwargs):
     try:
         return factory.from_pretrained(cfg.name_or_path, local_files_only=not hub_reachable(), **kwargs)
     except OSError as err:
-        raise unavailable("text encoder", cfg.name_or_path, "model.text.name_or_path=<local model directory>", err) from err
-
+        raise unavailable(
+            "text encoder", cfg.name_or_path, "model.text.name_or_path=<local model directory>", err
+        ) from err

@@ -61,7 +61,7 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
     else:
         model_cfg, state = load_open_clip_files(cfg.name_or_path)
         visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"])
-        tower = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        tower = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
         if not tower:
             raise ValueError(f"{cfg.name_or_path}: the weights hold no 'visual.*' (image tower) keys")
         visual.load_state_dict(tower, strict=True)
@@ -115,10 +115,10 @@ def _locate(name_or_path: str | None) -> dict[str, Path]:
     if not name_or_path:
         raise ValueError("model.vision.name_or_path is required for source=pretrained")
     if name_or_path.startswith("local-dir:"):
-        directory = Path(name_or_path[len("local-dir:"):]).expanduser()
+        directory = Path(name_or_path[len("local-dir:") :]).expanduser()
         files = {p.name: p for p in directory.iterdir()} if directory.is_dir() else {}
     elif name_or_path.startswith("hf-hub:"):
-        files = _hub_files(name_or_path[len("hf-hub:"):])
+        files = _hub_files(name_or_path[len("hf-hub:") :])
     else:
         raise ValueError(f"model.vision.name_or_path must start with 'hf-hub:' or 'local-dir:', got {name_or_path!r}")
     if OPEN_CLIP_CONFIG not in files:
@@ -157,4 +157,3 @@ def _set_input_size(visual: nn.Module, image_size: int) -> None:
         current = getattr(patch_embed, "img_size", None)
         if current is not None and tuple(current) != (image_size, image_size):
             trunk.set_input_size(img_size=image_size)
-
