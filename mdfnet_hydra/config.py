@@ -621,10 +621,13 @@ class ConfigError(ValueError):
 
 def validate_config(cfg: DictConfig) -> None:
     """Checks the schema cannot express. Fails at start, naming the key and what to pass instead."""
-    problems: list[str] = []
+    problems: list[str] = optimizer_problems(cfg)
     try:
         # a plain copy drops the node types that let `+key=value` slip past the schema
-        load_train_config(OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])))
+        if not problems:
+            load_train_config(
+                OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]))
+            )
     except Exception as err:  # omegaconf's ConfigKeyError / ValidationError name the key
         problems.append(f"config does not match the schema: {err}")
     if OmegaConf.is_missing(cfg.data, "root"):
@@ -672,6 +675,23 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(sweep_problem)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def optimizer_problems(cfg: DictConfig) -> list[str]:
+    """The optimizer node must be built on its name's schema: an option file without
+    `defaults: [<name>_schema]`, or `optimizer.name=` switched on another option, would lack (or
+    carry) the other optimizer's settings."""
+    name = OmegaConf.select(cfg, "optimizer.name", default=None, throw_on_missing=False)
+    name = getattr(name, "value", name)
+    if name not in OPTIMIZER_NAMES:
+        return [f"optimizer.name must be one of {sorted(OPTIMIZER_NAMES)}, got {name!r}"]
+    built_on = OmegaConf.get_type(cfg.optimizer)
+    if built_on is not OPTIMIZER_SCHEMAS[OptimizerName(name)]:
+        return [
+            f"optimizer.name={name} on an option built on {getattr(built_on, '__name__', built_on)}: choose "
+            f"optimizer={name}; an optimizer option of your own starts with `defaults: [{name}_schema, _self_]`"
+        ]
+    return []
 
 
 def multirun_only_message(preset: str) -> str:

@@ -56,8 +56,8 @@ class TrainingStep:
         """The `index`-th micro-batch of an epoch (already on the device); `measure_norm`: compute
         the gradient norm even without clipping (the trainer's logging steps)."""
         syncing = (index + 1) % self.accumulation == 0
-        no_sync = getattr(self.forward, "no_sync", None) if not syncing and self.runtime.distributed else None
-        with no_sync() if no_sync is not None else nullcontext():
+        # a distributed forward is DDP's (or compiled DDP): its no_sync must exist
+        with self.forward.no_sync() if not syncing and self.runtime.distributed else nullcontext():
             with self.runtime.autocast():
                 logits = self.forward(batch)
             terms = self.loss_fn(logits, batch["targets"], batch["mask"])

@@ -115,7 +115,7 @@ class WriteSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        if not sweep_dir.is_dir():
+        if not sweep_dir.is_dir() or "bench" in config:  # a multirun of benchmarks trains no runs
             return
         out = write_summary(sweep_dir)
         print(f"[mdfnet-hydra] sweep summary: {out}", flush=True)

@@ -74,7 +74,8 @@ def test_memory_estimate_counts_weights_optimizer_state_and_batch_scaled_activat
     from hydra import compose, initialize_config_dir
 
     from conftest import CONF
-    from mdfnet_hydra.benchmarks.speed import Setup, bench_config, estimate_step_memory
+    from mdfnet_hydra.benchmarks.memory import estimate_step_memory
+    from mdfnet_hydra.benchmarks.workload import Setup, bench_config
     from mdfnet_hydra.runtime import Runtime
 
     with initialize_config_dir(config_dir=str(CONF)):

@@ -170,3 +170,16 @@ def test_configs_that_earlier_versions_stored_still_load_and_match(cfg_factory):
     assert outcome_identity(stored) == outcome_identity(now)
     stored["optimizer"]["eps"] = 1e-6  # a setting that is still there still counts
     assert outcome_identity(stored) != outcome_identity(now)
+
+
+def test_an_optimizer_option_not_built_on_its_schema_is_refused(cfg_factory, tmp_path):
+    with pytest.raises(ConfigError, match="optimizer.name=sgd on an option built on AdamWConfig: choose optimizer=sgd"):
+        validate_config(cfg_factory("optimizer.name=sgd"))
+    mine = tmp_path / "conf" / "optimizer"
+    mine.mkdir(parents=True)
+    (mine / "adamw_plain.yaml").write_text("name: adamw\nweight_decay: 0.01\n")  # without `defaults: [adamw_schema]`
+    result = run_cli(
+        "optimizer=adamw_plain", "--config-dir", str(tmp_path / "conf"), f"paths.root={tmp_path}", timeout=120
+    )
+    assert result.returncode == 1
+    assert "starts with `defaults: [adamw_schema, _self_]`" in result.stderr, result.stderr[-2000:]

@@ -20,7 +20,7 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSw
 from omegaconf import OmegaConf
 
 from conftest import CONF, REPO, SMALL_DATA
-from mdfnet_hydra.benchmarks.speed import bench_config
+from mdfnet_hydra.benchmarks.workload import bench_config
 from mdfnet_hydra.config import validate_config
 
 README = REPO / "README.md"

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.checkpoint import load_checkpoint
-from mdfnet_hydra.config import ConfigError, modality_label
+from mdfnet_hydra.config import ConfigError, Modality, modality_label
 from mdfnet_hydra.files import DamagedFileError
 from mdfnet_hydra.identity import outcome_identity
 from mdfnet_hydra.predictions import DamagedPredictionsError, Predictions, file_digest, load_predictions
@@ -316,7 +316,7 @@ def load_run_model(ckpt_path: Path, data_root: Optional[str], device: str, split
     ckpt = read_checkpoint(ckpt_path)
     try:
         cfg = run_config(ckpt, data_root)
-        cfg.modality.inputs = list(ckpt["modalities"])
+        cfg.modality.inputs = [Modality(m) for m in ckpt["modalities"]]
     except Exception as err:  # noqa: BLE001 - a stored config the schema refuses
         raise LeftOutError(
             ckpt_path, f"its stored config does not fit the schema ({type(err).__name__}: {err})"
@@ -333,6 +333,9 @@ def load_run_model(ckpt_path: Path, data_root: Optional[str], device: str, split
             Path(str(cfg.data.root)),
             f"its data cannot be loaded to recompute predictions ({type(err).__name__}: {str(err).splitlines()[0]})",
         ) from err
+    empty = [split for split in splits if split not in job.datasets]
+    if empty:
+        raise LeftOutError(Path(str(cfg.data.root)), f"its {', '.join(empty)} split is empty: nothing to predict")
     model = job.build_model()
     try:
         model.load_state_dict(ckpt["model"])

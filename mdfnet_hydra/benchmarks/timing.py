@@ -1,0 +1,137 @@
+"""The timing harness of the benchmark: samples/s of a step over timed calls after untimed warm-up
+calls, the peak memory meanwhile (CUDA's allocator peak, or the process's resident set on CPU), and
+the model FLOPs and GPU peak that model-FLOPs utilisation is computed from."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+# dense bf16 tensor-core peaks (TFLOP/s) for the model-FLOPs utilisation
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+}
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA's allocator peak, or the process's resident set sampled
+    every few milliseconds on CPU (what the OS must provide, caches and all)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self.start_bytes = 0  # at the start of the block: the peak's increase is what the block needed
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak_bytes = max(self.peak_bytes, self._rss())
+
+    @contextmanager
+    def track(self) -> Iterator["PeakMemory"]:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
+            yield self
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            return
+        self.peak_bytes = self.start_bytes = self._rss()
+        sampler = threading.Thread(target=self._sample, daemon=True)
+        sampler.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            sampler.join()
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.device.type == "cuda" else "process_rss"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, step: Callable[[], int], device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
+    """samples/s of `step` (which returns the samples it processed) and the peak memory."""
+    for _ in range(warmup):
+        step()
+    memory = PeakMemory(device)
+    with memory.track():
+        _sync(device)
+        started = time.perf_counter()
+        samples = sum(step() for _ in range(steps))
+        _sync(device)
+        seconds = time.perf_counter() - started
+    result = {
+        "samples_per_s": samples / seconds,
+        "seconds": seconds,
+        "samples": samples,
+        "peak_memory_gb": memory.peak_bytes / 2**30,
+        "memory_increase_gb": (memory.peak_bytes - memory.start_bytes) / 2**30,
+        "memory": memory.kind,
+    }
+    log.info(
+        "%-22s %9.1f samples/s  peak %.2f GB (+%.2f GB)",
+        name,
+        result["samples_per_s"],
+        result["peak_memory_gb"],
+        result["memory_increase_gb"],
+    )
+    return result
+
+
+def cycle(loader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+def flops_per_sample(model, batch: dict, loss_fn, runtime) -> float:
+    """Model FLOPs of one training step (forward + backward) per sample, counted by PyTorch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = {k: v.to(runtime.device) for k, v in batch.items()}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with runtime.autocast():
+            logits = getattr(model, "_orig_mod", model)(batch)
+        loss_fn(logits, batch["targets"], batch["mask"]).total.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch["targets"].shape[0]
+
+
+def peak_tflops(device: torch.device, override: Optional[float]) -> Optional[float]:
+    if override:
+        return float(override)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)

@@ -1,0 +1,142 @@
+"""What the benchmark runs: the training config of a benchmark size and image size, a job opened as
+training opens it (job.open_job), and the trainer's own step (step.TrainingStep) over its batches."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mdfnet_hydra.config import Modality
+
+log = logging.getLogger(__name__)
+
+
+CONF = Path(str(resources.files("mdfnet_hydra.conf")))  # the top-level conf/ of a checkout, or an install's copy
+
+
+def bench_config(cfg: DictConfig, image_size: int) -> DictConfig:
+    """The training config the benchmark runs: the chosen size's encoders at `image_size`, a
+    synthetic dataset of `bench.samples` images of that size, its own cache directory."""
+    from mdfnet_hydra.config import BenchSize, TextConfig, VisionConfig, load_train_config
+
+    # unresolved, so that data.root follows the sample count and image size set below
+    train = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in ("bench", "hydra")}
+    run = load_train_config(train)
+    b = cfg.bench
+    with open_dict(run):
+        if b.size == BenchSize.real:
+            # the architectures alone, from the schema's defaults (random weights, whatever encoders were chosen)
+            run.model.vision = OmegaConf.merge(
+                OmegaConf.structured(VisionConfig), OmegaConf.load(CONF / "model/vision/biomedclip_arch.yaml")
+            )
+            run.model.text = OmegaConf.merge(
+                OmegaConf.structured(TextConfig), OmegaConf.load(CONF / "model/text/modernbert_base_arch.yaml")
+            )
+        run.model.vision.image_size = image_size
+        if run.model.vision.open_clip_config is not None:
+            run.model.vision.open_clip_config.vision_cfg.image_size = image_size
+        run.data.synthetic.num_samples = int(b.samples)
+        run.data.synthetic.image_size = image_size
+        run.data.small_sample = None
+        run.trainer.batch_size = int(b.batch_size)
+        run.paths.cache_dir = str(Path(str(b.work_dir)) / "cache")
+        run.paths.run_dir = str(b.work_dir)
+    return run
+
+
+def text_length(b: DictConfig) -> Optional[int]:
+    from mdfnet_hydra.config import BenchSize
+
+    return b.text_length if b.text_length is not None else (256 if b.size == BenchSize.real else None)
+
+
+class Setup:
+    """A job opened for `modalities` exactly as training opens it (job.open_job), training split only."""
+
+    def __init__(self, cfg: DictConfig, modalities: list[str], runtime, length: Optional[int] = None) -> None:
+        from mdfnet_hydra.data.token_cache import TokenIds
+        from mdfnet_hydra.job import open_job
+        from mdfnet_hydra.runtime import seed_everything
+
+        cfg = cfg.copy()
+        cfg.modality.inputs = [Modality(m) for m in modalities]
+        self.cfg, self.modalities, self.runtime = cfg, list(modalities), runtime
+        seed_everything(int(cfg.seed))
+        self.job = open_job(cfg, splits=("train",))
+        self.root, self.prep, self.train, self.collate = (
+            self.job.root,
+            self.job.prep,
+            self.job.datasets["train"],
+            self.job.collator,
+        )
+        if length and self.train.token_ids is not None:  # reports as long as real ones, not the synthetic sentences
+            self.train.token_ids = TokenIds.from_lists(
+                [ids.repeat(-(-int(length) // len(ids)))[: int(length)].tolist() for ids in self.train.token_ids]
+            )
+
+    def model(self, frozen: bool):
+        model = self.job.build_model().to(self.runtime.device)
+        model.set_encoders_frozen(frozen)
+        if self.cfg.trainer.compile:
+            model = torch.compile(model)
+        return model.train()
+
+    def loader(self, dataset=None):
+        from torch.utils.data import DataLoader
+
+        from mdfnet_hydra.data.loading import loader_settings
+
+        dataset = dataset if dataset is not None else self.train
+        return DataLoader(
+            dataset,
+            batch_size=int(self.cfg.trainer.batch_size),
+            shuffle=True,
+            drop_last=True,
+            collate_fn=self.collate,
+            **loader_settings(self.cfg.data, self.runtime, dataset),
+        )
+
+
+def loader_choices(setup: Setup) -> dict[str, Any]:
+    """The DataLoader settings the benchmark's image pipeline runs with (chosen from the machine)."""
+    from mdfnet_hydra.data.loading import loader_settings
+
+    return {k: v for k, v in loader_settings(setup.cfg.data, setup.runtime, setup.train).items() if k != "generator"}
+
+
+def train_step(model, optimizer, loss_fn, runtime, trainer_cfg: DictConfig) -> Callable[[dict], int]:
+    """The trainer's own step (step.TrainingStep: autocast forward, loss, scaled backward, clipping,
+    the optimizer step) over one batch after another; returns the samples each call took. Every call
+    steps the optimizer (and, under DDP, all-reduces): without `trainer.grad_accum`, whose windows
+    would make odd calls cheaper and carry gradients between measurements; the trainer, stepping once
+    per `grad_accum` batches, is at least as fast per sample."""
+    from mdfnet_hydra.step import TrainingStep, to_device
+
+    step = TrainingStep(
+        model,
+        optimizer,
+        loss_fn,
+        runtime,
+        accumulation=1,
+        max_grad_norm=trainer_cfg.max_grad_norm,
+    )
+    index = iter(range(10**12))
+
+    def take(batch: dict) -> int:
+        batch = to_device(batch, runtime.device)
+        step(batch, next(index))
+        return int(batch["targets"].shape[0])
+
+    return take
+
+
+def optimizer_for(model, cfg: DictConfig, phase: str, runtime=None):
+    from mdfnet_hydra.optim import build_optimizer
+
+    fused = runtime is not None and runtime.fused_optimizer
+    return build_optimizer(getattr(model, "_orig_mod", model), cfg.phases[phase], cfg.optimizer, fused=fused)
