@@ -346,6 +346,28 @@ class TrainerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
+class PrunerName(str, Enum):
+    none = "none"
+    median = "median"
+    asha = "asha"  # Optuna's SuccessiveHalvingPruner
+    hyperband = "hyperband"
+
+
+@dataclass
+class PrunerConfig:
+    """Optuna pruning of a sweep's trials (pruning.py): each trial reports its validation mean AUROC
+    after every epoch, stage 2's epochs following stage 1's on one step axis, and stops (keeping its
+    best checkpoint and metrics) when the pruner says it cannot catch up."""
+
+    name: PrunerName = PrunerName.none
+    n_startup_trials: int = 5  # median: finished trials before any trial is pruned
+    n_warmup_steps: int = 3  # median: epochs every trial runs before it may be pruned
+    interval_steps: int = 1  # median: epochs between pruning checks
+    min_resource: int = 1  # asha / hyperband: epochs before the first rung
+    reduction_factor: int = 3  # asha / hyperband: 1 in reduction_factor trials goes on at each rung
+    max_resource: Optional[int] = None  # hyperband: epochs of a whole trial (None: from the finished trials)
+
+
 @dataclass
 class HparamsConfig:
     """Sweep settings the job itself needs; the sweeper's own settings live in hydra.sweeper."""
@@ -359,6 +381,7 @@ class HparamsConfig:
     study_name: str = MISSING
     # The search space in the sweeper's syntax, e.g. {"phases.stage1.lr": "tag(log, interval(5e-4, 2e-3))"}
     space: Dict[str, str] = field(default_factory=dict)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
 
 
 @dataclass
@@ -670,6 +693,12 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(str(err))
     if cfg.get("hparams") is not None and cfg.hparams.objective not in ("single", "multi"):
         problems.append(f"hparams.objective must be 'single' or 'multi', got {cfg.hparams.objective!r}")
+    if (
+        cfg.get("hparams") is not None
+        and cfg.hparams.objective == "multi"
+        and cfg.hparams.pruner.name != PrunerName.none
+    ):
+        problems.append("hparams.pruner needs hparams.objective=single: Optuna prunes single-objective studies only")
     sweep_problem = multirun_only_problem(cfg)
     if sweep_problem:
         problems.append(sweep_problem)

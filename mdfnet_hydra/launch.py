@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.config import ConfigError, validate_config
 from mdfnet_hydra.distributed import worker_env
+from mdfnet_hydra.pruning import PruningTarget, TrialReporter, pruning_target
 from mdfnet_hydra.run_directory import RunDirectoryBusy, RunDirectoryConflict, claim
 from mdfnet_hydra.trial import Objective, in_multirun, objective_value, run_trial
 
@@ -35,9 +36,13 @@ def run_job(cfg: DictConfig) -> Objective:
     validate_config(cfg)
     multirun = in_multirun()
     holder = claim(cfg) if claims_run_directory(cfg) else nullcontext()
+    pruning = pruning_target(cfg) if multirun else None
 
     def train_here() -> dict:
-        return train(cfg, evaluate_at_end=not multirun)
+        summary = train(cfg, evaluate_at_end=not multirun, pruning=pruning)
+        if pruning is not None and summary.get("pruned"):
+            TrialReporter(pruning).mark_pruned()  # in the study itself: whatever launched this job
+        return summary
 
     if not multirun:
         with holder:
@@ -64,17 +69,20 @@ def claims_run_directory(cfg: DictConfig) -> bool:
     return int(tc.nnodes) == 1 or int(tc.node_rank) == 0
 
 
-def train(cfg: DictConfig, evaluate_at_end: bool = True) -> dict:
+def train(cfg: DictConfig, evaluate_at_end: bool = True, pruning: PruningTarget | None = None) -> dict:
     """Train here, or start the data-parallel workers and return rank 0's job summary."""
     tc = cfg.trainer
     if worker_env(nproc_per_node=tc.nproc_per_node) is None:
         topology = slurm_topology()
         if tc.nproc_per_node > 1 or tc.nnodes > 1 or topology is not None:
-            return launch_workers(cfg, topology, evaluate_at_end)
+            return launch_workers(cfg, topology, evaluate_at_end, pruning)
     from mdfnet_hydra.pipeline import run
 
     return run(
-        cfg, claim_run_dir=worker_env(nproc_per_node=tc.nproc_per_node) is not None, evaluate_at_end=evaluate_at_end
+        cfg,
+        claim_run_dir=worker_env(nproc_per_node=tc.nproc_per_node) is not None,
+        evaluate_at_end=evaluate_at_end,
+        pruning=pruning,
     )
 
 
@@ -90,7 +98,10 @@ def slurm_topology(environ=os.environ) -> Optional[tuple[int, int, str, str]]:
 
 
 def launch_workers(
-    cfg: DictConfig, topology: Optional[tuple[int, int, str, str]] = None, evaluate_at_end: bool = True
+    cfg: DictConfig,
+    topology: Optional[tuple[int, int, str, str]] = None,
+    evaluate_at_end: bool = True,
+    pruning: Optional[PruningTarget] = None,
 ) -> dict:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -132,19 +143,19 @@ def launch_workers(
         tc.max_restarts,
     )
     payload = OmegaConf.to_yaml(cfg, resolve=True)
-    results = elastic_launch(config, entrypoint=worker)(payload, evaluate_at_end)
+    results = elastic_launch(config, entrypoint=worker)(payload, evaluate_at_end, pruning)
     rank = min(results)  # global rank 0 on node 0; the lowest local worker elsewhere
     return results[rank]
 
 
-def worker(payload: str, evaluate_at_end: bool = True) -> dict:
+def worker(payload: str, evaluate_at_end: bool = True, pruning: Optional[PruningTarget] = None) -> dict:
     """Entry point of a spawned worker: the launcher's resolved config, then the pipeline."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(_worker)(payload, evaluate_at_end)
+    return record(_worker)(payload, evaluate_at_end, pruning)
 
 
-def _worker(payload: str, evaluate_at_end: bool) -> dict:
+def _worker(payload: str, evaluate_at_end: bool, pruning: Optional[PruningTarget]) -> dict:
     from mdfnet_hydra.config import load_train_config
 
     cfg = load_train_config(OmegaConf.create(payload))
@@ -155,4 +166,4 @@ def _worker(payload: str, evaluate_at_end: bool) -> dict:
         logging.getLogger().setLevel(logging.INFO)
     from mdfnet_hydra.pipeline import run
 
-    return run(cfg, evaluate_at_end=evaluate_at_end)
+    return run(cfg, evaluate_at_end=evaluate_at_end, pruning=pruning)

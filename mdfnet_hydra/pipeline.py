@@ -11,7 +11,7 @@ import json
 import logging
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,6 +35,7 @@ from mdfnet_hydra.losses import describe_loss
 from mdfnet_hydra.metrics import rarest_labels
 from mdfnet_hydra.optim import describe_optimizer_config
 from mdfnet_hydra.predictions import file_digest
+from mdfnet_hydra.pruning import PruningTarget
 from mdfnet_hydra.report import format_summary
 from mdfnet_hydra.run_directory import RunDirectoryBusy, RunDirectoryConflict, claim
 from mdfnet_hydra.runtime import Runtime, seed_everything
@@ -44,7 +45,9 @@ from mdfnet_hydra.trainer import PhaseTrainer
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, claim_run_dir: bool = False, evaluate_at_end: bool = True) -> dict[str, Any]:
+def run(
+    cfg: DictConfig, claim_run_dir: bool = False, evaluate_at_end: bool = True, pruning: PruningTarget | None = None
+) -> dict[str, Any]:
     """Train every phase of `stage.run` of a validated config; return the job summary (written to
     <run>/metrics.json).
 
@@ -52,7 +55,8 @@ def run(cfg: DictConfig, claim_run_dir: bool = False, evaluate_at_end: bool = Tr
     `claim_run_dir`: workers that torchrun / srun started claim the run directory here (rank 0,
     once the process group exists, so every rank learns a refusal); otherwise the process that
     started the job holds it (launch.py). `evaluate_at_end`: the evaluation of a two-stage job
-    (its caller decides: a multirun evaluates its runs once, at its end).
+    (its caller decides: a multirun evaluates its runs once, at its end). `pruning`: the sweep's
+    trial this job reports its epochs to (pruning.py).
     """
     env = worker_env(nproc_per_node=int(cfg.trainer.nproc_per_node))
     runtime = Runtime.from_config(cfg.trainer, env)
@@ -71,7 +75,7 @@ def run(cfg: DictConfig, claim_run_dir: bool = False, evaluate_at_end: bool = Tr
                 _claim_for_all_ranks(cfg, runtime, run_dir, held)
             handler = attach_log_file(run_dir / "logs" / "train.log") if runtime.is_main else None
             try:
-                return _run(cfg, runtime, run_dir, evaluate_at_end)
+                return _run(cfg, runtime, run_dir, evaluate_at_end, pruning)
             except BaseException as err:
                 log_failure(handler, err)  # the console has Hydra's traceback; the run's own log gets it too
                 raise
@@ -96,7 +100,9 @@ def _claim_for_all_ranks(cfg: DictConfig, runtime: Runtime, run_dir: Path, held:
         raise RunDirectoryConflict(refusal)
 
 
-def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path, evaluate_at_end: bool) -> dict[str, Any]:
+def _run(
+    cfg: DictConfig, runtime: Runtime, run_dir: Path, evaluate_at_end: bool, pruning: PruningTarget | None
+) -> dict[str, Any]:
     warnings = _announce(cfg, runtime)
     seed_everything(int(cfg.seed))
     if runtime.is_main:
@@ -106,7 +112,7 @@ def _run(cfg: DictConfig, runtime: Runtime, run_dir: Path, evaluate_at_end: bool
     init = _initial_checkpoint(cfg, modality_names(cfg))
     job = open_job(cfg, state=init["preprocessing"] if init else None, first=main_first(runtime.is_main))
     log.info("data %s: %s", job.root, ", ".join(f"{k} {len(v)}" for k, v in job.splits.items()))
-    results = _train_phases(job, runtime, run_dir, init)
+    results = _train_phases(job, runtime, run_dir, init, _reporter(pruning, runtime))
     summary = summarise_job(results)
     if runtime.is_main:
         write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))
@@ -143,9 +149,24 @@ def _announce(cfg: DictConfig, runtime: Runtime) -> list[str]:
     return warnings
 
 
-def _train_phases(job: Job, runtime: Runtime, run_dir: Path, init: dict | None) -> dict[str, dict[str, Any]]:
+def _reporter(pruning: PruningTarget | None, runtime: Runtime) -> Callable[[float | None, int], bool] | None:
+    """The sweep trial's report on rank 0; the other ranks learn its decision from rank 0."""
+    if pruning is None:
+        return None
+    if not runtime.is_main:
+        return lambda value, step: False
+    from mdfnet_hydra.pruning import TrialReporter
+
+    return TrialReporter(pruning).report
+
+
+def _train_phases(
+    job: Job, runtime: Runtime, run_dir: Path, init: dict | None, report: Callable[[float | None, int], bool] | None
+) -> dict[str, dict[str, Any]]:
     """Each phase of `stage.run` in turn, each starting from the previous one's selected checkpoint
-    (the first from `stage.init_from`); a complete phase is skipped, a spent time budget stops."""
+    (the first from `stage.init_from`); a complete phase is skipped, a spent time budget stops, and
+    so does a trial the sweep's pruner stopped (`report`: its epochs are steps after the earlier
+    phases' configured epochs)."""
     cfg = job.cfg
     rare = _rare_labels(cfg, job.splits["train"])
     extras = {
@@ -158,8 +179,10 @@ def _train_phases(job: Job, runtime: Runtime, run_dir: Path, init: dict | None) 
     start_file = Path(cfg.stage.init_from) if init else None  # ... and the file it came from
     budget = parse_duration(cfg.trainer.max_time)
     results: dict[str, dict[str, Any]] = {}
-    for name in [s.value for s in cfg.stage.run]:
+    phases = [s.value for s in cfg.stage.run]
+    for index, name in enumerate(phases):
         directory = run_dir / name
+        step_offset = sum(int(cfg.phases[p].epochs) for p in phases[:index])
         spent = sum(r["wall_time_s"] for r in results.values())
         digest = file_digest(start_file) if start_file is not None and runtime.is_main else None
         # rank 0 looks at the files and decides; every rank follows
@@ -182,9 +205,13 @@ def _train_phases(job: Job, runtime: Runtime, run_dir: Path, init: dict | None) 
                 rare,
                 {**extras, "started_from_sha256": digest},
                 None if budget is None else budget - spent,
+                report,
+                step_offset,
             )
         if results[name]["selected_checkpoint"] is None:
             break  # no epoch finished within the time budget
+        if results[name].get("stopped_by") == "pruned":
+            break  # the sweep's pruner stopped the trial: no later stage
         start_from = start_file = directory / "checkpoints" / f"{results[name]['selected_checkpoint']}.pth"
     return results
 
@@ -198,6 +225,8 @@ def _train_phase(
     rare: list[int],
     extras: dict[str, Any],
     time_budget_s: float | None,
+    report: Callable[[float | None, int], bool] | None = None,
+    step_offset: int = 0,
 ) -> dict[str, Any]:
     cfg = job.cfg
     if runtime.is_main:
@@ -210,7 +239,18 @@ def _train_phase(
         model.load_state_dict(ckpt["model"])
     datasets = _phase_datasets(cfg, name, job.modalities, model, job.datasets, runtime, job.prep)
     trainer = PhaseTrainer(
-        cfg, name, model, datasets, job.collator, runtime, directory, rare, extras, time_budget_s=time_budget_s
+        cfg,
+        name,
+        model,
+        datasets,
+        job.collator,
+        runtime,
+        directory,
+        rare,
+        extras,
+        time_budget_s=time_budget_s,
+        report=report,
+        step_offset=step_offset,
     )
     return trainer.fit()
 
@@ -328,11 +368,20 @@ def summarise_job(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     evaluated = [name for name, r in results.items() if r.get("val")]
     final = evaluated[-1] if evaluated else None
     val = results[final]["val"] if final else {}
+    pruned = next(
+        (
+            {"stage": name, "epoch": r["epochs_run"], "step": r.get("step_offset", 0) + r["epochs_run"]}
+            for name, r in results.items()
+            if r.get("stopped_by") == "pruned"
+        ),
+        None,
+    )
     return {
         "objective": val.get("auroc_mean"),
         "objective_name": "val auroc_mean",
         "auroc_min": val.get("auroc_min"),
         "final_stage": final,
+        "pruned": pruned,  # where the sweep's pruner stopped the trial (pruning.py), or None
         "stages": results,
     }
 

@@ -42,6 +42,7 @@ BASE_COLUMNS = [
     "best_epoch",
     "epochs_run",
     "stopped_by",
+    "pruned_at",
     "wall_time_s",
 ]
 LABEL_COLUMNS = [f"val_auroc/{name}" for name in CHEXPERT_LABELS] + [f"test_auroc/{name}" for name in CHEXPERT_LABELS]
@@ -71,6 +72,9 @@ def job_row(job_dir: Path) -> Optional[dict[str, Any]]:
         row["status"] = "completed"
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
+        pruned = summary.get("pruned")
+        if pruned and row["status"] == "completed":  # stopped by the sweep's pruner (pruning.py)
+            row.update(status="pruned", pruned_at=f"{pruned['stage']} epoch {pruned['epoch']} (step {pruned['step']})")
         final = summary["stages"].get(summary.get("final_stage") or "", {})
         row["stage"] = f"{config.stage.name}:{summary.get('final_stage')}"
         for split in ("val", "test"):

@@ -448,7 +448,8 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
             try:
                 values = self._values(ret.return_value, len(directions))
                 try:
-                    study.tell(trial=trial, state=TrialState.COMPLETE, values=values)
+                    # a job the sweep's pruner stopped has recorded its trial as PRUNED (pruning.py)
+                    study.tell(trial=trial, state=TrialState.COMPLETE, values=values, skip_if_finished=True)
                 except RuntimeError as err:  # GridSampler stops the study once the grid is exhausted
                     if "`Study.stop` is supposed to be invoked" not in str(err):
                         raise

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -97,6 +97,8 @@ class PhaseTrainer:
         rare: list[int],
         checkpoint_extras: dict[str, Any],
         time_budget_s: Optional[float] = None,
+        report: Optional[Callable[[Optional[float], int], bool]] = None,
+        step_offset: int = 0,
     ) -> None:
         self.cfg = cfg
         self.name = phase_name
@@ -108,6 +110,9 @@ class PhaseTrainer:
         self.extras = checkpoint_extras
         self.time_budget_s = time_budget_s  # what is left of trainer.max_time for this phase
         self.out_of_time = False
+        # a sweep trial's pruning (pruning.py): report(val mean AUROC, step) -> stop; called on every
+        # rank (rank 0 reports), epochs numbered from step_offset + 1 (the earlier stages' epochs)
+        self.report, self.step_offset, self.pruned = report, int(step_offset), False
         self.datasets = datasets
         self.model = model.to(runtime.device)
         self.model.set_encoders_frozen(bool(self.phase.freeze_encoders))
@@ -401,9 +406,16 @@ class PhaseTrainer:
             self.state.elapsed_s += time.perf_counter() - start
             self._log_epoch(tracker, epoch, epochs, train_loss, val.loss, metrics, time.perf_counter() - start)
             self._save_epoch(metrics, improved)
-            if self.out_of_time:
+            if self.out_of_time or self._pruned_now(metrics, epoch):
                 break
-        if self.out_of_time:
+        if self.pruned:
+            log.info(
+                "%s: pruned after epoch %d (step %d): the sweep's pruner stops this trial; keeping its best checkpoint",
+                self.name,
+                self.state.epoch,
+                self.step_offset + self.state.epoch,
+            )
+        elif self.out_of_time:
             log.info(
                 "%s: trainer.max_time reached after %.0fs in epoch %d; keeping the best checkpoint so far",
                 self.name,
@@ -417,6 +429,14 @@ class PhaseTrainer:
                 self.state.epoch,
                 patience,
             )
+
+    def _pruned_now(self, metrics: dict, epoch: int) -> bool:
+        """Report the epoch to the sweep's trial; rank 0 asks the pruner and every rank follows."""
+        if self.report is None:
+            return False
+        decision = self.report(metrics.get("auroc_mean"), self.step_offset + epoch) if self.runtime.is_main else False
+        self.pruned = broadcast_from_main("stop" if decision else "") == "stop"
+        return self.pruned
 
     def _describe_learning_rates(self) -> str:
         """The scheduled peak rate of each group (what the config set), and where warmup starts:
@@ -606,9 +626,12 @@ class PhaseTrainer:
             "modalities": list(self.extras["modalities"]),
             "epochs_run": self.state.epoch,
             "stopped_early": self.state.epoch < int(self.phase.epochs) and not self.out_of_time,
-            "stopped_by": "max_time"
+            "stopped_by": "pruned"
+            if self.pruned
+            else "max_time"
             if self.out_of_time
             else ("early_stopping" if self.state.epoch < int(self.phase.epochs) else None),
+            "step_offset": self.step_offset,  # the phase's epochs as steps of the job (pruning.py)
             "best": {k: asdict(v) for k, v in self.state.best.items()},
             "rare_labels": [CHEXPERT_LABELS[j] for j in self.rare],
             "effective_batch_size": self.effective_batch_size,

@@ -34,6 +34,7 @@ OTHER_PROGRAMS = {
     "pip": "installs (tests/test_install.py builds and installs the wheel offline)",
     "python -m pytest": "the test suite itself",
     "tensorboard": "TensorBoard's viewer",
+    "optuna-dashboard": "Optuna's web dashboard (not a dependency; docs/sweeps.md says which release was checked)",
     "wget": "PhysioNet downloads (credentialed, online)",
     "unzip": "unpacking the reports download",
     "huggingface-cli": "hub downloads (online)",
@@ -188,6 +189,13 @@ def test_every_shown_command_composes(page, command, tmp_path):
         args, overrides = parse_arguments([concrete(a, tmp_path) for a in arguments])
         command = sweep_command(args, overrides, tmp_path / "sweep")
         assert compose_shown("train", command[command.index("mdfnet_hydra.train") + 1 :], tmp_path) >= 4
+    elif entry == "benchmarks.sweep_cost":
+        from mdfnet_hydra.benchmarks.sweep_cost import parse_arguments, search_command
+
+        args, overrides = parse_arguments([concrete(a, tmp_path) for a in arguments])
+        for pruner in ("none", args.pruner):
+            command = search_command(args, overrides, tmp_path / "cost", pruner)
+            assert compose_shown("train", command[command.index("mdfnet_hydra.train") + 1 :], tmp_path) >= 1
     else:
         assert entry in HYDRA_ENTRY_POINTS, f"{page}: unknown entry point {entry}"
         assert compose_shown(entry, arguments, tmp_path) >= 1

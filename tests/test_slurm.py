@@ -190,3 +190,76 @@ def test_timeout_signal_requeues_and_resumes_from_checkpoint(tmp_path):
     assert metrics["epochs_run"] == epochs
     submitit_logs = "".join(p.read_text() for p in (sweep_dir / ".submitit").rglob("*_log.*"))
     assert "Requeued job" in submitit_logs
+
+
+@pytest.mark.slow
+def test_a_pruned_sweep_runs_as_one_job_array(tmp_path):
+    """Three trials of a pruned random search as one SLURM job array: each job reports into the one
+    study and, behind three finished trials it cannot keep up with, is pruned after its first epoch."""
+    from test_pruning import assert_pruned_at_first_epoch, pruned_sweep_command, study_of_good_trials
+
+    sweep_dir, storage = study_of_good_trials(tmp_path, "slurm")
+    command = pruned_sweep_command(tmp_path, "slurm", 3, *TINY[1:], *SMALL_JOBS, "hydra.sweeper.n_jobs=3")
+    result = run_cli(*command, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ids = array_ids(sweep_dir)
+    assert len(ids) == 1 and len(submitted(sweep_dir)) == 3, submitted(sweep_dir)
+    assert final_states(ids.pop()) == ["COMPLETED"] * 3
+    assert_pruned_at_first_epoch(sweep_dir, storage, "slurm", [3, 4, 5])
+    with (sweep_dir / SUMMARY_FILE).open() as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == ["pruned"] * 3
+
+
+@pytest.mark.slow
+def test_a_requeued_trial_keeps_reporting_to_its_trial(tmp_path):
+    """A pruned sweep's trial on SLURM gets the timeout signal after its second epoch: the requeued
+    job resumes and reports its later epochs into the same trial number, which the pruner stops
+    at step 6, where the finished trials (0.0 until then) jump to 0.99."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState
+
+    from test_pruning import GAMMA, pruned_sweep_command
+
+    sweep_dir = tmp_path / "sweeps" / "requeue"
+    sweep_dir.mkdir(parents=True)
+    storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
+    study = optuna.create_study(study_name="requeue", storage=storage, direction="maximize")
+    for _ in range(3):  # finished trials at 0.0 for five epochs, then 0.99
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={GAMMA: 2.0},
+                distributions={GAMMA: FloatDistribution(1.0, 3.0)},
+                value=0.99,
+                intermediate_values={step: 0.0 if step <= 5 else 0.99 for step in range(1, 9)},
+            )
+        )
+    command = [sys.executable, "-m", "mdfnet_hydra.train",
+               *pruned_sweep_command(tmp_path, "requeue", 1, *TINY[1:], *SMALL_JOBS, "hydra.launcher.max_num_timeout=2",
+                                     "phases.stage1.epochs=8", "trainer.limit_train_batches=null",
+                                     "data.small_sample=null", "trainer.global_batch_size=8")]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    signalled = False
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None and not signalled:
+            last = next(sweep_dir.glob("3_*/stage1/checkpoints/last.pth"), None)
+            if last is not None and load_checkpoint(last)["epoch"] >= 2 and submitted(sweep_dir):
+                subprocess.run(["scancel", "--signal=USR2", "--full", submitted(sweep_dir)[0]], check=True)
+                signalled = True
+            time.sleep(0.5)
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", *submitted(sweep_dir)])
+    assert signalled and proc.returncode == 0, output[-4000:]
+    trials = optuna.load_study(study_name="requeue", storage=storage).trials
+    assert len(trials) == 4 and trials[3].state == TrialState.PRUNED
+    assert sorted(trials[3].intermediate_values) == [1, 2, 3, 4, 5, 6], "every epoch reported once, to trial 3"
+    (job,) = sweep_dir.glob("3_*")
+    log = (job / "stage1" / "logs" / "train.log").read_text()
+    assert re.search(r"stage1: resumed from .*last\.pth after epoch \d+", log), log[-3000:]
+    assert "stage1: pruned after epoch 6 (step 6)" in log
+    assert "Requeued job" in "".join(p.read_text() for p in (sweep_dir / ".submitit").rglob("*_log.*"))

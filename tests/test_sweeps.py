@@ -142,7 +142,13 @@ def test_too_many_failures_abort_the_sweep(tmp_path):
 
 def test_random_search_multi_objective_pareto_front(tmp_path):
     result = sweep(
-        tmp_path, "hparams=random", "hparams.objective=multi", "hparams.n_trials=2", "modality=clinical", "stage=stage1"
+        tmp_path,
+        "hparams=random",
+        "hparams.objective=multi",
+        "hparams.pruner.name=none",
+        "hparams.n_trials=2",
+        "modality=clinical",
+        "stage=stage1",
     )
     assert "RandomSampler" in result.stdout + result.stderr
     sweep_dir = tmp_path / "sweeps" / "random-clinical-stage1"

@@ -1,0 +1,114 @@
+"""Optuna pruning inside a sweep's trials (`hparams.pruner`), which Hydra's Optuna sweeper has no
+way to do: the trial object lives in the sweep process, the training in the job.
+
+A job of a multirun whose preset sets a pruner finds its own trial in the study's storage (the
+sweeper runs trial N as Hydra job number N: sweep_study.py) and, on rank 0, reports its validation
+mean AUROC after every epoch; stage 2's epochs follow stage 1's configured epochs on one step axis,
+so trials are compared at equal training. When the pruner says the trial cannot catch up, every rank
+stops at that epoch (the decision is broadcast), the stage finishes as an early-stopped one (its
+best checkpoint, predictions and metrics written), later stages are skipped, and the job records
+the trial as PRUNED in the study itself (any launcher, SLURM included), so the sweeper leaves it as
+it is, a resumed sweep does not run it again, and it never counts as a failure. A requeued job
+reports into the same trial (steps already reported are kept, not replaced).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PruningTarget:
+    """Where a trial reports: picklable, so data-parallel workers get it with their config."""
+
+    storage: str
+    study_name: str
+    trial_number: int
+    pruner: dict[str, Any]  # hparams.pruner as plain values
+
+
+def make_pruner(settings: dict[str, Any]):
+    import optuna
+
+    name = str(getattr(settings["name"], "value", settings["name"]))
+    if name == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=int(settings["n_startup_trials"]),
+            n_warmup_steps=int(settings["n_warmup_steps"]),
+            interval_steps=int(settings["interval_steps"]),
+        )
+    if name == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=int(settings["min_resource"]), reduction_factor=int(settings["reduction_factor"])
+        )
+    if name == "hyperband":
+        maximum = settings.get("max_resource")
+        return optuna.pruners.HyperbandPruner(
+            min_resource=int(settings["min_resource"]),
+            max_resource="auto" if maximum is None else int(maximum),
+            reduction_factor=int(settings["reduction_factor"]),
+        )
+    return optuna.pruners.NopPruner()
+
+
+def pruning_target(cfg: Any) -> Optional[PruningTarget]:
+    """This Hydra job's trial, when it is a job of an Optuna sweep with a pruner; else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    hparams = cfg.get("hparams")
+    if hparams is None or str(getattr(hparams.pruner.name, "value", hparams.pruner.name)) == "none":
+        return None
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    storage = OmegaConf.select(hydra, "sweeper.storage", default=None)
+    if storage is None or OmegaConf.select(hydra, "job.num", default=None) is None:
+        return None
+    return PruningTarget(
+        storage=str(storage),
+        study_name=str(hparams.study_name),
+        trial_number=int(hydra.job.num),
+        pruner=OmegaConf.to_container(hparams.pruner, resolve=True, enum_to_str=True),
+    )
+
+
+class TrialReporter:
+    """The trial of a PruningTarget, opened in the job's process (rank 0)."""
+
+    def __init__(self, target: PruningTarget) -> None:
+        import optuna
+
+        from mdfnet_hydra.sweep_study import open_storage
+
+        self.target = target
+        self.study = optuna.load_study(
+            study_name=target.study_name, storage=open_storage(target.storage), pruner=make_pruner(target.pruner)
+        )
+        trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(
+            self.study._study_id, target.trial_number
+        )
+        self.trial = optuna.trial.Trial(self.study, trial_id)
+
+    def report(self, value: Optional[float], step: int) -> bool:
+        """Report the epoch's value at `step` (an undefined value is not reported); whether to stop.
+        A trial the study already finished takes no reports: pruned, it stops; otherwise it goes on."""
+        from optuna.trial import TrialState
+
+        state = self.study._storage.get_trial(self.trial._trial_id).state
+        if state != TrialState.RUNNING:
+            return state == TrialState.PRUNED
+        if value is not None and math.isfinite(float(value)):
+            self.trial.report(float(value), int(step))
+        return bool(self.trial.should_prune())
+
+    def mark_pruned(self) -> None:
+        from optuna.trial import TrialState
+
+        self.study.tell(self.target.trial_number, state=TrialState.PRUNED, skip_if_finished=True)
+        log.info("trial %d recorded as pruned in study %s", self.target.trial_number, self.target.study_name)
