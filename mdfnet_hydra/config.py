@@ -698,7 +698,10 @@ def validate_config(cfg: DictConfig) -> None:
         and cfg.hparams.objective == "multi"
         and cfg.hparams.pruner.name != PrunerName.none
     ):
-        problems.append("hparams.pruner needs hparams.objective=single: Optuna prunes single-objective studies only")
+        problems.append(
+            "hparams.pruner needs hparams.objective=single: Optuna prunes single-objective studies only "
+            "(pass hparams.pruner.name=none with hparams.objective=multi)"
+        )
     sweep_problem = multirun_only_problem(cfg)
     if sweep_problem:
         problems.append(sweep_problem)

@@ -69,6 +69,12 @@ def pruning_target(cfg: Any) -> Optional[PruningTarget]:
     hydra = HydraConfig.get()
     storage = OmegaConf.select(hydra, "sweeper.storage", default=None)
     if storage is None or OmegaConf.select(hydra, "job.num", default=None) is None:
+        # an in-memory study lives in the sweep process alone: a job cannot report to it
+        log.warning(
+            "hparams.pruner.name=%s but the study has no storage a job can reach "
+            "(hydra.sweeper.storage): this trial runs unpruned",
+            getattr(hparams.pruner.name, "value", hparams.pruner.name),
+        )
         return None
     return PruningTarget(
         storage=str(storage),
