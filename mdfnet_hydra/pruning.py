@@ -90,7 +90,7 @@ class TrialReporter:
     def __init__(self, target: PruningTarget) -> None:
         import optuna
 
-        from mdfnet_hydra.sweep_study import open_storage
+        from mdfnet_hydra.study_storage import open_storage
 
         self.target = target
         self.study = optuna.load_study(

@@ -19,13 +19,16 @@ Users parallelise a search by starting the same `--multirun hparams=...` command
   runs; another host: no heartbeat for `STALE_AFTER_S` seconds) is run again by the next process
   that looks, with its own parameters and number, so it lands in its old directory and the job
   resumes from its checkpoints. The study counts it once.
-- SQLite waits up to `SQLITE_TIMEOUT_S` for another process's write instead of failing with
+- SQLite waits up to `study_storage.SQLITE_TIMEOUT_S` for another process's write instead of failing with
   "database is locked".
 - A study holds only comparable trials: the process that creates it stores a fingerprint (the job
   config's outcome identity without the swept parameters, the search space and the objective) in
   its user attributes; a process whose fingerprint differs (a `debug=fast` study resumed by the
   real sweep) stops before any trial, naming the differing keys. A study from before fingerprints
   adopts this command's.
+- The study object the sweeper samples from carries the sweep's pruner (`hparams.pruner`), as the
+  jobs' do: Optuna's TPE sampler then draws a Hyperband trial's parameters from the trials of its
+  own bracket, which it can only do when the sampling study knows the pruner.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from mdfnet_hydra.config import ConfigError
 from mdfnet_hydra.files import write_text
 from mdfnet_hydra.identity import irrelevant, outcome_identity
+from mdfnet_hydra.pruning import make_pruner
+from mdfnet_hydra.study_storage import open_storage, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +67,6 @@ OWNER_ATTR = "mdfnet:owner"  # {"host", "pid", "start"} of the sweep process run
 HEARTBEAT_ATTR = "mdfnet:heartbeat"  # time.time() of that process's latest sign of life
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 180.0  # no heartbeat for this long: the owner (on another host) is gone
-SQLITE_TIMEOUT_S = 120.0
 LOCK_SUFFIX = ".lock"
 SWEEP_LOCK = ".study.lock"  # in the sweep directory, for storages that are not a SQLite file
 FINGERPRINT_ATTR = "mdfnet:fingerprint"  # user attribute: what makes the study's trials comparable
@@ -203,13 +207,6 @@ def trial_directory_busy(sweep_dir: Path, number: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- storage and lock
-def sqlite_path(url: str) -> Optional[Path]:
-    if not url.startswith("sqlite:///"):
-        return None
-    path = url[len("sqlite:///") :].split("?", 1)[0]
-    return None if path in ("", ":memory:") else Path(path)
-
-
 def lock_path(storage: Any, sweep_dir: str) -> Path:
     """Next to a SQLite study file (every process of the study opens that file); otherwise in the
     sweep directory."""
@@ -227,14 +224,6 @@ def study_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def open_storage(storage: Any) -> Any:
-    """SQLite URLs as an RDBStorage that waits for other writers; anything else as given."""
-    if isinstance(storage, str) and sqlite_path(storage) is not None:
-        connect_args = {} if "timeout=" in storage else {"timeout": SQLITE_TIMEOUT_S}
-        return optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": connect_args})
-    return storage
 
 
 def consecutive_runs(items: Sequence[tuple[Trial, Sequence[str]]]) -> list[list[tuple[Trial, Sequence[str]]]]:
@@ -334,6 +323,15 @@ def check_fingerprint(study: optuna.Study, fingerprint: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- the sweeper
+def sweep_pruner(config: DictConfig) -> optuna.pruners.BasePruner:
+    """The pruner the sweep's jobs report to (`hparams.pruner`), for the sweeper's own study; none
+    for a multirun without an `hparams` preset."""
+    settings = OmegaConf.select(config, "hparams.pruner", default=None)
+    if settings is None:
+        return optuna.pruners.NopPruner()
+    return make_pruner(OmegaConf.to_container(settings, resolve=True, enum_to_str=True))
+
+
 class SharedStudySweeperImpl(OptunaSweeperImpl):
     """The Optuna sweeper's loop, for a study that other processes work on at the same time."""
 
@@ -363,6 +361,7 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
                 study_name=self.study_name,
                 storage=open_storage(self.storage),
                 sampler=self.sampler,
+                pruner=sweep_pruner(self.config),
                 directions=directions,
                 load_if_exists=True,
             )
@@ -371,6 +370,7 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
         log.info(f"Study name: {study.study_name}")
         log.info(f"Storage: {self.storage}")
         log.info(f"Sampler: {type(self.sampler).__name__}{seeding}")
+        log.info(f"Pruner: {type(study.pruner).__name__}")
         log.info(f"Directions: {directions}")
         log.info(f"Study budget: {self.n_trials} trials in all, shared with any other process on this study")
 

@@ -45,6 +45,21 @@ def test_each_pruner_name_makes_its_optuna_pruner():
                      "hyperband": "HyperbandPruner"}  # fmt: skip
 
 
+def test_the_sweepers_own_study_carries_the_presets_pruner(cfg_factory):
+    """The study the sweeper samples from has the jobs' pruner (TPE draws a Hyperband trial from its
+    bracket only when it does); a plain multirun has none."""
+    from mdfnet_hydra.sweep_study import sweep_pruner
+
+    median = sweep_pruner(cfg_factory("hparams=bayesian"))
+    assert type(median).__name__ == "MedianPruner" and median._n_warmup_steps == 3
+    hyperband = sweep_pruner(
+        cfg_factory("hparams=bayesian", "hparams.pruner.name=hyperband", "hparams.pruner.reduction_factor=2")
+    )
+    assert type(hyperband).__name__ == "HyperbandPruner" and hyperband._reduction_factor == 2
+    assert type(sweep_pruner(cfg_factory("hparams=grid"))).__name__ == "NopPruner"
+    assert type(sweep_pruner(cfg_factory())).__name__ == "NopPruner"
+
+
 def test_a_trial_clearly_worse_than_finished_ones_is_pruned_after_the_warmup(tmp_path):
     """The median pruner with 2 warm-up steps: reports at epochs 1 and 2, pruned at epoch 2 (the
     earliest step Optuna prunes at is n_warmup_steps), and the study keeps what it reported."""
@@ -128,6 +143,7 @@ def test_the_pruned_trial_stops_cleanly_and_the_study_records_it_as_pruned(prune
     ).is_file()
     assert not (job / "failure.json").exists(), "a pruned trial is not a failure"
     assert "stage1: pruned after epoch 1 (step 1)" in (job / "logs" / "train.log").read_text()
+    assert "Pruner: MedianPruner" in first.stdout + first.stderr  # the sweeper's own study has it
 
 
 def test_the_summary_says_pruned_and_where(pruned_sweep):
