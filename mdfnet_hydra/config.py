@@ -98,6 +98,22 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class TextAttention(str, Enum):
+    sdpa = "sdpa"
+    eager = "eager"
+    flex_attention = "flex_attention"
+    flash_attention_2 = "flash_attention_2"
+
+
+class CompileMode(str, Enum):
+    """torch.compile's modes (compiling.py maps them to torch's names)."""
+
+    default = "default"
+    reduce_overhead = "reduce_overhead"
+    max_autotune = "max_autotune"
+    max_autotune_no_cudagraphs = "max_autotune_no_cudagraphs"
+
+
 class WorkerStart(str, Enum):
     fork = "fork"
     spawn = "spawn"
@@ -193,8 +209,21 @@ class TextConfig:
     model_config: Optional[Dict[str, Any]] = None
     tokenizer_vocab_size: int = 1000
     max_length: int = 128
+    # Pad each batch's token ids up to the smallest of these lengths that holds its longest report,
+    # so a compiled step (trainer.compile) sees a few fixed shapes and compiles once per bucket; the
+    # largest must hold max_length. []: pad to the batch's longest (a new shape almost every batch).
+    length_buckets: List[int] = field(default_factory=list)
+    # transformers' attention kernel: sdpa (PyTorch's fused attention) | eager | flex_attention
+    # (compiles a block-sparse kernel for the padding and sliding-window masks) | flash_attention_2
+    # (needs the flash-attn package); the same outputs up to rounding
+    attention: TextAttention = TextAttention.sdpa
     output: TokenOutput = TokenOutput.tokens
     pooling: str = "cls"  # for output=pooled: "cls" or "mean"
+
+
+# TextConfig's settings of how the encoder runs (batch shapes, attention kernel), not what it
+# computes beyond rounding: left out of the feature cache's key (and, in identity.py, a run's identity)
+TEXT_RUNTIME_KEYS = ("length_buckets", "attention")
 
 
 @dataclass
@@ -341,8 +370,11 @@ class TrainerConfig:
     # Wall-time budget of the whole job (all stages): seconds, or "90m", "12h", "1d". Training stops
     # cleanly when it runs out and the job returns the best validation metric reached so far.
     max_time: Optional[str] = None
-    # torch.compile the model for the training steps (worth it for long GPU runs; first steps compile)
+    # torch.compile the model for the training steps (worth it for long GPU runs; first steps compile;
+    # model.text.length_buckets keeps it from recompiling: compiling.py)
     compile: bool = False
+    # torch's compile mode: default | reduce_overhead (CUDA graphs) | max_autotune | max_autotune_no_cudagraphs
+    compile_mode: CompileMode = CompileMode.default
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
@@ -434,6 +466,8 @@ class BenchMeasure(str, Enum):
     stage2_clinical = "stage2_clinical"
     stage2_all = "stage2_all"  # with FLOPs / MFU and the memory estimate
     startup = "startup"
+    text_tokens = "text_tokens"  # the reports' real-token share under each padding (no model)
+    ddp = "ddp"  # CPU only: the full model's stage-2 step in each of bench.ddp_workers processes
 
 
 @dataclass
@@ -671,6 +705,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"trainer.checkpoint.rare_labels has unknown labels {unknown}; choose from {list(CHEXPERT_LABELS)}"
         )
     problems += loader_problems(cfg.data)
+    problems += length_bucket_problems(cfg.model.text)
     if str(cfg.data.get("verify_images", "auto")).lower() not in ("auto", "true", "false"):
         problems.append(f"data.verify_images must be auto, true or false, got {cfg.data.verify_images!r}")
     if cfg.evaluation.num_workers is not None and int(cfg.evaluation.num_workers) < 0:
@@ -749,6 +784,20 @@ def multirun_only_problem(cfg: DictConfig, hydra_cfg: Optional[DictConfig] = Non
         f"{group}={choices[group]}" for group in ("experiment", "hparams") if choices.get(group) not in (None, "null")
     ]
     return multirun_only_message(" ".join(presets) or "hydra.sweeper.params")
+
+
+def length_bucket_problems(text: TextConfig) -> list[str]:
+    buckets = [int(b) for b in text.length_buckets]
+    if not buckets:
+        return []
+    if buckets[0] < 1 or any(b >= c for b, c in zip(buckets, buckets[1:])):
+        return [f"model.text.length_buckets must be increasing positive lengths, got {buckets}"]
+    if buckets[-1] < int(text.max_length):
+        return [
+            f"model.text.length_buckets' largest ({buckets[-1]}) is shorter than model.text.max_length "
+            f"({text.max_length}): add {text.max_length} (or [] to pad to each batch's longest)"
+        ]
+    return []
 
 
 def loader_problems(data: DataConfig) -> list[str]:

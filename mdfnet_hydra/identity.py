@@ -38,6 +38,10 @@ OUTCOME_IRRELEVANT = (
     "trainer.resume",
     "trainer.eval_test",
     "trainer.compile",
+    "trainer.compile_mode",
+    # how the text encoder runs (config.TEXT_RUNTIME_KEYS): masked padding, the attention kernel
+    "model.text.length_buckets",
+    "model.text.attention",
     "trainer.checkpoint.every_n_epochs",
     "trainer.checkpoint.keep_last",
     # counted through "(effective batch)"

@@ -35,7 +35,7 @@ class Job:
 
     @property
     def collator(self) -> Collator:
-        return Collator(self.prep.pad_id)
+        return Collator(self.prep.pad_id, self.cfg.model.text.length_buckets)
 
     def build_model(self):
         """A fresh model for this job's modalities and preprocessing (random or configured weights)."""

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -45,6 +46,8 @@ BEST_MONITORS = {
     CheckpointName.best_auroc.value: "auroc_micro",
     CheckpointName.best_rare.value: "auroc_rare",
 }
+# an epoch whose training loop waited for batches longer than this share says the input pipeline is slow
+DATA_WAIT_WARN = 0.25
 
 
 @dataclass
@@ -75,6 +78,36 @@ class PhaseState:
         state = cls(**{k: v for k, v in d.items() if k != "best"})
         state.best = {k: Best(**v) for k, v in d["best"].items()}
         return state
+
+
+class TimedBatches:
+    """A loader's batches, adding up the seconds the training loop waits for each one after the
+    first (which also starts the workers): a step that waits is fed too slowly."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.waited = 0.0
+        self.first_at: Optional[float] = None  # when the first batch arrived
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            asked = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            if self.first_at is None:
+                self.first_at = time.perf_counter()
+            else:
+                self.waited += time.perf_counter() - asked
+            yield batch
+
+    def share(self) -> float:
+        """The share of the loop since the first batch spent waiting for the others."""
+        if self.first_at is None:
+            return 0.0
+        return self.waited / max(time.perf_counter() - self.first_at, 1e-9)
 
 
 @dataclass
@@ -120,9 +153,10 @@ class PhaseTrainer:
         # Frozen parameters (stage 1 encoders) have requires_grad=False, so DDP leaves them out of
         # its gradient buckets: no all-reduce traffic for weights that do not train.
         self.forward = self._wrap_ddp() if runtime.distributed else self.model
+        self.data_wait_share = 0.0  # of the last epoch's training loop (TimedBatches)
+        self.compiled_from: Optional[dict[str, int]] = None  # torch's compile counters when compiling began
         if self.trainer_cfg.compile:
-            log.info("%s: training steps through torch.compile (the first steps compile)", phase_name)
-            self.forward = torch.compile(self.forward)
+            self._compile(cfg.model.text.length_buckets)
         self.loss_fn = MultiLabelLoss(cfg.loss)
         self.loaders = self._loaders(collate)
         n_batches = len(self.loaders["train"])
@@ -167,6 +201,39 @@ class PhaseTrainer:
         )
 
     # ------------------------------------------------------------------ setup
+    def _compile(self, buckets: list[int]) -> None:
+        from mdfnet_hydra.compiling import CompilePlan, compile_counts, compile_forward
+
+        plan = CompilePlan.of(self.trainer_cfg.compile_mode, buckets)
+        log.info(
+            "%s: training steps through torch.compile (mode %s, %s; the first steps compile)",
+            self.name,
+            plan.mode,
+            f"static shapes, at most {plan.graph_limit} graphs: one per text length bucket"
+            if plan.static
+            else f"text length dynamic after its first change, at most {plan.graph_limit} graphs; "
+            "model.text.length_buckets fixes the shapes",
+        )
+        self.forward = compile_forward(self.forward, plan)
+        self.compiled_from = compile_counts()
+        self.compile_plan = plan
+
+    def _compile_guard(self, batch: dict):
+        if self.compiled_from is None:
+            return nullcontext()
+        from mdfnet_hydra.compiling import explained_recompiles
+
+        return explained_recompiles(self.compile_plan, batch)
+
+    def _compile_note(self) -> str:
+        """What compiling has done so far in this phase (empty when the forward is not compiled)."""
+        if self.compiled_from is None:
+            return ""
+        from mdfnet_hydra.compiling import compile_counts
+
+        now = compile_counts()
+        return "; compiled graphs %d, graph breaks %d" % tuple(now[k] - self.compiled_from[k] for k in now)
+
     def _wrap_ddp(self) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -474,12 +541,15 @@ class PhaseTrainer:
         interval_samples, interval_start = 0, time.perf_counter()
         log_every = max(1, int(self.trainer_cfg.log_every_n_steps))
         self.optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(self.loaders["train"]):
+        batches_in = TimedBatches(self.loaders["train"])
+        for i, batch in enumerate(batches_in):
             if i >= self.batches_per_epoch:
                 break
             step = self.state.global_step + 1
             logging_step = step % log_every == 0 or (i + 1) == self.batches_per_epoch
-            result = self.step(self._to_device(batch), i, measure_norm=logging_step)
+            batch = self._to_device(batch)
+            with self._compile_guard(batch):
+                result = self.step(batch, i, measure_norm=logging_step)
             terms = result.terms
             names = ["combined", *terms.parts]
             current = torch.stack([terms.total.detach(), *(t.detach() for t in terms.parts.values())])
@@ -513,6 +583,17 @@ class PhaseTrainer:
                 interval_samples, interval_start = 0, time.perf_counter()
                 if self._time_is_up(epoch_start):
                     break
+        self.data_wait_share = batches_in.share()
+        if self.data_wait_share > DATA_WAIT_WARN and batches >= 4:
+            log.warning(
+                "%s epoch %d: the step waited for input batches %.0f%% of the training loop: the input pipeline "
+                "(%s), not the model, sets the pace; more data.num_workers, images pre-resized by prepare "
+                "(images.size) or stage 1 from the feature cache would feed it faster",
+                self.name,
+                epoch,
+                100 * self.data_wait_share,
+                describe_loader(self.loaders["train"]),
+            )
         means = (totals / max(batches, 1)).tolist() if totals is not None else []
         if not all(math.isfinite(v) for v in means):
             raise FloatingPointError(f"{self.name}: non-finite training loss in epoch {epoch}: {means}")
@@ -576,6 +657,7 @@ class PhaseTrainer:
     ) -> None:
         tracker.scalars("train", {f"loss_{k}": v for k, v in train.items()}, epoch)
         tracker.scalar("val/loss", val_loss, epoch)
+        tracker.scalar("train/data_wait_share", self.data_wait_share, epoch)
         tracker.scalars(
             "val",
             {
@@ -594,7 +676,8 @@ class PhaseTrainer:
         remaining = (epochs - epoch) * self.state.elapsed_s / max(epoch, 1)
         val = self._val_label()
         log.info(
-            "%s epoch %d/%d | train loss %.4f (%s) | %s loss %.4f | %s mean AUROC %s (best %s @ %s) | %.1fs, %s ETA %.0fs",
+            "%s epoch %d/%d | train loss %.4f (%s) | %s loss %.4f | %s mean AUROC %s (best %s @ %s) | %.1fs "
+            "(waiting for data %.0f%%), %s ETA %.0fs%s",
             self.name,
             epoch,
             epochs,
@@ -607,8 +690,10 @@ class PhaseTrainer:
             _fmt(best.value),
             best.epoch,
             seconds,
+            100 * self.data_wait_share,
             self.name,
             remaining,
+            self._compile_note(),
         )
 
     def _val_label(self) -> str:

@@ -37,13 +37,16 @@ def test_dry_run_composes_every_gpu_command_and_runs_every_step(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     steps = summary["steps"]
-    assert list(steps) == ["environment", "nccl", "default", "real_arch", "compile", "bench16", "bench64"]
+    assert list(steps) == ["environment", "nccl", "default", "real_arch", "compile", "bench16", "bench64",
+                           "compiled16", "compiled16_warm"]  # fmt: skip
     assert all(s["verdict"] == "PASS" for s in steps.values())
     assert all(steps[name]["gpu_command_composes"] for name in steps if name not in ("environment", "nccl"))
     # the tiny runs took a 16-CPU GPU node's choices
     assert steps["environment"]["details"]["loader"]["num_workers"] == 8
     assert "8 workers (persistent, prefetch 4, fork)" in steps["default"]["details"]["stage2_loading"]
     assert steps["bench64"]["details"]["batch_size"] == 64
+    for name in ("compiled16", "compiled16_warm"):  # compiled as the trainer compiles, its compile timed
+        assert steps[name]["details"]["compile"] == "reduce_overhead" and steps[name]["details"]["first_step_s"] > 0
     verdict_lines = [
         line.split()[1]
         for line in result.stdout.splitlines()

@@ -95,6 +95,7 @@ def test_tensorboard_has_the_spec_tags(two_stage):
             "batch/loss",
             "batch/grad_norm",
             "batch/samples_per_sec",
+            "train/data_wait_share",
         } | {f"lr/{g}" for g in lr_groups}
         assert expected <= tags, expected - tags
         per_label = {t for t in tags if t.startswith("val/auroc/")}
@@ -333,3 +334,30 @@ def test_same_seed_gives_identical_weights_across_processes(tmp_path):
     assert a["preprocessing"]["tokenizer_json"] == b["preprocessing"]["tokenizer_json"]
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_step_starved_by_its_input_pipeline_says_so(tmp_path, output_root, monkeypatch):
+    """Every sample takes 20 ms to load (a slow disk): each epoch logs how much of its training loop
+    waited for batches, and past a quarter warns that the input pipeline sets the pace."""
+    import time
+
+    from mdfnet_hydra.data.dataset import MultimodalDataset
+
+    load = MultimodalDataset.__getitem__
+
+    def slow(self, index):
+        time.sleep(0.02)
+        return load(self, index)
+
+    monkeypatch.setattr(MultimodalDataset, "__getitem__", slow)
+    run_dir = tmp_path / "slow"
+    run(make_cfg(["debug=fast", "stage=stage2", "modality=clinical", "data.num_workers=0"], run_dir, output_root))
+    log = (run_dir / "logs" / "train.log").read_text()
+    (line,) = [line for line in log.splitlines() if "stage2 epoch 1/1 |" in line]
+    share = int(re.search(r"waiting for data (\d+)%", line).group(1))
+    assert share > 50, line  # 16 x 20 ms per batch against a tiny clinical step
+    (warning,) = [line for line in log.splitlines() if "not the model, sets the pace" in line]
+    assert "[WARNING]" in warning and "the input pipeline (in the main process (0 workers))" in warning
+    acc = EventAccumulator(str(run_dir / "stage2" / "tensorboard"))
+    acc.Reload()
+    assert acc.Scalars("train/data_wait_share")[0].value == pytest.approx(share / 100, abs=0.006)

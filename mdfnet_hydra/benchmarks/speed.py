@@ -8,7 +8,11 @@ What is timed (samples/s over `bench.steps` after `bench.warmup` untimed steps):
   reported separately as `cache_build`);
 - `stage2/<modality>`: stage-2 steps (everything trains) on batches already on the device, for each
   single modality and the full model: the compute the input pipeline has to keep up with;
-- `ddp/<n>`: the full model's stage-2 step on n CPU processes (gloo), per-process batch fixed.
+- `ddp/<n>`: the full model's stage-2 step on n CPU processes (gloo), per-process batch fixed;
+- `text_tokens` (not timed): the training reports' real-token share under each padding (tokens.py).
+
+Under `trainer.compile=true` the step compiles as the trainer's does (compiling.py) and each
+measurement's first untimed step, its compile, is reported as `first_step_s`.
 
 Ratios: cache speed-up (stage1_cached / stage1_recompute), pipeline headroom (pipeline /
 stage2/all), and DDP scaling. On CUDA also the model FLOPs per sample (counted with
@@ -31,6 +35,7 @@ from mdfnet_hydra.benchmarks.ddp import bench_ddp
 from mdfnet_hydra.benchmarks.memory import estimate_step_memory
 from mdfnet_hydra.benchmarks.startup import bench_startup
 from mdfnet_hydra.benchmarks.timing import PeakMemory, cycle, flops_per_sample, measure, peak_tflops
+from mdfnet_hydra.benchmarks.tokens import bench_text_tokens
 from mdfnet_hydra.benchmarks.workload import Setup, bench_config, loader_choices, optimizer_for, text_length, train_step
 from mdfnet_hydra.config import modality_label
 
@@ -129,6 +134,8 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         "torch": torch.__version__,
         "cpus": runtime.machine.cpus,
         "compile": bool(cfg.trainer.compile),
+        "compile_mode": str(getattr(cfg.trainer.compile_mode, "value", cfg.trainer.compile_mode)),
+        "length_buckets": list(cfg.model.text.length_buckets),
         "memory": PeakMemory(runtime.device).kind,
         "by_image_size": {},
     }
@@ -136,7 +143,10 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     measure = {BenchMeasure(m).value for m in b.measure}
     if "startup" in measure:
         results["startup"] = bench_startup(bench_config(cfg, int(sizes[0])), work)
-    for size in sizes:
+    if "text_tokens" in measure:
+        results["text_tokens"] = bench_text_tokens(cfg)
+    sized = {"pipeline", "stage1", "stage2_vision", "stage2_text", "stage2_clinical", "stage2_all"}
+    for size in sizes if measure & sized else []:  # (text_tokens reads the job's own data, any data)
         run_cfg = bench_config(cfg, int(size))
         log.info("--- %d px, %s encoders, batch %d, %s", size, size_name, b.batch_size, runtime.describe())
         entry: dict[str, Any] = {}
@@ -159,7 +169,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
             entry["stage2/all"]["mfu"] = entry["stage2/all"]["achieved_tflops"] / peak
         entry["ratios"] = ratios(entry)
         results["by_image_size"][str(size)] = entry
-    if b.ddp_workers and runtime.device.type == "cpu":
+    if "ddp" in measure and b.ddp_workers and runtime.device.type == "cpu":
         ddp_cfg = bench_config(cfg, int(sizes[0]))
         ddp = {str(n): bench_ddp(ddp_cfg, int(n), text_length(b), int(b.steps), int(b.warmup)) for n in b.ddp_workers}
         first = str(b.ddp_workers[0])
@@ -204,6 +214,8 @@ def format_table(results: dict[str, Any]) -> str:
                 notes.append(f"MFU {100 * r['mfu']:.1f}%")
             if "bytes_per_sample" in r:
                 notes.append(f"{r['bytes_per_sample'] / 1024:.0f} KB/sample cached")
+            if results.get("compile") and r.get("first_step_s") is not None:
+                notes.append(f"first step (compiling) {r['first_step_s']:.1f} s")
             if "parameters_m" in r:
                 notes.append(f"{r['parameters_m']:.1f}M params")
             if "estimated_memory_gb" in r:
@@ -232,6 +244,19 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(
             f"job start-up {st['total_s']:.1f} s: imports {st['imports_s']:.1f} s, config {st['config_s']:.2f} s, "
             f"dataset open {st['dataset_open_s']:.2f} s"
+        )
+    if "text_tokens" in results:
+        t = results["text_tokens"]
+        buckets = (
+            f", to buckets {t['buckets']} {100 * t['real_share_buckets']:.0f}% ({t['shapes_buckets']} shapes)"
+            if t["buckets"]
+            else ""
+        )
+        lines.append(
+            f"report tokens ({t['reports']} training reports): mean {t['tokens_mean']:.0f}, p95 {t['tokens_p95']:.0f}, "
+            f"max {t['tokens_max']} of {t['max_length']}; real share padded to max_length "
+            f"{100 * t['real_share_max_length']:.0f}%, to the batch's longest {100 * t['real_share_batch_longest']:.0f}% "
+            f"({t['shapes_batch_longest']} shapes){buckets}"
         )
     if "ddp_cpu" in results:
         scaling = ", ".join(

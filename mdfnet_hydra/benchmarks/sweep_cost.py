@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-# short two-stage trials of the full model: 4 + 4 epochs of at most 16 batches, so 24 trials take
-# minutes on 2 CPU cores and a pruner has epochs to act on
+# short two-stage trials of the full model: the spec's 15 + 30 epochs (3 warm-up epochs each) at a
+# third, 5 + 10 (1), of at most 16 batches, so 24 trials take minutes on 2 CPU cores and the epochs
+# keep the spec's proportions: the share a pruner's warm-up takes of a trial is the spec's
 SHORT_TRIAL = (
     "data.small_sample=512",
-    "phases.stage1.epochs=4",
+    "phases.stage1.epochs=5",
     "phases.stage1.warmup_epochs=1",
-    "phases.stage2.epochs=4",
+    "phases.stage2.epochs=10",
     "phases.stage2.warmup_epochs=1",
     "phases.stage2.early_stopping_patience=null",
     "trainer.limit_train_batches=16",

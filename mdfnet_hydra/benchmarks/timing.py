@@ -81,9 +81,17 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(name: str, step: Callable[[], int], device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
-    """samples/s of `step` (which returns the samples it processed) and the peak memory."""
-    for _ in range(warmup):
+    """samples/s of `step` (which returns the samples it processed) and the peak memory; also the
+    first (untimed) call's seconds: what compiling costs under trainer.compile."""
+    first_s = None
+    for i in range(warmup):
+        if i == 0:
+            _sync(device)
+            began = time.perf_counter()
         step()
+        if i == 0:
+            _sync(device)
+            first_s = time.perf_counter() - began
     memory = PeakMemory(device)
     with memory.track():
         _sync(device)
@@ -98,6 +106,7 @@ def measure(name: str, step: Callable[[], int], device: torch.device, steps: int
         "peak_memory_gb": memory.peak_bytes / 2**30,
         "memory_increase_gb": (memory.peak_bytes - memory.start_bytes) / 2**30,
         "memory": memory.kind,
+        "first_step_s": first_s,
     }
     log.info(
         "%-22s %9.1f samples/s  peak %.2f GB (+%.2f GB)",

@@ -8,7 +8,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mdfnet_hydra.config import Modality
@@ -22,7 +21,7 @@ CONF = Path(str(resources.files("mdfnet_hydra.conf")))  # the top-level conf/ of
 def bench_config(cfg: DictConfig, image_size: int) -> DictConfig:
     """The training config the benchmark runs: the chosen size's encoders at `image_size`, a
     synthetic dataset of `bench.samples` images of that size, its own cache directory."""
-    from mdfnet_hydra.config import BenchSize, TextConfig, VisionConfig, load_train_config
+    from mdfnet_hydra.config import TEXT_RUNTIME_KEYS, BenchSize, TextConfig, VisionConfig, load_train_config
 
     # unresolved, so that data.root follows the sample count and image size set below
     train = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in ("bench", "hydra")}
@@ -34,8 +33,11 @@ def bench_config(cfg: DictConfig, image_size: int) -> DictConfig:
             run.model.vision = OmegaConf.merge(
                 OmegaConf.structured(VisionConfig), OmegaConf.load(CONF / "model/vision/biomedclip_arch.yaml")
             )
+            shaping = {key: run.model.text[key] for key in TEXT_RUNTIME_KEYS}  # how it runs: kept
             run.model.text = OmegaConf.merge(
-                OmegaConf.structured(TextConfig), OmegaConf.load(CONF / "model/text/modernbert_base_arch.yaml")
+                OmegaConf.structured(TextConfig),
+                OmegaConf.load(CONF / "model/text/modernbert_base_arch.yaml"),
+                shaping,
             )
         run.model.vision.image_size = image_size
         if run.model.vision.open_clip_config is not None:
@@ -82,8 +84,11 @@ class Setup:
     def model(self, frozen: bool):
         model = self.job.build_model().to(self.runtime.device)
         model.set_encoders_frozen(frozen)
-        if self.cfg.trainer.compile:
-            model = torch.compile(model)
+        if self.cfg.trainer.compile:  # as the trainer compiles (compiling.py)
+            from mdfnet_hydra.compiling import CompilePlan, compile_forward
+
+            plan = CompilePlan.of(self.cfg.trainer.compile_mode, self.cfg.model.text.length_buckets)
+            model = compile_forward(model, plan)
         return model.train()
 
     def loader(self, dataset=None):

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -271,11 +271,19 @@ class MultimodalDataset(Dataset):
             ) from err
 
 
-class Collator:
-    """Stacks tensors and pads token ids to the longest sequence in the batch (not to max_length)."""
+def padded_length(longest: int, buckets: Sequence[int] = ()) -> int:
+    """The length a batch's token ids are padded to: the smallest of `buckets` that holds its longest
+    sequence (fixed shapes: one compiled graph per bucket), or that longest length without buckets."""
+    return next((int(b) for b in buckets if int(b) >= longest), longest)
 
-    def __init__(self, pad_id: int = 0) -> None:
+
+class Collator:
+    """Stacks tensors and pads token ids to the batch's longest sequence, or up to the smallest
+    length bucket that holds it (`model.text.length_buckets`), never to max_length."""
+
+    def __init__(self, pad_id: int = 0, buckets: Sequence[int] = ()) -> None:
         self.pad_id = pad_id
+        self.buckets = tuple(int(b) for b in buckets)
 
     def __call__(self, items: list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if isinstance(items, dict):  # already a batch (datasets with __getitems__)
@@ -283,8 +291,11 @@ class Collator:
         batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "input_ids"}
         if "input_ids" in items[0]:
             seqs = [it["input_ids"] for it in items]
-            ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self.pad_id)
             lengths = torch.tensor([len(s) for s in seqs])
+            width = padded_length(int(lengths.max()), self.buckets)
+            ids = torch.full((len(seqs), width), self.pad_id, dtype=seqs[0].dtype)
+            for row, seq in enumerate(seqs):
+                ids[row, : len(seq)] = seq
             batch["input_ids"] = ids
-            batch["attention_mask"] = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+            batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
         return batch

@@ -25,15 +25,16 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mdfnet_hydra.config import TEXT_RUNTIME_KEYS
 from mdfnet_hydra.data import cache_store
-from mdfnet_hydra.data.dataset import Collator, MultimodalDataset
+from mdfnet_hydra.data.dataset import Collator, MultimodalDataset, padded_length
 from mdfnet_hydra.data.loading import loader_settings
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def cache_key(
             {
                 "format": FORMAT,
                 "modality": modality,
-                "encoder": encoder_config,
+                "encoder": {k: v for k, v in encoder_config.items() if k not in TEXT_RUNTIME_KEYS},
                 "compute": compute,
                 "dtype": dtype,
                 "output": str(getattr(encoder, "output", "")),
@@ -203,12 +204,14 @@ def compute_features(
 class CachedFeatureDataset(Dataset):
     """A split served from cached encoder outputs: `<modality>_features` (and `text_padding`)
     instead of images and token ids, plus targets, mask and the clinical features. Batches are
-    read with one memory-mapped fancy index (`__getitems__`), not item by item."""
+    read with one memory-mapped fancy index (`__getitems__`), not item by item. Text is trimmed to
+    the batch's longest report, or padded up to its length bucket (`model.text.length_buckets`)."""
 
-    def __init__(self, base: MultimodalDataset, caches: dict[str, FeatureArrays]) -> None:
+    def __init__(self, base: MultimodalDataset, caches: dict[str, FeatureArrays], buckets: Sequence[int] = ()) -> None:
         self.split = base.split
         self.base = base
         self.caches = caches
+        self.buckets = tuple(int(b) for b in buckets)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -239,9 +242,13 @@ class CachedFeatureDataset(Dataset):
             padding = cache.padding
             if padding is not None:
                 pad = np.asarray(padding[rows])[back]
-                keep = max(1, int((~pad).sum(axis=1).max()))  # trim to the batch's longest text
-                batch["text_padding"] = torch.from_numpy(np.ascontiguousarray(pad[:, :keep]))
-                features = features[:, :keep]
+                keep = padded_length(max(1, int((~pad).sum(axis=1).max())), self.buckets)
+                pad, features = pad[:, :keep], features[:, :keep]
+                if keep > pad.shape[1]:  # a bucket longer than the split's longest report
+                    extra = keep - pad.shape[1]
+                    pad = np.pad(pad, ((0, 0), (0, extra)), constant_values=True)
+                    features = np.pad(features, ((0, 0), (0, extra), (0, 0)))
+                batch["text_padding"] = torch.from_numpy(np.ascontiguousarray(pad))
             batch[f"{modality}_features"] = torch.from_numpy(np.ascontiguousarray(features))
         return batch
 
@@ -301,5 +308,5 @@ def _cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime
             barrier()  # the other ranks read what rank 0 found or built
             if not runtime.is_main:
                 caches[modality] = FeatureArrays(root / modality / key)
-        out[split] = CachedFeatureDataset(dataset, caches)
+        out[split] = CachedFeatureDataset(dataset, caches, cfg.model.text.length_buckets)
     return out

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from mdfnet_hydra.config import TextConfig, TextSource, TokenOutput, to_plain
+from mdfnet_hydra.config import TextAttention, TextConfig, TextSource, TokenOutput, to_plain
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -108,7 +108,7 @@ def build_text_encoder(cfg: TextConfig, tokenizer) -> TextEncoder:
     from transformers import AutoConfig, AutoModel
 
     if cfg.source is TextSource.pretrained:
-        backbone = _from_pretrained(AutoModel, cfg, attn_implementation="sdpa")
+        backbone = _from_pretrained(AutoModel, cfg, attn_implementation=TextAttention(cfg.attention).value)
     else:
         if not cfg.model_config:
             raise ValueError(f"model.text '{cfg.name}': source=config needs model_config")
@@ -119,7 +119,7 @@ def build_text_encoder(cfg: TextConfig, tokenizer) -> TextEncoder:
             for n, t in (("pad", "[PAD]"), ("cls", "[CLS]"), ("sep", "[SEP]"), ("bos", "[CLS]"), ("eos", "[SEP]"))
         }
         config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **special, **kwargs)
-        backbone = AutoModel.from_config(config, attn_implementation="sdpa")
+        backbone = AutoModel.from_config(config, attn_implementation=TextAttention(cfg.attention).value)
     return TextEncoder(backbone, cfg.output, cfg.pooling)
 
 

@@ -1,0 +1,100 @@
+"""torch.compile for the training step's forward (`trainer.compile`), with its shapes under control.
+
+A compiled forward is only fast while it does not recompile: every new input shape costs a compile
+(seconds to minutes), and past torch's recompile limit it silently falls back to eager. Report text
+is the shape that varies, so with `model.text.length_buckets` the forward compiles static graphs,
+one per bucket, and a shape beyond the buckets (more graphs than buckets) stops the job with an
+error instead of running slowly without a word. Without buckets, torch marks the varying length
+dynamic after its first change (one more compile), and its own limit of 8 graphs also fails loudly.
+
+`trainer.compile_mode`: torch's modes; `reduce_overhead` captures the compiled step with CUDA graphs
+on a GPU, which removes the per-kernel launch cost that bounds small batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+UNBUCKETED_LIMIT = 8  # torch's default recompile limit
+
+MODES = {
+    "default": "default",
+    "reduce_overhead": "reduce-overhead",
+    "max_autotune": "max-autotune",
+    "max_autotune_no_cudagraphs": "max-autotune-no-cudagraphs",
+}
+
+
+@dataclass(frozen=True)
+class CompilePlan:
+    """How a phase's forward is compiled: torch's mode, whether shapes are static (buckets set),
+    and how many distinct graphs are allowed before the job fails."""
+
+    mode: str
+    static: bool
+    graph_limit: int
+
+    @classmethod
+    def of(cls, mode: Any, buckets: Sequence[int]) -> "CompilePlan":
+        name = str(getattr(mode, "value", mode))
+        if name not in MODES:
+            raise ValueError(f"trainer.compile_mode must be one of {sorted(MODES)}, got {name!r}")
+        # static graphs, one per bucket; without buckets torch's own limit (a static first graph,
+        # then a dynamic one, then any its guards need), still failing rather than running eagerly
+        return cls(MODES[name], bool(buckets), len(buckets) if buckets else UNBUCKETED_LIMIT)
+
+
+def compile_forward(forward: Callable, plan: CompilePlan, backend: str = "inductor") -> Callable:
+    """`forward` through torch.compile as `plan` says (`backend`: tests use lighter ones).
+
+    Torch keeps compiled graphs per code object, not per model: a second model of the same class
+    (the next phase, the benchmark's next measurement) can count against the first one's graph
+    limit. The in-memory compile state is therefore reset first; the on-disk caches that make a
+    repeated compile fast are kept."""
+    import torch
+    import torch._dynamo
+    import torch._dynamo.config as dynamo_config
+
+    torch._dynamo.reset()
+    dynamo_config.recompile_limit = max(plan.graph_limit, 1)
+    dynamo_config.fail_on_recompile_limit_hit = True  # a shape past the buckets fails, never runs eager
+    kwargs: dict[str, Any] = {"dynamic": False} if plan.static else {}
+    if backend == "inductor":
+        kwargs["mode"] = plan.mode
+    return torch.compile(forward, backend=backend, **kwargs)
+
+
+def compile_counts() -> dict[str, int]:
+    """Graphs compiled so far in this process and graph breaks (torch's own counters)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
+
+
+@contextmanager
+def explained_recompiles(plan: CompilePlan, batch: dict) -> Iterator[None]:
+    """Turns torch's bare recompile-limit failure into what happened and what to change."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    try:
+        yield
+    except FailOnRecompileLimitHit as err:
+        shapes = {k: tuple(v.shape) for k, v in batch.items() if hasattr(v, "shape") and v.dim() > 1}
+        allowed = (
+            f"{plan.graph_limit} graphs, one per model.text.length_buckets entry"
+            if plan.static
+            else f"{plan.graph_limit} graphs torch allows (without model.text.length_buckets)"
+        )
+        raise RuntimeError(
+            f"trainer.compile: a batch shaped {shapes} needs one more compiled graph than the {allowed}; "
+            "torch would have run it uncompiled from here on. Give model.text.length_buckets a length "
+            "that holds it, or run with trainer.compile=false"
+        ) from err

@@ -1,0 +1,146 @@
+"""Report token ids padded to a few fixed lengths (`model.text.length_buckets`), so a compiled step
+sees few shapes: padding never changes what the model computes, from raw tokens or from the
+feature cache, and a list that cannot hold `max_length` is refused at start."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mdfnet_hydra.config import ConfigError, validate_config
+from mdfnet_hydra.data import feature_cache
+from mdfnet_hydra.data.dataset import Collator, load_splits, padded_length
+from mdfnet_hydra.data.preprocessing import Preprocessing
+from mdfnet_hydra.models.mdfnet import build_model
+from mdfnet_hydra.runtime import Runtime, seed_everything
+
+BUCKETS = (16, 32, 64, 128)
+
+
+def token_rows(*lengths: int) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": torch.arange(1, n + 1), "targets": torch.zeros(14)} for n in lengths]
+
+
+def test_a_batch_is_padded_up_to_the_smallest_bucket_that_holds_its_longest_report():
+    batch = Collator(pad_id=0, buckets=BUCKETS)(token_rows(3, 20))
+    assert batch["input_ids"].shape == (2, 32)
+    assert batch["attention_mask"].sum(1).tolist() == [3, 20]
+    assert torch.equal(batch["input_ids"][1, :20], torch.arange(1, 21)) and not batch["input_ids"][1, 20:].any()
+    assert Collator(pad_id=0)(token_rows(3, 20))["input_ids"].shape == (2, 20), "no buckets: the batch's longest"
+    assert [padded_length(n, BUCKETS) for n in (1, 16, 17, 128)] == [16, 16, 32, 128]
+
+
+def job_parts(cfg):
+    root, splits = load_splits(cfg.data, int(cfg.seed))
+    prep = Preprocessing.create(cfg.model, ["vision", "text", "clinical"], splits["train"])
+    seed_everything(0)
+    model = build_model(cfg.model, ["vision", "text", "clinical"], prep.clinical_dim, prep.tokenizer).eval()
+    return model, prep.dataset(splits["val"], root, cfg.model), prep
+
+
+@torch.no_grad()
+def test_bucket_padding_gives_the_logits_of_unpadded_reports(cfg_factory):
+    """Each report alone (no padding at all) and the same reports in one batch padded to a bucket:
+    the full model's logits agree to float32 rounding."""
+    cfg = cfg_factory("modality=all", "model.text.length_buckets=[16,32,64,128]")
+    model, dataset, prep = job_parts(cfg)
+    rows = [dataset[i] for i in range(6)]
+    bucketed = Collator(prep.pad_id, cfg.model.text.length_buckets)(rows)
+    lengths = bucketed["attention_mask"].sum(1)
+    assert bucketed["input_ids"].shape[1] == padded_length(int(lengths.max()), BUCKETS) > int(lengths.min())
+    alone = torch.cat([model(Collator(prep.pad_id)([row])) for row in rows])
+    torch.testing.assert_close(model(bucketed), alone, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_cached_text_features_are_padded_to_the_bucket_without_changing_the_logits(cfg_factory, tmp_path):
+    """Stage 1 from the feature cache: text features come padded to the batch's bucket (past the
+    split's longest report too), and the fusion's logits equal those from the trimmed batch."""
+    cfg = cfg_factory("modality=all", f"paths.cache_dir={tmp_path / 'cache'}", "data.feature_cache_dtype=float32")
+    model, dataset, prep = job_parts(cfg)
+    model.set_encoders_frozen(True)
+    runtime = Runtime.from_config(cfg.trainer)
+    trimmed = feature_cache.cached_datasets(model, {"val": dataset}, cfg, runtime, prep.pad_id)["val"]
+    cfg.model.text.length_buckets = [8, 256]  # 256: longer than any cached report
+    bucketed = feature_cache.cached_datasets(model, {"val": dataset}, cfg, runtime, prep.pad_id)["val"]
+    cached = [d for d in (tmp_path / "cache" / "text").iterdir() if d.is_dir()]
+    assert len(cached) == 1, "buckets shape batches, not features: the cache is reused, not rebuilt"
+    rows = [4, 1, 9]
+    short, long = trimmed.__getitems__(rows), bucketed.__getitems__(rows)
+    assert long["text_features"].shape[1] == long["text_padding"].shape[1] == 256
+    assert torch.equal(long["text_padding"].sum(1), short["text_padding"].sum(1) + 256 - short["text_padding"].shape[1])
+    torch.testing.assert_close(model(long), model(short), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "buckets, message",
+    [
+        ("[32,64]", "largest (64) is shorter than model.text.max_length (128)"),
+        ("[64,32,128]", "must be increasing positive lengths"),
+        ("[0,128]", "must be increasing positive lengths"),
+    ],
+)
+def test_buckets_that_cannot_hold_every_report_are_refused_at_start(cfg_factory, buckets, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_config(cfg_factory(f"model.text.length_buckets={buckets}"))
+    validate_config(cfg_factory("model.text.length_buckets=[32,64,128]"))
+
+
+# ---------------------------------------------------------------- the compiled step
+def test_bucketed_reports_compile_once_per_bucket_and_a_shape_past_them_fails(cfg_factory):
+    """Batches of many report lengths in two buckets: two graphs and no recompile after them; a
+    third shape (buckets bypassed) stops the step with an error instead of running eagerly."""
+    import torch._dynamo
+
+    from mdfnet_hydra.compiling import CompilePlan, compile_counts, compile_forward, explained_recompiles
+
+    cfg = cfg_factory("modality=text")
+    root, splits = load_splits(cfg.data, int(cfg.seed))
+    prep = Preprocessing.create(cfg.model, ["text"], splits["train"])
+    model = build_model(cfg.model, ["text"], 0, prep.tokenizer).eval()
+    dataset = prep.dataset(splits["train"], root, cfg.model)
+    by_length = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+    short, long = by_length[:12], by_length[-12:]
+    split = len(dataset[short[-1]]["input_ids"])  # the short reports' bucket
+    assert split < len(dataset[long[0]]["input_ids"])
+    buckets = [split, int(cfg.model.text.max_length)]
+    collate = Collator(prep.pad_id, buckets)
+    batches = [collate([dataset[i] for i in rows[j : j + 4]]) for rows in (short, long) for j in (0, 4, 8)]
+    assert len({tuple(b["input_ids"].shape) for b in batches}) == 2
+    assert len({int(b["attention_mask"].sum(1).max()) for b in batches}) > 2, "many lengths, two buckets"
+    torch._dynamo.reset()
+    plan = CompilePlan.of("default", buckets)
+    forward = compile_forward(model, plan, backend="eager")
+    start = compile_counts()
+    with torch.no_grad():
+        for batch in batches:
+            forward(batch)
+        assert compile_counts()["graphs"] - start["graphs"] == 2
+        assert compile_counts()["graph_breaks"] == start["graph_breaks"]
+        unbucketed = Collator(prep.pad_id)([dataset[i] for i in long[:4]])
+        with pytest.raises(RuntimeError, match=r"one more compiled graph than the 2 graphs, one per model.text"):
+            with explained_recompiles(plan, unbucketed):  # as the trainer runs its steps
+                forward(unbucketed)
+
+
+@pytest.mark.parametrize("kernel", ["eager", pytest.param("flex_attention", marks=pytest.mark.slow)])
+@torch.no_grad()
+def test_every_attention_kernel_gives_the_text_features_of_sdpa(cfg_factory, kernel):
+    """`model.text.attention`: the same report features on the real tokens (the padding masked out,
+    and the sliding window of ModernBERT's local layers) as the default SDPA kernel."""
+    from mdfnet_hydra.models.text import build_text_encoder
+
+    # local layers with a window shorter than the reports, so the sliding-window mask matters
+    window = ["model.text.model_config.global_attn_every_n_layers=2", "+model.text.model_config.local_attention=8"]
+    outputs = {}
+    for name in ("sdpa", kernel):
+        cfg = cfg_factory("modality=text", f"model.text.attention={name}", *window)
+        _, dataset, prep = job_parts(cfg)
+        batch = Collator(prep.pad_id, [64])([dataset[i] for i in range(8)])
+        seed_everything(0)
+        encoder = build_text_encoder(cfg.model.text, prep.tokenizer).eval()
+        assert encoder.backbone.config._attn_implementation == name
+        tokens, padding = encoder(batch["input_ids"], batch["attention_mask"])
+        outputs[name] = tokens[~padding]
+    assert int(batch["attention_mask"].sum(1).max()) > 8, "reports longer than the window"
+    torch.testing.assert_close(outputs[kernel], outputs["sdpa"], atol=1e-5, rtol=1e-4)
