@@ -5,7 +5,10 @@ A compiled forward is only fast while it does not recompile: every new input sha
 is the shape that varies, so with `model.text.length_buckets` the forward compiles static graphs,
 one per bucket, and a shape beyond the buckets (more graphs than buckets) stops the job with an
 error instead of running slowly without a word. Without buckets, torch marks the varying length
-dynamic after its first change (one more compile), and its own limit of 8 graphs also fails loudly.
+dynamic after its first change (one more compile) and keeps its own rules (at most 8 graphs, then
+eager with a warning). The limit applies to the training step alone (`compiled_step`), not to the
+rest of the process: validation runs the model eagerly, and transformers compiles its own helpers
+(flex attention's masks).
 
 `trainer.compile_mode`: torch's modes; `reduce_overhead` captures the compiled step with CUDA graphs
 on a GPU, which removes the per-kernel launch cost that bounds small batches.
@@ -19,8 +22,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
-
-UNBUCKETED_LIMIT = 8  # torch's default recompile limit
 
 MODES = {
     "default": "default",
@@ -44,9 +45,8 @@ class CompilePlan:
         name = str(getattr(mode, "value", mode))
         if name not in MODES:
             raise ValueError(f"trainer.compile_mode must be one of {sorted(MODES)}, got {name!r}")
-        # static graphs, one per bucket; without buckets torch's own limit (a static first graph,
-        # then a dynamic one, then any its guards need), still failing rather than running eagerly
-        return cls(MODES[name], bool(buckets), len(buckets) if buckets else UNBUCKETED_LIMIT)
+        # static graphs, one per bucket; without buckets torch's own rules (graph_limit unused)
+        return cls(MODES[name], bool(buckets), len(buckets))
 
 
 def compile_forward(forward: Callable, plan: CompilePlan, backend: str = "inductor") -> Callable:
@@ -58,11 +58,8 @@ def compile_forward(forward: Callable, plan: CompilePlan, backend: str = "induct
     repeated compile fast are kept."""
     import torch
     import torch._dynamo
-    import torch._dynamo.config as dynamo_config
 
     torch._dynamo.reset()
-    dynamo_config.recompile_limit = max(plan.graph_limit, 1)
-    dynamo_config.fail_on_recompile_limit_hit = True  # a shape past the buckets fails, never runs eager
     kwargs: dict[str, Any] = {"dynamic": False} if plan.static else {}
     if backend == "inductor":
         kwargs["mode"] = plan.mode
@@ -80,21 +77,24 @@ def compile_counts() -> dict[str, int]:
 
 
 @contextmanager
-def explained_recompiles(plan: CompilePlan, batch: dict) -> Iterator[None]:
-    """Turns torch's bare recompile-limit failure into what happened and what to change."""
+def compiled_step(plan: CompilePlan, batch: dict) -> Iterator[None]:
+    """Around one call of the compiled forward: with buckets, at most one graph per bucket, and a
+    batch needing another stops the job saying what happened and what to change (torch alone would
+    run it eagerly from then on). Without buckets, torch's own rules."""
+    if not plan.static:
+        yield
+        return
+    import torch._dynamo.config as dynamo_config
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
     try:
-        yield
+        with dynamo_config.patch(recompile_limit=max(plan.graph_limit, 1), fail_on_recompile_limit_hit=True):
+            yield
     except FailOnRecompileLimitHit as err:
         shapes = {k: tuple(v.shape) for k, v in batch.items() if hasattr(v, "shape") and v.dim() > 1}
-        allowed = (
-            f"{plan.graph_limit} graphs, one per model.text.length_buckets entry"
-            if plan.static
-            else f"{plan.graph_limit} graphs torch allows (without model.text.length_buckets)"
-        )
         raise RuntimeError(
-            f"trainer.compile: a batch shaped {shapes} needs one more compiled graph than the {allowed}; "
-            "torch would have run it uncompiled from here on. Give model.text.length_buckets a length "
-            "that holds it, or run with trainer.compile=false"
+            f"trainer.compile: a batch shaped {shapes} needs one more compiled graph than the "
+            f"{plan.graph_limit} allowed, one per model.text.length_buckets entry; torch would have run "
+            "it uncompiled from here on. Give model.text.length_buckets a length that holds it, or run "
+            "with trainer.compile=false"
         ) from err

@@ -397,7 +397,8 @@ class PrunerConfig:
     interval_steps: int = 1  # median: epochs between pruning checks
     min_resource: int = 1  # asha / hyperband: epochs before the first rung
     reduction_factor: int = 3  # asha / hyperband: 1 in reduction_factor trials goes on at each rung
-    max_resource: Optional[int] = None  # hyperband: epochs of a whole trial (None: from the finished trials)
+    # hyperband: the epochs of a whole trial (None: the configured epochs of the stages it runs)
+    max_resource: Optional[int] = None
 
 
 @dataclass
@@ -706,6 +707,7 @@ def validate_config(cfg: DictConfig) -> None:
         )
     problems += loader_problems(cfg.data)
     problems += length_bucket_problems(cfg.model.text)
+    problems += text_runtime_problems(cfg)
     if str(cfg.data.get("verify_images", "auto")).lower() not in ("auto", "true", "false"):
         problems.append(f"data.verify_images must be auto, true or false, got {cfg.data.verify_images!r}")
     if cfg.evaluation.num_workers is not None and int(cfg.evaluation.num_workers) < 0:
@@ -798,6 +800,35 @@ def length_bucket_problems(text: TextConfig) -> list[str]:
             f"({text.max_length}): add {text.max_length} (or [] to pad to each batch's longest)"
         ]
     return []
+
+
+def text_runtime_problems(cfg: DictConfig) -> list[str]:
+    """How the text encoder is asked to run, where this machine or config cannot."""
+    problems = []
+    uses_text = Modality.text in [Modality(m) for m in cfg.modality.inputs]
+    if (
+        uses_text
+        and cfg.trainer.compile
+        and CompileMode(cfg.trainer.compile_mode) is CompileMode.reduce_overhead
+        and not cfg.model.text.length_buckets
+    ):
+        problems.append(
+            "trainer.compile_mode=reduce_overhead records a CUDA graph for every report length: give "
+            "model.text.length_buckets (e.g. [64,128,256], the largest holding model.text.max_length)"
+        )
+    if uses_text and TextAttention(cfg.model.text.attention) is TextAttention.flash_attention_2:
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            problems.append(
+                "model.text.attention=flash_attention_2 needs the flash-attn package (pip install flash-attn, "
+                "on a CUDA machine); model.text.attention=sdpa needs nothing"
+            )
+        if Precision(cfg.trainer.precision) is Precision.fp32:
+            problems.append(
+                "model.text.attention=flash_attention_2 computes in half precision only: not with trainer.precision=fp32"
+            )
+    return problems
 
 
 def loader_problems(data: DataConfig) -> list[str]:

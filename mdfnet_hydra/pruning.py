@@ -30,6 +30,7 @@ class PruningTarget:
     study_name: str
     trial_number: int
     pruner: dict[str, Any]  # hparams.pruner as plain values
+    last_step: int  # the trial's last epoch on the step axis: reported, never a reason to stop
 
 
 def make_pruner(settings: dict[str, Any]):
@@ -56,6 +57,23 @@ def make_pruner(settings: dict[str, Any]):
     return optuna.pruners.NopPruner()
 
 
+def pruner_settings(cfg: Any) -> dict[str, Any]:
+    """`hparams.pruner` as plain values, Hyperband's unset `max_resource` made the trial's last step:
+    the configured epochs of the stages it runs (Optuna's "auto" would take the first finished
+    trial's last step, too early when that trial stopped early)."""
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(cfg.hparams.pruner, resolve=True, enum_to_str=True)
+    if settings.get("max_resource") is None:
+        settings["max_resource"] = trial_steps(cfg)
+    return settings
+
+
+def trial_steps(cfg: Any) -> int:
+    """A whole trial on the step axis: the configured epochs of the stages it runs."""
+    return sum(int(cfg.phases[getattr(s, "value", s)].epochs) for s in cfg.stage.run)
+
+
 def pruning_target(cfg: Any) -> Optional[PruningTarget]:
     """This Hydra job's trial, when it is a job of an Optuna sweep with a pruner; else None."""
     from hydra.core.hydra_config import HydraConfig
@@ -80,7 +98,8 @@ def pruning_target(cfg: Any) -> Optional[PruningTarget]:
         storage=str(storage),
         study_name=str(hparams.study_name),
         trial_number=int(hydra.job.num),
-        pruner=OmegaConf.to_container(hparams.pruner, resolve=True, enum_to_str=True),
+        pruner=pruner_settings(cfg),
+        last_step=trial_steps(cfg),
     )
 
 
@@ -111,6 +130,8 @@ class TrialReporter:
             return state == TrialState.PRUNED
         if value is not None and math.isfinite(float(value)):
             self.trial.report(float(value), int(step))
+        if step >= self.target.last_step:
+            return False  # its last epoch is trained: it completes (stopping would save nothing)
         return bool(self.trial.should_prune())
 
     def mark_pruned(self) -> None:

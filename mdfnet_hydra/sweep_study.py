@@ -26,9 +26,6 @@ Users parallelise a search by starting the same `--multirun hparams=...` command
   its user attributes; a process whose fingerprint differs (a `debug=fast` study resumed by the
   real sweep) stops before any trial, naming the differing keys. A study from before fingerprints
   adopts this command's.
-- The study object the sweeper samples from carries the sweep's pruner (`hparams.pruner`), as the
-  jobs' do: Optuna's TPE sampler then draws a Hyperband trial's parameters from the trials of its
-  own bracket, which it can only do when the sampling study knows the pruner.
 """
 
 from __future__ import annotations
@@ -58,7 +55,6 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from mdfnet_hydra.config import ConfigError
 from mdfnet_hydra.files import write_text
 from mdfnet_hydra.identity import irrelevant, outcome_identity
-from mdfnet_hydra.pruning import make_pruner
 from mdfnet_hydra.study_storage import open_storage, sqlite_path
 
 log = logging.getLogger(__name__)
@@ -323,15 +319,6 @@ def check_fingerprint(study: optuna.Study, fingerprint: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- the sweeper
-def sweep_pruner(config: DictConfig) -> optuna.pruners.BasePruner:
-    """The pruner the sweep's jobs report to (`hparams.pruner`), for the sweeper's own study; none
-    for a multirun without an `hparams` preset."""
-    settings = OmegaConf.select(config, "hparams.pruner", default=None)
-    if settings is None:
-        return optuna.pruners.NopPruner()
-    return make_pruner(OmegaConf.to_container(settings, resolve=True, enum_to_str=True))
-
-
 class SharedStudySweeperImpl(OptunaSweeperImpl):
     """The Optuna sweeper's loop, for a study that other processes work on at the same time."""
 
@@ -361,7 +348,6 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
                 study_name=self.study_name,
                 storage=open_storage(self.storage),
                 sampler=self.sampler,
-                pruner=sweep_pruner(self.config),
                 directions=directions,
                 load_if_exists=True,
             )
@@ -370,7 +356,6 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
         log.info(f"Study name: {study.study_name}")
         log.info(f"Storage: {self.storage}")
         log.info(f"Sampler: {type(self.sampler).__name__}{seeding}")
-        log.info(f"Pruner: {type(study.pruner).__name__}")
         log.info(f"Directions: {directions}")
         log.info(f"Study budget: {self.n_trials} trials in all, shared with any other process on this study")
 

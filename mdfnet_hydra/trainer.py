@@ -8,6 +8,7 @@ predictions are saved for later evaluation.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -84,13 +85,13 @@ class TimedBatches:
     """A loader's batches, adding up the seconds the training loop waits for each one after the
     first (which also starts the workers): a step that waits is fed too slowly."""
 
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
+    def __init__(self, loader: DataLoader, limit: int) -> None:
+        self.loader, self.limit = loader, limit
         self.waited = 0.0
         self.first_at: Optional[float] = None  # when the first batch arrived
 
     def __iter__(self):
-        batches = iter(self.loader)
+        batches = itertools.islice(self.loader, self.limit)  # never loads (or waits for) one batch more
         while True:
             asked = time.perf_counter()
             try:
@@ -211,8 +212,7 @@ class PhaseTrainer:
             plan.mode,
             f"static shapes, at most {plan.graph_limit} graphs: one per text length bucket"
             if plan.static
-            else f"text length dynamic after its first change, at most {plan.graph_limit} graphs; "
-            "model.text.length_buckets fixes the shapes",
+            else "text length dynamic after its first change; model.text.length_buckets fixes the shapes",
         )
         self.forward = compile_forward(self.forward, plan)
         self.compiled_from = compile_counts()
@@ -221,9 +221,9 @@ class PhaseTrainer:
     def _compile_guard(self, batch: dict):
         if self.compiled_from is None:
             return nullcontext()
-        from mdfnet_hydra.compiling import explained_recompiles
+        from mdfnet_hydra.compiling import compiled_step
 
-        return explained_recompiles(self.compile_plan, batch)
+        return compiled_step(self.compile_plan, batch)
 
     def _compile_note(self) -> str:
         """What compiling has done so far in this phase (empty when the forward is not compiled)."""
@@ -274,7 +274,8 @@ class PhaseTrainer:
                     self.datasets[split],
                     batch_size=self.per_device_batch,
                     sampler=sampler,
-                    collate_fn=collate,
+                    # evaluation runs eagerly: no length buckets (padding only to the batch's longest)
+                    collate_fn=collate.without_buckets() if hasattr(collate, "without_buckets") else collate,
                     **settings,
                 )
         return loaders
@@ -541,10 +542,8 @@ class PhaseTrainer:
         interval_samples, interval_start = 0, time.perf_counter()
         log_every = max(1, int(self.trainer_cfg.log_every_n_steps))
         self.optimizer.zero_grad(set_to_none=True)
-        batches_in = TimedBatches(self.loaders["train"])
+        batches_in = TimedBatches(self.loaders["train"], self.batches_per_epoch)
         for i, batch in enumerate(batches_in):
-            if i >= self.batches_per_epoch:
-                break
             step = self.state.global_step + 1
             logging_step = step % log_every == 0 or (i + 1) == self.batches_per_epoch
             batch = self._to_device(batch)

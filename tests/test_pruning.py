@@ -45,19 +45,16 @@ def test_each_pruner_name_makes_its_optuna_pruner():
                      "hyperband": "HyperbandPruner"}  # fmt: skip
 
 
-def test_the_sweepers_own_study_carries_the_presets_pruner(cfg_factory):
-    """The study the sweeper samples from has the jobs' pruner (TPE draws a Hyperband trial from its
-    bracket only when it does); a plain multirun has none."""
-    from mdfnet_hydra.sweep_study import sweep_pruner
+def test_hyperbands_whole_trial_is_the_configured_epochs_of_its_stages(cfg_factory):
+    """Hyperband's brackets need a trial's length; Optuna's "auto" would take it from the first
+    finished trial, which an early-stopped trial makes too short. Unset, it is the stages' epochs."""
+    from mdfnet_hydra.pruning import pruner_settings
 
-    median = sweep_pruner(cfg_factory("hparams=bayesian"))
-    assert type(median).__name__ == "MedianPruner" and median._n_warmup_steps == 3
-    hyperband = sweep_pruner(
-        cfg_factory("hparams=bayesian", "hparams.pruner.name=hyperband", "hparams.pruner.reduction_factor=2")
-    )
-    assert type(hyperband).__name__ == "HyperbandPruner" and hyperband._reduction_factor == 2
-    assert type(sweep_pruner(cfg_factory("hparams=grid"))).__name__ == "NopPruner"
-    assert type(sweep_pruner(cfg_factory())).__name__ == "NopPruner"
+    spec = ("hparams=bayesian", "hparams.pruner.name=hyperband", "phases.stage1.epochs=15", "phases.stage2.epochs=30")
+    settings = pruner_settings(cfg_factory(*spec))
+    assert settings["max_resource"] == 15 + 30 and make_pruner(settings)._max_resource == 45
+    assert pruner_settings(cfg_factory(*spec, "stage=stage2"))["max_resource"] == 30
+    assert pruner_settings(cfg_factory(*spec, "hparams.pruner.max_resource=20"))["max_resource"] == 20
 
 
 def test_a_trial_clearly_worse_than_finished_ones_is_pruned_after_the_warmup(tmp_path):
@@ -67,13 +64,13 @@ def test_a_trial_clearly_worse_than_finished_ones_is_pruned_after_the_warmup(tmp
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
     finished_trials(study, 3, 0.9, steps=6)
     running = study.ask()
-    reporter = TrialReporter(PruningTarget(storage, "s", running.number, MEDIAN))
+    reporter = TrialReporter(PruningTarget(storage, "s", running.number, MEDIAN, last_step=6))
     assert reporter.report(0.5, 1) is False, "within the warm-up"
     assert reporter.report(0.5, 2) is True
     reporter.mark_pruned()
     trial = optuna.load_study(study_name="s", storage=storage).trials[running.number]
     assert trial.state == TrialState.PRUNED and trial.intermediate_values == {1: 0.5, 2: 0.5}
-    assert TrialReporter(PruningTarget(storage, "s", running.number, MEDIAN)).report(0.9, 3) is True, (
+    assert TrialReporter(PruningTarget(storage, "s", running.number, MEDIAN, last_step=6)).report(0.9, 3) is True, (
         "a finished trial is not reported to again"
     )
 
@@ -82,9 +79,20 @@ def test_a_trial_as_good_as_finished_ones_is_not_pruned_and_undefined_epochs_are
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
     finished_trials(study, 3, 0.7, steps=6)
-    reporter = TrialReporter(PruningTarget(storage, "s", study.ask().number, MEDIAN))
+    reporter = TrialReporter(PruningTarget(storage, "s", study.ask().number, MEDIAN, last_step=6))
     assert [reporter.report(value, step) for step, value in enumerate([0.7, None, 0.8, math.nan], 1)] == [False] * 4
     assert reporter.trial.study.trials[-1].intermediate_values == {1: 0.7, 3: 0.8}
+
+
+def test_a_trial_at_its_last_epoch_completes_however_poor(tmp_path):
+    """Stopping at the last epoch saves nothing: a trial that got there is reported and completes."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    finished_trials(study, 3, 0.9, steps=3)
+    reporter = TrialReporter(PruningTarget(storage, "s", study.ask().number, MEDIAN, last_step=3))
+    assert reporter.report(0.1, 2) is True, "an earlier epoch as poor would stop it"
+    assert reporter.report(0.1, 3) is False
+    assert reporter.trial.study.trials[-1].intermediate_values == {2: 0.1, 3: 0.1}
 
 
 def study_of_good_trials(root, name: str) -> tuple:
@@ -143,7 +151,6 @@ def test_the_pruned_trial_stops_cleanly_and_the_study_records_it_as_pruned(prune
     ).is_file()
     assert not (job / "failure.json").exists(), "a pruned trial is not a failure"
     assert "stage1: pruned after epoch 1 (step 1)" in (job / "logs" / "train.log").read_text()
-    assert "Pruner: MedianPruner" in first.stdout + first.stderr  # the sweeper's own study has it
 
 
 def test_the_summary_says_pruned_and_where(pruned_sweep):
@@ -200,7 +207,8 @@ def test_a_pruner_with_two_objectives_is_refused_at_start(cfg_factory):
 @pytest.mark.slow  # two small searches
 def test_the_search_cost_benchmark_compares_the_same_search_with_and_without_pruning(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "mdfnet_hydra.benchmarks.sweep_cost", "--trials", "4", "--out", str(tmp_path / "cost"),
+        [sys.executable, "-m", "mdfnet_hydra.benchmarks.sweep_cost", "--trials", "4", "--pruner", "median",
+         "--out", str(tmp_path / "cost"),
          "modality=clinical", "stage=stage1", "phases.stage1.epochs=3", "data.small_sample=96",
          "trainer.limit_train_batches=4", "hparams.pruner.n_startup_trials=2", "hparams.pruner.n_warmup_steps=1",
          *SMALL_DATA],  # fmt: skip

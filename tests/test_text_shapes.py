@@ -60,9 +60,14 @@ def test_cached_text_features_are_padded_to_the_bucket_without_changing_the_logi
     model, dataset, prep = job_parts(cfg)
     model.set_encoders_frozen(True)
     runtime = Runtime.from_config(cfg.trainer)
-    trimmed = feature_cache.cached_datasets(model, {"val": dataset}, cfg, runtime, prep.pad_id)["val"]
+    trimmed = feature_cache.cached_datasets(model, {"train": dataset}, cfg, runtime, prep.pad_id)["train"]
     cfg.model.text.length_buckets = [8, 256]  # 256: longer than any cached report
-    bucketed = feature_cache.cached_datasets(model, {"val": dataset}, cfg, runtime, prep.pad_id)["val"]
+    cached = feature_cache.cached_datasets(model, {"train": dataset, "val": dataset}, cfg, runtime, prep.pad_id)
+    bucketed = cached["train"]  # (the cache of the validation split trains no compiled step: trimmed)
+    assert (
+        cached["val"].__getitems__([4, 1, 9])["text_padding"].shape
+        == trimmed.__getitems__([4, 1, 9])["text_padding"].shape
+    )
     cached = [d for d in (tmp_path / "cache" / "text").iterdir() if d.is_dir()]
     assert len(cached) == 1, "buckets shape batches, not features: the cache is reused, not rebuilt"
     rows = [4, 1, 9]
@@ -92,7 +97,7 @@ def test_bucketed_reports_compile_once_per_bucket_and_a_shape_past_them_fails(cf
     third shape (buckets bypassed) stops the step with an error instead of running eagerly."""
     import torch._dynamo
 
-    from mdfnet_hydra.compiling import CompilePlan, compile_counts, compile_forward, explained_recompiles
+    from mdfnet_hydra.compiling import CompilePlan, compile_counts, compile_forward, compiled_step
 
     cfg = cfg_factory("modality=text")
     root, splits = load_splits(cfg.data, int(cfg.seed))
@@ -114,13 +119,15 @@ def test_bucketed_reports_compile_once_per_bucket_and_a_shape_past_them_fails(cf
     start = compile_counts()
     with torch.no_grad():
         for batch in batches:
-            forward(batch)
+            with compiled_step(plan, batch):  # as the trainer runs its steps
+                forward(batch)
         assert compile_counts()["graphs"] - start["graphs"] == 2
         assert compile_counts()["graph_breaks"] == start["graph_breaks"]
         unbucketed = Collator(prep.pad_id)([dataset[i] for i in long[:4]])
-        with pytest.raises(RuntimeError, match=r"one more compiled graph than the 2 graphs, one per model.text"):
-            with explained_recompiles(plan, unbucketed):  # as the trainer runs its steps
+        with pytest.raises(RuntimeError, match=r"one more compiled graph than the 2 allowed, one per model.text"):
+            with compiled_step(plan, unbucketed):
                 forward(unbucketed)
+        forward(unbucketed)  # outside the training step torch's own rules hold: a third graph
 
 
 @pytest.mark.parametrize("kernel", ["eager", pytest.param("flex_attention", marks=pytest.mark.slow)])
@@ -144,3 +151,23 @@ def test_every_attention_kernel_gives_the_text_features_of_sdpa(cfg_factory, ker
         outputs[name] = tokens[~padding]
     assert int(batch["attention_mask"].sum(1).max()) > 8, "reports longer than the window"
     torch.testing.assert_close(outputs[kernel], outputs["sdpa"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.compile=true", "trainer.compile_mode=reduce_overhead"], "records a CUDA graph for every report"),
+        (["model.text.attention=flash_attention_2"], "needs the flash-attn package"),
+        (["model.text.attention=flash_attention_2", "trainer.precision=fp32"], "not with trainer.precision=fp32"),
+    ],
+)
+def test_ways_of_running_the_text_encoder_that_cannot_work_are_refused_at_start(cfg_factory, overrides, message):
+    import importlib.util
+
+    if "flash-attn" in message and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed on this machine")
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg_factory("modality=all", *overrides))
+    validate_config(cfg_factory("modality=all", "trainer.compile=true", "trainer.compile_mode=reduce_overhead",
+                                "model.text.length_buckets=[64,128]"))  # fmt: skip
+    validate_config(cfg_factory("modality=vision", *overrides[:2]))  # no text: nothing to refuse

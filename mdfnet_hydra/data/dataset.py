@@ -285,6 +285,10 @@ class Collator:
         self.pad_id = pad_id
         self.buckets = tuple(int(b) for b in buckets)
 
+    def without_buckets(self) -> "Collator":
+        """For evaluation passes, which run eagerly: padding to the batch's longest costs least."""
+        return Collator(self.pad_id)
+
     def __call__(self, items: list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if isinstance(items, dict):  # already a batch (datasets with __getitems__)
             return items

@@ -84,7 +84,9 @@ def cache_key(
             {
                 "format": FORMAT,
                 "modality": modality,
-                "encoder": {k: v for k, v in encoder_config.items() if k not in TEXT_RUNTIME_KEYS},
+                "encoder": {
+                    k: v for k, v in encoder_config.items() if modality != "text" or k not in TEXT_RUNTIME_KEYS
+                },
                 "compute": compute,
                 "dtype": dtype,
                 "output": str(getattr(encoder, "output", "")),
@@ -308,5 +310,6 @@ def _cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime
             barrier()  # the other ranks read what rank 0 found or built
             if not runtime.is_main:
                 caches[modality] = FeatureArrays(root / modality / key)
-        out[split] = CachedFeatureDataset(dataset, caches, cfg.model.text.length_buckets)
+        buckets = cfg.model.text.length_buckets if split == "train" else ()  # evaluation runs eagerly
+        out[split] = CachedFeatureDataset(dataset, caches, buckets)
     return out

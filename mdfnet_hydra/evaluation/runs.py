@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.checkpoint import load_checkpoint
-from mdfnet_hydra.config import ConfigError, Modality, modality_label
+from mdfnet_hydra.config import ConfigError, Modality, TextAttention, modality_label
 from mdfnet_hydra.files import DamagedFileError
 from mdfnet_hydra.identity import outcome_identity
 from mdfnet_hydra.predictions import DamagedPredictionsError, Predictions, file_digest, load_predictions
@@ -317,6 +317,10 @@ def load_run_model(ckpt_path: Path, data_root: Optional[str], device: str, split
     try:
         cfg = run_config(ckpt, data_root)
         cfg.modality.inputs = [Modality(m) for m in ckpt["modalities"]]
+        # how training ran its text encoder, not what it learned: the evaluation runs SDPA, which every
+        # machine has (a run trained with flash-attn is evaluated where flash-attn is not installed)
+        cfg.model.text.attention = TextAttention.sdpa
+        cfg.model.text.length_buckets = []
     except Exception as err:  # noqa: BLE001 - a stored config the schema refuses
         raise LeftOutError(
             ckpt_path, f"its stored config does not fit the schema ({type(err).__name__}: {err})"
