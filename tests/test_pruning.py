@@ -84,6 +84,21 @@ def test_a_trial_as_good_as_finished_ones_is_not_pruned_and_undefined_epochs_are
     assert reporter.trial.study.trials[-1].intermediate_values == {1: 0.7, 3: 0.8}
 
 
+def test_the_presets_hyperband_pruner_stops_a_trial_that_falls_behind_at_its_first_rung(tmp_path):
+    """The presets' pruner through the same reporter: Hyperband with one bracket (resources 1 to 2)
+    keeps, at the rung of epoch 1, only the top third of the trials that reached it."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    hyperband = {**MEDIAN, "name": "hyperband", "min_resource": 1, "max_resource": 2, "reduction_factor": 3}
+
+    def first_epoch(value: float) -> bool:
+        return TrialReporter(PruningTarget(storage, "s", study.ask().number, hyperband, last_step=6)).report(value, 1)
+
+    assert [first_epoch(v) for v in (0.9, 0.9, 0.9)] == [False] * 3, "each as good as the best so far"
+    assert first_epoch(0.5) is True, "behind: not in the top third of the four at the rung"
+    assert first_epoch(0.95) is False
+
+
 def test_a_trial_at_its_last_epoch_completes_however_poor(tmp_path):
     """Stopping at the last epoch saves nothing: a trial that got there is reported and completes."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
