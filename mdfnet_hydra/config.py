@@ -113,6 +113,11 @@ class CompileMode(str, Enum):
     max_autotune = "max_autotune"
     max_autotune_no_cudagraphs = "max_autotune_no_cudagraphs"
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether torch records CUDA graphs in this mode (one per input shape)."""
+        return self in (CompileMode.reduce_overhead, CompileMode.max_autotune)
+
 
 class WorkerStart(str, Enum):
     fork = "fork"
@@ -373,7 +378,8 @@ class TrainerConfig:
     # torch.compile the model for the training steps (worth it for long GPU runs; first steps compile;
     # model.text.length_buckets keeps it from recompiling: compiling.py)
     compile: bool = False
-    # torch's compile mode: default | reduce_overhead (CUDA graphs) | max_autotune | max_autotune_no_cudagraphs
+    # torch's compile mode: default | reduce_overhead (CUDA graphs) | max_autotune (CUDA graphs too) |
+    # max_autotune_no_cudagraphs; with text, the CUDA-graph modes need model.text.length_buckets
     compile_mode: CompileMode = CompileMode.default
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -806,14 +812,10 @@ def text_runtime_problems(cfg: DictConfig) -> list[str]:
     """How the text encoder is asked to run, where this machine or config cannot."""
     problems = []
     uses_text = Modality.text in [Modality(m) for m in cfg.modality.inputs]
-    if (
-        uses_text
-        and cfg.trainer.compile
-        and CompileMode(cfg.trainer.compile_mode) is CompileMode.reduce_overhead
-        and not cfg.model.text.length_buckets
-    ):
+    mode = CompileMode(cfg.trainer.compile_mode)
+    if uses_text and cfg.trainer.compile and mode.cuda_graphs and not cfg.model.text.length_buckets:
         problems.append(
-            "trainer.compile_mode=reduce_overhead records a CUDA graph for every report length: give "
+            f"trainer.compile_mode={mode.value} records a CUDA graph for every report length: give "
             "model.text.length_buckets (e.g. [64,128,256], the largest holding model.text.max_length)"
         )
     if uses_text and TextAttention(cfg.model.text.attention) is TextAttention.flash_attention_2:

@@ -583,7 +583,7 @@ class PhaseTrainer:
                 if self._time_is_up(epoch_start):
                     break
         self.data_wait_share = batches_in.share()
-        if self.data_wait_share > DATA_WAIT_WARN and batches >= 4:
+        if self.data_wait_share > DATA_WAIT_WARN and batches >= 4 and self.runtime.is_main:
             log.warning(
                 "%s epoch %d: the step waited for input batches %.0f%% of the training loop: the input pipeline "
                 "(%s), not the model, sets the pace; more data.num_workers, images pre-resized by prepare "

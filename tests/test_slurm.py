@@ -56,6 +56,27 @@ def submitted(sweep_dir: Path) -> list[str]:
     return tasks or names
 
 
+def timeout_signal_after_epoch_2(proc: subprocess.Popen, sweep_dir: Path, job: str) -> tuple[int | None, str]:
+    """Once the job directory matching `job` has checkpointed its second epoch, send its SLURM job
+    what SLURM sends signal_delay_s before the time limit; wait for the sweep. Returns the epoch it
+    was signalled at (None: never) and the sweep's output."""
+    signalled_at = None
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None and signalled_at is None:
+            last = next(sweep_dir.glob(f"{job}/stage1/checkpoints/last.pth"), None)
+            if last is not None and load_checkpoint(last)["epoch"] >= 2 and submitted(sweep_dir):
+                signalled_at = load_checkpoint(last)["epoch"]
+                subprocess.run(["scancel", "--signal=USR2", "--full", submitted(sweep_dir)[0]], check=True)
+            time.sleep(0.5)
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", *submitted(sweep_dir)])
+    return signalled_at, output
+
+
 def array_ids(sweep_dir: Path) -> set[str]:
     return {name.split("_")[0] for name in submitted(sweep_dir)}
 
@@ -165,21 +186,7 @@ def test_timeout_signal_requeues_and_resumes_from_checkpoint(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    last = sweep_dir / "0" / "stage1" / "checkpoints" / "last.pth"
-    signalled_at = None
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline and proc.poll() is None and signalled_at is None:
-            if last.is_file() and load_checkpoint(last)["epoch"] >= 2 and submitted(sweep_dir):
-                signalled_at = load_checkpoint(last)["epoch"]
-                # what SLURM sends signal_delay_s before the time limit
-                subprocess.run(["scancel", "--signal=USR2", "--full", submitted(sweep_dir)[0]], check=True)
-            time.sleep(0.5)
-        output, _ = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            subprocess.run(["scancel", *submitted(sweep_dir)])
+    signalled_at, output = timeout_signal_after_epoch_2(proc, sweep_dir, "0")
     assert signalled_at is not None and signalled_at < epochs, output[-3000:]
     assert proc.returncode == 0, output[-4000:]
     log = (sweep_dir / "0" / "stage1" / "logs" / "train.log").read_text()
@@ -240,21 +247,8 @@ def test_a_requeued_trial_keeps_reporting_to_its_trial(tmp_path):
                                      "data.small_sample=null", "trainer.global_batch_size=8")]  # fmt: skip
     proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    signalled = False
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline and proc.poll() is None and not signalled:
-            last = next(sweep_dir.glob("3_*/stage1/checkpoints/last.pth"), None)
-            if last is not None and load_checkpoint(last)["epoch"] >= 2 and submitted(sweep_dir):
-                subprocess.run(["scancel", "--signal=USR2", "--full", submitted(sweep_dir)[0]], check=True)
-                signalled = True
-            time.sleep(0.5)
-        output, _ = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            subprocess.run(["scancel", *submitted(sweep_dir)])
-    assert signalled and proc.returncode == 0, output[-4000:]
+    signalled_at, output = timeout_signal_after_epoch_2(proc, sweep_dir, "3_*")
+    assert signalled_at is not None and proc.returncode == 0, output[-4000:]
     trials = optuna.load_study(study_name="requeue", storage=storage).trials
     assert len(trials) == 4 and trials[3].state == TrialState.PRUNED
     assert sorted(trials[3].intermediate_values) == [1, 2, 3, 4, 5, 6], "every epoch reported once, to trial 3"

@@ -157,6 +157,7 @@ def test_every_attention_kernel_gives_the_text_features_of_sdpa(cfg_factory, ker
     "overrides, message",
     [
         (["trainer.compile=true", "trainer.compile_mode=reduce_overhead"], "records a CUDA graph for every report"),
+        (["trainer.compile=true", "trainer.compile_mode=max_autotune"], "max_autotune records a CUDA graph for"),
         (["model.text.attention=flash_attention_2"], "needs the flash-attn package"),
         (["model.text.attention=flash_attention_2", "trainer.precision=fp32"], "not with trainer.precision=fp32"),
     ],

@@ -295,11 +295,10 @@ class Collator:
         batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "input_ids"}
         if "input_ids" in items[0]:
             seqs = [it["input_ids"] for it in items]
+            ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self.pad_id)
+            width = padded_length(ids.shape[1], self.buckets)
+            ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.pad_id)
             lengths = torch.tensor([len(s) for s in seqs])
-            width = padded_length(int(lengths.max()), self.buckets)
-            ids = torch.full((len(seqs), width), self.pad_id, dtype=seqs[0].dtype)
-            for row, seq in enumerate(seqs):
-                ids[row, : len(seq)] = seq
             batch["input_ids"] = ids
             batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
         return batch
