@@ -40,6 +40,13 @@ class CompilePlan:
     static: bool
     graph_limit: int
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether torch captures the compiled step with CUDA graphs (on a GPU)."""
+        from mdfnet_hydra.config import CompileMode
+
+        return CompileMode(next(k for k, v in MODES.items() if v == self.mode)).cuda_graphs
+
     @classmethod
     def of(cls, mode: Any, buckets: Sequence[int]) -> "CompilePlan":
         name = str(getattr(mode, "value", mode))

@@ -169,6 +169,12 @@ class DataConfig:
     # split (data/feature_cache.py); false recomputes them every step.
     feature_cache: bool = True
     feature_cache_dtype: CacheDtype = CacheDtype.float16
+    # Where stage 1 reads the cache: null = auto (on a CUDA device, each split whose arrays fit, with
+    # the splits before it, in a quarter of the GPU's memory); true = every cached split copied once
+    # into the device's memory (RAM on a CPU), batches gathered there by one index with no loader;
+    # false = memory-mapped and read per batch by the DataLoader (the loader settings below apply
+    # only then).
+    feature_cache_on_device: Optional[bool] = None
     # Token ids stored once per (tokenizer, max length, text) under paths.cache_dir/tokens and shared
     # by every job (data/token_cache.py); false tokenises in memory in every job.
     token_cache: bool = True
@@ -468,6 +474,7 @@ class BenchSize(str, Enum):
 class BenchMeasure(str, Enum):
     pipeline = "pipeline"
     stage1 = "stage1"  # recomputed, cache build, cached
+    stage1_cached = "stage1_cached"  # cache build and cached only (a compiled run: no encoder compile)
     stage2_vision = "stage2_vision"
     stage2_text = "stage2_text"
     stage2_clinical = "stage2_clinical"
@@ -496,6 +503,10 @@ class BenchConfig:
     estimate_memory: bool = True
     # what to measure (default: everything); e.g. [stage2_all] for one throughput figure
     measure: List[BenchMeasure] = field(default_factory=lambda: list(BenchMeasure))
+    # also run `steps` more steps of each measurement under torch.profiler (after the timed ones, so
+    # the timing is unaffected): host and device milliseconds per step in the JSON, the ops that
+    # take them in profile_<measurement>.txt beside it
+    profile: bool = False
     work_dir: str = MISSING  # the benchmark's feature caches
     output: str = MISSING  # the JSON file of results
 

@@ -2,7 +2,11 @@
 accumulation window the optimizer step (unscale, clip, step, scaler update, scheduler). The trainer
 runs it for every batch and the benchmark times it, so the benchmark measures the trainer's step.
 
-Within an accumulation window only the last backward all-reduces gradients (DDP's `no_sync`). The
+Within an accumulation window only the last backward all-reduces gradients (DDP's `no_sync`).
+Under CUDA graphs (`own_grads`) the window's first gradients are copied out of the graphs' memory
+pool before the next micro-batch: the gradient tensors the first backward hands over live in that
+pool, and the next replay would overwrite them, leaving only the last micro-batch's share (a
+silent error of torch's CUDA graph trees with accumulation, pytorch/pytorch#169545). The
 step reads nothing back to the host: the gradient norm is computed only when clipping or asked
 for (a logging step), and stays a device tensor.
 """
@@ -41,6 +45,7 @@ class TrainingStep:
         accumulation: int = 1,
         max_grad_norm: Optional[float] = None,
         scheduler: Any = None,
+        own_grads: bool = False,
     ) -> None:
         self.forward = forward  # the model, its DDP wrapper, or either compiled
         self.optimizer = optimizer
@@ -51,6 +56,7 @@ class TrainingStep:
         self.scheduler = scheduler
         self.scaler = runtime.grad_scaler()  # active for fp16 only
         self.trainable = [p for group in optimizer.param_groups for p in group["params"]]
+        self.own_grads = bool(own_grads) and self.accumulation > 1  # a one-batch window steps before any replay
 
     def __call__(self, batch: dict[str, torch.Tensor], index: int, measure_norm: bool = False) -> StepResult:
         """The `index`-th micro-batch of an epoch (already on the device); `measure_norm`: compute
@@ -63,6 +69,10 @@ class TrainingStep:
             terms = self.loss_fn(logits, batch["targets"], batch["mask"])
             self.scaler.scale(terms.total / self.accumulation).backward()
         if not syncing:
+            if self.own_grads and index % self.accumulation == 0:  # later backwards add to these in place
+                for p in self.trainable:
+                    if p.grad is not None:
+                        p.grad = p.grad.clone()
             return StepResult(terms, False, None)
         self.scaler.unscale_(self.optimizer)
         grad_norm = None

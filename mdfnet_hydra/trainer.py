@@ -186,7 +186,15 @@ class PhaseTrainer:
             accumulation=self.accum,
             max_grad_norm=self.trainer_cfg.max_grad_norm,
             scheduler=self.scheduler,
+            own_grads=self.compiled_from is not None and self.compile_plan.cuda_graphs,
         )
+        if self.step.own_grads:
+            log.info(
+                "%s: CUDA graphs with %d-batch accumulation: each window's first gradients are copied out of "
+                "the graphs' memory, which the next batch's replay overwrites",
+                self.name,
+                self.accum,
+            )
         self.scaler = self.step.scaler  # saved in and restored from full checkpoints
         self.checkpoints = CheckpointManager(
             directory / "checkpoints",

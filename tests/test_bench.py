@@ -60,6 +60,10 @@ def test_benchmark_measures_every_path_and_writes_json(tmp_path):
     )
     assert ratios["pipeline_over_stage2"] == entry["pipeline"]["samples_per_s"] / entry["stage2/all"]["samples_per_s"]
     assert entry["cache_build"]["bytes_per_sample"] > 0
+    assert ratios["cache_build_over_recompute"] == (
+        entry["cache_build"]["samples_per_s"] / entry["stage1_recompute"]["samples_per_s"]
+    )
+    assert entry["stage1_cached"]["held_on"] is None  # auto holds the cache in memory on a CUDA device only
     assert set(results["ddp_cpu"]["scaling"]) == {"1", "2"} and results["ddp_cpu"]["scaling"]["1"] == 1.0
     assert results["ddp_cpu"]["2"]["workers"] == 2
     assert all(results["startup"][k] > 0 for k in ("imports_s", "config_s", "dataset_open_s", "total_s"))
@@ -91,3 +95,52 @@ def test_memory_estimate_counts_weights_optimizer_state_and_batch_scaled_activat
         assert est["total"] >= est["parameter"] + est["optstate"] + est["activation"]
         assert est["dtype"] == "bfloat16"
     assert 1.7 < large["activation"] / small["activation"] < 2.1, "activations scale with the batch"
+
+
+def test_the_peak_memory_covers_the_warm_up_calls():
+    """CUDA graphs allocate their memory pool while they are recorded, in the warm-up calls: memory
+    a warm-up call held counts in the measurement's peak (here the CPU's resident set)."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from mdfnet_hydra.benchmarks.timing import measure
+
+    calls = []
+
+    def step() -> int:
+        if not calls:
+            held = np.ones(400 * 2**20 // 8)  # 400 MB, touched
+            time.sleep(0.1)  # the sampler reads the resident set every 5 ms
+            del held
+        calls.append(1)
+        return 1
+
+    result = measure("warm-up peak", step, torch.device("cpu"), steps=2, warmup=1)
+    assert len(calls) == 3 and result["samples"] == 2
+    assert result["memory_increase_gb"] > 0.3
+
+
+def test_a_profiled_measurement_says_where_its_steps_spend_their_time(tmp_path):
+    """bench.profile: the timed steps stay unprofiled; as many more run under torch.profiler, and
+    the host's milliseconds per step and the table of the ops that took them are written."""
+    import torch
+
+    from mdfnet_hydra.benchmarks.timing import measure
+
+    layer = torch.nn.Linear(64, 64)
+    calls = []
+
+    def step() -> int:
+        calls.append(1)
+        layer(torch.randn(8, 64)).sum().backward()
+        return 8
+
+    result = measure("stage2/all", step, torch.device("cpu"), steps=3, warmup=1, profile_dir=tmp_path)
+    assert len(calls) == 1 + 3 + 3 and result["samples"] == 24, "3 timed steps, then 3 profiled ones"
+    profile = result["profile"]
+    assert profile["host_ms_per_step"] > 0 and profile["wall_ms_per_step"] > 0 and profile["device_ms_per_step"] is None
+    table = (tmp_path / "profile_stage2_all.txt").read_text()
+    assert profile["table"] == str(tmp_path / "profile_stage2_all.txt")
+    assert "by self CPU time" in table and "aten::addmm" in table

@@ -290,3 +290,16 @@ def test_cache_is_never_used_where_invalid(tmp_path, output_root, overrides, rea
     stage = overrides[0].split("=")[1]
     assert f"{stage}: inputs encoded every step ({reason})" in (tmp_path / "run" / "logs" / "train.log").read_text()
     assert not (tmp_path / "cache").exists()
+
+
+def test_stage1_from_a_cache_held_on_the_device_trains_exactly_as_from_the_memory_map(tmp_path, output_root):
+    """The same batches in the same order: identical weights and metrics, whichever way the cache
+    is read (here the device is the CPU; the GPU check measures it on a GPU)."""
+    mapped, mapped_weights = train(tmp_path, "mapped", output_root)
+    held, held_weights = train(tmp_path, "held", output_root, "data.feature_cache_on_device=true")
+    assert "held on cpu" not in mapped["log"] and count_lines(held["log"], "feature cache", "held on cpu") == 3
+    assert "gathered on cpu from the feature cache held there" in held["log"]
+    assert held["val"]["auroc_mean"] == mapped["val"]["auroc_mean"]
+    assert held_weights.keys() == mapped_weights.keys()
+    for key, value in mapped_weights.items():
+        assert torch.equal(held_weights[key], value), key

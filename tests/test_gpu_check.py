@@ -33,20 +33,34 @@ def gpu_check(*args: str, script: Path = SCRIPT, timeout: int = 900) -> subproce
 
 @pytest.mark.slow
 def test_dry_run_composes_every_gpu_command_and_runs_every_step(tmp_path):
-    result = gpu_check("--dry-run", "--out", str(tmp_path), "--budget", "800")
+    result = gpu_check("--dry-run", "--out", str(tmp_path), "--budget", "1100", timeout=1300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     steps = summary["steps"]
-    assert list(steps) == ["environment", "nccl", "default", "real_arch", "compile", "bench16", "bench64",
-                           "compiled16", "compiled16_warm"]  # fmt: skip
+    assert list(steps) == ["environment", "nccl", "default", "real_arch", "compile", "graphs_accum", "bench16",
+                           "bench64", "compiled16", "compiled16_warm", "compiled64", "compiled128", "trainer16",
+                           "stage1_4096", "stage1_compiled"]  # fmt: skip
     assert all(s["verdict"] == "PASS" for s in steps.values())
     assert all(steps[name]["gpu_command_composes"] for name in steps if name not in ("environment", "nccl"))
     # the tiny runs took a 16-CPU GPU node's choices
     assert steps["environment"]["details"]["loader"]["num_workers"] == 8
     assert "8 workers (persistent, prefetch 4, fork)" in steps["default"]["details"]["stage2_loading"]
     assert steps["bench64"]["details"]["batch_size"] == 64
-    for name in ("compiled16", "compiled16_warm"):  # compiled as the trainer compiles, its compile timed
+    for name in ("compiled16", "compiled16_warm", "compiled128"):  # compiled as the trainer compiles, compile timed
         assert steps[name]["details"]["compile"] == "reduce_overhead" and steps[name]["details"]["first_step_s"] > 0
+    assert steps["compiled128"]["details"]["batch_size"] == 128
+    # the accumulation probe compared the graphed step with the eager one (on a CPU: no graphs, no error)
+    assert steps["graphs_accum"]["details"]["accum2_own_grads_max_diff"] < 1e-4
+    # the trainer's own compiled loop, set against the benchmark's compiled step of this check
+    trainer = steps["trainer16"]["details"]
+    assert trainer["compile_note"] == "compiled graphs 1, graph breaks 0" and trainer["trainer_over_bench"] > 0
+    stage1 = steps["stage1_4096"]["details"]
+    assert stage1["stage1_recompute_samples_per_s"] > 0 and stage1["cache_build_samples"] > 0
+    assert "cache_build_over_recompute" in stage1["ratios"]
+    compiled_stage1 = steps["stage1_compiled"]["details"]
+    assert compiled_stage1["compile"] == "reduce_overhead" and "stage1_recompute_samples_per_s" not in compiled_stage1
+    for details in (compiled_stage1, steps["compiled16"]["details"]):  # where the compiled steps' time goes
+        assert details["profile"]["host_ms_per_step"] > 0 and Path(details["profile"]["table"]).is_file()
     verdict_lines = [
         line.split()[1]
         for line in result.stdout.splitlines()

@@ -172,3 +172,40 @@ def test_ways_of_running_the_text_encoder_that_cannot_work_are_refused_at_start(
     validate_config(cfg_factory("modality=all", "trainer.compile=true", "trainer.compile_mode=reduce_overhead",
                                 "model.text.length_buckets=[64,128]"))  # fmt: skip
     validate_config(cfg_factory("modality=vision", *overrides[:2]))  # no text: nothing to refuse
+
+
+@pytest.mark.parametrize("buckets", [[], [8, 256]], ids=["trimmed", "bucketed-past-the-cache"])
+def test_a_cache_held_in_device_memory_gives_the_memory_mapped_batches(cfg_factory, tmp_path, buckets, monkeypatch):
+    """`data.feature_cache_on_device=true` (here the CPU's memory: the same code path as a GPU's):
+    every key of every batch equals the memory-mapped read, in sampler order, with the same text
+    width; the loader then runs no workers and pins nothing, whatever data.* asks. The arrays are
+    copied over in chunks of rows (here of one row each)."""
+    from mdfnet_hydra.data.loading import describe_loader, loader_settings
+
+    monkeypatch.setattr(feature_cache, "HOLD_CHUNK_BYTES", 1)  # one row per copy
+
+    cfg = cfg_factory(
+        "modality=all",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"model.text.length_buckets={buckets}".replace(" ", ""),
+        "data.num_workers=2",
+        "data.pin_memory=true",
+    )
+    model, dataset, prep = job_parts(cfg)
+    model.set_encoders_frozen(True)
+    runtime = Runtime.from_config(cfg.trainer)
+    mapped = feature_cache.cached_datasets(model, {"train": dataset}, cfg, runtime, prep.pad_id)["train"]
+    assert mapped.resident_device is None, "auto holds nothing on a CPU"
+    cfg.data.feature_cache_on_device = True
+    held = feature_cache.cached_datasets(model, {"train": dataset}, cfg, runtime, prep.pad_id)["train"]
+    assert held.resident_device == torch.device("cpu") and held.nbytes > 0
+    for rows in ([4, 1, 9], [0], [13, 2, 7, 2, 11]):
+        expected, got = mapped.__getitems__(rows), held.__getitems__(rows)
+        assert sorted(got) == sorted(expected)
+        for key, value in expected.items():
+            assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    settings = loader_settings(cfg.data, runtime, held)
+    assert settings["num_workers"] == 0 and settings["pin_memory"] is False
+    loader = torch.utils.data.DataLoader(held, batch_size=4, collate_fn=Collator(prep.pad_id), **settings)
+    assert describe_loader(loader) == "gathered on cpu from the feature cache held there (no workers)"
+    assert torch.equal(next(iter(loader))["vision_features"], mapped.__getitems__([0, 1, 2, 3])["vision_features"])

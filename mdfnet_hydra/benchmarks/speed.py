@@ -5,7 +5,8 @@ What is timed (samples/s over `bench.steps` after `bench.warmup` untimed steps):
   features, collation), with the loader settings a run would use;
 - `stage1_recompute` / `stage1_cached`: stage-1 training steps end to end (loader included), the
   frozen encoders recomputed every step versus read from the feature cache (its one-off build is
-  reported separately as `cache_build`);
+  reported separately as `cache_build`; held in GPU memory where the trainer would hold it);
+  `bench.measure=[stage1_cached]` leaves out the recomputing steps (and their compile);
 - `stage2/<modality>`: stage-2 steps (everything trains) on batches already on the device, for each
   single modality and the full model: the compute the input pipeline has to keep up with;
 - `ddp/<n>`: the full model's stage-2 step on n CPU processes (gloo), per-process batch fixed;
@@ -44,10 +45,17 @@ log = logging.getLogger(__name__)
 
 def bench_pipeline(setup: Setup, steps: int, warmup: int) -> dict[str, Any]:
     batches = cycle(setup.loader())
-    return measure("pipeline", lambda: int(next(batches)["targets"].shape[0]), torch.device("cpu"), steps, warmup)
+    return measure(
+        "pipeline",
+        lambda: int(next(batches)["targets"].shape[0]),
+        torch.device("cpu"),
+        steps,
+        warmup,
+        setup.profile_dir,
+    )
 
 
-def bench_stage1(setup: Setup, steps: int, warmup: int) -> dict[str, dict[str, Any]]:
+def bench_stage1(setup: Setup, steps: int, warmup: int, recompute: bool = True) -> dict[str, dict[str, Any]]:
     from mdfnet_hydra.data.feature_cache import cached_datasets
     from mdfnet_hydra.losses import MultiLabelLoss
 
@@ -56,8 +64,11 @@ def bench_stage1(setup: Setup, steps: int, warmup: int) -> dict[str, dict[str, A
     out: dict[str, dict[str, Any]] = {}
     model = setup.model(frozen=True)
     step = train_step(model, optimizer_for(model, cfg, "stage1", rt), loss_fn, rt, cfg.trainer)
-    batches = cycle(setup.loader())
-    out["stage1_recompute"] = measure("stage1_recompute", lambda: step(next(batches)), rt.device, steps, warmup)
+    if recompute:
+        batches = cycle(setup.loader())
+        out["stage1_recompute"] = measure(
+            "stage1_recompute", lambda: step(next(batches)), rt.device, steps, warmup, setup.profile_dir
+        )
 
     shutil.rmtree(Path(str(cfg.paths.cache_dir)), ignore_errors=True)  # time a build, not a reuse
     started = time.perf_counter()
@@ -86,7 +97,10 @@ def bench_stage1(setup: Setup, steps: int, warmup: int) -> dict[str, dict[str, A
         out["cache_build"]["bytes_per_sample"] / 1024,
     )
     batches = cycle(setup.loader(cached))
-    out["stage1_cached"] = measure("stage1_cached", lambda: step(next(batches)), rt.device, steps, warmup)
+    out["stage1_cached"] = measure(
+        "stage1_cached", lambda: step(next(batches)), rt.device, steps, warmup, setup.profile_dir
+    )
+    out["stage1_cached"]["held_on"] = None if cached.resident_device is None else str(cached.resident_device)
     return out
 
 
@@ -105,7 +119,9 @@ def bench_stage2(setup: Setup, steps: int, warmup: int, flops: bool, estimate_me
     ]
     counter = iter(range(10**9))
     name = "stage2/" + modality_label(setup.modalities)
-    result = measure(name, lambda: step(staged[next(counter) % len(staged)]), rt.device, steps, warmup)
+    result = measure(
+        name, lambda: step(staged[next(counter) % len(staged)]), rt.device, steps, warmup, setup.profile_dir
+    )
     result["parameters_m"] = sum(p.numel() for p in model.parameters()) / 1e6
     if flops:
         result["flops_per_sample"] = flops_per_sample(model, staged[0], loss_fn, rt)
@@ -140,28 +156,29 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         "by_image_size": {},
     }
     peak = peak_tflops(runtime.device, b.peak_tflops)
+    profile_dir = Path(str(b.output)).parent if b.profile else None  # profile_<measurement>.txt beside the JSON
     measure = {BenchMeasure(m).value for m in b.measure}
     if "startup" in measure:
         results["startup"] = bench_startup(bench_config(cfg, int(sizes[0])), work)
     if "text_tokens" in measure:
         results["text_tokens"] = bench_text_tokens(cfg)
-    sized = {"pipeline", "stage1", "stage2_vision", "stage2_text", "stage2_clinical", "stage2_all"}
+    sized = {"pipeline", "stage1", "stage1_cached", "stage2_vision", "stage2_text", "stage2_clinical", "stage2_all"}
     for size in sizes if measure & sized else []:  # (text_tokens reads the job's own data, any data)
         run_cfg = bench_config(cfg, int(size))
         log.info("--- %d px, %s encoders, batch %d, %s", size, size_name, b.batch_size, runtime.describe())
         entry: dict[str, Any] = {}
-        full = Setup(run_cfg, ["vision", "text", "clinical"], runtime, text_length(b))
+        full = Setup(run_cfg, ["vision", "text", "clinical"], runtime, text_length(b), profile_dir)
         results.setdefault("loader", loader_choices(full))
         if "pipeline" in measure:
             entry["pipeline"] = bench_pipeline(full, int(b.steps), int(b.warmup))
-        if "stage1" in measure:
-            entry.update(bench_stage1(full, int(b.steps), int(b.warmup)))
+        if measure & {"stage1", "stage1_cached"}:
+            entry.update(bench_stage1(full, int(b.steps), int(b.warmup), recompute="stage1" in measure))
         for modalities in (["vision"], ["text"], ["clinical"], ["vision", "text", "clinical"]):
             key = "stage2/" + modality_label(modalities)
             if key.replace("/", "_") not in measure:
                 continue
             every = key == "stage2/all"
-            setup = full if every else Setup(run_cfg, modalities, runtime, text_length(b))
+            setup = full if every else Setup(run_cfg, modalities, runtime, text_length(b), profile_dir)
             entry[key] = bench_stage2(
                 setup, int(b.steps), int(b.warmup), flops=every, estimate_memory=bool(b.estimate_memory) and every
             )
@@ -189,6 +206,7 @@ def ratios(entry: dict[str, Any]) -> dict[str, float]:
 
     pairs = {
         "cache_speedup_stage1": ("stage1_cached", "stage1_recompute"),
+        "cache_build_over_recompute": ("cache_build", "stage1_recompute"),
         "pipeline_over_stage2": ("pipeline", "stage2/all"),
         **{f"all_over_{m}": ("stage2/all", f"stage2/{m}") for m in ("vision", "text", "clinical")},
     }
@@ -213,7 +231,9 @@ def format_table(results: dict[str, Any]) -> str:
             if "mfu" in r:
                 notes.append(f"MFU {100 * r['mfu']:.1f}%")
             if "bytes_per_sample" in r:
-                notes.append(f"{r['bytes_per_sample'] / 1024:.0f} KB/sample cached")
+                notes.append(f"{r['bytes_per_sample'] / 1024:.0f} KB/sample cached, {r['samples']} samples")
+            if r.get("held_on"):
+                notes.append(f"cache held on {r['held_on']}")
             if results.get("compile") and r.get("first_step_s") is not None:
                 notes.append(f"first step (compiling) {r['first_step_s']:.1f} s")
             if "parameters_m" in r:
@@ -229,6 +249,7 @@ def format_table(results: dict[str, Any]) -> str:
             )
         shown = {
             "cache_speedup_stage1": "stage 1 cached / recomputed {:.1f}x",
+            "cache_build_over_recompute": "cache build / recomputing step {:.2f}x per sample",
             "pipeline_over_stage2": "input pipeline / stage-2 step {:.1f}x",
             "all_over_vision": "full model / vision {:.2f}",
             "all_over_text": "/ text {:.2f}",

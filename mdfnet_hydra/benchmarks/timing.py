@@ -7,9 +7,11 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -80,20 +82,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(name: str, step: Callable[[], int], device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
+def measure(
+    name: str,
+    step: Callable[[], int],
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    profile_dir: Optional[Path] = None,
+) -> dict[str, Any]:
     """samples/s of `step` (which returns the samples it processed) and the peak memory; also the
-    first (untimed) call's seconds: what compiling costs under trainer.compile."""
+    first (untimed) call's seconds: what compiling costs under trainer.compile. The peak covers the
+    warm-up calls too: CUDA graphs allocate their memory pool while they are recorded there."""
     first_s = None
-    for i in range(warmup):
-        if i == 0:
-            _sync(device)
-            began = time.perf_counter()
-        step()
-        if i == 0:
-            _sync(device)
-            first_s = time.perf_counter() - began
     memory = PeakMemory(device)
     with memory.track():
+        for i in range(warmup):
+            if i == 0:
+                _sync(device)
+                began = time.perf_counter()
+            step()
+            if i == 0:
+                _sync(device)
+                first_s = time.perf_counter() - began
         _sync(device)
         started = time.perf_counter()
         samples = sum(step() for _ in range(steps))
@@ -115,7 +125,48 @@ def measure(name: str, step: Callable[[], int], device: torch.device, steps: int
         result["peak_memory_gb"],
         result["memory_increase_gb"],
     )
+    if profile_dir is not None:
+        result["profile"] = profile_steps(name, step, device, steps, Path(profile_dir))
     return result
+
+
+def profile_steps(name: str, step: Callable[[], int], device: torch.device, steps: int, out: Path) -> dict[str, Any]:
+    """`steps` more calls of `step` under torch.profiler: the wall, host (self CPU, all ops) and
+    device (self CUDA) milliseconds per call, and the tables of the ops that take them in
+    out/profile_<name>.txt. Where a step spends its time: waiting on the GPU or feeding it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        wall = time.perf_counter() - started
+    events = prof.key_averages()
+    path = out / f"profile_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.txt"
+    tables = [f"{name}: {steps} steps under torch.profiler, {1000 * wall / steps:.3f} ms per step (wall)"]
+    tables.append("by self CPU time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=25))
+    if cuda:
+        tables.append("by self device time:\n" + events.table(sort_by="self_device_time_total", row_limit=25))
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(tables) + "\n")
+    per_step = {
+        "wall_ms_per_step": 1000 * wall / steps,
+        "host_ms_per_step": sum(e.self_cpu_time_total for e in events) / steps / 1000,
+        "device_ms_per_step": sum(e.self_device_time_total for e in events) / steps / 1000 if cuda else None,
+        "table": str(path),
+    }
+    log.info(
+        "%-22s profiled: %.3f ms per step wall, %.3f ms host%s",
+        name,
+        per_step["wall_ms_per_step"],
+        per_step["host_ms_per_step"],
+        f", {per_step['device_ms_per_step']:.3f} ms device" if cuda else "",
+    )
+    return per_step
 
 
 def cycle(loader) -> Iterator[dict]:

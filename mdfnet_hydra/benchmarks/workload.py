@@ -60,7 +60,14 @@ def text_length(b: DictConfig) -> Optional[int]:
 class Setup:
     """A job opened for `modalities` exactly as training opens it (job.open_job), training split only."""
 
-    def __init__(self, cfg: DictConfig, modalities: list[str], runtime, length: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        modalities: list[str],
+        runtime,
+        length: Optional[int] = None,
+        profile_dir: Optional[Path] = None,
+    ) -> None:
         from mdfnet_hydra.data.token_cache import TokenIds
         from mdfnet_hydra.job import open_job
         from mdfnet_hydra.runtime import seed_everything
@@ -68,6 +75,7 @@ class Setup:
         cfg = cfg.copy()
         cfg.modality.inputs = [Modality(m) for m in modalities]
         self.cfg, self.modalities, self.runtime = cfg, list(modalities), runtime
+        self.profile_dir = profile_dir  # measurements also profiled there (bench.profile)
         seed_everything(int(cfg.seed))
         self.job = open_job(cfg, splits=("train",))
         self.root, self.prep, self.train, self.collate = (

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 CACHED_MODALITIES = ("vision", "text")  # the pre-trained encoders; the clinical encoder always trains
 DTYPES = {"float16": np.float16, "float32": np.float32}
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+DEVICE_SHARE = 0.25  # auto: cached splits held on a CUDA device while they fit in this share of its memory
+HOLD_CHUNK_BYTES = 64 * 2**20  # per host-to-device copy when a cache is moved onto the device
 
 
 # ---------------------------------------------------------------- keys
@@ -172,7 +175,8 @@ def compute_features(
                 tokens, pad = encoder(batch["image"].to(device, non_blocking=True)), None
             else:
                 tokens, pad = encoder(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        tokens = tokens.float().cpu().numpy()
+        # converted to the storage dtype on the device: half the bytes to copy back, no CPU conversion
+        tokens = tokens.to(TORCH_DTYPES[dtype]).cpu().numpy()
         if features is None:
             length = tokens.shape[1] if pad is None else width
             features = np.lib.format.open_memmap(
@@ -207,13 +211,45 @@ class CachedFeatureDataset(Dataset):
     """A split served from cached encoder outputs: `<modality>_features` (and `text_padding`)
     instead of images and token ids, plus targets, mask and the clinical features. Batches are
     read with one memory-mapped fancy index (`__getitems__`), not item by item. Text is trimmed to
-    the batch's longest report, or padded up to its length bucket (`model.text.length_buckets`)."""
+    the batch's longest report, or padded up to its length bucket (`model.text.length_buckets`).
+
+    `hold_on(device)` copies the split's arrays into a device's memory once; batches are then
+    gathered there by one index, already on the device: no loader work, no host-to-device copy,
+    and no host synchronisation (the trimmed width comes from lengths kept on the host)."""
 
     def __init__(self, base: MultimodalDataset, caches: dict[str, FeatureArrays], buckets: Sequence[int] = ()) -> None:
         self.split = base.split
         self.base = base
         self.caches = caches
         self.buckets = tuple(int(b) for b in buckets)
+        self.resident_device: Optional[torch.device] = None  # set by hold_on
+        self._held: dict[str, torch.Tensor] = {}
+        self._lengths: dict[str, np.ndarray] = {}  # real tokens per row, of each cache with padding
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes `hold_on` puts on the device: every cached array, targets, mask and clinical features."""
+        arrays = [c.features for c in self.caches.values()] + [c.padding for c in self.caches.values()]
+        small = [self.base.targets, self.base.mask, self.base.clinical]
+        return sum(int(a.nbytes) for a in arrays if a is not None) + sum(
+            t.numel() * t.element_size() for t in small if t is not None
+        )
+
+    def hold_on(self, device: torch.device) -> None:
+        """Copy this split's arrays into `device`'s memory (RAM for the CPU), in chunks of rows so a
+        large cache never needs a second full copy in host memory."""
+        held: dict[str, torch.Tensor] = {}
+        for modality, cache in self.caches.items():
+            held[f"{modality}_features"] = _copy_rows(cache.features, device)
+            if cache.padding is not None:
+                pad = np.asarray(cache.padding)
+                self._lengths[modality] = (~pad).sum(axis=1)
+                held[f"{modality}_padding"] = torch.from_numpy(pad).to(device)
+        for key in ("targets", "mask", "clinical"):
+            value = getattr(self.base, key)
+            if value is not None:
+                held[key] = value.to(device)
+        self._held, self.resident_device = held, torch.device(device)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -231,6 +267,8 @@ class CachedFeatureDataset(Dataset):
         return {k: v[0] for k, v in batch.items()}
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        if self.resident_device is not None:
+            return self._gather(indices)
         idx = np.asarray(indices, dtype=np.int64)
         order = np.argsort(idx, kind="stable")  # sorted reads from the maps, then back in sampler order
         rows = idx[order]
@@ -253,6 +291,37 @@ class CachedFeatureDataset(Dataset):
                 batch["text_padding"] = torch.from_numpy(np.ascontiguousarray(pad))
             batch[f"{modality}_features"] = torch.from_numpy(np.ascontiguousarray(features))
         return batch
+
+    def _gather(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A batch gathered from the arrays held on the device, in sampler order."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        device, held = self.resident_device, self._held
+        # pinned and asynchronous: a pageable copy would wait for every step queued on the GPU
+        on = idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
+        batch = {"index": on, **{k: held[k][on] for k in ("targets", "mask", "clinical") if k in held}}
+        for modality in self.caches:
+            features = held[f"{modality}_features"]
+            if modality not in self._lengths:
+                batch[f"{modality}_features"] = features[on]
+                continue
+            keep = padded_length(max(1, int(self._lengths[modality][idx.numpy()].max())), self.buckets)
+            width = min(keep, features.shape[1])
+            features, pad = features[:, :width][on], held[f"{modality}_padding"][:, :width][on]
+            if keep > width:  # a bucket longer than the split's longest report
+                features = torch.nn.functional.pad(features, (0, 0, 0, keep - width))
+                pad = torch.nn.functional.pad(pad, (0, keep - width), value=True)
+            batch[f"{modality}_features"], batch["text_padding"] = features, pad
+        return batch
+
+
+def _copy_rows(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A memory-mapped array as one tensor on `device`, copied about HOLD_CHUNK_BYTES at a time."""
+    out = torch.empty(array.shape, dtype=torch.from_numpy(array[:0].copy()).dtype, device=device)
+    rows = max(1, HOLD_CHUNK_BYTES // max(1, array[:1].nbytes))
+    for start in range(0, array.shape[0], rows):
+        chunk = torch.from_numpy(np.array(array[start : start + rows]))  # read from the map into memory
+        out[start : start + chunk.shape[0]].copy_(chunk)
+    return out
 
 
 def feature_cache_applies(cfg, phase_name: str, modalities: list[str]) -> tuple[bool, Optional[str]]:
@@ -312,4 +381,38 @@ def _cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime
                 caches[modality] = FeatureArrays(root / modality / key)
         buckets = cfg.model.text.length_buckets if split == "train" else ()  # evaluation runs eagerly
         out[split] = CachedFeatureDataset(dataset, caches, buckets)
+    hold_on_device(out, cfg.data.feature_cache_on_device, runtime)
     return out
+
+
+def hold_on_device(datasets: dict[str, CachedFeatureDataset], choice: Optional[bool], runtime) -> None:
+    """Copy cached splits into the device's memory, in split order (training first): every split
+    (`choice` true), none (false), or on a CUDA device each split that fits with those before it
+    in DEVICE_SHARE of the GPU's memory (null)."""
+    device = runtime.device
+    if choice is False or (choice is None and device.type != "cuda"):
+        return
+    budget = DEVICE_SHARE * torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    held = 0
+    for split, dataset in datasets.items():
+        size = dataset.nbytes
+        if choice is None and held + size > budget:
+            log.info(
+                "feature cache %s stays memory-mapped: %.2f GB does not fit with %.2f GB held in a quarter of "
+                "the GPU's memory (%.1f GB); data.feature_cache_on_device=true holds it anyway",
+                split,
+                size / 2**30,
+                held / 2**30,
+                budget / 2**30,
+            )
+            continue
+        started = time.perf_counter()
+        dataset.hold_on(device)
+        held += size
+        log.info(
+            "feature cache %s held on %s: %.2f GB in %.1fs (batches gathered there, no loader)",
+            split,
+            device,
+            size / 2**30,
+            time.perf_counter() - started,
+        )

@@ -34,13 +34,16 @@ def loader_settings(data, runtime, dataset, *, persistent: bool = True, seed: Op
     its workers never comes from the global RNG: dropout draws the same numbers whether a run
     has 0, 2 or 8 workers, persistent or not.
     """
+    generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    if getattr(dataset, "resident_device", None) is not None:  # batches gathered on the device (feature_cache.py)
+        return {"num_workers": 0, "pin_memory": False, "generator": generator}
     decodes_images = getattr(dataset, "image_paths", None) is not None
     workers = data.num_workers if data.num_workers is not None else default_num_workers(runtime, decodes_images)
     settings: dict[str, Any] = {
         "num_workers": int(workers),
         # pinned host memory makes host-to-GPU copies asynchronous (the trainer copies non_blocking)
         "pin_memory": bool(data.pin_memory) if data.pin_memory is not None else runtime.target == "cuda",
-        "generator": torch.Generator().manual_seed(0 if seed is None else int(seed)),
+        "generator": generator,
     }
     if workers > 0:
         keep = bool(data.persistent_workers) if data.persistent_workers is not None else True
@@ -66,6 +69,9 @@ def worker_start_method(data) -> str:
 
 def describe_loader(loader) -> str:
     """The DataLoader choices a log reader needs to reproduce a run's input pipeline."""
+    held = getattr(loader.dataset, "resident_device", None)
+    if held is not None:
+        return f"gathered on {held} from the feature cache held there (no workers)"
     if loader.num_workers == 0:
         return "in the main process (0 workers)"
     pinned = "unpinned memory"

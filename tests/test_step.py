@@ -1,0 +1,88 @@
+"""The trainer's step (step.py) under gradient accumulation: the CUDA-graph handling of gradients
+changes no number, and hands the optimizer gradients the step owns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mdfnet_hydra.compiling import MODES, CompilePlan
+from mdfnet_hydra.config import CompileMode, LossConfig, TrainerConfig
+from mdfnet_hydra.losses import MultiLabelLoss
+from mdfnet_hydra.runtime import Runtime
+from mdfnet_hydra.step import TrainingStep
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 14))
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.body(batch["x"])
+
+
+def batches(n: int = 6) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        {"x": torch.randn(4, 8, generator=g), "targets": (torch.rand(4, 14, generator=g) > 0.5).float(),
+         "mask": torch.ones(4, 14)}
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+def trained(accumulation: int, own_grads: bool) -> tuple[torch.nn.Module, list[list[bool]]]:
+    """Two passes over the batches; per micro-batch, whether each gradient after the step is the
+    very tensor autograd left there (seen by a post-accumulate hook)."""
+    torch.manual_seed(0)
+    model = Net()
+    runtime = Runtime.from_config(OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"precision": "fp32"}))
+    step = TrainingStep(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        MultiLabelLoss(OmegaConf.structured(LossConfig)),
+        runtime,
+        accumulation=accumulation,
+        own_grads=own_grads,
+    )
+    seen: dict[torch.nn.Parameter, torch.Tensor] = {}
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: seen.__setitem__(p, p.grad))
+    same: list[list[bool]] = []
+    for _ in range(2):
+        for i, batch in enumerate(batches()):
+            result = step(batch, i)
+            if not result.stepped:
+                same.append([p.grad is seen[p] for p in model.parameters()])
+    return model, same
+
+
+@pytest.mark.parametrize("accumulation", [2, 3])
+def test_gradients_copied_out_for_cuda_graphs_change_no_weight(accumulation):
+    """own_grads (the trainer sets it under CUDA graphs, where the next replay would overwrite the
+    first micro-batch's gradients: verified on an H200, docs/performance.md) replaces each window's
+    first gradients with copies the later backwards add to: the same weights as without, exactly."""
+    plain, plain_same = trained(accumulation, own_grads=False)
+    owned, owned_same = trained(accumulation, own_grads=True)
+    for a, b in zip(plain.parameters(), owned.parameters()):
+        assert torch.equal(a, b)
+    # without: the optimizer would read autograd's own tensors; with: the window's first are copies,
+    # and the later micro-batches of a window accumulate into those copies
+    assert all(all(row) for row in plain_same)
+    first = [row for k, row in enumerate(owned_same) if k % (accumulation - 1) == 0]
+    assert first and not any(any(row) for row in first)
+
+
+def test_a_one_batch_window_needs_no_copy():
+    model = Net()
+    runtime = Runtime.from_config(OmegaConf.structured(TrainerConfig))
+    step = TrainingStep(model, torch.optim.SGD(model.parameters(), lr=0.1), None, runtime, own_grads=True)
+    assert step.own_grads is False  # the optimizer steps before any later replay
+
+
+@pytest.mark.parametrize("mode", list(CompileMode))
+def test_a_compile_plan_knows_whether_its_mode_records_cuda_graphs(mode):
+    assert CompilePlan.of(mode, [64]).cuda_graphs == mode.cuda_graphs
+    assert MODES[mode.value] == CompilePlan.of(mode, []).mode
+    assert mode.cuda_graphs == (mode in (CompileMode.reduce_overhead, CompileMode.max_autotune))
