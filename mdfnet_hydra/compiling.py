@@ -47,6 +47,10 @@ class CompilePlan:
 
         return CompileMode(next(k for k, v in MODES.items() if v == self.mode)).cuda_graphs
 
+    def records_graphs_on(self, device: Any) -> bool:
+        """Whether the compiled step runs as CUDA graphs there (torch records none on a CPU)."""
+        return self.cuda_graphs and getattr(device, "type", str(device)) == "cuda"
+
     @classmethod
     def of(cls, mode: Any, buckets: Sequence[int]) -> "CompilePlan":
         name = str(getattr(mode, "value", mode))

@@ -19,6 +19,7 @@ OUTCOME_IRRELEVANT = (
     "hparams",
     "data.num_workers",
     "data.pin_memory",
+    "data.feature_cache_on_device",  # where the cache is read from; the same batches (tests/test_feature_cache.py)
     "data.persistent_workers",
     "data.prefetch_factor",
     "data.worker_start",

@@ -3,10 +3,11 @@ accumulation window the optimizer step (unscale, clip, step, scaler update, sche
 runs it for every batch and the benchmark times it, so the benchmark measures the trainer's step.
 
 Within an accumulation window only the last backward all-reduces gradients (DDP's `no_sync`).
-Under CUDA graphs (`own_grads`) the window's first gradients are copied out of the graphs' memory
-pool before the next micro-batch: the gradient tensors the first backward hands over live in that
-pool, and the next replay would overwrite them, leaving only the last micro-batch's share (a
-silent error of torch's CUDA graph trees with accumulation, pytorch/pytorch#169545). The
+Under CUDA graphs (`own_grads`) a window's gradients are copied out of the graphs' memory pool
+before the next micro-batch, each the first time it appears: the gradient tensors a backward hands
+over live in that pool and the next replay overwrites them (torch's CUDA graph trees then raise
+"accessing tensor output of CUDAGraphs that has been overwritten", pytorch/pytorch#169545); later
+backwards of the window add into the copies in place. The
 step reads nothing back to the host: the gradient norm is computed only when clipping or asked
 for (a logging step), and stays a device tensor.
 """
@@ -57,6 +58,7 @@ class TrainingStep:
         self.scaler = runtime.grad_scaler()  # active for fp16 only
         self.trainable = [p for group in optimizer.param_groups for p in group["params"]]
         self.own_grads = bool(own_grads) and self.accumulation > 1  # a one-batch window steps before any replay
+        self._owned: set[int] = set()  # ids of the parameters whose gradient this window already copied
 
     def __call__(self, batch: dict[str, torch.Tensor], index: int, measure_norm: bool = False) -> StepResult:
         """The `index`-th micro-batch of an epoch (already on the device); `measure_norm`: compute
@@ -69,10 +71,8 @@ class TrainingStep:
             terms = self.loss_fn(logits, batch["targets"], batch["mask"])
             self.scaler.scale(terms.total / self.accumulation).backward()
         if not syncing:
-            if self.own_grads and index % self.accumulation == 0:  # later backwards add to these in place
-                for p in self.trainable:
-                    if p.grad is not None:
-                        p.grad = p.grad.clone()
+            if self.own_grads:
+                self._own_new_grads(first=index % self.accumulation == 0)
             return StepResult(terms, False, None)
         self.scaler.unscale_(self.optimizer)
         grad_norm = None
@@ -85,3 +85,13 @@ class TrainingStep:
         if self.scheduler is not None:
             self.scheduler.step()
         return StepResult(terms, True, grad_norm)
+
+    def _own_new_grads(self, first: bool) -> None:
+        """Replace each gradient this window has not copied yet with a copy (the window's first
+        micro-batch starts the record afresh)."""
+        if first:
+            self._owned.clear()
+        for p in self.trainable:
+            if p.grad is not None and id(p) not in self._owned:
+                p.grad = p.grad.clone()
+                self._owned.add(id(p))

@@ -186,7 +186,7 @@ class PhaseTrainer:
             accumulation=self.accum,
             max_grad_norm=self.trainer_cfg.max_grad_norm,
             scheduler=self.scheduler,
-            own_grads=self.compiled_from is not None and self.compile_plan.cuda_graphs,
+            own_grads=self.compiled_from is not None and self.compile_plan.records_graphs_on(runtime.device),
         )
         if self.step.own_grads:
             log.info(
@@ -437,6 +437,8 @@ class PhaseTrainer:
         finally:
             tracker.close()
             self._release_loaders()
+            for dataset in self.datasets.values():  # a feature cache held in GPU memory (feature_cache.py)
+                getattr(dataset, "release", lambda: None)()
 
     def _release_loaders(self) -> None:
         """Stop persistent workers now (they hold memory and pinned buffers), not when the trainer

@@ -275,6 +275,7 @@ def tree_entries(block: str) -> list[tuple[str, str]]:
     return entries
 
 
+@pytest.mark.slow  # 40 s: several real jobs, end to end
 def test_the_first_hour_runs_as_the_docs_say(tmp_path):
     """The README's debug command, the evaluation and the summary it points to, run as shown
     (debug-sized, outputs under a temporary root): every file the docs promise is there."""

@@ -149,6 +149,7 @@ def test_a_rerun_with_another_training_config_is_refused_naming_the_keys(copy_of
             output_root,
             "trainer.max_time=2h",
             "data.num_workers=0",
+            "data.feature_cache_on_device=false",
             "trainer.log_every_n_steps=5",
             "data.verify_images=false",
             "trainer.checkpoint.keep_last=5",

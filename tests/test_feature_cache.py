@@ -292,11 +292,24 @@ def test_cache_is_never_used_where_invalid(tmp_path, output_root, overrides, rea
     assert not (tmp_path / "cache").exists()
 
 
-def test_stage1_from_a_cache_held_on_the_device_trains_exactly_as_from_the_memory_map(tmp_path, output_root):
+def test_stage1_from_a_cache_held_on_the_device_trains_exactly_as_from_the_memory_map(
+    tmp_path, output_root, monkeypatch
+):
     """The same batches in the same order: identical weights and metrics, whichever way the cache
-    is read (here the device is the CPU; the GPU check measures it on a GPU)."""
+    is read (here the device is the CPU; the GPU check measures it on a GPU). The stage gives the
+    memory back when it ends, for stage 2 and the evaluation."""
+    released = []
+    release = feature_cache.CachedFeatureDataset.release
+
+    def spy(self):
+        released.append(self.resident_device)
+        release(self)
+
+    monkeypatch.setattr(feature_cache.CachedFeatureDataset, "release", spy)
     mapped, mapped_weights = train(tmp_path, "mapped", output_root)
+    assert released == [None, None, None]
     held, held_weights = train(tmp_path, "held", output_root, "data.feature_cache_on_device=true")
+    assert released[3:] == [torch.device("cpu")] * 3, "train, val and test let go of their memory"
     assert "held on cpu" not in mapped["log"] and count_lines(held["log"], "feature cache", "held on cpu") == 3
     assert "gathered on cpu from the feature cache held there" in held["log"]
     assert held["val"]["auroc_mean"] == mapped["val"]["auroc_mean"]

@@ -56,7 +56,7 @@ def test_dry_run_composes_every_gpu_command_and_runs_every_step(tmp_path):
     assert trainer["compile_note"] == "compiled graphs 1, graph breaks 0" and trainer["trainer_over_bench"] > 0
     stage1 = steps["stage1_4096"]["details"]
     assert stage1["stage1_recompute_samples_per_s"] > 0 and stage1["cache_build_samples"] > 0
-    assert "cache_build_over_recompute" in stage1["ratios"]
+    assert "cache_build_over_recompute" in stage1["ratios"] and stage1["held_batch_matches_mapped"] is True
     compiled_stage1 = steps["stage1_compiled"]["details"]
     assert compiled_stage1["compile"] == "reduce_overhead" and "stage1_recompute_samples_per_s" not in compiled_stage1
     for details in (compiled_stage1, steps["compiled16"]["details"]):  # where the compiled steps' time goes

@@ -320,6 +320,7 @@ def test_evaluation_command_with_workers_matches_zero_workers(jobs, tmp_path):
             assert float(summaries["workers"][run][key]) == pytest.approx(float(row[key]), abs=1e-6), key
 
 
+@pytest.mark.slow  # 20 s; the GPU check's dry run runs the benchmark with these choices too
 def test_benchmark_runs_with_the_gpu_nodes_loader(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(

@@ -41,8 +41,9 @@ def test_compiled_model_trains_like_eager(tmp_path, output_root):
     """trainer.compile=true (torch.compile, inductor on CPU) gives the eager run's result (dropout off:
     compiled dropout draws from its own random stream): the full model in stage 2, both encoders
     training, reports padded to length buckets, compiled once per bucket and never again. The
-    mode is the README's GPU one, reduce_overhead: on a CPU torch records no CUDA graphs, but the
-    trainer's handling of them (gradients copied out in each 2-batch accumulation window) runs."""
+    mode is the README's GPU one, reduce_overhead, with 2-batch accumulation: on a CPU torch records
+    no CUDA graphs, so the trainer copies no gradients out of them (the GPU check's graphs_accum
+    probe compares that copy with the eager step on a GPU)."""
     import torch
 
     from conftest import make_cfg
@@ -75,9 +76,7 @@ def test_compiled_model_trains_like_eager(tmp_path, output_root):
         weights[compiled] = load_checkpoint(run_dir / "stage2" / "checkpoints" / "last.pth")["model"]
         log = (run_dir / "logs" / "train.log").read_text()
         assert ("through torch.compile (mode reduce-overhead, static shapes, at most 2 graphs" in log) is compiled
-        assert (
-            "CUDA graphs with 2-batch accumulation: each window's first gradients are copied out" in log
-        ) is compiled
+        assert "CUDA graphs with 2-batch accumulation" not in log
         if compiled:  # the synthetic reports fit the 64 bucket: one graph, compiled in epoch 1, none after
             epochs = [line for line in log.splitlines() if "stage2 epoch " in line and "ETA" in line]
             assert [line.split("; ")[-1] for line in epochs] == ["compiled graphs 1, graph breaks 0"] * 2

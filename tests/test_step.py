@@ -72,6 +72,51 @@ def test_gradients_copied_out_for_cuda_graphs_change_no_weight(accumulation):
     assert all(all(row) for row in plain_same)
     first = [row for k, row in enumerate(owned_same) if k % (accumulation - 1) == 0]
     assert first and not any(any(row) for row in first)
+    later = [row for k, row in enumerate(owned_same) if k % (accumulation - 1) != 0]
+    assert all(all(row) for row in later), "later micro-batches add into the copies, not into new ones"
+    assert len(later) == (accumulation - 2) * len(first)
+
+
+class Branching(Net):
+    """A part that gets a gradient only from batches that ask for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = torch.nn.Linear(8, 14)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        out = self.body(batch["x"])
+        return out + self.extra(batch["x"]) if batch.get("extra") else out
+
+
+def test_a_gradient_that_first_appears_later_in_the_window_is_copied_too():
+    model = Branching()
+    runtime = Runtime.from_config(OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"precision": "fp32"}))
+    step = TrainingStep(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        MultiLabelLoss(OmegaConf.structured(LossConfig)),
+        runtime,
+        accumulation=3,
+        own_grads=True,
+    )
+    seen: dict[torch.nn.Parameter, torch.Tensor] = {}
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: seen.__setitem__(p, p.grad))
+    first, second, last = batches(3)
+    step(first, 0)
+    assert model.extra.weight.grad is None
+    step({**second, "extra": True}, 1)
+    assert model.extra.weight.grad is not None and model.extra.weight.grad is not seen[model.extra.weight]
+    assert model.body[0].weight.grad is seen[model.body[0].weight], "copied once, at the first micro-batch"
+    assert step(last, 2).stepped
+
+
+@pytest.mark.parametrize("device, records", [("cuda", True), ("cpu", False)])
+def test_the_gradients_are_copied_only_where_cuda_graphs_are_recorded(device, records):
+    assert CompilePlan.of("reduce_overhead", [64]).records_graphs_on(torch.device(device)) is records
+    assert CompilePlan.of("max_autotune", [64]).records_graphs_on(torch.device(device)) is records
+    assert CompilePlan.of("default", [64]).records_graphs_on(torch.device(device)) is False
 
 
 def test_a_one_batch_window_needs_no_copy():

@@ -209,3 +209,7 @@ def test_a_cache_held_in_device_memory_gives_the_memory_mapped_batches(cfg_facto
     loader = torch.utils.data.DataLoader(held, batch_size=4, collate_fn=Collator(prep.pad_id), **settings)
     assert describe_loader(loader) == "gathered on cpu from the feature cache held there (no workers)"
     assert torch.equal(next(iter(loader))["vision_features"], mapped.__getitems__([0, 1, 2, 3])["vision_features"])
+    held.release()  # the memory goes back; reads are memory-mapped again, with the same batches
+    assert held.resident_device is None and torch.equal(
+        held.__getitems__([4, 1, 9])["vision_features"], mapped.__getitems__([4, 1, 9])["vision_features"]
+    )

@@ -40,6 +40,7 @@ class PeakMemory:
         self.device = device
         self.peak_bytes = 0
         self.start_bytes = 0  # at the start of the block: the peak's increase is what the block needed
+        self.peak_reserved_bytes: Optional[int] = None  # CUDA only
         self._stop = threading.Event()
 
     @staticmethod
@@ -62,6 +63,8 @@ class PeakMemory:
             yield self
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            # what the caching allocator held, CUDA graphs' private pools included: what the GPU must have
+            self.peak_reserved_bytes = torch.cuda.max_memory_reserved(self.device)
             return
         self.peak_bytes = self.start_bytes = self._rss()
         sampler = threading.Thread(target=self._sample, daemon=True)
@@ -116,6 +119,7 @@ def measure(
         "peak_memory_gb": memory.peak_bytes / 2**30,
         "memory_increase_gb": (memory.peak_bytes - memory.start_bytes) / 2**30,
         "memory": memory.kind,
+        "peak_reserved_gb": None if memory.peak_reserved_bytes is None else memory.peak_reserved_bytes / 2**30,
         "first_step_s": first_s,
     }
     log.info(
@@ -153,20 +157,32 @@ def profile_steps(name: str, step: Callable[[], int], device: torch.device, step
         tables.append("by self device time:\n" + events.table(sort_by="self_device_time_total", row_limit=25))
     out.mkdir(parents=True, exist_ok=True)
     path.write_text("\n\n".join(tables) + "\n")
-    per_step = {
-        "wall_ms_per_step": 1000 * wall / steps,
-        "host_ms_per_step": sum(e.self_cpu_time_total for e in events) / steps / 1000,
-        "device_ms_per_step": sum(e.self_device_time_total for e in events) / steps / 1000 if cuda else None,
-        "table": str(path),
-    }
+    per_step = {"wall_ms_per_step": 1000 * wall / steps, **time_split(events, steps), "table": str(path)}
     log.info(
-        "%-22s profiled: %.3f ms per step wall, %.3f ms host%s",
+        "%-22s profiled: %.3f ms per step wall, %.3f ms host work, %.3f ms host waiting%s",
         name,
         per_step["wall_ms_per_step"],
         per_step["host_ms_per_step"],
-        f", {per_step['device_ms_per_step']:.3f} ms device" if cuda else "",
+        per_step["host_wait_ms_per_step"],
+        f", {per_step['device_ms_per_step']:.3f} ms of GPU kernels" if cuda else "",
     )
     return per_step
+
+
+def time_split(events, steps: int) -> dict[str, Optional[float]]:
+    """Milliseconds per step of host work, of the host waiting for the GPU (synchronisations), and
+    of GPU kernels. Torch lists each kernel as an event of its own and also charges its time to the
+    operator that launched it, so device time counts only the kernels (and no annotation ranges)."""
+    from torch.autograd import DeviceType
+
+    host = [e for e in events if e.device_type == DeviceType.CPU and not e.is_user_annotation]
+    waiting = sum(e.self_cpu_time_total for e in host if "Synchronize" in e.key)
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    return {
+        "host_ms_per_step": (sum(e.self_cpu_time_total for e in host) - waiting) / steps / 1000,
+        "host_wait_ms_per_step": waiting / steps / 1000,
+        "device_ms_per_step": sum(e.self_device_time_total for e in kernels) / steps / 1000 if kernels else None,
+    }
 
 
 def cycle(loader) -> Iterator[dict]:

@@ -242,7 +242,7 @@ class CachedFeatureDataset(Dataset):
         for modality, cache in self.caches.items():
             held[f"{modality}_features"] = _copy_rows(cache.features, device)
             if cache.padding is not None:
-                pad = np.asarray(cache.padding)
+                pad = np.array(cache.padding)  # read into memory (a CPU "device" would keep the map otherwise)
                 self._lengths[modality] = (~pad).sum(axis=1)
                 held[f"{modality}_padding"] = torch.from_numpy(pad).to(device)
         for key in ("targets", "mask", "clinical"):
@@ -250,6 +250,10 @@ class CachedFeatureDataset(Dataset):
             if value is not None:
                 held[key] = value.to(device)
         self._held, self.resident_device = held, torch.device(device)
+
+    def release(self) -> None:
+        """Give the device memory back (the phase is over: stage 2 needs it); reads are memory-mapped again."""
+        self._held, self._lengths, self.resident_device = {}, {}, None
 
     def __len__(self) -> int:
         return len(self.base)
@@ -337,13 +341,20 @@ def feature_cache_applies(cfg, phase_name: str, modalities: list[str]) -> tuple[
     return True, None
 
 
-def cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime, pad_id: int) -> dict[str, Dataset]:
+def cached_datasets(
+    model, datasets: dict[str, MultimodalDataset], cfg, runtime, pad_id: int, hold: bool = True
+) -> dict[str, Dataset]:
     """Each split served from the cache of every frozen pre-trained encoder of `model` (built by
-    rank 0 where missing; the other ranks wait at a barrier and then read it). The random state is
-    left as it was, so training does not depend on whether this job built the cache."""
+    rank 0 where missing; the other ranks wait at a barrier and then read it), held in the device's
+    memory as `data.feature_cache_on_device` says (`hold=False`: left memory-mapped; the benchmark
+    times the build and the copy apart). The random state is left as it was, so training does not
+    depend on whether this job built the cache."""
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        return _cached_datasets(model, datasets, cfg, runtime, pad_id)
+        out = _cached_datasets(model, datasets, cfg, runtime, pad_id)
+    if hold:
+        hold_on_device(out, cfg.data.feature_cache_on_device, runtime)
+    return out
 
 
 def _cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime, pad_id: int) -> dict[str, Dataset]:
@@ -381,25 +392,28 @@ def _cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime
                 caches[modality] = FeatureArrays(root / modality / key)
         buckets = cfg.model.text.length_buckets if split == "train" else ()  # evaluation runs eagerly
         out[split] = CachedFeatureDataset(dataset, caches, buckets)
-    hold_on_device(out, cfg.data.feature_cache_on_device, runtime)
     return out
 
 
 def hold_on_device(datasets: dict[str, CachedFeatureDataset], choice: Optional[bool], runtime) -> None:
     """Copy cached splits into the device's memory, in split order (training first): every split
     (`choice` true), none (false), or on a CUDA device each split that fits with those before it
-    in DEVICE_SHARE of the GPU's memory (null)."""
+    in DEVICE_SHARE of the GPU's memory, and in half of what is free now (null)."""
     device = runtime.device
     if choice is False or (choice is None and device.type != "cuda"):
         return
-    budget = DEVICE_SHARE * torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    budget = None
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = min(DEVICE_SHARE * total, free / 2)
     held = 0
     for split, dataset in datasets.items():
         size = dataset.nbytes
         if choice is None and held + size > budget:
             log.info(
-                "feature cache %s stays memory-mapped: %.2f GB does not fit with %.2f GB held in a quarter of "
-                "the GPU's memory (%.1f GB); data.feature_cache_on_device=true holds it anyway",
+                "feature cache %s stays memory-mapped: %.2f GB does not fit with %.2f GB held in %.1f GB (a "
+                "quarter of the GPU's memory, at most half of what is free); data.feature_cache_on_device=true "
+                "holds it anyway",
                 split,
                 size / 2**30,
                 held / 2**30,
