@@ -187,6 +187,7 @@ def test_results_md_maps_figure_labels_to_runs(known):
     assert set(rows) == {run for _, run in table[1:]}, "every run in the figures (max_curves 6) is listed"
 
 
+@pytest.mark.slow  # 18 s: a training job, then the evaluation twice
 def test_stale_predictions_are_recomputed_from_the_checkpoint(tmp_path, output_root):
     """A real tiny run: saved predictions are reused while their digest matches the checkpoint; a
     re-saved checkpoint with the same weights is recomputed to the same numbers; changed weights change them."""

@@ -221,6 +221,7 @@ def test_concurrent_builders_share_one_complete_cache(tmp_path, use_lock):
     assert FeatureArrays(tmp_path / "vision" / ("k" * 32)).features.shape == (64, 4, 8)
 
 
+@pytest.mark.slow  # 16 s: two training processes at once
 def test_two_concurrent_training_jobs_share_the_cache(tmp_path):
     import subprocess
     import sys

@@ -165,6 +165,7 @@ def test_random_search_multi_objective_pareto_front(tmp_path):
     assert all(float(r["val_auroc_min"]) <= float(r["val_auroc_mean"]) for r in rows.values())
 
 
+@pytest.mark.slow  # 18 s: a multirun of several jobs
 def test_baselines_preset_and_summary_rebuild(tmp_path):
     sweep(
         tmp_path,

@@ -71,6 +71,7 @@ def launched(output: str) -> int:
     return sum(int(line.split("Launching ")[1].split()[0]) for line in output.splitlines() if "Launching " in line)
 
 
+@pytest.mark.slow  # 16 s: two sweep processes at once
 def test_two_processes_share_one_study(tmp_path):
     """Two identical sweep commands at once: 4 distinct trials in all, each run once in its own
     directory named by its Optuna trial number."""

@@ -317,6 +317,7 @@ def test_gradient_clipping_bounds_the_update(cfg_factory, tmp_path):
     assert largest_change("free") > 1e-6
 
 
+@pytest.mark.slow  # 17 s: two training processes
 def test_same_seed_gives_identical_weights_across_processes(tmp_path):
     """Reproducibility a comparison between configurations relies on: two separate runs, same seed."""
     common = (
