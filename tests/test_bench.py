@@ -145,3 +145,27 @@ def test_a_profiled_measurement_says_where_its_steps_spend_their_time(tmp_path):
     table = (tmp_path / "profile_stage2_all.txt").read_text()
     assert profile["table"] == str(tmp_path / "profile_stage2_all.txt")
     assert "by self CPU time" in table and "aten::addmm" in table
+
+
+def test_a_benchmark_set_smaller_than_one_batch_is_refused_naming_the_fix(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mdfnet_hydra.bench",
+            f"paths.root={tmp_path}",
+            f"bench.output={tmp_path / 'bench.json'}",
+            "bench.samples=96",
+            "bench.batch_size=128",
+            "bench.image_sizes=[32]",
+            "bench.measure=[stage2_clinical]",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 1
+    assert "fewer than one batch of 128: raise bench.samples" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "bench.json").exists()

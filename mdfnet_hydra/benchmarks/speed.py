@@ -38,7 +38,7 @@ from mdfnet_hydra.benchmarks.startup import bench_startup
 from mdfnet_hydra.benchmarks.timing import PeakMemory, cycle, flops_per_sample, measure, peak_tflops
 from mdfnet_hydra.benchmarks.tokens import bench_text_tokens
 from mdfnet_hydra.benchmarks.workload import Setup, bench_config, loader_choices, optimizer_for, text_length, train_step
-from mdfnet_hydra.config import modality_label
+from mdfnet_hydra.config import ConfigError, modality_label
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +122,14 @@ def bench_stage2(setup: Setup, steps: int, warmup: int, flops: bool, estimate_me
     loss_fn = MultiLabelLoss(cfg.loss)
     model = setup.model(frozen=False)
     step = train_step(model, optimizer_for(model, cfg, "stage2", rt), loss_fn, rt, cfg.trainer)
+    batches = min(4, len(setup.train) // int(cfg.trainer.batch_size))
+    if batches == 0:
+        raise ConfigError(
+            f"bench.samples={cfg.data.synthetic.num_samples} gives {len(setup.train)} training samples, fewer "
+            f"than one batch of {cfg.trainer.batch_size}: raise bench.samples"
+        )
     loader = iter(setup.loader())
-    staged = [
-        {k: v.to(rt.device) for k, v in next(loader).items()}
-        for _ in range(min(4, len(setup.train) // int(cfg.trainer.batch_size)))
-    ]
+    staged = [{k: v.to(rt.device) for k, v in next(loader).items()} for _ in range(batches)]
     counter = iter(range(10**9))
     name = "stage2/" + modality_label(setup.modalities)
     result = measure(
