@@ -39,13 +39,7 @@ class CompilePlan:
     mode: str
     static: bool
     graph_limit: int
-
-    @property
-    def cuda_graphs(self) -> bool:
-        """Whether torch captures the compiled step with CUDA graphs (on a GPU)."""
-        from mdfnet_hydra.config import CompileMode
-
-        return CompileMode(next(k for k, v in MODES.items() if v == self.mode)).cuda_graphs
+    cuda_graphs: bool  # whether torch captures the compiled step with CUDA graphs (on a GPU)
 
     def records_graphs_on(self, device: Any) -> bool:
         """Whether the compiled step runs as CUDA graphs there (torch records none on a CPU)."""
@@ -53,11 +47,13 @@ class CompilePlan:
 
     @classmethod
     def of(cls, mode: Any, buckets: Sequence[int]) -> "CompilePlan":
+        from mdfnet_hydra.config import CompileMode
+
         name = str(getattr(mode, "value", mode))
         if name not in MODES:
             raise ValueError(f"trainer.compile_mode must be one of {sorted(MODES)}, got {name!r}")
         # static graphs, one per bucket; without buckets torch's own rules (graph_limit unused)
-        return cls(MODES[name], bool(buckets), len(buckets))
+        return cls(MODES[name], bool(buckets), len(buckets), CompileMode(name).cuda_graphs)
 
 
 def compile_forward(forward: Callable, plan: CompilePlan, backend: str = "inductor") -> Callable:

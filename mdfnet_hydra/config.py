@@ -170,10 +170,10 @@ class DataConfig:
     feature_cache: bool = True
     feature_cache_dtype: CacheDtype = CacheDtype.float16
     # Where stage 1 reads the cache: null = auto (on a CUDA device, each split whose arrays fit, with
-    # the splits before it, in a quarter of the GPU's memory and half of what is free); true = every cached split copied once
-    # into the device's memory (RAM on a CPU), batches gathered there by one index with no loader;
-    # false = memory-mapped and read per batch by the DataLoader (the loader settings below apply
-    # only then).
+    # the splits before it, in a quarter of the GPU's memory and half of what is free); true = every
+    # cached split copied once into the device's memory (RAM on a CPU), batches gathered there by one
+    # index with no loader; false = memory-mapped and read per batch by the DataLoader (the loader
+    # settings below apply only then).
     feature_cache_on_device: Optional[bool] = None
     # Token ids stored once per (tokenizer, max length, text) under paths.cache_dir/tokens and shared
     # by every job (data/token_cache.py); false tokenises in memory in every job.

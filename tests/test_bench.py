@@ -23,27 +23,29 @@ MEASUREMENTS = (
 )
 
 
-@pytest.mark.slow  # tens of seconds; CI's slow suite runs it
-def test_benchmark_measures_every_path_and_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mdfnet_hydra.bench",
-            f"paths.root={tmp_path}",
-            f"bench.output={out}",
-            "bench.steps=2",
-            "bench.warmup=1",
-            "bench.samples=96",
-            "bench.image_sizes=[32]",
-            "bench.ddp_workers=[1,2]",
-        ],
+def bench(*overrides: str) -> subprocess.CompletedProcess:
+    """`python -m mdfnet_hydra.bench` with these overrides, offline, from the checkout."""
+    return subprocess.run(
+        [sys.executable, "-m", "mdfnet_hydra.bench", *overrides],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+@pytest.mark.slow  # tens of seconds; CI's slow suite runs it
+def test_benchmark_measures_every_path_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench(
+        f"paths.root={tmp_path}",
+        f"bench.output={out}",
+        "bench.steps=2",
+        "bench.warmup=1",
+        "bench.samples=96",
+        "bench.image_sizes=[32]",
+        "bench.ddp_workers=[1,2]",
     )
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads(out.read_text())
@@ -148,23 +150,13 @@ def test_a_profiled_measurement_says_where_its_steps_spend_their_time(tmp_path):
 
 
 def test_a_benchmark_set_smaller_than_one_batch_is_refused_naming_the_fix(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mdfnet_hydra.bench",
-            f"paths.root={tmp_path}",
-            f"bench.output={tmp_path / 'bench.json'}",
-            "bench.samples=96",
-            "bench.batch_size=128",
-            "bench.image_sizes=[32]",
-            "bench.measure=[stage2_clinical]",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    result = bench(
+        f"paths.root={tmp_path}",
+        f"bench.output={tmp_path / 'bench.json'}",
+        "bench.samples=96",
+        "bench.batch_size=128",
+        "bench.image_sizes=[32]",
+        "bench.measure=[stage2_clinical]",
     )
     assert result.returncode == 1
     assert "fewer than one batch of 128: raise bench.samples" in result.stderr
