@@ -40,24 +40,25 @@ class CompilePlan:
     static: bool
     graph_limit: int
     cuda_graphs: bool  # whether torch captures the compiled step with CUDA graphs (on a GPU)
+    backend: str = "inductor"  # torch.compile's backend (tests use lighter ones)
 
     def records_graphs_on(self, device: Any) -> bool:
         """Whether the compiled step runs as CUDA graphs there (torch records none on a CPU)."""
         return self.cuda_graphs and getattr(device, "type", str(device)) == "cuda"
 
     @classmethod
-    def of(cls, mode: Any, buckets: Sequence[int]) -> "CompilePlan":
+    def of(cls, mode: Any, buckets: Sequence[int], backend: str = "inductor") -> "CompilePlan":
         from mdfnet_hydra.config import CompileMode
 
         name = str(getattr(mode, "value", mode))
         if name not in MODES:
             raise ValueError(f"trainer.compile_mode must be one of {sorted(MODES)}, got {name!r}")
         # static graphs, one per bucket; without buckets torch's own rules (graph_limit unused)
-        return cls(MODES[name], bool(buckets), len(buckets), CompileMode(name).cuda_graphs)
+        return cls(MODES[name], bool(buckets), len(buckets), CompileMode(name).cuda_graphs, backend)
 
 
-def compile_forward(forward: Callable, plan: CompilePlan, backend: str = "inductor") -> Callable:
-    """`forward` through torch.compile as `plan` says (`backend`: tests use lighter ones).
+def compile_forward(forward: Callable, plan: CompilePlan) -> Callable:
+    """`forward` through torch.compile as `plan` says.
 
     Torch keeps compiled graphs per code object, not per model: a second model of the same class
     (the next phase, the benchmark's next measurement) can count against the first one's graph
@@ -68,9 +69,9 @@ def compile_forward(forward: Callable, plan: CompilePlan, backend: str = "induct
 
     torch._dynamo.reset()
     kwargs: dict[str, Any] = {"dynamic": False} if plan.static else {}
-    if backend == "inductor":
+    if plan.backend == "inductor":
         kwargs["mode"] = plan.mode
-    return torch.compile(forward, backend=backend, **kwargs)
+    return torch.compile(forward, backend=plan.backend, **kwargs)
 
 
 def compile_counts() -> dict[str, int]:

@@ -387,6 +387,10 @@ class TrainerConfig:
     # torch's compile mode: default | reduce_overhead (CUDA graphs) | max_autotune (CUDA graphs too) |
     # max_autotune_no_cudagraphs; with text, the CUDA-graph modes need model.text.length_buckets
     compile_mode: CompileMode = CompileMode.default
+    # Under trainer.compile, the loss computes inside the compiled step (one graph with the model: its
+    # few dozen small kernels are not launched one by one); false compiles the model alone. DDP ranks
+    # always compile the model alone (a loss around DDP's module breaks torch's graph).
+    compile_loss: bool = True
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 

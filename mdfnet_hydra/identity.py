@@ -40,6 +40,7 @@ OUTCOME_IRRELEVANT = (
     "trainer.eval_test",
     "trainer.compile",
     "trainer.compile_mode",
+    "trainer.compile_loss",
     # how the text encoder runs (config.TEXT_RUNTIME_KEYS): masked padding, the attention kernel
     "model.text.length_buckets",
     "model.text.attention",

@@ -2,6 +2,11 @@
 accumulation window the optimizer step (unscale, clip, step, scaler update, scheduler). The trainer
 runs it for every batch and the benchmark times it, so the benchmark measures the trainer's step.
 
+Under `trainer.compile` the step compiles its forward here (compiling.py): with `trainer.compile_loss`
+the model and the loss as one graph (`ForwardLoss`), so the loss's small kernels (a few dozen forward
+and backward) run inside the compiled, and on a GPU CUDA-graphed, step instead of one launch each;
+otherwise, and always for a DDP module, whose forward torch compiles apart, the model alone.
+
 Within an accumulation window only the last backward all-reduces gradients (DDP's `no_sync`).
 Under CUDA graphs (`own_grads`) a window's gradients are copied out of the graphs' memory pool
 before the next micro-batch, each the first time it appears: the gradient tensors a backward hands
@@ -17,11 +22,14 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from mdfnet_hydra.losses import LossTerms
+
+if TYPE_CHECKING:  # (compiling.py is imported only when a step compiles)
+    from mdfnet_hydra.compiling import CompilePlan
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -36,10 +44,41 @@ class StepResult:
     grad_norm: Optional[torch.Tensor]  # the total gradient norm before clipping, when computed
 
 
+class ForwardLoss(torch.nn.Module):
+    """A micro-batch's forward under the run's autocast and its loss in fp32, as one module: what
+    compiles as one graph under `trainer.compile_loss`."""
+
+    def __init__(self, forward: Callable[[dict], torch.Tensor], loss_fn, runtime) -> None:
+        super().__init__()
+        self.model = forward  # the model, its DDP wrapper, or the compiled model
+        self.loss_fn = loss_fn
+        self.runtime = runtime
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> LossTerms:
+        with self.runtime.autocast():
+            logits = self.model(batch)
+        return self.loss_fn(logits, batch["targets"], batch["mask"])
+
+
+def compiled_forward_loss(
+    forward: torch.nn.Module, loss_fn, runtime, plan: Optional["CompilePlan"], with_loss: bool
+) -> Callable[[dict], LossTerms]:
+    """The step's forward and loss: eager without a plan; with one, compiled as one graph
+    (`with_loss`, a single process) or the model compiled alone (a DDP module: torch splits its
+    forward at the gradient buckets itself, and breaks the graph of a function that calls it)."""
+    if plan is None:
+        return ForwardLoss(forward, loss_fn, runtime)
+    from mdfnet_hydra.compiling import compile_forward
+
+    if with_loss and not runtime.distributed:
+        return compile_forward(ForwardLoss(forward, loss_fn, runtime), plan)
+    return ForwardLoss(compile_forward(forward, plan), loss_fn, runtime)
+
+
 class TrainingStep:
     def __init__(
         self,
-        forward: Callable[[dict], torch.Tensor],
+        forward: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         loss_fn,
         runtime,
@@ -47,10 +86,14 @@ class TrainingStep:
         max_grad_norm: Optional[float] = None,
         scheduler: Any = None,
         own_grads: bool = False,
+        compile_plan: Optional["CompilePlan"] = None,
+        compile_loss: bool = True,
     ) -> None:
-        self.forward = forward  # the model, its DDP wrapper, or either compiled
+        self.module = forward  # the model or its DDP wrapper (whose no_sync a window's first batches use)
+        # under a compile plan the forward (and the loss, `compile_loss`) compile here
+        self.forward_loss = compiled_forward_loss(forward, loss_fn, runtime, compile_plan, compile_loss)
+        self.loss_in_graph = compile_plan is not None and compile_loss and not runtime.distributed
         self.optimizer = optimizer
-        self.loss_fn = loss_fn
         self.runtime = runtime
         self.accumulation = max(1, int(accumulation))
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -64,11 +107,9 @@ class TrainingStep:
         """The `index`-th micro-batch of an epoch (already on the device); `measure_norm`: compute
         the gradient norm even without clipping (the trainer's logging steps)."""
         syncing = (index + 1) % self.accumulation == 0
-        # a distributed forward is DDP's (or compiled DDP): its no_sync must exist
-        with self.forward.no_sync() if not syncing and self.runtime.distributed else nullcontext():
-            with self.runtime.autocast():
-                logits = self.forward(batch)
-            terms = self.loss_fn(logits, batch["targets"], batch["mask"])
+        # a distributed forward is DDP's: its no_sync must exist
+        with self.module.no_sync() if not syncing and self.runtime.distributed else nullcontext():
+            terms = self.forward_loss(batch)
             self.scaler.scale(terms.total / self.accumulation).backward()
         if not syncing:
             if self.own_grads:

@@ -156,8 +156,7 @@ class PhaseTrainer:
         self.forward = self._wrap_ddp() if runtime.distributed else self.model
         self.data_wait_share = 0.0  # of the last epoch's training loop (TimedBatches)
         self.compiled_from: Optional[dict[str, int]] = None  # torch's compile counters when compiling began
-        if self.trainer_cfg.compile:
-            self._compile(cfg.model.text.length_buckets)
+        self.compile_plan = self._compile_plan(cfg.model.text.length_buckets) if self.trainer_cfg.compile else None
         self.loss_fn = MultiLabelLoss(cfg.loss)
         self.loaders = self._loaders(collate)
         n_batches = len(self.loaders["train"])
@@ -186,8 +185,14 @@ class PhaseTrainer:
             accumulation=self.accum,
             max_grad_norm=self.trainer_cfg.max_grad_norm,
             scheduler=self.scheduler,
-            own_grads=self.compiled_from is not None and self.compile_plan.records_graphs_on(runtime.device),
+            own_grads=self.compile_plan is not None and self.compile_plan.records_graphs_on(runtime.device),
+            compile_plan=self.compile_plan,
+            compile_loss=bool(self.trainer_cfg.compile_loss),
         )
+        if self.compile_plan is not None:
+            from mdfnet_hydra.compiling import compile_counts
+
+            self.compiled_from = compile_counts()
         if self.step.own_grads:
             log.info(
                 "%s: CUDA graphs with %d-batch accumulation: each window's first gradients are copied out of "
@@ -210,21 +215,22 @@ class PhaseTrainer:
         )
 
     # ------------------------------------------------------------------ setup
-    def _compile(self, buckets: list[int]) -> None:
-        from mdfnet_hydra.compiling import CompilePlan, compile_counts, compile_forward
+    def _compile_plan(self, buckets: list[int]):
+        """How the step compiles (the step compiles itself: step.py), said in the log."""
+        from mdfnet_hydra.compiling import CompilePlan
 
         plan = CompilePlan.of(self.trainer_cfg.compile_mode, buckets)
+        in_graph = bool(self.trainer_cfg.compile_loss) and not self.runtime.distributed
         log.info(
-            "%s: training steps through torch.compile (mode %s, %s; the first steps compile)",
+            "%s: training steps through torch.compile (mode %s, %s, %s; the first steps compile)",
             self.name,
             plan.mode,
             f"static shapes, at most {plan.graph_limit} graphs: one per text length bucket"
             if plan.static
             else "text length dynamic after its first change; model.text.length_buckets fixes the shapes",
+            "the loss in the model's graph" if in_graph else "the model alone, the loss eager",
         )
-        self.forward = compile_forward(self.forward, plan)
-        self.compiled_from = compile_counts()
-        self.compile_plan = plan
+        return plan
 
     def _compile_guard(self, batch: dict):
         if self.compiled_from is None:

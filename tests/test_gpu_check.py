@@ -38,8 +38,8 @@ def test_dry_run_composes_every_gpu_command_and_runs_every_step(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     steps = summary["steps"]
     assert list(steps) == ["environment", "nccl", "default", "real_arch", "compile", "graphs_accum", "bench16",
-                           "bench64", "compiled16", "compiled16_warm", "compiled64", "compiled128", "trainer16",
-                           "stage1_4096", "stage1_compiled"]  # fmt: skip
+                           "bench64", "compiled16", "compiled16_warm", "compiled64", "compiled128", "compiled256",
+                           "trainer16", "stage1_4096", "stage1_loss_eager", "stage1_compiled"]  # fmt: skip
     assert all(s["verdict"] == "PASS" for s in steps.values())
     probes = ("environment", "nccl", "graphs_accum")  # Python snippets, not Hydra commands
     assert all(steps[name]["gpu_command_composes"] for name in steps if name not in probes)
@@ -49,7 +49,7 @@ def test_dry_run_composes_every_gpu_command_and_runs_every_step(tmp_path):
     assert steps["bench64"]["details"]["batch_size"] == 64
     for name in ("compiled16", "compiled16_warm", "compiled128"):  # compiled as the trainer compiles, compile timed
         assert steps[name]["details"]["compile"] == "reduce_overhead" and steps[name]["details"]["first_step_s"] > 0
-    assert steps["compiled128"]["details"]["batch_size"] == 128
+    assert steps["compiled128"]["details"]["batch_size"] == 128 and steps["compiled256"]["details"]["batch_size"] == 256
     # the accumulation probe compared the graphed step with the eager one (on a CPU: no graphs, no error)
     assert steps["graphs_accum"]["details"]["accum2_own_grads_max_diff"] < 1e-4
     # the trainer's own compiled loop, set against the benchmark's compiled step of this check
@@ -60,8 +60,13 @@ def test_dry_run_composes_every_gpu_command_and_runs_every_step(tmp_path):
     assert "cache_build_over_recompute" in stage1["ratios"] and stage1["held_batch_matches_mapped"] is True
     compiled_stage1 = steps["stage1_compiled"]["details"]
     assert compiled_stage1["compile"] == "reduce_overhead" and "stage1_recompute_samples_per_s" not in compiled_stage1
-    for details in (compiled_stage1, steps["compiled16"]["details"]):  # where the compiled steps' time goes
+    loss_eager = steps["stage1_loss_eager"]["details"]
+    assert compiled_stage1["compile_loss"] is True and loss_eager["compile_loss"] is False
+    assert compiled_stage1["over_loss_eager"] > 0  # the loss in the graph against outside it, in one call
+    for details in (compiled_stage1, loss_eager, steps["compiled16"]["details"]):  # where the compiled steps' time goes
         assert details["profile"]["host_ms_per_step"] > 0 and Path(details["profile"]["table"]).is_file()
+    # fewer operators outside the graph with the loss in it (the same count on any machine)
+    assert compiled_stage1["profile"]["eager_ops_per_step"] < loss_eager["profile"]["eager_ops_per_step"]
     verdict_lines = [
         line.split()[1]
         for line in result.stdout.splitlines()

@@ -131,3 +131,96 @@ def test_a_compile_plan_knows_whether_its_mode_records_cuda_graphs(mode):
     assert CompilePlan.of(mode, [64]).cuda_graphs == mode.cuda_graphs
     assert MODES[mode.value] == CompilePlan.of(mode, []).mode
     assert mode.cuda_graphs == (mode in (CompileMode.reduce_overhead, CompileMode.max_autotune))
+
+
+# ---------------------------------------------------------------- the compiled step (trainer.compile_loss)
+def compiled_run(plan, compile_loss: bool, accumulation: int = 2):
+    """The step over two passes of the batches: the model's weights, the losses, and the step."""
+    torch.manual_seed(0)
+    model = Net()
+    runtime = Runtime.from_config(OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"precision": "fp32"}))
+    step = TrainingStep(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        MultiLabelLoss(OmegaConf.structured(LossConfig)),
+        runtime,
+        accumulation=accumulation,
+        max_grad_norm=1.0,
+        compile_plan=plan,
+        compile_loss=compile_loss,
+    )
+    losses = [step(batch, i).terms.total.item() for _ in range(2) for i, batch in enumerate(batches())]
+    return model, losses, step
+
+
+@pytest.mark.parametrize("compile_loss", [True, False])
+def test_the_compiled_step_trains_like_the_eager_step(compile_loss):
+    """The step compiled (torch's AOT autograd without inductor's code generation: the graph capture
+    under test, quick on a CPU) with the loss in the graph or outside it: the eager step's losses
+    and weights over two passes with accumulation 2 and clipping, to 1e-6."""
+    import torch._dynamo
+
+    from mdfnet_hydra.compiling import compile_counts
+
+    torch._dynamo.reset()
+    eager, eager_losses, _ = compiled_run(None, compile_loss)
+    plan = CompilePlan.of("default", [8], backend="aot_eager")
+    compiled, losses, step = compiled_run(plan, compile_loss)
+    assert step.loss_in_graph is compile_loss
+    assert compile_counts()["graphs"] >= 1, "the step ran compiled"
+    assert losses == pytest.approx(eager_losses, abs=1e-6)
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert compile_counts()["graph_breaks"] == 0
+
+
+def test_with_the_loss_in_the_graph_no_loss_operator_runs_eagerly():
+    """torch.profiler's record of compiled steps: with trainer.compile_loss the loss's operators run
+    inside the compiled region, and the operators computing outside it per step (what the
+    benchmark's profile reports as eager_ops_per_step) are under half as many; without, the loss's
+    operators run eagerly, one by one."""
+    import torch._dynamo
+    from torch.profiler import profile
+
+    from mdfnet_hydra.benchmarks.timing import launches
+
+    loss_ops = {"aten::binary_cross_entropy_with_logits", "aten::sigmoid", "aten::pow"}
+    counted, ran_eagerly = {}, {}
+    staged = batches(4)
+    for compile_loss in (True, False):
+        torch._dynamo.reset()
+        _, _, step = compiled_run(CompilePlan.of("default", [8], backend="aot_eager"), compile_loss)
+        with profile() as prof:
+            for i, batch in enumerate(staged):
+                step(batch, i)
+        counted[compile_loss] = launches(prof.events(), len(staged))
+        ran_eagerly[compile_loss] = {e.name for e in prof.events() if e.name in loss_ops and not _inside_compiled(e)}
+    assert not ran_eagerly[True] and not loss_ops & set(counted[True]["eager_ops_top"])
+    assert ran_eagerly[False] == loss_ops
+    assert counted[True]["eager_ops_per_step"] < 0.5 * counted[False]["eager_ops_per_step"]
+    assert counted[True]["kernel_launches_per_step"] is None  # a CPU: no CUDA launches
+
+
+def _inside_compiled(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if "Compiled" in parent.name:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def test_a_ddp_module_compiles_alone_and_the_loss_stays_eager():
+    """A DDP module's forward breaks the graph of a function that calls it (DDP's bucketing hooks):
+    under several processes the model compiles alone whatever trainer.compile_loss says."""
+    from mdfnet_hydra.step import ForwardLoss, compiled_forward_loss
+
+    runtime = Runtime.from_config(OmegaConf.structured(TrainerConfig))
+    plan = CompilePlan.of("default", [8], backend="aot_eager")
+    model = Net()
+    single = compiled_forward_loss(model, None, runtime, plan, with_loss=True)
+    assert not isinstance(single, ForwardLoss) and isinstance(single._orig_mod, ForwardLoss)
+    runtime.world_size = 2  # what a DDP rank's runtime says (no process group needed to compose)
+    assert runtime.distributed
+    several = compiled_forward_loss(model, None, runtime, plan, with_loss=True)
+    assert isinstance(several, ForwardLoss) and several.model._orig_mod is model

@@ -114,8 +114,8 @@ def test_bucketed_reports_compile_once_per_bucket_and_a_shape_past_them_fails(cf
     assert len({tuple(b["input_ids"].shape) for b in batches}) == 2
     assert len({int(b["attention_mask"].sum(1).max()) for b in batches}) > 2, "many lengths, two buckets"
     torch._dynamo.reset()
-    plan = CompilePlan.of("default", buckets)
-    forward = compile_forward(model, plan, backend="eager")
+    plan = CompilePlan.of("default", buckets, backend="eager")
+    forward = compile_forward(model, plan)
     start = compile_counts()
     with torch.no_grad():
         for batch in batches:

@@ -41,7 +41,12 @@ def _ddp_worker(
         model = setup.model(frozen=False)
         ddp = DistributedDataParallel(model)
         step = train_step(
-            ddp, optimizer_for(model, cfg, "stage2", runtime), MultiLabelLoss(cfg.loss), runtime, cfg.trainer
+            ddp,
+            optimizer_for(model, cfg, "stage2", runtime),
+            MultiLabelLoss(cfg.loss),
+            runtime,
+            cfg.trainer,
+            setup.compile_plan(),
         )
         loader = iter(setup.loader())
         staged = [next(loader) for _ in range(4)]

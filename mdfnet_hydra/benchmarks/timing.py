@@ -10,6 +10,7 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -157,16 +158,65 @@ def profile_steps(name: str, step: Callable[[], int], device: torch.device, step
         tables.append("by self device time:\n" + events.table(sort_by="self_device_time_total", row_limit=25))
     out.mkdir(parents=True, exist_ok=True)
     path.write_text("\n\n".join(tables) + "\n")
-    per_step = {"wall_ms_per_step": 1000 * wall / steps, **time_split(events, steps), "table": str(path)}
+    per_step = {
+        "wall_ms_per_step": 1000 * wall / steps,
+        **time_split(events, steps),
+        **launches(prof.events(), steps),
+        "table": str(path),
+    }
     log.info(
-        "%-22s profiled: %.3f ms per step wall, %.3f ms host work, %.3f ms host waiting%s",
+        "%-22s profiled: %.3f ms per step wall, %.3f ms host work, %.3f ms host waiting%s; %.1f operators "
+        "outside compiled graphs per step",
         name,
         per_step["wall_ms_per_step"],
         per_step["host_ms_per_step"],
         per_step["host_wait_ms_per_step"],
         f", {per_step['device_ms_per_step']:.3f} ms of GPU kernels" if cuda else "",
+        per_step["eager_ops_per_step"],
     )
     return per_step
+
+
+COMPILED_REGIONS = ("Torch-Compiled Region", "CompiledFxGraph", "CompiledFunction")  # CompiledFunctionBackward too
+# operators that only view or allocate (no kernel): not counted
+NO_KERNEL = frozenset(
+    f"aten::{name}"
+    for name in (
+        "detach", "alias", "view", "_unsafe_view", "slice", "select", "expand", "t", "transpose", "permute",
+        "unsqueeze", "squeeze", "as_strided", "resolve_conj", "resolve_neg", "empty", "empty_strided", "lift_fresh",
+    )
+)  # fmt: skip
+PASS_THROUGH = frozenset({"aten::to", "aten::contiguous", "aten::reshape", "aten::type_as"})  # no-ops unless they copy
+KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def launches(events, steps: int) -> dict[str, Any]:
+    """Per step: the operators computing outside compiled graphs (top-level `aten::` ops, not inside
+    another op nor a compiled region, views and allocations left out: on a GPU each launches its
+    kernels one by one; the same count on any machine) with the commonest, and on a GPU the kernel
+    launches and CUDA graph replays the host issued."""
+    outside: Counter[str] = Counter()
+    for event in events:
+        if not event.name.startswith("aten::") or event.name in NO_KERNEL:
+            continue
+        if event.name in PASS_THROUGH and not event.cpu_children:
+            continue  # already the dtype, device or layout asked for: nothing ran
+        parent = event.cpu_parent
+        if parent is not None and parent.name.startswith("aten::"):
+            continue  # called by another operator
+        while parent is not None and not any(region in parent.name for region in COMPILED_REGIONS):
+            parent = parent.cpu_parent
+        if parent is None:
+            outside[event.name] += 1
+    names = Counter(event.name for event in events)
+    kernels = sum(names[n] for n in KERNEL_LAUNCHES)
+    graphs = names["cudaGraphLaunch"]
+    return {
+        "eager_ops_per_step": sum(outside.values()) / steps,
+        "eager_ops_top": {k: v / steps for k, v in outside.most_common(10)},
+        "kernel_launches_per_step": kernels / steps if kernels or graphs else None,
+        "graph_launches_per_step": graphs / steps if kernels or graphs else None,
+    }
 
 
 def time_split(events, steps: int) -> dict[str, Optional[float]]:
@@ -198,7 +248,7 @@ def flops_per_sample(model, batch: dict, loss_fn, runtime) -> float:
     counter = FlopCounterMode(display=False)
     with counter:
         with runtime.autocast():
-            logits = getattr(model, "_orig_mod", model)(batch)
+            logits = model(batch)
         loss_fn(logits, batch["targets"], batch["mask"]).total.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch["targets"].shape[0]

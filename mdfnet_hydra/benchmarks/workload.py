@@ -92,12 +92,15 @@ class Setup:
     def model(self, frozen: bool):
         model = self.job.build_model().to(self.runtime.device)
         model.set_encoders_frozen(frozen)
-        if self.cfg.trainer.compile:  # as the trainer compiles (compiling.py)
-            from mdfnet_hydra.compiling import CompilePlan, compile_forward
-
-            plan = CompilePlan.of(self.cfg.trainer.compile_mode, self.cfg.model.text.length_buckets)
-            model = compile_forward(model, plan)
         return model.train()
+
+    def compile_plan(self):
+        """How the trainer would compile its step (None: eager); the step compiles itself (step.py)."""
+        if not self.cfg.trainer.compile:
+            return None
+        from mdfnet_hydra.compiling import CompilePlan
+
+        return CompilePlan.of(self.cfg.trainer.compile_mode, self.cfg.model.text.length_buckets)
 
     def loader(self, dataset=None):
         from torch.utils.data import DataLoader
@@ -122,9 +125,10 @@ def loader_choices(setup: Setup) -> dict[str, Any]:
     return {k: v for k, v in loader_settings(setup.cfg.data, setup.runtime, setup.train).items() if k != "generator"}
 
 
-def train_step(model, optimizer, loss_fn, runtime, trainer_cfg: DictConfig) -> Callable[[dict], int]:
+def train_step(model, optimizer, loss_fn, runtime, trainer_cfg: DictConfig, compile_plan=None) -> Callable[[dict], int]:
     """The trainer's own step (step.TrainingStep: autocast forward, loss, scaled backward, clipping,
-    the optimizer step) over one batch after another; returns the samples each call took. Every call
+    the optimizer step; compiled as the trainer compiles it under `compile_plan`) over one batch
+    after another; returns the samples each call took. Every call
     steps the optimizer (and, under DDP, all-reduces): without `trainer.grad_accum`, whose windows
     would make odd calls cheaper and carry gradients between measurements; the trainer, stepping once
     per `grad_accum` batches, is at least as fast per sample."""
@@ -137,6 +141,8 @@ def train_step(model, optimizer, loss_fn, runtime, trainer_cfg: DictConfig) -> C
         runtime,
         accumulation=1,
         max_grad_norm=trainer_cfg.max_grad_norm,
+        compile_plan=compile_plan,
+        compile_loss=bool(trainer_cfg.compile_loss),
     )
 
     def take(batch: dict) -> int:
@@ -151,4 +157,4 @@ def optimizer_for(model, cfg: DictConfig, phase: str, runtime=None):
     from mdfnet_hydra.optim import build_optimizer
 
     fused = runtime is not None and runtime.fused_optimizer
-    return build_optimizer(getattr(model, "_orig_mod", model), cfg.phases[phase], cfg.optimizer, fused=fused)
+    return build_optimizer(model, cfg.phases[phase], cfg.optimizer, fused=fused)
