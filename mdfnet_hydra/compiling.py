@@ -11,15 +11,18 @@ rest of the process: validation runs the model eagerly, and transformers compile
 (flex attention's masks).
 
 `trainer.compile_mode`: torch's modes; `reduce_overhead` captures the compiled step with CUDA graphs
-on a GPU, which removes the per-kernel launch cost that bounds small batches.
+on a GPU, which removes the per-kernel launch cost that bounds small batches. A graph torch cannot
+capture would otherwise run uncaptured after a log warning; within the training step it stops the
+job with torch's reason, and each epoch line counts the graphs not captured.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+import re
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -75,34 +78,72 @@ def compile_forward(forward: Callable, plan: CompilePlan) -> Callable:
 
 
 def compile_counts() -> dict[str, int]:
-    """Graphs compiled so far in this process and graph breaks (torch's own counters)."""
+    """Graphs compiled so far in this process, graph breaks, and compiled graphs torch did not
+    capture as CUDA graphs (torch's own counters; on a CPU every graph of a CUDA-graph mode counts)."""
     from torch._dynamo.utils import counters
 
     return {
         "graphs": int(counters["stats"]["unique_graphs"]),
         "graph_breaks": int(sum(counters["graph_break"].values())),
+        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
     }
+
+
+CUDAGRAPH_SKIP = re.compile(r"(skipping|disabling) cudagraphs[^\n]*")
 
 
 @contextmanager
 def compiled_step(plan: CompilePlan, batch: dict) -> Iterator[None]:
-    """Around one call of the compiled forward: with buckets, at most one graph per bucket, and a
-    batch needing another stops the job saying what happened and what to change (torch alone would
-    run it eagerly from then on). Without buckets, torch's own rules."""
-    if not plan.static:
-        yield
-        return
+    """Around one compiled training step (forward and backward, where torch compiles and captures):
+    - with buckets, at most one graph per bucket: a batch needing another stops the job saying what
+      happened and what to change (torch alone would run it eagerly from then on); without buckets,
+      torch's own rules;
+    - in a CUDA-graph mode, a graph torch cannot capture on the GPU (an input it mutates, a CPU
+      tensor, an op graphs cannot hold) stops the job with torch's reason, where torch alone would
+      log a warning and run that graph uncaptured, launch by launch."""
     import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
-    try:
-        with dynamo_config.patch(recompile_limit=max(plan.graph_limit, 1), fail_on_recompile_limit_hit=True):
+    with ExitStack() as patches:
+        if plan.cuda_graphs:
+            patches.enter_context(inductor_config.patch({"triton.cudagraph_or_error": True}))
+        if plan.static:
+            patches.enter_context(
+                dynamo_config.patch(recompile_limit=max(plan.graph_limit, 1), fail_on_recompile_limit_hit=True)
+            )
+        try:
             yield
-    except FailOnRecompileLimitHit as err:
-        shapes = {k: tuple(v.shape) for k, v in batch.items() if hasattr(v, "shape") and v.dim() > 1}
-        raise RuntimeError(
-            f"trainer.compile: a batch shaped {shapes} needs one more compiled graph than the "
-            f"{plan.graph_limit} allowed, one per model.text.length_buckets entry; torch would have run "
-            "it uncompiled from here on. Give model.text.length_buckets a length that holds it, or run "
-            "with trainer.compile=false"
-        ) from err
+        except FailOnRecompileLimitHit as err:
+            shapes = {k: tuple(v.shape) for k, v in batch.items() if hasattr(v, "shape") and v.dim() > 1}
+            raise RuntimeError(
+                f"trainer.compile: a batch shaped {shapes} needs one more compiled graph than the "
+                f"{plan.graph_limit} allowed, one per model.text.length_buckets entry; torch would have run "
+                "it uncompiled from here on. Give model.text.length_buckets a length that holds it, or run "
+                "with trainer.compile=false"
+            ) from err
+        except Exception as err:
+            reason = _cudagraph_skip(err) if plan.cuda_graphs else None
+            if reason is None:
+                raise
+            raise RuntimeError(
+                f"trainer.compile_mode={_mode_name(plan.mode)}: torch could not capture the training step as "
+                f"CUDA graphs ({reason}) and would have run it without them, launch by launch. Run with "
+                "trainer.compile_mode=max_autotune_no_cudagraphs or default, or trainer.compile=false"
+            ) from err
+
+
+def _cudagraph_skip(err: BaseException) -> Optional[str]:
+    """torch's reason for not capturing CUDA graphs, from an error or the errors it wraps."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        found = CUDAGRAPH_SKIP.search(str(err))
+        if found:
+            return found.group(0).strip()
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _mode_name(torch_mode: str) -> str:
+    return next(name for name, value in MODES.items() if value == torch_mode)

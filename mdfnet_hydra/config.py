@@ -389,7 +389,7 @@ class TrainerConfig:
     compile_mode: CompileMode = CompileMode.default
     # Under trainer.compile, the loss computes inside the compiled step (one graph with the model: its
     # few dozen small kernels are not launched one by one); false compiles the model alone. DDP ranks
-    # always compile the model alone (a loss around DDP's module breaks torch's graph).
+    # compile the model alone (a loss compiled around a DDP module has not run on GPUs).
     compile_loss: bool = True
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 

@@ -5,7 +5,7 @@ runs it for every batch and the benchmark times it, so the benchmark measures th
 Under `trainer.compile` the step compiles its forward here (compiling.py): with `trainer.compile_loss`
 the model and the loss as one graph (`ForwardLoss`), so the loss's small kernels (a few dozen forward
 and backward) run inside the compiled, and on a GPU CUDA-graphed, step instead of one launch each;
-otherwise, and always for a DDP module, whose forward torch compiles apart, the model alone.
+otherwise, and always for a DDP module (not verified on GPUs with the loss around it), the model alone.
 
 Within an accumulation window only the last backward all-reduces gradients (DDP's `no_sync`).
 Under CUDA graphs (`own_grads`) a window's gradients are copied out of the graphs' memory pool
@@ -64,8 +64,10 @@ def compiled_forward_loss(
     forward: torch.nn.Module, loss_fn, runtime, plan: Optional["CompilePlan"], with_loss: bool
 ) -> Callable[[dict], LossTerms]:
     """The step's forward and loss: eager without a plan; with one, compiled as one graph
-    (`with_loss`, a single process) or the model compiled alone (a DDP module: torch splits its
-    forward at the gradient buckets itself, and breaks the graph of a function that calls it)."""
+    (`with_loss`, a single process) or the model compiled alone. A DDP module compiles alone, as
+    before `trainer.compile_loss` existed: torch splits its forward at DDP's gradient buckets and
+    breaks the frame around it (3 breaks on 2 CPU processes, with the loss compiled around it or
+    not); a loss compiled around DDP has not run on GPUs (NCCL, CUDA graphs)."""
     if plan is None:
         return ForwardLoss(forward, loss_fn, runtime)
     from mdfnet_hydra.compiling import compile_forward
@@ -91,8 +93,9 @@ class TrainingStep:
     ) -> None:
         self.module = forward  # the model or its DDP wrapper (whose no_sync a window's first batches use)
         # under a compile plan the forward (and the loss, `compile_loss`) compile here
+        self.compile_plan = compile_plan
         self.forward_loss = compiled_forward_loss(forward, loss_fn, runtime, compile_plan, compile_loss)
-        self.loss_in_graph = compile_plan is not None and compile_loss and not runtime.distributed
+        self.loss_in_graph = isinstance(getattr(self.forward_loss, "_orig_mod", None), ForwardLoss)
         self.optimizer = optimizer
         self.runtime = runtime
         self.accumulation = max(1, int(accumulation))
@@ -109,8 +112,10 @@ class TrainingStep:
         syncing = (index + 1) % self.accumulation == 0
         # a distributed forward is DDP's: its no_sync must exist
         with self.module.no_sync() if not syncing and self.runtime.distributed else nullcontext():
-            terms = self.forward_loss(batch)
-            self.scaler.scale(terms.total / self.accumulation).backward()
+            with self._compiled(batch):  # where torch compiles and captures: its limits enforced
+                terms = self.forward_loss(batch)
+                objective = terms.total / self.accumulation if self.accumulation > 1 else terms.total
+                self.scaler.scale(objective).backward()
         if not syncing:
             if self.own_grads:
                 self._own_new_grads(first=index % self.accumulation == 0)
@@ -126,6 +131,13 @@ class TrainingStep:
         if self.scheduler is not None:
             self.scheduler.step()
         return StepResult(terms, True, grad_norm)
+
+    def _compiled(self, batch: dict):
+        if self.compile_plan is None:
+            return nullcontext()
+        from mdfnet_hydra.compiling import compiled_step
+
+        return compiled_step(self.compile_plan, batch)
 
     def _own_new_grads(self, first: bool) -> None:
         """Replace each gradient this window has not copied yet with a copy (the window's first

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -232,21 +231,17 @@ class PhaseTrainer:
         )
         return plan
 
-    def _compile_guard(self, batch: dict):
-        if self.compiled_from is None:
-            return nullcontext()
-        from mdfnet_hydra.compiling import compiled_step
-
-        return compiled_step(self.compile_plan, batch)
-
     def _compile_note(self) -> str:
         """What compiling has done so far in this phase (empty when the forward is not compiled)."""
         if self.compiled_from is None:
             return ""
         from mdfnet_hydra.compiling import compile_counts
 
-        now = compile_counts()
-        return "; compiled graphs %d, graph breaks %d" % tuple(now[k] - self.compiled_from[k] for k in now)
+        now = {k: v - self.compiled_from[k] for k, v in compile_counts().items()}
+        note = f"; compiled graphs {now['graphs']}, graph breaks {now['graph_breaks']}"
+        if self.compile_plan.records_graphs_on(self.runtime.device):  # (on a CPU no graph is captured)
+            note += f", not captured as CUDA graphs {now['cudagraph_skips']}"
+        return note
 
     def _wrap_ddp(self) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel
@@ -563,8 +558,7 @@ class PhaseTrainer:
             step = self.state.global_step + 1
             logging_step = step % log_every == 0 or (i + 1) == self.batches_per_epoch
             batch = self._to_device(batch)
-            with self._compile_guard(batch):
-                result = self.step(batch, i, measure_norm=logging_step)
+            result = self.step(batch, i, measure_norm=logging_step)
             terms = result.terms
             names = ["combined", *terms.parts]
             current = torch.stack([terms.total.detach(), *(t.detach() for t in terms.parts.values())])

@@ -161,3 +161,23 @@ def test_a_benchmark_set_smaller_than_one_batch_is_refused_naming_the_fix(tmp_pa
     assert result.returncode == 1
     assert "fewer than one batch of 128: raise bench.samples" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "bench.json").exists()
+
+
+def test_the_real_size_keeps_what_the_encoders_hand_the_fusion(tmp_path):
+    """`bench.size=real` swaps in the real architectures but keeps the run's `output` (tokens or one
+    pooled vector: a stage-1 sweep's fast path) and the text encoder's pooling, so the pooled path
+    can be measured at real size; the default stays tokens."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from mdfnet_hydra.benchmarks.workload import bench_config
+
+    pooled = ["model.vision.output=pooled", "model.text.output=pooled", "model.text.pooling=mean"]
+    for overrides, output in (([], "tokens"), (pooled, "pooled")):
+        with initialize_config_dir(config_dir=str(CONF), version_base=None):
+            cfg = compose("bench", overrides=[f"paths.root={tmp_path}", "bench.size=real", *overrides])
+        run = bench_config(cfg, 224)
+        assert run.model.vision.open_clip_config.vision_cfg.timm_model_name == "vit_base_patch16_224"
+        assert run.model.text.model_config.hidden_size == 768
+        assert str(run.model.vision.output.value) == str(run.model.text.output.value) == output
+        assert run.model.text.pooling == ("mean" if overrides else "cls")

@@ -39,7 +39,7 @@ def test_dry_run_composes_every_gpu_command_and_runs_every_step(tmp_path):
     steps = summary["steps"]
     assert list(steps) == ["environment", "nccl", "default", "real_arch", "compile", "graphs_accum", "bench16",
                            "bench64", "compiled16", "compiled16_warm", "compiled64", "compiled128", "compiled256",
-                           "trainer16", "stage1_4096", "stage1_loss_eager", "stage1_compiled"]  # fmt: skip
+                           "trainer16", "stage1_4096", "stage1_loss_eager", "stage1_compiled", "stage1_pooled"]  # fmt: skip
     assert all(s["verdict"] == "PASS" for s in steps.values())
     probes = ("environment", "nccl", "graphs_accum")  # Python snippets, not Hydra commands
     assert all(steps[name]["gpu_command_composes"] for name in steps if name not in probes)
@@ -63,6 +63,7 @@ def test_dry_run_composes_every_gpu_command_and_runs_every_step(tmp_path):
     loss_eager = steps["stage1_loss_eager"]["details"]
     assert compiled_stage1["compile_loss"] is True and loss_eager["compile_loss"] is False
     assert compiled_stage1["over_loss_eager"] > 0  # the loss in the graph against outside it, in one call
+    assert steps["stage1_pooled"]["details"]["over_compiled"] > 0  # pooled features against tokens
     for details in (compiled_stage1, loss_eager, steps["compiled16"]["details"]):  # where the compiled steps' time goes
         assert details["profile"]["host_ms_per_step"] > 0 and Path(details["profile"]["table"]).is_file()
     # fewer operators outside the graph with the loss in it (the same count on any machine)

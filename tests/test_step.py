@@ -134,11 +134,11 @@ def test_a_compile_plan_knows_whether_its_mode_records_cuda_graphs(mode):
 
 
 # ---------------------------------------------------------------- the compiled step (trainer.compile_loss)
-def compiled_run(plan, compile_loss: bool, accumulation: int = 2):
+def compiled_run(plan, compile_loss: bool, accumulation: int = 2, precision: str = "fp32"):
     """The step over two passes of the batches: the model's weights, the losses, and the step."""
     torch.manual_seed(0)
     model = Net()
-    runtime = Runtime.from_config(OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"precision": "fp32"}))
+    runtime = Runtime.from_config(OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"precision": precision}))
     step = TrainingStep(
         model,
         torch.optim.AdamW(model.parameters(), lr=1e-2),
@@ -153,25 +153,28 @@ def compiled_run(plan, compile_loss: bool, accumulation: int = 2):
     return model, losses, step
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("compile_loss", [True, False])
-def test_the_compiled_step_trains_like_the_eager_step(compile_loss):
+def test_the_compiled_step_trains_like_the_eager_step(compile_loss, precision):
     """The step compiled (torch's AOT autograd without inductor's code generation: the graph capture
-    under test, quick on a CPU) with the loss in the graph or outside it: the eager step's losses
-    and weights over two passes with accumulation 2 and clipping, to 1e-6."""
+    under test, quick on a CPU) with the loss in the graph or outside it, in fp32 and under bf16
+    autocast (the model only; the loss in fp32): the eager step's losses and weights over two
+    passes with accumulation 2 and clipping, to 1e-6; one graph, no graph break."""
     import torch._dynamo
 
     from mdfnet_hydra.compiling import compile_counts
 
+    eager, eager_losses, _ = compiled_run(None, compile_loss, precision=precision)
     torch._dynamo.reset()
-    eager, eager_losses, _ = compiled_run(None, compile_loss)
+    start = compile_counts()  # torch's counters are process-wide and survive the reset
     plan = CompilePlan.of("default", [8], backend="aot_eager")
-    compiled, losses, step = compiled_run(plan, compile_loss)
+    compiled, losses, step = compiled_run(plan, compile_loss, precision=precision)
     assert step.loss_in_graph is compile_loss
-    assert compile_counts()["graphs"] >= 1, "the step ran compiled"
+    counts = {k: v - start[k] for k, v in compile_counts().items()}
+    assert counts["graphs"] == 1 and counts["graph_breaks"] == 0
     assert losses == pytest.approx(eager_losses, abs=1e-6)
     for a, b in zip(eager.parameters(), compiled.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert compile_counts()["graph_breaks"] == 0
 
 
 def test_with_the_loss_in_the_graph_no_loss_operator_runs_eagerly():
@@ -202,9 +205,10 @@ def test_with_the_loss_in_the_graph_no_loss_operator_runs_eagerly():
 
 
 def _inside_compiled(event) -> bool:
+    """Within a compiled graph's run (AOT autograd's forward or backward, inductor's code)."""
     parent = event.cpu_parent
     while parent is not None:
-        if "Compiled" in parent.name:
+        if "CompiledFunction" in parent.name or "CompiledFxGraph" in parent.name:
             return True
         parent = parent.cpu_parent
     return False
@@ -224,3 +228,64 @@ def test_a_ddp_module_compiles_alone_and_the_loss_stays_eager():
     assert runtime.distributed
     several = compiled_forward_loss(model, None, runtime, plan, with_loss=True)
     assert isinstance(several, ForwardLoss) and several.model._orig_mod is model
+
+
+def test_a_graph_torch_cannot_capture_stops_the_step_with_torchs_reason():
+    """In a CUDA-graph mode the compiled step turns torch's skip of a CUDA graph (a warning, then the
+    graph runs uncaptured) into an error naming torch's reason and what to run instead: torch's own
+    skip path (`log_cudagraph_skip_and_bump_counter`, which its GPU compile and replay call) raises
+    under the flag the step sets, also when wrapped by another error. Modes without CUDA graphs, and
+    code outside the step, keep torch's warning; the epoch line's counter counts each skip."""
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    from mdfnet_hydra.compiling import compile_counts, compiled_step
+
+    reason = "skipping cudagraphs due to mutated inputs (1 instances)"
+    message = r"trainer.compile_mode=reduce_overhead: torch could not capture .*\(skipping cudagraphs due to mutated"
+    for buckets in ([8], []):  # static shapes or not
+        with pytest.raises(RuntimeError, match=message):
+            with compiled_step(CompilePlan.of("reduce_overhead", buckets), {}):
+                log_cudagraph_skip_and_bump_counter(reason)
+    with pytest.raises(RuntimeError, match=message):
+        with compiled_step(CompilePlan.of("reduce_overhead", [8]), {}):
+            try:
+                log_cudagraph_skip_and_bump_counter(reason)
+            except RuntimeError as err:
+                raise ValueError("the backend failed") from err
+    before = compile_counts()["cudagraph_skips"]
+    for plan in (CompilePlan.of("default", [8]), CompilePlan.of("max_autotune_no_cudagraphs", [])):
+        with compiled_step(plan, {}):
+            log_cudagraph_skip_and_bump_counter(reason)  # a warning only
+    log_cudagraph_skip_and_bump_counter(reason)  # outside the step: the flag is restored
+    assert compile_counts()["cudagraph_skips"] == before + 3
+    with pytest.raises(ValueError, match="unrelated"):  # other errors pass unchanged
+        with compiled_step(CompilePlan.of("reduce_overhead", [8]), {}):
+            raise ValueError("unrelated")
+
+
+def test_the_operator_count_sees_the_eager_code_between_the_graphs_of_a_broken_frame():
+    """torch marks a whole compiled frame as one region, the eager code at a graph break included:
+    the count takes only the graphs' runs as compiled, so operators run eagerly between two graphs
+    count and the graphs' own do not."""
+    import torch._dynamo
+    from torch.profiler import profile
+
+    from mdfnet_hydra.benchmarks.timing import launches
+
+    @torch._dynamo.disable
+    def eager_part(x: torch.Tensor) -> torch.Tensor:
+        return x * x.detach().sin().cos()  # (sin and cos run in the forward only)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return eager_part(x.exp()).tanh().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager")
+    x = torch.randn(8, requires_grad=True)
+    compiled(x).backward()
+    with profile() as prof:
+        for _ in range(3):
+            compiled(x).backward()
+    counted = launches(prof.events(), 3)["eager_ops_top"]
+    assert {"aten::sin", "aten::cos"} <= set(counted)
+    assert not {"aten::exp", "aten::tanh", "aten::sum"} & set(counted), "inside the two graphs"

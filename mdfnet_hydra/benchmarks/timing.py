@@ -177,16 +177,21 @@ def profile_steps(name: str, step: Callable[[], int], device: torch.device, step
     return per_step
 
 
-COMPILED_REGIONS = ("Torch-Compiled Region", "CompiledFxGraph", "CompiledFunction")  # CompiledFunctionBackward too
+# a compiled graph's run ("CompiledFunctionBackward" too); not torch's "Torch-Compiled Region", which
+# also spans the eager code between the graphs of a frame that breaks
+COMPILED_REGIONS = ("CompiledFxGraph", "CompiledFunction")
 # operators that only view or allocate (no kernel): not counted
 NO_KERNEL = frozenset(
     f"aten::{name}"
     for name in (
-        "detach", "alias", "view", "_unsafe_view", "slice", "select", "expand", "t", "transpose", "permute",
-        "unsqueeze", "squeeze", "as_strided", "resolve_conj", "resolve_neg", "empty", "empty_strided", "lift_fresh",
+        "detach", "alias", "view", "_unsafe_view", "_reshape_alias", "view_as", "slice", "select", "narrow",
+        "expand", "expand_as", "t", "transpose", "permute", "unsqueeze", "squeeze", "flatten", "unflatten",
+        "split", "split_with_sizes", "chunk", "unbind", "as_strided", "resolve_conj", "resolve_neg", "empty",
+        "empty_strided", "empty_like", "lift_fresh",
     )
 )  # fmt: skip
-PASS_THROUGH = frozenset({"aten::to", "aten::contiguous", "aten::reshape", "aten::type_as"})  # no-ops unless they copy
+# operators that compute only through the operators they call (a copy, a cast): counted when one does
+PASS_THROUGH = frozenset({"aten::to", "aten::contiguous", "aten::reshape", "aten::type_as"})
 KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
@@ -199,8 +204,8 @@ def launches(events, steps: int) -> dict[str, Any]:
     for event in events:
         if not event.name.startswith("aten::") or event.name in NO_KERNEL:
             continue
-        if event.name in PASS_THROUGH and not event.cpu_children:
-            continue  # already the dtype, device or layout asked for: nothing ran
+        if event.name in PASS_THROUGH and not _computes_below(event):
+            continue  # already the dtype, device or layout asked for (or only a view): nothing ran
         parent = event.cpu_parent
         if parent is not None and parent.name.startswith("aten::"):
             continue  # called by another operator
@@ -208,7 +213,7 @@ def launches(events, steps: int) -> dict[str, Any]:
             parent = parent.cpu_parent
         if parent is None:
             outside[event.name] += 1
-    names = Counter(event.name for event in events)
+    names = Counter(event.name for event in events)  # (the host's CUDA API calls, on a GPU)
     kernels = sum(names[n] for n in KERNEL_LAUNCHES)
     graphs = names["cudaGraphLaunch"]
     return {
@@ -217,6 +222,15 @@ def launches(events, steps: int) -> dict[str, Any]:
         "kernel_launches_per_step": kernels / steps if kernels or graphs else None,
         "graph_launches_per_step": graphs / steps if kernels or graphs else None,
     }
+
+
+def _computes_below(event) -> bool:
+    """Whether an operator called, directly or further down, one that is not a view or allocation."""
+    return any(
+        child.name.startswith("aten::")
+        and (child.name not in NO_KERNEL and child.name not in PASS_THROUGH or _computes_below(child))
+        for child in event.cpu_children
+    )
 
 
 def time_split(events, steps: int) -> dict[str, Optional[float]]:

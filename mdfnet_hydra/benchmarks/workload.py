@@ -29,11 +29,15 @@ def bench_config(cfg: DictConfig, image_size: int) -> DictConfig:
     b = cfg.bench
     with open_dict(run):
         if b.size == BenchSize.real:
-            # the architectures alone, from the schema's defaults (random weights, whatever encoders were chosen)
+            # the architectures alone, from the schema's defaults (random weights, whatever encoders were
+            # chosen); kept from the run's config: what each encoder hands the fusion (tokens, or one
+            # pooled vector: the fast path of a stage-1 sweep) and how the text encoder runs
             run.model.vision = OmegaConf.merge(
-                OmegaConf.structured(VisionConfig), OmegaConf.load(CONF / "model/vision/biomedclip_arch.yaml")
+                OmegaConf.structured(VisionConfig),
+                OmegaConf.load(CONF / "model/vision/biomedclip_arch.yaml"),
+                {"output": run.model.vision.output},
             )
-            shaping = {key: run.model.text[key] for key in TEXT_RUNTIME_KEYS}  # how it runs: kept
+            shaping = {key: run.model.text[key] for key in (*TEXT_RUNTIME_KEYS, "output", "pooling")}
             run.model.text = OmegaConf.merge(
                 OmegaConf.structured(TextConfig),
                 OmegaConf.load(CONF / "model/text/modernbert_base_arch.yaml"),
