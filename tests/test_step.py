@@ -32,20 +32,19 @@ def batches(n: int = 6) -> list[dict]:
     ]  # fmt: skip
 
 
+def adamw_step(precision: str = "fp32", **options) -> tuple[torch.nn.Module, TrainingStep]:
+    """A fresh seeded model and the trainer's step over it (AdamW, the default loss)."""
+    torch.manual_seed(0)
+    model = Net()
+    runtime = Runtime.from_config(OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"precision": precision}))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, TrainingStep(model, optimizer, MultiLabelLoss(OmegaConf.structured(LossConfig)), runtime, **options)
+
+
 def trained(accumulation: int, own_grads: bool) -> tuple[torch.nn.Module, list[list[bool]]]:
     """Two passes over the batches; per micro-batch, whether each gradient after the step is the
     very tensor autograd left there (seen by a post-accumulate hook)."""
-    torch.manual_seed(0)
-    model = Net()
-    runtime = Runtime.from_config(OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"precision": "fp32"}))
-    step = TrainingStep(
-        model,
-        torch.optim.AdamW(model.parameters(), lr=1e-2),
-        MultiLabelLoss(OmegaConf.structured(LossConfig)),
-        runtime,
-        accumulation=accumulation,
-        own_grads=own_grads,
-    )
+    model, step = adamw_step(accumulation=accumulation, own_grads=own_grads)
     seen: dict[torch.nn.Parameter, torch.Tensor] = {}
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(lambda p: seen.__setitem__(p, p.grad))
@@ -136,14 +135,8 @@ def test_a_compile_plan_knows_whether_its_mode_records_cuda_graphs(mode):
 # ---------------------------------------------------------------- the compiled step (trainer.compile_loss)
 def compiled_run(plan, compile_loss: bool, accumulation: int = 2, precision: str = "fp32"):
     """The step over two passes of the batches: the model's weights, the losses, and the step."""
-    torch.manual_seed(0)
-    model = Net()
-    runtime = Runtime.from_config(OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"precision": precision}))
-    step = TrainingStep(
-        model,
-        torch.optim.AdamW(model.parameters(), lr=1e-2),
-        MultiLabelLoss(OmegaConf.structured(LossConfig)),
-        runtime,
+    model, step = adamw_step(
+        precision,
         accumulation=accumulation,
         max_grad_norm=1.0,
         compile_plan=plan,
