@@ -174,7 +174,7 @@ def test_the_real_size_keeps_what_the_encoders_hand_the_fusion(tmp_path):
 
     pooled = ["model.vision.output=pooled", "model.text.output=pooled", "model.text.pooling=mean"]
     for overrides, output in (([], "tokens"), (pooled, "pooled")):
-        with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        with initialize_config_dir(config_dir=str(CONF)):
             cfg = compose("bench", overrides=[f"paths.root={tmp_path}", "bench.size=real", *overrides])
         run = bench_config(cfg, 224)
         assert run.model.vision.open_clip_config.vision_cfg.timm_model_name == "vit_base_patch16_224"
