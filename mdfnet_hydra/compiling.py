@@ -49,15 +49,28 @@ class CompilePlan:
         """Whether the compiled step runs as CUDA graphs there (torch records none on a CPU)."""
         return self.cuda_graphs and getattr(device, "type", str(device)) == "cuda"
 
+    text: bool = True  # whether the step's input has report text (the one shape that varies)
+
     @classmethod
-    def of(cls, mode: Any, buckets: Sequence[int], backend: str = "inductor") -> "CompilePlan":
+    def of(cls, mode: Any, buckets: Sequence[int], backend: str = "inductor", text: bool = True) -> "CompilePlan":
         from mdfnet_hydra.config import CompileMode
 
         name = str(getattr(mode, "value", mode))
         if name not in MODES:
             raise ValueError(f"trainer.compile_mode must be one of {sorted(MODES)}, got {name!r}")
+        cuda_graphs = CompileMode(name).cuda_graphs
+        if not text:  # images and clinical features have one shape: one graph, whatever the buckets
+            return cls(MODES[name], True, 1, cuda_graphs, backend, text=False)
         # static graphs, one per bucket; without buckets torch's own rules (graph_limit unused)
-        return cls(MODES[name], bool(buckets), len(buckets), CompileMode(name).cuda_graphs, backend)
+        return cls(MODES[name], bool(buckets), len(buckets), cuda_graphs, backend)
+
+    def describe_shapes(self) -> str:
+        """What the plan allows, for the log."""
+        if not self.text:
+            return "static shapes, at most 1 graph: no text input, one batch shape"
+        if self.static:
+            return f"static shapes, at most {self.graph_limit} graphs: one per text length bucket"
+        return "text length dynamic after its first change; model.text.length_buckets fixes the shapes"
 
 
 def compile_forward(forward: Callable, plan: CompilePlan) -> Callable:
@@ -117,6 +130,12 @@ def compiled_step(plan: CompilePlan, batch: dict) -> Iterator[None]:
             yield
         except FailOnRecompileLimitHit as err:
             shapes = {k: tuple(v.shape) for k, v in batch.items() if hasattr(v, "shape") and v.dim() > 1}
+            if not plan.text:
+                raise RuntimeError(
+                    f"trainer.compile: a batch shaped {shapes} needs a second compiled graph, where a run "
+                    "without text has one batch shape; torch would have run it uncompiled from here on. "
+                    "Run with trainer.compile=false"
+                ) from err
             raise RuntimeError(
                 f"trainer.compile: a batch shaped {shapes} needs one more compiled graph than the "
                 f"{plan.graph_limit} allowed, one per model.text.length_buckets entry; torch would have run "

@@ -222,7 +222,7 @@ class TextConfig:
     max_length: int = 128
     # Pad each batch's token ids up to the smallest of these lengths that holds its longest report,
     # so a compiled step (trainer.compile) sees a few fixed shapes and compiles once per bucket; the
-    # largest must hold max_length. []: pad to the batch's longest (a new shape almost every batch).
+    # largest must be max_length. []: pad to the batch's longest (a new shape almost every batch).
     length_buckets: List[int] = field(default_factory=list)
     # transformers' attention kernel: sdpa (PyTorch's fused attention) | eager | flex_attention
     # (compiles a block-sparse kernel for the padding and sliding-window masks) | flash_attention_2
@@ -388,8 +388,8 @@ class TrainerConfig:
     # max_autotune_no_cudagraphs; with text, the CUDA-graph modes need model.text.length_buckets
     compile_mode: CompileMode = CompileMode.default
     # Under trainer.compile, the loss computes inside the compiled step (one graph with the model: its
-    # few dozen small kernels are not launched one by one); false compiles the model alone. DDP ranks
-    # compile the model alone (a loss compiled around a DDP module has not run on GPUs).
+    # few dozen small kernels are not launched one by one); false compiles the model alone. Under DDP
+    # the loss compiles as a graph of its own after the model's (DDP's forward runs eagerly between).
     compile_loss: bool = True
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -727,6 +727,14 @@ def validate_config(cfg: DictConfig) -> None:
             f"trainer.checkpoint.rare_labels has unknown labels {unknown}; choose from {list(CHEXPERT_LABELS)}"
         )
     problems += loader_problems(cfg.data)
+    problems += [
+        f"{key} must be >= {MIN_IMAGE_SIZE} pixels (one ViT patch), got {value}"
+        for key, value in (
+            ("data.synthetic.image_size", cfg.data.synthetic.image_size),
+            ("model.vision.image_size", cfg.model.vision.image_size),
+        )
+        if int(value) < MIN_IMAGE_SIZE
+    ]
     problems += length_bucket_problems(cfg.model.text)
     problems += text_runtime_problems(cfg)
     if str(cfg.data.get("verify_images", "auto")).lower() not in ("auto", "true", "false"):
@@ -820,7 +828,43 @@ def length_bucket_problems(text: TextConfig) -> list[str]:
             f"model.text.length_buckets' largest ({buckets[-1]}) is shorter than model.text.max_length "
             f"({text.max_length}): add {text.max_length} (or [] to pad to each batch's longest)"
         ]
+    longer = [b for b in buckets if b > int(text.max_length)]
+    if longer:  # no report is longer than max_length: a batch put there would only compute on padding
+        return [
+            f"model.text.length_buckets has lengths above model.text.max_length ({text.max_length}): {longer}; "
+            f"no report is longer, so batches padded to them compute on padding alone: end the list at "
+            f"{text.max_length}"
+        ]
     return []
+
+
+# the smallest image a ViT encoder takes: one 16-pixel patch (BiomedCLIP's and the tiny test ViT's)
+MIN_IMAGE_SIZE = 16
+
+
+def bench_problems(cfg: DictConfig) -> list[str]:
+    """`bench.*` values the benchmark cannot measure with, named at start."""
+    b = cfg.bench
+    problems = [
+        f"bench.{key} must be >= {low}, got {b[key]}"
+        for key, low in (("steps", 1), ("warmup", 0), ("batch_size", 1), ("samples", 1))
+        if int(b[key]) < low
+    ]
+    if b.image_sizes is not None and any(int(size) < MIN_IMAGE_SIZE for size in b.image_sizes):
+        problems.append(
+            f"bench.image_sizes must be >= {MIN_IMAGE_SIZE} pixels (one ViT patch), got {list(b.image_sizes)}"
+        )
+    if b.text_length is not None and int(b.text_length) < 1:
+        problems.append(f"bench.text_length must be >= 1 (or null), got {b.text_length}")
+    measures = {BenchMeasure(m) for m in b.measure}
+    if BenchMeasure.ddp in measures and any(int(n) < 1 for n in b.ddp_workers):
+        problems.append(f"bench.ddp_workers must list process counts >= 1, got {list(b.ddp_workers)}")
+    if b.profile and not measures - {BenchMeasure.startup, BenchMeasure.text_tokens, BenchMeasure.ddp}:
+        problems.append(
+            "bench.profile=true profiles training steps, and bench.measure has none "
+            f"({sorted(m.value for m in measures)}): add one (e.g. stage2_all) or drop bench.profile"
+        )
+    return problems
 
 
 def text_runtime_problems(cfg: DictConfig) -> list[str]:
@@ -831,7 +875,7 @@ def text_runtime_problems(cfg: DictConfig) -> list[str]:
     if uses_text and cfg.trainer.compile and mode.cuda_graphs and not cfg.model.text.length_buckets:
         problems.append(
             f"trainer.compile_mode={mode.value} records a CUDA graph for every report length: give "
-            "model.text.length_buckets (e.g. [64,128,256], the largest holding model.text.max_length)"
+            "model.text.length_buckets (e.g. [32,64,128], the largest model.text.max_length)"
         )
     if uses_text and TextAttention(cfg.model.text.attention) is TextAttention.flash_attention_2:
         import importlib.util

@@ -18,7 +18,7 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import IO, Iterator, Optional, Union
 
 log = logging.getLogger(__name__)
 
@@ -161,3 +161,40 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
         seen.add(id(err))
         yield err
         err = err.__cause__ or err.__context__
+
+
+# ------------------------------------------------------------------------------------------ locks
+# Open files whose flock this process holds. A forked child (a DataLoader worker) inherits the open
+# file, and a flock lasts until every process holding it has closed it: a job killed with SIGKILL
+# would leave its run directory or cache locked until its workers noticed, seconds later (or never,
+# for a hung worker). Each forked child lets go of its copies at once.
+_HELD_LOCKS: dict[int, IO] = {}
+
+
+def hold_lock(handle: IO) -> IO:
+    """Mark `handle` as holding this process's lock: forked children do not keep it."""
+    _HELD_LOCKS[id(handle)] = handle
+    return handle
+
+
+def release_lock(handle: IO) -> None:
+    """Close a file `hold_lock` marked (which releases its lock)."""
+    _HELD_LOCKS.pop(id(handle), None)
+    handle.close()
+
+
+def _let_go_of_inherited_locks() -> None:
+    """In a forked child: point each inherited lock's descriptor at /dev/null, so the child no
+    longer refers to the locked file (the parent keeps its lock; the child's file objects stay valid)."""
+    for handle in list(_HELD_LOCKS.values()):
+        if handle.closed:
+            continue
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            os.dup2(null, handle.fileno(), inheritable=False)
+        finally:
+            os.close(null)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_of_inherited_locks)

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.config import ConfigError, to_plain
-from mdfnet_hydra.files import write_text
+from mdfnet_hydra.files import hold_lock, release_lock, write_text
 from mdfnet_hydra.identity import EFFECTIVE_BATCH, outcome_identity
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def claim(cfg: DictConfig, run_dir: Optional[Path] = None) -> Iterator[Path]:
         yield run_dir
     finally:
         if handle is not None:
-            handle.close()  # releases the lock
+            release_lock(handle)
 
 
 def acquire_lock(run_dir: Path, wait_s: float = 0.0):
@@ -107,7 +107,7 @@ def acquire_lock(run_dir: Path, wait_s: float = 0.0):
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
-    return handle
+    return hold_lock(handle)  # (not also held by the DataLoader workers this process forks)
 
 
 def _requeued() -> bool:

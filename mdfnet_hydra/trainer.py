@@ -157,7 +157,9 @@ class PhaseTrainer:
         self.data_wait_share = 0.0  # of the last epoch's training loop (TimedBatches)
         self.compiled_from: Optional[dict[str, int]] = None  # torch's compile counters when compiling began
         self.compile_plan = (
-            CompilePlan.of(self.trainer_cfg.compile_mode, cfg.model.text.length_buckets)
+            CompilePlan.of(
+                self.trainer_cfg.compile_mode, cfg.model.text.length_buckets, text="text" in self.model.modalities
+            )
             if self.trainer_cfg.compile
             else None
         )
@@ -225,10 +227,14 @@ class PhaseTrainer:
             "%s: training steps through torch.compile (mode %s, %s, %s; the first steps compile)",
             self.name,
             plan.mode,
-            f"static shapes, at most {plan.graph_limit} graphs: one per text length bucket"
-            if plan.static
-            else "text length dynamic after its first change; model.text.length_buckets fixes the shapes",
-            "the loss in the model's graph" if self.step.loss_in_graph else "the model alone, the loss eager",
+            plan.describe_shapes(),
+            (
+                "the model and the loss (DDP's forward between them eager)"
+                if self.runtime.distributed
+                else "the loss in the model's graph"
+            )
+            if self.step.loss_in_graph
+            else "the model alone, the loss eager",
         )
 
     def _compile_note(self) -> str:

@@ -73,6 +73,29 @@ def test_benchmark_measures_every_path_and_writes_json(tmp_path):
         assert line in result.stdout
 
 
+@pytest.mark.slow  # two inductor compiles on the CPU
+def test_a_compiled_stage1_measures_recomputing_and_cached_steps_with_one_bucket(tmp_path):
+    """One length bucket allows one graph per step: the recomputing step (images in) and the cached
+    step (features in) are two steps, each with its own graph, not one step asked for a second."""
+    out = tmp_path / "bench.json"
+    result = bench(
+        f"paths.root={tmp_path}",
+        f"bench.output={out}",
+        "bench.measure=[stage1]",
+        "trainer.compile=true",
+        "model.text.length_buckets=[128]",
+        "bench.image_sizes=[32]",
+        "bench.samples=96",
+        "bench.steps=2",
+        "bench.warmup=1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    entry = json.loads(out.read_text())["by_image_size"]["32"]
+    for name in ("stage1_recompute", "stage1_cached"):
+        assert entry[name]["samples_per_s"] > 0 and entry[name]["first_step_s"] > 0
+        assert entry[name]["graphs_compiled_while_timed"] == 0
+
+
 @pytest.mark.slow
 def test_memory_estimate_counts_weights_optimizer_state_and_batch_scaled_activations(tmp_path):
     """The fake-tensor trace behind the GPU memory figure: weights and AdamW's two moments exactly,
@@ -149,18 +172,92 @@ def test_a_profiled_measurement_says_where_its_steps_spend_their_time(tmp_path):
     assert "by self CPU time" in table and "aten::addmm" in table
 
 
-def test_a_benchmark_set_smaller_than_one_batch_is_refused_naming_the_fix(tmp_path):
+@pytest.mark.parametrize("measurement", ["stage2_clinical", "pipeline"])
+def test_a_benchmark_set_smaller_than_one_batch_is_refused_naming_the_fix(tmp_path, measurement):
+    """Every measurement, not only the stage-2 steps: the input pipeline's loop over a loader without
+    a batch used to wait forever."""
     result = bench(
         f"paths.root={tmp_path}",
         f"bench.output={tmp_path / 'bench.json'}",
         "bench.samples=96",
         "bench.batch_size=128",
         "bench.image_sizes=[32]",
-        "bench.measure=[stage2_clinical]",
+        f"bench.measure=[{measurement}]",
     )
     assert result.returncode == 1
     assert "fewer than one batch of 128: raise bench.samples" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "bench.json").exists()
+    assert not list((tmp_path / "bench").glob("[0-9]*/*")), "no run directory left behind"
+
+
+BAD_BENCHMARKS = [
+    (["bench.steps=0"], "bench.steps must be >= 1, got 0"),
+    (["bench.warmup=-1"], "bench.warmup must be >= 0, got -1"),
+    (["bench.batch_size=0"], "bench.batch_size must be >= 1, got 0"),
+    (["bench.image_sizes=[0]"], "bench.image_sizes must be >= 16 pixels (one ViT patch), got [0]"),
+    (["bench.measure=[ddp]", "bench.ddp_workers=[0]"], "bench.ddp_workers must list process counts >= 1"),
+    (["bench.measure=[text_tokens]", "bench.profile=true"], "bench.profile=true profiles training steps"),
+    # what training refuses, the benchmark refuses too
+    (["model.text.length_buckets=[16]"], "largest (16) is shorter than model.text.max_length (128)"),
+    (["model.text.length_buckets=[16,1024]"], "lengths above model.text.max_length (128): [1024]"),
+    (["trainer.compile=true", "trainer.compile_mode=reduce_overhead"], "records a CUDA graph for every report"),
+    (["bench.size=real", "model.text.length_buckets=[32,128]"], "shorter than model.text.max_length (256)"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_BENCHMARKS)
+def test_a_benchmark_it_cannot_run_is_refused_before_any_work(tmp_path, overrides, message):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from mdfnet_hydra.benchmarks.speed import check_benchmark
+    from mdfnet_hydra.config import ConfigError
+
+    with initialize_config_dir(config_dir=str(CONF)):
+        cfg = compose("bench", overrides=[f"paths.root={tmp_path}", *overrides])
+    with pytest.raises(ConfigError) as refused:
+        check_benchmark(cfg, list(cfg.bench.image_sizes or [64]))
+    assert message in str(refused.value)
+
+
+def test_a_wrong_benchmark_option_is_one_line_and_leaves_no_directory(tmp_path):
+    result = bench(f"paths.root={tmp_path}", "bench.steps=0", "bench.measure=[stage2_clinical]")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "mdfnet_hydra.bench: error: invalid configuration: bench.steps must be >= 1, got 0"
+    assert not list((tmp_path / "bench").glob("[0-9]*/*"))
+    bogus = subprocess.run(
+        [sys.executable, "-m", "mdfnet_hydra.bench", f"paths.root={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "MDFNET_MACHINE": "bogus"},
+    )
+    assert bogus.returncode == 1 and "Traceback" not in bogus.stderr
+    assert bogus.stderr.strip().startswith("mdfnet_hydra.bench: error: invalid configuration: MDFNET_MACHINE='bogus'")
+
+
+def test_graphs_compiled_during_the_timed_steps_are_counted_and_named():
+    """A shape the warm-up did not show compiles inside the timed steps, and its compile time lands
+    in the rate: the measurement says how many graphs compiled there."""
+    import torch
+    import torch._dynamo
+
+    from mdfnet_hydra.benchmarks.timing import measure
+
+    shapes = [4, 8]
+    for warmup, expected in ((1, 1), (2, 0)):
+        torch._dynamo.reset()
+        forward = torch.compile(torch.nn.Linear(16, 16), backend="aot_eager", dynamic=False)
+        calls = iter(range(100))
+
+        def step(forward=forward, calls=calls) -> int:
+            n = shapes[min(next(calls), 1)]
+            forward(torch.randn(n, 16)).sum().backward()
+            return n
+
+        result = measure("two shapes", step, torch.device("cpu"), steps=3, warmup=warmup)
+        assert result["graphs_compiled_while_timed"] == expected
 
 
 def test_the_real_size_keeps_what_the_encoders_hand_the_fusion(tmp_path):

@@ -102,6 +102,43 @@ def test_two_workers_match_one_worker(one_and_two_workers):
         )
 
 
+@pytest.mark.slow  # two ranks compile each stage's step with inductor: a few minutes on 2 cores
+def test_two_compiled_workers_train_like_two_eager_workers(one_and_two_workers, tmp_path):
+    """trainer.compile=true under DDP (gloo, 2 ranks, accumulation 2 with no_sync, both stages,
+    reports padded to buckets, the loss compiled after the model): the eager DDP run's weights,
+    every epoch line counting the graphs the step compiled, the buckets' graph limit never hit."""
+    result = run_cli(
+        "debug=fast",
+        *SMALL,
+        *NO_DROPOUT,
+        f"paths.root={tmp_path}",
+        "trainer.global_batch_size=16",
+        "trainer.nproc_per_node=2",
+        "data.small_sample=null",
+        "trainer.limit_train_batches=6",
+        "trainer.limit_val_batches=null",
+        "phases.stage1.epochs=2",
+        "phases.stage2.epochs=2",
+        "trainer.compile=true",
+        "model.text.length_buckets=[64,128]",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    compiled, (eager, _) = only_run_dir(tmp_path), one_and_two_workers[2]
+    for stage in ("stage1", "stage2"):
+        a = load_checkpoint(eager / stage / "checkpoints" / "last.pth")
+        b = load_checkpoint(compiled / stage / "checkpoints" / "last.pth")
+        assert a["epoch"] == b["epoch"] == 2
+        for key in a["model"]:
+            assert_adam_close(b["model"][key], a["model"][key], f"compiled {stage} {key}")
+        log = (compiled / stage / "logs" / "train.log").read_text()
+        notes = re.findall(rf"{stage} epoch \d/2 \|.*; compiled graphs (\d+), graph breaks (\d+)", log)
+        # the phase's counts after each epoch: the model's graph and the loss's, all in epoch 1
+        assert len(notes) == 2 and notes[0] == notes[1] and notes[0][0] == "2", log[-3000:]
+    plan = "training steps through torch.compile (mode default, static shapes, at most 2 graphs"
+    job_log = (compiled / "logs" / "train.log").read_text()
+    assert job_log.count(plan) == 2 and "the model and the loss (DDP's forward between them eager)" in job_log
+
+
 def test_entry_point_with_two_workers_writes_one_complete_run(one_and_two_workers):
     run_dir, result = one_and_two_workers[2]
     assert_complete_run(run_dir)

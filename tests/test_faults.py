@@ -292,6 +292,91 @@ def test_a_job_killed_while_holding_its_directory_leaves_no_stuck_lock(tmp_path,
     assert final_metrics(run_dir) == final_metrics(reference)
 
 
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from mdfnet_hydra.data.cache_store import exclusive
+from mdfnet_hydra.run_directory import acquire_lock
+
+
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10_000
+
+    def __getitem__(self, i):
+        time.sleep(0.05)
+        return i
+
+
+run_dir, cache_lock = Path(sys.argv[1]), Path(sys.argv[2])
+handle = acquire_lock(run_dir)
+with exclusive(cache_lock):
+    # forked workers, as the trainer's and the cache build's loaders fork them on Linux
+    batches = iter(DataLoader(Slow(), batch_size=2, num_workers=2, multiprocessing_context="fork"))
+    next(batches)
+    print("ready", flush=True)
+    time.sleep(300)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(proc.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_killed_jobs_locks_are_free_at_once_though_its_dataloader_workers_live_on(tmp_path):
+    """SIGKILL of a job holding its run directory and a cache build's lock while its forked
+    DataLoader workers still run (they notice a dead parent only seconds later): an immediate rerun
+    gets both locks; the workers did not inherit them."""
+    from mdfnet_hydra.data.cache_store import exclusive
+    from mdfnet_hydra.run_directory import acquire_lock
+
+    run_dir, cache_lock = tmp_path / "run", tmp_path / "cache" / "key.lock"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(run_dir), str(cache_lock)],
+        cwd=str(Path(__file__).parents[1]),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait()
+        handle = acquire_lock(run_dir)  # no waiting: a held lock raises RunDirectoryBusy
+        assert handle is not None
+        with open(cache_lock, "a+") as cache:
+            fcntl.flock(cache, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if a worker held it
+        assert any(_alive(pid) for pid in workers), "the workers had already gone: nothing was tested"
+        handle.close()
+        with exclusive(cache_lock):
+            pass
+    finally:
+        proc.kill()
+        for pid in _children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a small disk needs root")
 def test_a_full_disk_is_reported_as_such_and_the_rerun_completes(tmp_path, reference, output_root):

@@ -132,6 +132,23 @@ def test_a_compile_plan_knows_whether_its_mode_records_cuda_graphs(mode):
     assert mode.cuda_graphs == (mode in (CompileMode.reduce_overhead, CompileMode.max_autotune))
 
 
+def test_without_text_the_step_compiles_one_graph_and_a_second_shape_stops_it():
+    """A run without report text has one batch shape whatever model.text.length_buckets says: one
+    graph allowed, and the log says why; a batch of another shape stops the step."""
+    import torch._dynamo
+
+    plan = CompilePlan.of("default", [32, 128], backend="aot_eager", text=False)
+    assert plan.static and plan.graph_limit == 1 and "no text input" in plan.describe_shapes()
+    assert CompilePlan.of("default", [32, 128]).describe_shapes().startswith("static shapes, at most 2 graphs")
+    torch._dynamo.reset()
+    _, step = adamw_step(compile_plan=plan)
+    for i, batch in enumerate(batches(2)):
+        step(batch, i)
+    odd = {k: v[:3] for k, v in batches(1)[0].items()}
+    with pytest.raises(RuntimeError, match="needs a second compiled graph, where a run without text has one"):
+        step(odd, 2)
+
+
 # ---------------------------------------------------------------- the compiled step (trainer.compile_loss)
 def compiled_run(plan, compile_loss: bool, accumulation: int = 2, precision: str = "fp32"):
     """The step over two passes of the batches: the model's weights, the losses, and the step."""
@@ -207,20 +224,76 @@ def _inside_compiled(event) -> bool:
     return False
 
 
-def test_a_ddp_module_compiles_alone_and_the_loss_stays_eager():
-    """A DDP module's forward breaks the graph of a function that calls it (DDP's bucketing hooks):
-    under several processes the model compiles alone whatever trainer.compile_loss says."""
-    from mdfnet_hydra.step import ForwardLoss, compiled_forward_loss
+@pytest.fixture
+def gloo_group():
+    """A real one-process gloo process group (what DDP needs to wrap a module), destroyed after."""
+    import socket
 
-    runtime = Runtime.from_config(OmegaConf.structured(TrainerConfig))
-    plan = CompilePlan.of("default", [8], backend="aot_eager")
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_run(plan, compile_loss: bool):
+    """compiled_run's two passes and 4 profiled micro-batches through a DDP module, as a rank's
+    trainer runs them (no_sync within a window): weights, losses, the step, operators outside graphs."""
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.profiler import profile
+
+    from mdfnet_hydra.benchmarks.timing import launches
+
+    torch.manual_seed(0)
     model = Net()
-    single = compiled_forward_loss(model, None, runtime, plan, with_loss=True)
-    assert not isinstance(single, ForwardLoss) and isinstance(single._orig_mod, ForwardLoss)
-    runtime.world_size = 2  # what a DDP rank's runtime says (no process group needed to compose)
-    assert runtime.distributed
-    several = compiled_forward_loss(model, None, runtime, plan, with_loss=True)
-    assert isinstance(several, ForwardLoss) and several.model._orig_mod is model
+    runtime = Runtime.from_config(OmegaConf.structured(TrainerConfig))
+    runtime.world_size = 2  # what a DDP rank's runtime says: the step takes DDP's no_sync path
+    step = TrainingStep(
+        DistributedDataParallel(model),
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        MultiLabelLoss(OmegaConf.structured(LossConfig)),
+        runtime,
+        accumulation=2,
+        max_grad_norm=1.0,
+        compile_plan=plan,
+        compile_loss=compile_loss,
+    )
+    losses = [step(batch, i).terms.total.item() for _ in range(2) for i, batch in enumerate(batches())]
+    with profile() as prof:
+        for i, batch in enumerate(batches(4)):
+            step(batch, i)
+    return model, losses, step, launches(prof.events(), 4)
+
+
+def test_around_a_ddp_module_the_loss_compiles_after_the_model(gloo_group):
+    """Under DDP (a real gloo process group) torch breaks the frame at DDP's forward and compiles the
+    module inside it; with trainer.compile_loss the loss compiles as a second graph: the eager DDP
+    step's losses and weights over two passes with accumulation 2 and clipping, the same graph
+    breaks as the model compiled alone, and under half the operators outside the graphs."""
+    import torch._dynamo
+
+    from mdfnet_hydra.compiling import compile_counts
+
+    eager, eager_losses, _, _ = ddp_run(None, True)
+    graphs, ops = {}, {}
+    for compile_loss in (True, False):
+        torch._dynamo.reset()
+        start = compile_counts()
+        model, losses, step, counted = ddp_run(CompilePlan.of("default", [8], backend="aot_eager"), compile_loss)
+        assert step.loss_in_graph is compile_loss
+        graphs[compile_loss] = {k: v - start[k] for k, v in compile_counts().items()}
+        ops[compile_loss] = counted["eager_ops_per_step"]
+        assert losses == pytest.approx(eager_losses, abs=1e-6)
+        for a, b in zip(eager.parameters(), model.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert graphs[True]["graphs"] == graphs[False]["graphs"] + 1, graphs  # the loss's own graph
+    assert graphs[True]["graph_breaks"] == graphs[False]["graph_breaks"], graphs
+    assert ops[True] < 0.5 * ops[False], ops
 
 
 def test_a_graph_torch_cannot_capture_stops_the_step_with_torchs_reason():

@@ -63,8 +63,16 @@ def bench_stage1(setup: Setup, steps: int, warmup: int, recompute: bool = True) 
     loss_fn = MultiLabelLoss(cfg.loss)
     out: dict[str, dict[str, Any]] = {}
     model = setup.model(frozen=True)
-    step = train_step(model, optimizer_for(model, cfg, "stage1", rt), loss_fn, rt, cfg.trainer, setup.compile_plan())
+
+    def stage1_step():
+        """Each measurement its own step: a compiled step's graph limit (one per length bucket)
+        holds the batch shapes of one kind of input, images or cached features."""
+        return train_step(
+            model, optimizer_for(model, cfg, "stage1", rt), loss_fn, rt, cfg.trainer, setup.compile_plan()
+        )
+
     if recompute:
+        step = stage1_step()
         batches = cycle(setup.loader())
         out["stage1_recompute"] = measure(
             "stage1_recompute", lambda: step(next(batches)), rt.device, steps, warmup, setup.profile_dir
@@ -105,6 +113,7 @@ def bench_stage1(setup: Setup, steps: int, warmup: int, recompute: bool = True) 
             torch.equal(held[k].cpu(), mapped[k]) for k in mapped
         )
     batches = cycle(setup.loader(cached))
+    step = stage1_step()
     out["stage1_cached"] = measure(
         "stage1_cached", lambda: step(next(batches)), rt.device, steps, warmup, setup.profile_dir
     )
@@ -120,16 +129,13 @@ def bench_stage2(setup: Setup, steps: int, warmup: int, flops: bool, estimate_me
     loss_fn = MultiLabelLoss(cfg.loss)
     model = setup.model(frozen=False)
     step = train_step(model, optimizer_for(model, cfg, "stage2", rt), loss_fn, rt, cfg.trainer, setup.compile_plan())
-    batches = min(4, len(setup.train) // int(cfg.trainer.batch_size))
-    if batches == 0:
-        raise ConfigError(
-            f"bench.samples={cfg.data.synthetic.num_samples} gives {len(setup.train)} training samples, fewer "
-            f"than one batch of {cfg.trainer.batch_size}: raise bench.samples"
-        )
+    batches = min(4, len(setup.train) // int(cfg.trainer.batch_size))  # (Setup holds at least one)
     loader = iter(setup.loader())
     staged = [{k: v.to(rt.device) for k, v in next(loader).items()} for _ in range(batches)]
     counter = iter(range(10**9))
     name = "stage2/" + modality_label(setup.modalities)
+    if cfg.trainer.compile:  # every staged batch's shape compiles before the timed steps
+        warmup = max(warmup, len(staged))
     result = measure(
         name, lambda: step(staged[next(counter) % len(staged)]), rt.device, steps, warmup, setup.profile_dir
     )
@@ -143,15 +149,29 @@ def bench_stage2(setup: Setup, steps: int, warmup: int, flops: bool, estimate_me
     return result
 
 
+def check_benchmark(cfg: DictConfig, sizes: list[int]) -> None:
+    """Refuse at start, in one line, what the benchmark cannot measure: its own options, and each
+    training config it runs as training would (`validate_config`: buckets, compile modes, the
+    machine description), so a number is never measured on a config the trainer refuses."""
+    from mdfnet_hydra.config import bench_problems, validate_config
+
+    problems = bench_problems(cfg)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    for size in sizes:
+        validate_config(bench_config(cfg, int(size)))
+
+
 def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     from mdfnet_hydra.config import BenchMeasure, BenchSize
     from mdfnet_hydra.runtime import Runtime
 
     b = cfg.bench
     size_name = BenchSize(b.size).value
+    sizes = list(b.image_sizes) if b.image_sizes else ([224] if size_name == "real" else [64, 224])
+    check_benchmark(cfg, sizes)
     work = Path(str(b.work_dir)).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
-    sizes = list(b.image_sizes) if b.image_sizes else ([224] if size_name == "real" else [64, 224])
     runtime = Runtime.from_config(cfg.trainer)
     results: dict[str, Any] = {
         "device": runtime.describe(),
@@ -246,8 +266,10 @@ def format_table(results: dict[str, Any]) -> str:
                 notes.append(f"{r['bytes_per_sample'] / 1024:.0f} KB/sample cached, {r['samples']} samples")
             if r.get("held_on"):
                 notes.append(f"cache held on {r['held_on']}")
-            if results.get("compile") and r.get("first_step_s") is not None:
+            if results.get("compile") and r.get("first_step_s") is not None and name != "pipeline":
                 notes.append(f"first step (compiling) {r['first_step_s']:.1f} s")
+            if r.get("graphs_compiled_while_timed"):
+                notes.append(f"COMPILED {r['graphs_compiled_while_timed']} graph(s) while timed: raise bench.warmup")
             if "parameters_m" in r:
                 notes.append(f"{r['parameters_m']:.1f}M params")
             if "estimated_memory_gb" in r:

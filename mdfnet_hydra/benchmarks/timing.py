@@ -109,10 +109,12 @@ def measure(
                 _sync(device)
                 first_s = time.perf_counter() - began
         _sync(device)
+        compiled_before = _graphs_compiled()
         started = time.perf_counter()
         samples = sum(step() for _ in range(steps))
         _sync(device)
         seconds = time.perf_counter() - started
+        compiled_while_timed = _graphs_compiled() - compiled_before
     result = {
         "samples_per_s": samples / seconds,
         "seconds": seconds,
@@ -122,7 +124,18 @@ def measure(
         "memory": memory.kind,
         "peak_reserved_gb": None if memory.peak_reserved_bytes is None else memory.peak_reserved_bytes / 2**30,
         "first_step_s": first_s,
+        # graphs torch compiled during the timed steps (a shape the warm-up did not show): their
+        # compile time is in `seconds`, so the rate understates the step
+        "graphs_compiled_while_timed": compiled_while_timed,
     }
+    if compiled_while_timed:
+        log.warning(
+            "%s: torch compiled %d graph(s) during the timed steps (input shapes the %d warm-up step(s) did "
+            "not show); the rate includes compile time: raise bench.warmup",
+            name,
+            compiled_while_timed,
+            warmup,
+        )
     log.info(
         "%-22s %9.1f samples/s  peak %.2f GB (+%.2f GB)",
         name,
@@ -249,9 +262,22 @@ def time_split(events, steps: int) -> dict[str, Optional[float]]:
     }
 
 
+def _graphs_compiled() -> int:
+    """Graphs torch has compiled in this process (0 where nothing compiled)."""
+    from mdfnet_hydra.compiling import compile_counts
+
+    return compile_counts()["graphs"]
+
+
 def cycle(loader) -> Iterator[dict]:
+    """The loader's batches, pass after pass (a loader without a batch is an error, not a hang)."""
     while True:
-        yield from loader
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError(f"the loader over {len(loader.dataset)} samples yields no batch")
 
 
 def flops_per_sample(model, batch: dict, loss_fn, runtime) -> float:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mdfnet_hydra.config import Modality
+from mdfnet_hydra.config import ConfigError, Modality
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,11 @@ class Setup:
             self.job.datasets["train"],
             self.job.collator,
         )
+        if len(self.train) < int(cfg.trainer.batch_size):  # a loader without one batch would never yield
+            raise ConfigError(
+                f"bench.samples={cfg.data.synthetic.num_samples} gives {len(self.train)} training samples, fewer "
+                f"than one batch of {cfg.trainer.batch_size}: raise bench.samples"
+            )
         if length and self.train.token_ids is not None:  # reports as long as real ones, not the synthetic sentences
             self.train.token_ids = TokenIds.from_lists(
                 [ids.repeat(-(-int(length) // len(ids)))[: int(length)].tolist() for ids in self.train.token_ids]
@@ -104,7 +109,9 @@ class Setup:
             return None
         from mdfnet_hydra.compiling import CompilePlan
 
-        return CompilePlan.of(self.cfg.trainer.compile_mode, self.cfg.model.text.length_buckets)
+        return CompilePlan.of(
+            self.cfg.trainer.compile_mode, self.cfg.model.text.length_buckets, text="text" in self.modalities
+        )
 
     def loader(self, dataset=None):
         from torch.utils.data import DataLoader

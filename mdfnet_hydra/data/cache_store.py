@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from mdfnet_hydra.files import hold_lock, release_lock
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +27,8 @@ log = logging.getLogger(__name__)
 def exclusive(lock_path: Path) -> Iterator[None]:
     """An exclusive flock on `lock_path`, waited for (and the wait logged) when another job holds it."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
+    handle = open(lock_path, "a+")
+    try:
         waited = time.perf_counter()
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -33,10 +36,10 @@ def exclusive(lock_path: Path) -> Iterator[None]:
             log.info("cache %s/%s is being built by another job; waiting", lock_path.parent.name, lock_path.stem)
             fcntl.flock(handle, fcntl.LOCK_EX)
             log.info("waited %.0fs for cache %s", time.perf_counter() - waited, lock_path.stem)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        hold_lock(handle)  # the build's forked DataLoader workers do not keep it
+        yield
+    finally:
+        release_lock(handle)
 
 
 def is_complete(directory: Path) -> bool:
