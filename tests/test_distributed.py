@@ -38,25 +38,27 @@ def assert_complete_run(run_dir: Path) -> None:
         assert (run_dir / stage / "checkpoints" / "best_mean.pth").is_file()
 
 
+# two stages of 2 epochs, 6 batches each, a global batch of 16 over however many workers
+TWO_SHORT_STAGES = (
+    "debug=fast",
+    *SMALL,
+    *NO_DROPOUT,
+    "trainer.global_batch_size=16",
+    "data.small_sample=null",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=null",
+    "phases.stage1.epochs=2",
+    "phases.stage2.epochs=2",
+)
+
+
 @pytest.fixture(scope="module")
 def one_and_two_workers(tmp_path_factory):
     """The same job with a global batch of 16: one process, and two gloo workers of 8."""
     roots = {}
     for workers in (1, 2):
         root = tmp_path_factory.mktemp(f"workers{workers}")
-        result = run_cli(
-            "debug=fast",
-            *SMALL,
-            *NO_DROPOUT,
-            f"paths.root={root}",
-            "trainer.global_batch_size=16",
-            f"trainer.nproc_per_node={workers}",
-            "data.small_sample=null",
-            "trainer.limit_train_batches=6",
-            "trainer.limit_val_batches=null",
-            "phases.stage1.epochs=2",
-            "phases.stage2.epochs=2",
-        )
+        result = run_cli(*TWO_SHORT_STAGES, f"paths.root={root}", f"trainer.nproc_per_node={workers}")
         assert result.returncode == 0, result.stderr[-4000:]
         roots[workers] = (only_run_dir(root), result)
     return roots
@@ -80,14 +82,19 @@ def assert_adam_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -
     )
 
 
+def assert_same_last_weights(expected: Path, actual: Path, stage: str) -> None:
+    """Both runs' last checkpoints of `stage` after its 2 epochs, weight by weight (assert_adam_close)."""
+    a = load_checkpoint(expected / stage / "checkpoints" / "last.pth")
+    b = load_checkpoint(actual / stage / "checkpoints" / "last.pth")
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert_adam_close(b["model"][key], a["model"][key], f"{actual.name} {stage} {key}")
+
+
 def test_two_workers_match_one_worker(one_and_two_workers):
     (one, _), (two, _) = one_and_two_workers[1], one_and_two_workers[2]
     for stage in ("stage1", "stage2"):
-        a = load_checkpoint(one / stage / "checkpoints" / "last.pth")
-        b = load_checkpoint(two / stage / "checkpoints" / "last.pth")
-        assert a["epoch"] == b["epoch"] == 2
-        for key in a["model"]:
-            assert_adam_close(b["model"][key], a["model"][key], f"{stage} {key}")
+        assert_same_last_weights(one, two, stage)
         ma = json.loads((one / stage / "metrics.json").read_text())["val"]
         mb = json.loads((two / stage / "metrics.json").read_text())["val"]
         assert mb["loss"] == pytest.approx(ma["loss"], abs=1e-5)
@@ -102,34 +109,22 @@ def test_two_workers_match_one_worker(one_and_two_workers):
         )
 
 
-@pytest.mark.slow  # two ranks compile each stage's step with inductor: a few minutes on 2 cores
+@pytest.mark.slow  # two ranks compile each stage's step with inductor: about a minute on 2 cores
 def test_two_compiled_workers_train_like_two_eager_workers(one_and_two_workers, tmp_path):
     """trainer.compile=true under DDP (gloo, 2 ranks, accumulation 2 with no_sync, both stages,
     reports padded to buckets, the loss compiled after the model): the eager DDP run's weights,
     every epoch line counting the graphs the step compiled, the buckets' graph limit never hit."""
     result = run_cli(
-        "debug=fast",
-        *SMALL,
-        *NO_DROPOUT,
+        *TWO_SHORT_STAGES,
         f"paths.root={tmp_path}",
-        "trainer.global_batch_size=16",
         "trainer.nproc_per_node=2",
-        "data.small_sample=null",
-        "trainer.limit_train_batches=6",
-        "trainer.limit_val_batches=null",
-        "phases.stage1.epochs=2",
-        "phases.stage2.epochs=2",
         "trainer.compile=true",
         "model.text.length_buckets=[64,128]",
     )
     assert result.returncode == 0, result.stderr[-4000:]
     compiled, (eager, _) = only_run_dir(tmp_path), one_and_two_workers[2]
     for stage in ("stage1", "stage2"):
-        a = load_checkpoint(eager / stage / "checkpoints" / "last.pth")
-        b = load_checkpoint(compiled / stage / "checkpoints" / "last.pth")
-        assert a["epoch"] == b["epoch"] == 2
-        for key in a["model"]:
-            assert_adam_close(b["model"][key], a["model"][key], f"compiled {stage} {key}")
+        assert_same_last_weights(eager, compiled, stage)
         log = (compiled / stage / "logs" / "train.log").read_text()
         notes = re.findall(rf"{stage} epoch \d/2 \|.*; compiled graphs (\d+), graph breaks (\d+)", log)
         # the phase's counts after each epoch: the model's graph and the loss's, all in epoch 1
