@@ -10,6 +10,7 @@ Temporaries of writers that were killed are removed by `remove_stale_temporaries
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -172,14 +173,21 @@ _HELD_LOCKS: dict[int, IO] = {}
 
 
 def hold_lock(handle: IO) -> IO:
-    """Mark `handle` as holding this process's lock: forked children do not keep it."""
+    """Mark an opened lock file, before it is locked: no child forked from then on keeps its lock."""
     _HELD_LOCKS[id(handle)] = handle
     return handle
 
 
 def release_lock(handle: IO) -> None:
-    """Close a file `hold_lock` marked (which releases its lock)."""
+    """Unlock and close a file `hold_lock` marked (unlocked explicitly: a copy some child still holds,
+    forked where Python's at-fork hooks do not run, does not keep the lock)."""
     _HELD_LOCKS.pop(id(handle), None)
+    if handle.closed:
+        return
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    except OSError:
+        pass  # a file system without locks, or a file never locked
     handle.close()
 
 

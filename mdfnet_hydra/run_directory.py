@@ -77,7 +77,7 @@ def acquire_lock(run_dir: Path, wait_s: float = 0.0):
     has no locks), polling up to `wait_s` seconds for another holder."""
     path = run_dir / RECORD_DIR / "lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("a+")
+    handle = hold_lock(path.open("a+"))  # (not also held by the DataLoader workers this process forks)
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -89,13 +89,13 @@ def acquire_lock(run_dir: Path, wait_s: float = 0.0):
                 continue
             handle.seek(0)
             owner = handle.read().strip() or "owner not recorded yet"
-            handle.close()
+            release_lock(handle)
             raise RunDirectoryBusy(
                 f"another job is running in {run_dir} ({owner}); wait for it to end, or give this job "
                 f"its own directory (hydra.run.dir=...)"
             ) from None
         except OSError as err:  # ENOLCK / ENOSYS / EOPNOTSUPP: Lustre without -o flock, NFS with nolock
-            handle.close()
+            release_lock(handle)
             log.warning(
                 "%s: the file system refuses locks (%s): one job at a time in %s is not enforced there",
                 path,
@@ -107,7 +107,7 @@ def acquire_lock(run_dir: Path, wait_s: float = 0.0):
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
-    return hold_lock(handle)  # (not also held by the DataLoader workers this process forks)
+    return handle
 
 
 def _requeued() -> bool:

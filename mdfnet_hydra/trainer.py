@@ -229,7 +229,7 @@ class PhaseTrainer:
             plan.mode,
             plan.describe_shapes(),
             (
-                "the model and the loss (DDP's forward between them eager)"
+                "the model and the loss (DDP's forward between them eager; the loss's graphs on top of those)"
                 if self.runtime.distributed
                 else "the loss in the model's graph"
             )

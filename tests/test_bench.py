@@ -202,6 +202,10 @@ BAD_BENCHMARKS = [
     (["model.text.length_buckets=[16,1024]"], "lengths above model.text.max_length (128): [1024]"),
     (["trainer.compile=true", "trainer.compile_mode=reduce_overhead"], "records a CUDA graph for every report"),
     (["bench.size=real", "model.text.length_buckets=[32,128]"], "shorter than model.text.max_length (256)"),
+    (
+        ["bench.text_length=256"],
+        "bench.text_length=256 is longer than the text encoder takes (model.text.max_length 128)",
+    ),
 ]
 
 
@@ -218,6 +222,25 @@ def test_a_benchmark_it_cannot_run_is_refused_before_any_work(tmp_path, override
     with pytest.raises(ConfigError) as refused:
         check_benchmark(cfg, list(cfg.bench.image_sizes or [64]))
     assert message in str(refused.value)
+
+
+def test_a_rule_for_text_does_not_refuse_a_benchmark_that_runs_no_text(tmp_path):
+    """CUDA-graph modes need length buckets for text: a vision-only measurement runs without them."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from mdfnet_hydra.benchmarks.speed import check_benchmark
+    from mdfnet_hydra.config import ConfigError
+
+    graphs = ["trainer.compile=true", "trainer.compile_mode=reduce_overhead"]
+    with initialize_config_dir(config_dir=str(CONF)):
+        vision = compose("bench", overrides=[f"paths.root={tmp_path}", *graphs, "bench.measure=[stage2_vision]"])
+        both = compose(
+            "bench", overrides=[f"paths.root={tmp_path}", *graphs, "bench.measure=[stage2_vision,stage2_text]"]
+        )
+    check_benchmark(vision, [64])
+    with pytest.raises(ConfigError, match="records a CUDA graph for every report length"):
+        check_benchmark(both, [64])
 
 
 def test_a_wrong_benchmark_option_is_one_line_and_leaves_no_directory(tmp_path):
@@ -237,7 +260,7 @@ def test_a_wrong_benchmark_option_is_one_line_and_leaves_no_directory(tmp_path):
     assert bogus.stderr.strip().startswith("mdfnet_hydra.bench: error: invalid configuration: MDFNET_MACHINE='bogus'")
 
 
-def test_graphs_compiled_during_the_timed_steps_are_counted_and_named():
+def test_graphs_compiled_during_the_timed_steps_are_counted_and_named(caplog):
     """A shape the warm-up did not show compiles inside the timed steps, and its compile time lands
     in the rate: the measurement says how many graphs compiled there."""
     import torch
@@ -256,8 +279,12 @@ def test_graphs_compiled_during_the_timed_steps_are_counted_and_named():
             forward(torch.randn(n, 16)).sum().backward()
             return n
 
-        result = measure("two shapes", step, torch.device("cpu"), steps=3, warmup=warmup)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mdfnet_hydra.benchmarks.timing"):
+            result = measure("two shapes", step, torch.device("cpu"), steps=3, warmup=warmup)
         assert result["graphs_compiled_while_timed"] == expected
+        named = "two shapes: torch compiled 1 graph(s) during the timed steps" in caplog.text
+        assert named is bool(expected)
 
 
 def test_the_real_size_keeps_what_the_encoders_hand_the_fusion(tmp_path):

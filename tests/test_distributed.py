@@ -131,7 +131,7 @@ def test_two_compiled_workers_train_like_two_eager_workers(one_and_two_workers, 
         assert len(notes) == 2 and notes[0] == notes[1] and notes[0][0] == "2", log[-3000:]
     plan = "training steps through torch.compile (mode default, static shapes, at most 2 graphs"
     job_log = (compiled / "logs" / "train.log").read_text()
-    assert job_log.count(plan) == 2 and "the model and the loss (DDP's forward between them eager)" in job_log
+    assert job_log.count(plan) == 2 and "the model and the loss (DDP's forward between them eager;" in job_log
 
 
 def test_entry_point_with_two_workers_writes_one_complete_run(one_and_two_workers):

@@ -347,9 +347,11 @@ def test_a_killed_jobs_locks_are_free_at_once_though_its_dataloader_workers_live
     DataLoader workers still run (they notice a dead parent only seconds later): an immediate rerun
     gets both locks; the workers did not inherit them."""
     from mdfnet_hydra.data.cache_store import exclusive
+    from mdfnet_hydra.files import release_lock
     from mdfnet_hydra.run_directory import acquire_lock
 
     run_dir, cache_lock = tmp_path / "run", tmp_path / "cache" / "key.lock"
+    workers: list[int] = []
     proc = subprocess.Popen(
         [sys.executable, "-c", LOCK_HOLDER, str(run_dir), str(cache_lock)],
         cwd=str(Path(__file__).parents[1]),
@@ -368,13 +370,14 @@ def test_a_killed_jobs_locks_are_free_at_once_though_its_dataloader_workers_live
         with open(cache_lock, "a+") as cache:
             fcntl.flock(cache, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if a worker held it
         assert any(_alive(pid) for pid in workers), "the workers had already gone: nothing was tested"
-        handle.close()
+        release_lock(handle)
         with exclusive(cache_lock):
             pass
     finally:
         proc.kill()
-        for pid in _children(proc.pid):
-            os.kill(pid, signal.SIGKILL)
+        for pid in workers:  # (re-parented once the job died: found by the pids taken above)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

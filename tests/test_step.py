@@ -241,7 +241,7 @@ def gloo_group():
         dist.destroy_process_group()
 
 
-def ddp_run(plan, compile_loss: bool):
+def ddp_run(plan, compile_loss: bool, precision: str = "fp32"):
     """compiled_run's two passes and 4 profiled micro-batches through a DDP module, as a rank's
     trainer runs them (no_sync within a window): weights, losses, the step, operators outside graphs."""
     from torch.nn.parallel import DistributedDataParallel
@@ -251,7 +251,7 @@ def ddp_run(plan, compile_loss: bool):
 
     torch.manual_seed(0)
     model = Net()
-    runtime = Runtime.from_config(OmegaConf.structured(TrainerConfig))
+    runtime = Runtime.from_config(OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"precision": precision}))
     runtime.world_size = 2  # what a DDP rank's runtime says: the step takes DDP's no_sync path
     step = TrainingStep(
         DistributedDataParallel(model),
@@ -270,28 +270,32 @@ def ddp_run(plan, compile_loss: bool):
     return model, losses, step, launches(prof.events(), 4)
 
 
-def test_around_a_ddp_module_the_loss_compiles_after_the_model(gloo_group):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_around_a_ddp_module_the_loss_compiles_after_the_model(gloo_group, precision):
     """Under DDP (a real gloo process group) torch breaks the frame at DDP's forward and compiles the
     module inside it; with trainer.compile_loss the loss compiles as a second graph: the eager DDP
     step's losses and weights over two passes with accumulation 2 and clipping, the same graph
-    breaks as the model compiled alone, and under half the operators outside the graphs."""
+    breaks as the model compiled alone, and under half the operators outside the graphs. In bf16
+    the break falls inside the step's autocast block, which must hold on both sides of it."""
     import torch._dynamo
 
     from mdfnet_hydra.compiling import compile_counts
 
-    eager, eager_losses, _, _ = ddp_run(None, True)
+    eager, eager_losses, _, _ = ddp_run(None, True, precision)
     graphs, ops = {}, {}
     for compile_loss in (True, False):
         torch._dynamo.reset()
         start = compile_counts()
-        model, losses, step, counted = ddp_run(CompilePlan.of("default", [8], backend="aot_eager"), compile_loss)
+        plan = CompilePlan.of("default", [8], backend="aot_eager")
+        model, losses, step, counted = ddp_run(plan, compile_loss, precision)
         assert step.loss_in_graph is compile_loss
         graphs[compile_loss] = {k: v - start[k] for k, v in compile_counts().items()}
         ops[compile_loss] = counted["eager_ops_per_step"]
         assert losses == pytest.approx(eager_losses, abs=1e-6)
         for a, b in zip(eager.parameters(), model.parameters()):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert graphs[True]["graphs"] == graphs[False]["graphs"] + 1, graphs  # the loss's own graph
+    # the loss's own graph; in bf16 also the frame's part before the break: autocast's entry alone
+    assert graphs[True]["graphs"] == graphs[False]["graphs"] + (1 if precision == "fp32" else 2), graphs
     assert graphs[True]["graph_breaks"] == graphs[False]["graph_breaks"], graphs
     assert ops[True] < 0.5 * ops[False], ops
 

@@ -153,13 +153,40 @@ def check_benchmark(cfg: DictConfig, sizes: list[int]) -> None:
     """Refuse at start, in one line, what the benchmark cannot measure: its own options, and each
     training config it runs as training would (`validate_config`: buckets, compile modes, the
     machine description), so a number is never measured on a config the trainer refuses."""
-    from mdfnet_hydra.config import bench_problems, validate_config
+    from omegaconf import open_dict
+
+    from mdfnet_hydra.config import Modality, bench_problems, validate_config
 
     problems = bench_problems(cfg)
+    for size in sizes:
+        run = bench_config(cfg, int(size))
+        length, longest = text_length(cfg.bench), int(run.model.text.max_length)
+        if length is not None and int(length) > longest:
+            problems.append(
+                f"bench.text_length={length} is longer than the text encoder takes (model.text.max_length "
+                f"{longest}): reports are cut there"
+            )
+        if problems:
+            break
+        with open_dict(run):  # the modalities the chosen measurements run (a text-only rule need not hold
+            run.modality.inputs = [Modality(m) for m in measured_modalities(cfg)]  # for a vision step)
+        validate_config(run)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-    for size in sizes:
-        validate_config(bench_config(cfg, int(size)))
+
+
+# the measurements that run one modality; every other step measurement runs all three
+SINGLE_MODALITY = {"stage2_vision": "vision", "stage2_text": "text", "stage2_clinical": "clinical"}
+
+
+def measured_modalities(cfg: DictConfig) -> list[str]:
+    """The modalities the chosen `bench.measure` runs (all three where none runs a model)."""
+    from mdfnet_hydra.config import BenchMeasure
+
+    measures = {BenchMeasure(m).value for m in cfg.bench.measure} - {"text_tokens"}
+    if not measures or measures - set(SINGLE_MODALITY):
+        return ["vision", "text", "clinical"]
+    return [m for m in ("vision", "text", "clinical") if m in {SINGLE_MODALITY[x] for x in measures}]
 
 
 def run_benchmark(cfg: DictConfig) -> dict[str, Any]:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def exclusive(lock_path: Path) -> Iterator[None]:
     """An exclusive flock on `lock_path`, waited for (and the wait logged) when another job holds it."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(lock_path, "a+")
+    handle = hold_lock(open(lock_path, "a+"))  # the build's forked DataLoader workers do not keep it
     try:
         waited = time.perf_counter()
         try:
@@ -36,7 +36,6 @@ def exclusive(lock_path: Path) -> Iterator[None]:
             log.info("cache %s/%s is being built by another job; waiting", lock_path.parent.name, lock_path.stem)
             fcntl.flock(handle, fcntl.LOCK_EX)
             log.info("waited %.0fs for cache %s", time.perf_counter() - waited, lock_path.stem)
-        hold_lock(handle)  # the build's forked DataLoader workers do not keep it
         yield
     finally:
         release_lock(handle)
