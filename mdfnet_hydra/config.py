@@ -730,10 +730,11 @@ def validate_config(cfg: DictConfig) -> None:
     problems += [
         f"{key} must be >= {MIN_IMAGE_SIZE} pixels (one ViT patch), got {value}"
         for key, value in (
-            ("data.synthetic.image_size", cfg.data.synthetic.image_size),
+            # (data=processed has no synthetic section)
+            ("data.synthetic.image_size", OmegaConf.select(cfg, "data.synthetic.image_size", default=None)),
             ("model.vision.image_size", cfg.model.vision.image_size),
         )
-        if int(value) < MIN_IMAGE_SIZE
+        if value is not None and int(value) < MIN_IMAGE_SIZE
     ]
     problems += length_bucket_problems(cfg.model.text)
     problems += text_runtime_problems(cfg)

@@ -101,6 +101,22 @@ def test_unknown_rare_label_fails_validation(cfg_factory):
 
 
 @pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.synthetic.image_size=8"], "data.synthetic.image_size must be >= 16 pixels (one ViT patch), got 8"),
+        (["model.vision.image_size=0"], "model.vision.image_size must be >= 16 pixels (one ViT patch), got 0"),
+        (["model.text.length_buckets=[16,1024]"], "lengths above model.text.max_length (128): [1024]"),
+    ],
+)
+def test_shapes_no_job_can_use_fail_validation(cfg_factory, overrides, message):
+    """An image smaller than one ViT patch (a traceback from PIL, a run directory left behind,
+    before), and a length bucket past the longest report (every batch padded to it)."""
+    with pytest.raises(ConfigError) as refused:
+        validate_config(cfg_factory(*overrides))
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(
     "override, message",
     [
         ("modality=vision_txt", "Could not find 'modality/vision_txt'"),
