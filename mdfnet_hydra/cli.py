@@ -112,10 +112,18 @@ def is_user_error(err: BaseException) -> bool:
 
 def is_interrupt(err: BaseException) -> bool:
     """Ctrl-C: a KeyboardInterrupt, or the SIGINT that torch's elastic agent (the launcher of
-    data-parallel workers) turns into its SignalException."""
-    if isinstance(err, KeyboardInterrupt):
-        return True
-    return type(err).__name__ == "SignalException" and getattr(err, "sigval", None) == signal.SIGINT
+    data-parallel workers) turns into its SignalException; also an error raised while one of those
+    unwound: torch's checkpoint writer, interrupted mid-write, fails closing its file and raises
+    `RuntimeError: ... unexpected pos` from the KeyboardInterrupt."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        if type(err).__name__ == "SignalException" and getattr(err, "sigval", None) == signal.SIGINT:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def one_message(err: BaseException) -> str:
