@@ -115,15 +115,13 @@ def is_interrupt(err: BaseException) -> bool:
     data-parallel workers) turns into its SignalException; also an error raised while one of those
     unwound: torch's checkpoint writer, interrupted mid-write, fails closing its file and raises
     `RuntimeError: ... unexpected pos` from the KeyboardInterrupt."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, KeyboardInterrupt):
-            return True
-        if type(err).__name__ == "SignalException" and getattr(err, "sigval", None) == signal.SIGINT:
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    from mdfnet_hydra.files import error_chain
+
+    return any(
+        isinstance(e, KeyboardInterrupt)
+        or (type(e).__name__ == "SignalException" and getattr(e, "sigval", None) == signal.SIGINT)
+        for e in error_chain(err)
+    )
 
 
 def one_message(err: BaseException) -> str:

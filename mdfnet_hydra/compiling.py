@@ -172,13 +172,12 @@ def _assigned(settings: list[tuple[Any, dict[str, Any]]]) -> Iterator[None]:
 
 def _cudagraph_skip(err: BaseException) -> Optional[str]:
     """torch's reason for not capturing CUDA graphs, from an error or the errors it wraps."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        found = CUDAGRAPH_SKIP.search(str(err))
+    from mdfnet_hydra.files import error_chain
+
+    for cause in error_chain(err):
+        found = CUDAGRAPH_SKIP.search(str(cause))
         if found:
             return found.group(0).strip()
-        err = err.__cause__ or err.__context__
     return None
 
 

@@ -82,7 +82,7 @@ def write_bytes(path: Union[str, Path], data: bytes) -> Path:
 def is_disk_full(err: BaseException, directory: Path) -> bool:
     """Whether a failed write ran out of space. torch.save reports a full disk as a RuntimeError
     from its zip writer without an errno, so a writer error with (almost) no space left counts too."""
-    for cause in _chain(err):
+    for cause in error_chain(err):
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
     if isinstance(err, (OSError, RuntimeError)):
@@ -156,7 +156,8 @@ def _fsync(path: Path) -> None:
             os.fsync(handle.fileno())
 
 
-def _chain(err: BaseException) -> Iterator[BaseException]:
+def error_chain(err: BaseException) -> Iterator[BaseException]:
+    """An error, then the errors it was raised from or while handling, each once."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
