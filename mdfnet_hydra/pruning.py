@@ -122,13 +122,15 @@ class TrialReporter:
 
     def report(self, value: Optional[float], step: int) -> bool:
         """Report the epoch's value at `step` (an undefined value is not reported); whether to stop.
-        A trial the study already finished takes no reports: pruned, it stops; otherwise it goes on."""
+        A trial the study already finished takes no reports: pruned, it stops; otherwise it goes on.
+        A step the trial already holds keeps its first value (a requeued job reports its resumed
+        epoch again, in case it stopped before reporting it) and the pruner is asked again."""
         from optuna.trial import TrialState
 
-        state = self.study._storage.get_trial(self.trial._trial_id).state
-        if state != TrialState.RUNNING:
-            return state == TrialState.PRUNED
-        if value is not None and math.isfinite(float(value)):
+        stored = self.study._storage.get_trial(self.trial._trial_id)
+        if stored.state != TrialState.RUNNING:
+            return stored.state == TrialState.PRUNED
+        if value is not None and math.isfinite(float(value)) and int(step) not in stored.intermediate_values:
             self.trial.report(float(value), int(step))
         if step >= self.target.last_step:
             return False  # its last epoch is trained: it completes (stopping would save nothing)

@@ -213,6 +213,7 @@ class PhaseTrainer:
             enabled=runtime.is_main,
         )
         self._resume_state: Optional[dict[str, Any]] = None  # rank 0's loaded resume state
+        self._resumed_metrics: Optional[dict[str, Any]] = None  # the resumed epoch's validation numbers
         self.state = PhaseState(
             effective_batch_size=self.effective_batch_size,
             steps_per_epoch=self.steps_per_epoch,
@@ -343,6 +344,7 @@ class PhaseTrainer:
         resumed.effective_batch_size, resumed.steps_per_epoch = self.effective_batch_size, self.steps_per_epoch
         resumed.precision = self.runtime.precision.value
         self.state = resumed
+        self._resumed_metrics = dict(ckpt.get("metrics") or {})
         self.state.best.update({k: Best(**v) for k, v in decision.get("best", {}).items()})
         torch.set_rng_state(ckpt["torch_rng"])
         log.info("%s: resumed from %s after epoch %d", self.name, path, self.state.epoch)
@@ -476,7 +478,12 @@ class PhaseTrainer:
             describe_optimizer(self.optimizer),
             describe_loader(self.loaders["train"]),
         )
-        while self.state.epoch < epochs and not (patience is not None and self.state.bad_epochs >= int(patience)):
+        stop = self._report_resumed_epoch()
+        while (
+            not stop
+            and self.state.epoch < epochs
+            and not (patience is not None and self.state.bad_epochs >= int(patience))
+        ):
             start = time.perf_counter()
             if self._time_is_up(start):
                 break
@@ -512,6 +519,15 @@ class PhaseTrainer:
                 self.state.epoch,
                 patience,
             )
+
+    def _report_resumed_epoch(self) -> bool:
+        """A job stopped after saving an epoch's `last` but before reporting it (SLURM's timeout
+        signal lands anywhere) would leave that step missing from its trial, and the pruner's
+        decision on it untaken: a resumed phase reports its resumed epoch again (the reporter
+        skips a step the trial already holds) and stops if the pruner says so."""
+        if self._resumed_metrics is None or not self.state.epoch:
+            return False
+        return self._pruned_now(self._resumed_metrics, self.state.epoch)
 
     def _pruned_now(self, metrics: dict, epoch: int) -> bool:
         """Report the epoch to the sweep's trial; rank 0 asks the pruner and every rank follows."""

@@ -10,13 +10,14 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from conftest import SMALL_DATA, run_cli
+from conftest import SMALL_DATA, make_cfg, run_cli
 from mdfnet_hydra.pruning import PruningTarget, TrialReporter, make_pruner
 
 MEDIAN = {"name": "median", "n_startup_trials": 3, "n_warmup_steps": 2, "interval_steps": 1, "min_resource": 1,
@@ -108,6 +109,68 @@ def test_a_trial_at_its_last_epoch_completes_however_poor(tmp_path):
     assert reporter.report(0.1, 2) is True, "an earlier epoch as poor would stop it"
     assert reporter.report(0.1, 3) is False
     assert reporter.trial.study.trials[-1].intermediate_values == {2: 0.1, 3: 0.1}
+
+
+def test_a_job_stopped_between_saving_and_reporting_an_epoch_reports_it_when_resumed(
+    tmp_path, output_root, monkeypatch
+):
+    """SLURM's timeout signal can land after an epoch's `last` is saved and before that epoch is
+    reported (CI's requeue test met it once: the trial lost step 4). The resumed job reports the
+    epoch from its checkpoint and takes the pruner's decision on it: here, finished trials that
+    jump to 0.99 at step 2 make it stop at once, without training epoch 3."""
+    from mdfnet_hydra.checkpoint import load_checkpoint
+    from mdfnet_hydra.pipeline import run
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    for _ in range(3):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={GAMMA: 2.0},
+                distributions={GAMMA: FloatDistribution(1.0, 3.0)},
+                value=0.99,
+                intermediate_values={1: 0.0, 2: 0.99, 3: 0.99},
+            )
+        )
+    target = PruningTarget(storage, "s", study.ask().number, MEDIAN, last_step=3)  # prunes from step 2
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(["modality=clinical", "stage=stage1", "debug=fast", "phases.stage1.epochs=3"], run_dir, output_root)
+    report = TrialReporter.report
+
+    def stopped_before_reporting_step_2(self, value, step):
+        if step == 2:
+            raise SystemExit(1)  # what submitit's handler ends the process with, after requeueing it
+        return report(self, value, step)
+
+    monkeypatch.setattr(TrialReporter, "report", stopped_before_reporting_step_2)
+    with pytest.raises(SystemExit):
+        run(cfg, pruning=target)
+    last = run_dir / "stage1" / "checkpoints" / "last.pth"
+    assert load_checkpoint(last)["epoch"] == 2
+    assert list(optuna.load_study(study_name="s", storage=storage).trials[3].intermediate_values) == [1]
+
+    monkeypatch.setattr(TrialReporter, "report", report)
+    summary = run(cfg, pruning=target)
+    trial = optuna.load_study(study_name="s", storage=storage).trials[3]
+    saved = load_checkpoint(last)
+    assert saved["epoch"] == 2, "pruned at the resumed epoch: epoch 3 never trained"
+    assert list(trial.intermediate_values) == [1, 2]
+    assert trial.intermediate_values[2] == pytest.approx(saved["metrics"]["auroc_mean"])
+    assert summary["stages"]["stage1"]["stopped_by"] == "pruned"
+    assert "stage1: pruned after epoch 2 (step 2)" in (run_dir / "logs" / "train.log").read_text()
+
+
+def test_a_step_reported_again_keeps_its_first_value_and_asks_the_pruner_again(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    finished_trials(study, 3, 0.9, steps=6)
+    number = study.ask().number
+    assert TrialReporter(PruningTarget(storage, "s", number, MEDIAN, last_step=6)).report(0.95, 2) is False
+    again = TrialReporter(PruningTarget(storage, "s", number, MEDIAN, last_step=6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns of a step reported twice: the reporter does not repeat it
+        assert again.report(0.1, 2) is False, "the stored 0.95 decides, not the repeated value"
+    assert optuna.load_study(study_name="s", storage=storage).trials[number].intermediate_values == {2: 0.95}
 
 
 def study_of_good_trials(root, name: str) -> tuple:
