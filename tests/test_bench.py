@@ -305,3 +305,16 @@ def test_the_real_size_keeps_what_the_encoders_hand_the_fusion(tmp_path):
         assert run.model.text.model_config.hidden_size == 768
         assert str(run.model.vision.output.value) == str(run.model.text.output.value) == output
         assert run.model.text.pooling == ("mean" if overrides else "cls")
+
+
+def test_the_report_token_measurement_alone_prints_no_step_table(tmp_path):
+    """`bench.measure=[text_tokens]` times no step: its line follows the title, with no column header
+    or data-loading line above rows that never come."""
+    out = tmp_path / "bench.json"
+    result = bench(f"paths.root={tmp_path}", f"bench.output={out}", "bench.measure=[text_tokens]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.split("mdfnet-hydra benchmark:", 1)[1].splitlines()  # the table, after the log
+    assert lines[1].startswith("report tokens (") and lines[2].startswith("results: ")
+    assert not any(line.startswith(("measurement", "data loading", "(peak memory")) for line in lines)
+    saved = json.loads(out.read_text())
+    assert saved["by_image_size"] == {} and saved["text_tokens"]["reports"] > 0

@@ -273,13 +273,14 @@ def ratios(entry: dict[str, Any]) -> dict[str, float]:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    lines = [
-        f"mdfnet-hydra benchmark: {results['device']}, {results['size']} encoders, batch {results['batch_size']}",
-        f"input pipeline: {results.get('loader')}",
-        f"{'measurement':<22} {'px':>4} {'samples/s':>11} {'peak GB':>8} {'+GB':>6}  notes",
-        f"(peak memory: {'CUDA max allocated' if results['memory'] == 'cuda_max_allocated' else 'process resident set'}; "
-        "+GB: its increase during the measurement)",
-    ]
+    lines = [f"mdfnet-hydra benchmark: {results['device']}, {results['size']} encoders, batch {results['batch_size']}"]
+    if results["by_image_size"]:  # the per-size table's header, only above rows (text_tokens alone has none)
+        memory = "CUDA max allocated" if results["memory"] == "cuda_max_allocated" else "process resident set"
+        lines += [
+            f"data loading: {results['loader']}",
+            f"{'measurement':<22} {'px':>4} {'samples/s':>11} {'peak GB':>8} {'+GB':>6}  notes",
+            f"(peak memory: {memory}; +GB: its increase during the measurement)",
+        ]
     for size, entry in results["by_image_size"].items():
         for name, r in entry.items():
             if name == "ratios":
