@@ -71,11 +71,13 @@ def is_resumable(state: dict[str, Any]) -> bool:
 
 
 def move_aside(stage_dir: Path) -> Path:
-    """Move a phase's results (checkpoints, predictions, metrics.json) into `replaced-<time>/`
-    before the phase is trained again from the start, so no old file is mistaken for a new one."""
+    """Move a phase's results (metrics.json, predictions, checkpoints, TensorBoard events) into
+    `replaced-<time>/` before the phase is trained again from the start, so no old file is mistaken
+    for a new one and no old curve is drawn into the new. metrics.json goes first: a job killed
+    midway leaves an incomplete phase, never a result beside the files of another training."""
     aside = stage_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     aside.mkdir(parents=True, exist_ok=True)
-    for name in ("checkpoints", "predictions", "metrics.json"):
+    for name in ("metrics.json", "predictions", "checkpoints", "tensorboard"):
         if (stage_dir / name).exists():
             os.replace(stage_dir / name, aside / name)
     return aside

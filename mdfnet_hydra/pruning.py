@@ -6,10 +6,12 @@ sweeper runs trial N as Hydra job number N: sweep_study.py) and, on rank 0, repo
 mean AUROC after every epoch; stage 2's epochs follow stage 1's configured epochs on one step axis,
 so trials are compared at equal training. When the pruner says the trial cannot catch up, every rank
 stops at that epoch (the decision is broadcast), the stage finishes as an early-stopped one (its
-best checkpoint, predictions and metrics written), later stages are skipped, and the job records
-the trial as PRUNED in the study itself (any launcher, SLURM included), so the sweeper leaves it as
-it is, a resumed sweep does not run it again, and it never counts as a failure. A requeued job
-reports into the same trial (steps already reported are kept, not replaced).
+best checkpoint, predictions and metrics written) and later stages are skipped. Rank 0 records the
+trial as PRUNED in the study itself the moment the pruner decides (any launcher, SLURM included), so
+the sweeper leaves it as it is, a resumed sweep does not run it again, and it never counts as a
+failure. A requeued job reports into the same trial: it reports the epoch it resumed from again (a
+job stopped between saving an epoch and reporting it), and a step already reported keeps its value
+and its decision.
 """
 
 from __future__ import annotations
@@ -122,22 +124,36 @@ class TrialReporter:
 
     def report(self, value: Optional[float], step: int) -> bool:
         """Report the epoch's value at `step` (an undefined value is not reported); whether to stop.
-        A trial the study already finished takes no reports: pruned, it stops; otherwise it goes on.
-        A step the trial already holds keeps its first value (a requeued job reports its resumed
-        epoch again, in case it stopped before reporting it) and the pruner is asked again."""
+
+        Each step is decided once. A stop records the trial as PRUNED at once, so a job killed
+        before it finishes (a SLURM requeue) stops again when resumed, and the study holds the
+        decision even if no job ever finishes. A trial the study already finished takes no reports:
+        pruned, it stops; otherwise it goes on. A step the trial already holds was decided when it
+        was first reported and not stopped there: it keeps its first value and goes on (a requeued
+        job reports the epoch it resumed from again, in case it stopped before reporting it)."""
         from optuna.trial import TrialState
 
         stored = self.study._storage.get_trial(self.trial._trial_id)
         if stored.state != TrialState.RUNNING:
             return stored.state == TrialState.PRUNED
-        if value is not None and math.isfinite(float(value)) and int(step) not in stored.intermediate_values:
+        held = stored.intermediate_values.get(int(step))
+        if held is not None:
+            if value is not None and not math.isclose(float(value), held, rel_tol=1e-6, abs_tol=1e-9):
+                log.warning(
+                    "trial %d already holds %.6f at step %d: the repeated epoch's %.6f is not reported "
+                    "(a step keeps its first value)",
+                    self.target.trial_number,
+                    held,
+                    step,
+                    float(value),
+                )
+            return False
+        if value is not None and math.isfinite(float(value)):
             self.trial.report(float(value), int(step))
-        if step >= self.target.last_step:
-            return False  # its last epoch is trained: it completes (stopping would save nothing)
-        return bool(self.trial.should_prune())
-
-    def mark_pruned(self) -> None:
-        from optuna.trial import TrialState
-
+        if step >= self.target.last_step or not self.trial.should_prune():
+            return False  # at its last epoch it completes: stopping there would save nothing
         self.study.tell(self.target.trial_number, state=TrialState.PRUNED, skip_if_finished=True)
-        log.info("trial %d recorded as pruned in study %s", self.target.trial_number, self.target.study_name)
+        log.info(
+            "trial %d recorded as pruned at step %d in study %s", self.target.trial_number, step, self.target.study_name
+        )
+        return True

@@ -114,6 +114,20 @@ def _requeued() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
+def job_restart() -> Optional[str]:
+    """Which restart of its job this process is, if it is one: a requeued SLURM job (its timeout
+    signal, a node lost) or torchrun's restart of failed workers (`trainer.max_restarts`). A restart
+    continues its job; what a user asked of the job's start (`trainer.resume=false`) is done once."""
+    for variable, what in (
+        ("SLURM_RESTART_COUNT", "SLURM requeue"),
+        ("TORCHELASTIC_RESTART_COUNT", "torchrun restart"),
+    ):
+        count = int(os.environ.get(variable, "0") or 0)
+        if count > 0:
+            return f"{what} {count}"
+    return None
+
+
 def check_config(cfg: DictConfig, run_dir: Path) -> None:
     """Record this job's config, or refuse it where the directory holds results of another config."""
     current = to_plain(cfg)

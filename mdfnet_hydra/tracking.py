@@ -61,17 +61,34 @@ def detach_log_file(handler: Optional[logging.Handler]) -> None:
 
 
 class Tracker:
-    """TensorBoard scalars plus the stage's log file; a no-op on ranks other than 0."""
+    """TensorBoard scalars plus the stage's log file; a no-op on ranks other than 0.
+
+    The log file is attached at once; the event file once the phase knows where it resumes
+    (`open_events`), so scalars a killed job logged past its last checkpoint, which the resumed
+    job logs again, are purged from TensorBoard's view instead of drawn twice."""
 
     def __init__(self, directory: Path, enabled: bool) -> None:
         self.enabled = enabled
+        self.directory = directory
         self.writer = None
-        self.handler = None
-        if enabled:
+        self.handler = attach_log_file(directory / "logs" / "train.log") if enabled else None
+
+    def open_events(self, resumed_step: int) -> None:
+        """Start the event file. `resumed_step`: the last training step of the state the phase
+        resumed from (0: a fresh start); TensorBoard hides events at later steps written before.
+        (Epoch scalars count epochs, far below any step of theirs: never hidden.)"""
+        if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.handler = attach_log_file(directory / "logs" / "train.log")
-            self.writer = SummaryWriter(log_dir=str(directory / "tensorboard"))
+            self.writer = SummaryWriter(
+                log_dir=str(self.directory / "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None
+            )
+
+    def flush(self) -> None:
+        """Put what is buffered on disk (the writer flushes every 2 minutes): called once an epoch's
+        checkpoint is saved, so a killed job's scalars cover the epochs it will not train again."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def scalar(self, tag: str, value: Optional[float], step: int) -> None:
         if self.writer is not None and value is not None:

@@ -35,6 +35,7 @@ from mdfnet_hydra.metrics import compute_metrics
 from mdfnet_hydra.models.mdfnet import MDFNet
 from mdfnet_hydra.optim import build_optimizer, build_scheduler
 from mdfnet_hydra.predictions import save_predictions
+from mdfnet_hydra.run_directory import job_restart
 from mdfnet_hydra.runtime import Runtime
 from mdfnet_hydra.step import TrainingStep, to_device
 from mdfnet_hydra.tracking import Tracker
@@ -355,7 +356,10 @@ class PhaseTrainer:
         existing = self.checkpoints.existing()
         if not existing:
             return {}
-        if not self.trainer_cfg.resume:
+        restart = job_restart()
+        if not self.trainer_cfg.resume and restart is not None:
+            log.info("%s: trainer.resume=false restarts a job once, not at its %s: resuming", self.name, restart)
+        elif not self.trainer_cfg.resume:
             aside = move_aside(self.directory)
             log.warning(
                 "%s: trainer.resume=false: training from the start; the earlier results are in %s", self.name, aside
@@ -439,6 +443,7 @@ class PhaseTrainer:
         tracker = Tracker(self.directory, enabled=self.runtime.is_main)
         try:
             self._try_resume()
+            tracker.open_events(self.state.global_step)
             self._train(tracker)
             return self._finish()
         finally:
@@ -496,6 +501,7 @@ class PhaseTrainer:
             self.state.elapsed_s += time.perf_counter() - start
             self._log_epoch(tracker, epoch, epochs, train_loss, val.loss, metrics, time.perf_counter() - start)
             self._save_epoch(metrics, improved)
+            tracker.flush()
             if self.out_of_time or self._pruned_now(metrics, epoch):
                 break
         if self.pruned:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, run_cli
 from mdfnet_hydra.checkpoint import load_checkpoint
@@ -207,6 +208,7 @@ def test_killed_worker_is_restarted_and_training_resumes(tmp_path):
             "modality=vision_text",
             "trainer.nproc_per_node=2",
             "trainer.max_restarts=1",
+            "trainer.resume=false",  # the job's start: the restart still resumes
             f"phases.stage1.epochs={epochs}",
             "trainer.limit_train_batches=null",
             "data.small_sample=null",
@@ -241,6 +243,13 @@ def test_killed_worker_is_restarted_and_training_resumes(tmp_path):
     metrics = json.loads((tmp_path / "run" / "stage1" / "metrics.json").read_text())
     assert metrics["epochs_run"] == epochs
     assert log.count(f"stage1 epoch 1/{epochs} |") == 1, "epochs before the kill are not trained again"
+    assert "trainer.resume=false restarts a job once, not at its torchrun restart 1: resuming" in log
+    assert not list((tmp_path / "run" / "stage1").glob("replaced-*"))
+    curves = EventAccumulator(str(tmp_path / "run" / "stage1" / "tensorboard"))
+    curves.Reload()
+    steps = [e.step for e in curves.Scalars("batch/loss")]
+    assert steps == sorted(set(steps)), "steps logged past the checkpoint, then again after the restart, show once"
+    assert {e.step for e in curves.Scalars("val/auroc_mean")} == set(range(1, epochs + 1))
 
 
 def test_worker_environment_detection(monkeypatch):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import SMALL_DATA, run_cli
 from mdfnet_hydra.checkpoint import load_checkpoint
@@ -96,6 +97,24 @@ def test_a_deleted_last_checkpoint_without_a_resumable_one_is_refused_not_traine
     assert (checkpoints / "last.pth").is_file()
     aside = list((copy_of / "stage1").glob("replaced-*/checkpoints/best_mean.pth"))
     assert len(aside) == 1 and aside[0].read_bytes() == best, "the earlier results are moved aside, not mixed in"
+    assert list(aside[0].parents[1].glob("tensorboard/events.out.tfevents.*")), "the earlier curves too"
+    curves = EventAccumulator(str(copy_of / "stage1" / "tensorboard"))
+    curves.Reload()
+    assert [e.step for e in curves.Scalars("val/auroc_mean")] == [1, 2], "one training's curve, not two"
+
+
+def test_a_restarted_job_resumes_though_it_was_started_with_resume_false(copy_of, reference, output_root):
+    """`trainer.resume=false` restarts a job from the start once: its SLURM requeue (or torchrun's
+    restart of its workers) continues it instead of moving its progress aside again."""
+    for path in (copy_of / "stage2" / "metrics.json", copy_of / "metrics.json"):
+        path.unlink()  # stage 2 trained its epochs and was stopped before it finished
+    result = ok(job(copy_of, output_root, "trainer.resume=false", env_extra={"SLURM_RESTART_COUNT": "1"}))
+    assert (
+        "stage2: trainer.resume=false restarts a job once, not at its SLURM requeue 1: resuming"
+        in result.stdout + result.stderr
+    )
+    assert not list(copy_of.glob("*/replaced-*")), "nothing moved aside"
+    assert final_metrics(copy_of) == final_metrics(reference)
 
 
 def test_temporaries_of_killed_writers_are_removed(copy_of, reference, output_root):
@@ -449,3 +468,29 @@ class _Exploit:
 
     def __reduce__(self):
         return (Path.touch, (self.marker,))
+
+
+def test_scalars_a_killed_job_logged_past_its_checkpoint_show_once_after_the_resume(tmp_path):
+    """A job killed in epoch 2 (checkpoint after step 5) had logged steps 6-8; the resumed job logs
+    6-10 again: TensorBoard's own reader shows each step once, with the resumed job's values."""
+    from mdfnet_hydra.tracking import Tracker
+
+    killed = Tracker(tmp_path, enabled=True)
+    killed.open_events(0)
+    for step in range(1, 9):
+        killed.scalar("batch/loss", 1.0, step)
+    killed.scalar("val/auroc_mean", 0.6, 1)
+    killed.flush()  # what the kill left on disk
+    killed.close()
+    resumed = Tracker(tmp_path, enabled=True)
+    resumed.open_events(5)
+    for step in range(6, 11):
+        resumed.scalar("batch/loss", 2.0, step)
+    resumed.scalar("val/auroc_mean", 0.7, 2)
+    resumed.close()
+    curves = EventAccumulator(str(tmp_path / "tensorboard"))
+    curves.Reload()
+    assert [(e.step, e.value) for e in curves.Scalars("batch/loss")] == [
+        (s, 1.0 if s <= 5 else 2.0) for s in range(1, 11)
+    ]
+    assert [(e.step, round(e.value, 6)) for e in curves.Scalars("val/auroc_mean")] == [(1, 0.6), (2, 0.7)]

@@ -60,7 +60,8 @@ def test_hyperbands_whole_trial_is_the_configured_epochs_of_its_stages(cfg_facto
 
 def test_a_trial_clearly_worse_than_finished_ones_is_pruned_after_the_warmup(tmp_path):
     """The median pruner with 2 warm-up steps: reports at epochs 1 and 2, pruned at epoch 2 (the
-    earliest step Optuna prunes at is n_warmup_steps), and the study keeps what it reported."""
+    earliest step Optuna prunes at is n_warmup_steps), recorded PRUNED in the study as it decides,
+    with what it reported."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
     finished_trials(study, 3, 0.9, steps=6)
@@ -68,7 +69,6 @@ def test_a_trial_clearly_worse_than_finished_ones_is_pruned_after_the_warmup(tmp
     reporter = TrialReporter(PruningTarget(storage, "s", running.number, MEDIAN, last_step=6))
     assert reporter.report(0.5, 1) is False, "within the warm-up"
     assert reporter.report(0.5, 2) is True
-    reporter.mark_pruned()
     trial = optuna.load_study(study_name="s", storage=storage).trials[running.number]
     assert trial.state == TrialState.PRUNED and trial.intermediate_values == {1: 0.5, 2: 0.5}
     assert TrialReporter(PruningTarget(storage, "s", running.number, MEDIAN, last_step=6)).report(0.9, 3) is True, (
@@ -105,10 +105,12 @@ def test_a_trial_at_its_last_epoch_completes_however_poor(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
     finished_trials(study, 3, 0.9, steps=3)
+    earlier = TrialReporter(PruningTarget(storage, "s", study.ask().number, MEDIAN, last_step=3))
+    assert earlier.report(0.1, 2) is True, "an earlier epoch as poor stops a trial"
     reporter = TrialReporter(PruningTarget(storage, "s", study.ask().number, MEDIAN, last_step=3))
-    assert reporter.report(0.1, 2) is True, "an earlier epoch as poor would stop it"
     assert reporter.report(0.1, 3) is False
-    assert reporter.trial.study.trials[-1].intermediate_values == {2: 0.1, 3: 0.1}
+    trial = optuna.load_study(study_name="s", storage=storage).trials[-1]
+    assert trial.state == TrialState.RUNNING and trial.intermediate_values == {3: 0.1}
 
 
 def test_a_job_stopped_between_saving_and_reporting_an_epoch_reports_it_when_resumed(
@@ -160,17 +162,23 @@ def test_a_job_stopped_between_saving_and_reporting_an_epoch_reports_it_when_res
     assert "stage1: pruned after epoch 2 (step 2)" in (run_dir / "logs" / "train.log").read_text()
 
 
-def test_a_step_reported_again_keeps_its_first_value_and_asks_the_pruner_again(tmp_path):
+def test_each_step_is_decided_once(tmp_path, caplog):
+    """A requeued job reports the epoch it resumed from again: the step keeps its first value and
+    the decision taken then (going on; a stop would have recorded the trial as PRUNED), whatever
+    the study holds by now; a different value is named in a warning, not reported."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
-    finished_trials(study, 3, 0.9, steps=6)
+    finished_trials(study, 3, 0.5, steps=6)
     number = study.ask().number
-    assert TrialReporter(PruningTarget(storage, "s", number, MEDIAN, last_step=6)).report(0.95, 2) is False
+    assert TrialReporter(PruningTarget(storage, "s", number, MEDIAN, last_step=6)).report(0.6, 2) is False
+    finished_trials(study, 3, 0.9, steps=6)  # the study moves on: 0.6 at step 2 is now below the median
     again = TrialReporter(PruningTarget(storage, "s", number, MEDIAN, last_step=6))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Optuna warns of a step reported twice: the reporter does not repeat it
-        assert again.report(0.1, 2) is False, "the stored 0.95 decides, not the repeated value"
-    assert optuna.load_study(study_name="s", storage=storage).trials[number].intermediate_values == {2: 0.95}
+        assert again.report(0.6, 2) is False, "decided when first reported"
+    assert again.report(0.3, 2) is False and "already holds 0.600000 at step 2" in caplog.text
+    assert optuna.load_study(study_name="s", storage=storage).trials[number].intermediate_values == {2: 0.6}
+    assert again.report(0.6, 3) is True, "the next step is decided against the study as it is now"
 
 
 def study_of_good_trials(root, name: str) -> tuple:
