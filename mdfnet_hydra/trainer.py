@@ -502,7 +502,8 @@ class PhaseTrainer:
             self._log_epoch(tracker, epoch, epochs, train_loss, val.loss, metrics, time.perf_counter() - start)
             self._save_epoch(metrics, improved)
             tracker.flush()
-            if self.out_of_time or self._pruned_now(metrics, epoch):
+            pruned = self._pruned_now(metrics, epoch)  # the epoch that spends the time budget is reported too
+            if self.out_of_time or pruned:
                 break
         if self.pruned:
             log.info(

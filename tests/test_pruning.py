@@ -162,6 +162,21 @@ def test_a_job_stopped_between_saving_and_reporting_an_epoch_reports_it_when_res
     assert "stage1: pruned after epoch 2 (step 2)" in (run_dir / "logs" / "train.log").read_text()
 
 
+def test_the_epoch_that_spends_the_time_budget_is_reported_too(tmp_path, output_root):
+    from mdfnet_hydra.pipeline import run
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    finished_trials(study, 3, 0.5, steps=3)
+    target = PruningTarget(storage, "s", study.ask().number, MEDIAN, last_step=3)
+    overrides = ["modality=clinical", "stage=stage1", "debug=fast", "phases.stage1.epochs=3", "trainer.max_time=0.01s"]
+    summary = run(make_cfg(overrides, tmp_path / "run", output_root), pruning=target)
+    stage = summary["stages"]["stage1"]
+    assert stage["stopped_by"] == "max_time" and stage["epochs_run"] == 1
+    trial = optuna.load_study(study_name="s", storage=storage).trials[3]
+    assert trial.intermediate_values == {1: pytest.approx(stage["val"]["auroc_mean"])}
+
+
 def test_each_step_is_decided_once(tmp_path, caplog):
     """A requeued job reports the epoch it resumed from again: the step keeps its first value and
     the decision taken then (going on; a stop would have recorded the trial as PRUNED), whatever
