@@ -75,8 +75,14 @@ def move_aside(stage_dir: Path) -> Path:
     `replaced-<time>/` before the phase is trained again from the start, so no old file is mistaken
     for a new one and no old curve is drawn into the new. metrics.json goes first: a job killed
     midway leaves an incomplete phase, never a result beside the files of another training."""
-    aside = stage_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = stage_dir / f"replaced-{stamp}"
+    for n in range(2, 1000):  # a second restart within the same second gets a directory of its own
+        try:
+            aside.mkdir(parents=True)
+            break
+        except FileExistsError:
+            aside = stage_dir / f"replaced-{stamp}-{n}"
     for name in ("metrics.json", "predictions", "checkpoints", "tensorboard"):
         if (stage_dir / name).exists():
             os.replace(stage_dir / name, aside / name)

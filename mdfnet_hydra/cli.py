@@ -84,6 +84,33 @@ def reported(prog: str, interrupted: Optional[Callable[[], str]] = None) -> Iter
         raise SystemExit(1) from None
 
 
+@contextmanager
+def reported_sweep() -> Iterator[None]:
+    """The sweep process's `reported`: a mistake found before or between trials (a search space
+    that cannot be built, a study made with other settings or directions, a storage it cannot
+    write, too many failed trials) ends the sweep with one line and status 1; Ctrl-C with one line
+    and status 130 (rerunning the command resumes the study). Only where the process runs an entry
+    point (`python -m mdfnet_hydra.train`); elsewhere, and under `HYDRA_FULL_ERROR=1`, it raises."""
+    prog = _program()
+    try:
+        yield
+    except BaseException as err:  # noqa: BLE001 - sorted below; everything else is re-raised as it was
+        if prog is None or _full_error():
+            raise
+        if is_interrupt(err):
+            print(
+                f"{prog}: sweep interrupted (Ctrl-C): finished trials are kept in the study; rerun the same "
+                "command to go on (an unfinished trial is taken over and resumes)",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(INTERRUPTED_STATUS) from None
+        if not _is_a(err, (*USER_ERRORS, ("mdfnet_hydra.trial", "SweepAborted"))):
+            raise
+        print(f"{prog}: error: {one_message(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
 def stop_at_start(message: str) -> NoReturn:
     """A mistake found while Hydra resolves the job's directory (a resolver of resolvers.py), before
     the task function runs and so outside `reported`, where Hydra would print its traceback: an

@@ -758,22 +758,52 @@ def validate_config(cfg: DictConfig) -> None:
         parse_duration(cfg.trainer.max_time)
     except ConfigError as err:
         problems.append(str(err))
-    if cfg.get("hparams") is not None and cfg.hparams.objective not in ("single", "multi"):
-        problems.append(f"hparams.objective must be 'single' or 'multi', got {cfg.hparams.objective!r}")
-    if (
-        cfg.get("hparams") is not None
-        and cfg.hparams.objective == "multi"
-        and cfg.hparams.pruner.name != PrunerName.none
-    ):
-        problems.append(
-            "hparams.pruner needs hparams.objective=single: Optuna prunes single-objective studies only "
-            "(pass hparams.pruner.name=none with hparams.objective=multi)"
-        )
+    problems += hparams_problems(cfg)
     sweep_problem = multirun_only_problem(cfg)
     if sweep_problem:
         problems.append(sweep_problem)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def hparams_problems(cfg: DictConfig) -> list[str]:
+    """The sweep settings' own problems: the sweeper checks them before it touches the study (a
+    job would only find them in trial 0), and every job again."""
+    hparams = cfg.get("hparams")
+    if hparams is None:
+        return []
+    problems = []
+    if hparams.objective not in ("single", "multi"):
+        problems.append(f"hparams.objective must be 'single' or 'multi', got {hparams.objective!r}")
+    if int(hparams.n_trials) < 1:
+        problems.append(f"hparams.n_trials must be >= 1 (the study's total of trials), got {hparams.n_trials}")
+    if not 0 <= float(hparams.max_failure_rate) <= 1:
+        problems.append(f"hparams.max_failure_rate must be within [0, 1], got {hparams.max_failure_rate}")
+    pruner = hparams.pruner
+    if pruner.name == PrunerName.none:
+        return problems
+    if hparams.objective == "multi":
+        problems.append(
+            "hparams.pruner needs hparams.objective=single: Optuna prunes single-objective studies only "
+            "(pass hparams.pruner.name=none with hparams.objective=multi)"
+        )
+    minimum = {
+        "n_startup_trials": 0,
+        "n_warmup_steps": 0,
+        "interval_steps": 1,
+        "min_resource": 1,
+        "reduction_factor": 2,
+    }
+    problems += [
+        f"hparams.pruner.{key} must be >= {least}, got {pruner[key]}"
+        for key, least in minimum.items()
+        if int(pruner[key]) < least
+    ]
+    if pruner.max_resource is not None and int(pruner.max_resource) < int(pruner.min_resource):
+        problems.append(
+            f"hparams.pruner.max_resource ({pruner.max_resource}) must be >= min_resource ({pruner.min_resource})"
+        )
+    return problems
 
 
 def optimizer_problems(cfg: DictConfig) -> list[str]:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.config import ConfigError, validate_config
 from mdfnet_hydra.distributed import worker_env
-from mdfnet_hydra.pruning import PruningTarget, pruning_target
+from mdfnet_hydra.pruning import PruningTarget, TrialReporter, pruning_target
 from mdfnet_hydra.run_directory import RunDirectoryBusy, RunDirectoryConflict, claim
 from mdfnet_hydra.trial import Objective, in_multirun, objective_value, run_trial
 
@@ -38,8 +38,11 @@ def run_job(cfg: DictConfig) -> Objective:
     holder = claim(cfg) if claims_run_directory(cfg) else nullcontext()
     pruning = pruning_target(cfg) if multirun else None
 
-    def train_here() -> dict:  # (a trial the pruner stops is recorded as PRUNED when it decides: pruning.py)
-        return train(cfg, evaluate_at_end=not multirun, pruning=pruning)
+    def train_here() -> dict:
+        summary = train(cfg, evaluate_at_end=not multirun, pruning=pruning)
+        if pruning is not None and summary.get("pruned"):
+            TrialReporter(pruning).mark_pruned()  # in the study itself: whatever launched this job
+        return summary
 
     if not multirun:
         with holder:

@@ -191,6 +191,13 @@ def _train_phases(
         )
         if finished is not None:
             log.info("%s: already complete in %s, skipping", name, directory)
+            if not cfg.trainer.resume:
+                log.warning(
+                    "%s: trainer.resume=false restarts an unfinished stage only; this one is complete and kept "
+                    "(move %s away to train it again)",
+                    name,
+                    directory,
+                )
             results[name] = finished
         elif budget is not None and spent >= budget:
             log.info("%s: skipped, trainer.max_time (%.0fs) is spent", name, budget)

@@ -7,11 +7,12 @@ mean AUROC after every epoch; stage 2's epochs follow stage 1's configured epoch
 so trials are compared at equal training. When the pruner says the trial cannot catch up, every rank
 stops at that epoch (the decision is broadcast), the stage finishes as an early-stopped one (its
 best checkpoint, predictions and metrics written) and later stages are skipped. Rank 0 records the
-trial as PRUNED in the study itself the moment the pruner decides (any launcher, SLURM included), so
-the sweeper leaves it as it is, a resumed sweep does not run it again, and it never counts as a
-failure. A requeued job reports into the same trial: it reports the epoch it resumed from again (a
-job stopped between saving an epoch and reporting it), and a step already reported keeps its value
-and its decision.
+decision on the trial as the pruner takes it, and once the job's files are written, records the
+trial as PRUNED in the study itself (any launcher, SLURM included), so the sweeper leaves it as it
+is, a resumed sweep does not run it again, and it never counts as a failure. A job killed in
+between stops again at once when run again (requeued, or taken over by a resumed sweep). A requeued
+job reports into the same trial: it reports the epoch it resumed from again (a job stopped between
+saving an epoch and reporting it), and a step already reported keeps its value and its decision.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 log = logging.getLogger(__name__)
+
+
+# system attribute of a trial its pruner stopped: the step it stopped at (the trial stays RUNNING
+# until its job has written its results, then the job records it PRUNED)
+PRUNED_AT_ATTR = "mdfnet:pruned_at_step"
 
 
 @dataclass(frozen=True)
@@ -125,17 +131,20 @@ class TrialReporter:
     def report(self, value: Optional[float], step: int) -> bool:
         """Report the epoch's value at `step` (an undefined value is not reported); whether to stop.
 
-        Each step is decided once. A stop records the trial as PRUNED at once, so a job killed
-        before it finishes (a SLURM requeue) stops again when resumed, and the study holds the
-        decision even if no job ever finishes. A trial the study already finished takes no reports:
-        pruned, it stops; otherwise it goes on. A step the trial already holds was decided when it
-        was first reported and not stopped there: it keeps its first value and goes on (a requeued
-        job reports the epoch it resumed from again, in case it stopped before reporting it)."""
+        Each step is decided once. A stop is recorded on the trial at once (PRUNED_AT_ATTR), so a
+        job killed before it finishes stops again when resumed (a SLURM requeue, a resumed sweep
+        taking over the trial, still RUNNING until its job has written its files). A trial the
+        study already finished takes no reports: pruned, it stops; otherwise it goes on. A step the
+        trial already holds was decided when it was first reported and not stopped there: it keeps
+        its first value and goes on (a requeued job reports the epoch it resumed from again, in
+        case it stopped before reporting it)."""
         from optuna.trial import TrialState
 
         stored = self.study._storage.get_trial(self.trial._trial_id)
         if stored.state != TrialState.RUNNING:
             return stored.state == TrialState.PRUNED
+        if PRUNED_AT_ATTR in stored.system_attrs:
+            return True
         held = stored.intermediate_values.get(int(step))
         if held is not None:
             if value is not None and not math.isclose(float(value), held, rel_tol=1e-6, abs_tol=1e-9):
@@ -152,8 +161,13 @@ class TrialReporter:
             self.trial.report(float(value), int(step))
         if step >= self.target.last_step or not self.trial.should_prune():
             return False  # at its last epoch it completes: stopping there would save nothing
-        self.study.tell(self.target.trial_number, state=TrialState.PRUNED, skip_if_finished=True)
-        log.info(
-            "trial %d recorded as pruned at step %d in study %s", self.target.trial_number, step, self.target.study_name
-        )
+        self.study._storage.set_trial_system_attr(self.trial._trial_id, PRUNED_AT_ATTR, int(step))
         return True
+
+    def mark_pruned(self) -> None:
+        """Record the trial PRUNED once its job has written its files (until then a resumed sweep
+        takes it over as an unfinished trial, and its job stops at the recorded step)."""
+        from optuna.trial import TrialState
+
+        self.study.tell(self.target.trial_number, state=TrialState.PRUNED, skip_if_finished=True)
+        log.info("trial %d recorded as pruned in study %s", self.target.trial_number, self.target.study_name)

@@ -7,6 +7,9 @@ from typing import Any, Optional, Sequence
 
 from mdfnet_hydra.labels import CHEXPERT_LABELS
 
+# how a stage's summary line names what stopped it before its configured epochs
+STOPPED_BY = {"pruned": "the sweep's pruner", "max_time": "trainer.max_time", "early_stopping": "early stopping"}
+
 
 def _cell(value: Optional[float]) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
@@ -56,7 +59,7 @@ def format_summary(
         mean = result["val"]["auroc_mean"]
         lines.append(
             f"  {name}: val mean AUROC {_cell(mean).strip()} at epoch {result['best_epoch']} of {result['epochs_run']}"
-            f"{' (stopped by ' + result['stopped_by'].replace('_', ' ') + ')' if result.get('stopped_by') else ''}, {result['wall_time_s']:.0f}s"
+            f"{' (stopped by ' + STOPPED_BY.get(result['stopped_by'], result['stopped_by']) + ')' if result.get('stopped_by') else ''}, {result['wall_time_s']:.0f}s"
         )
     lines.append("Wrote:")
     lines.append(f"  run        {run_dir}  (config: .hydra/, log: logs/train.log, summary: metrics.json)")

@@ -114,17 +114,30 @@ def _requeued() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
-def job_restart() -> Optional[str]:
-    """Which restart of its job this process is, if it is one: a requeued SLURM job (its timeout
-    signal, a node lost) or torchrun's restart of failed workers (`trainer.max_restarts`). A restart
-    continues its job; what a user asked of the job's start (`trainer.resume=false`) is done once."""
+def job_restart() -> Optional[tuple[str, str]]:
+    """(what restarted, the job's identity) when this process restarts a job: a requeued SLURM job
+    (its timeout signal, a lost node) or torchrun's restart of failed workers
+    (`trainer.max_restarts`); None for a job's first start. The counter alone does not prove it:
+    `sbatch` hands the submitting shell's SLURM_RESTART_COUNT on to new jobs, so a caller compares
+    the identity with the one the job's start recorded (`job_identity`)."""
+    identity = job_identity()
     for variable, what in (
-        ("SLURM_RESTART_COUNT", "SLURM requeue"),
         ("TORCHELASTIC_RESTART_COUNT", "torchrun restart"),
+        ("SLURM_RESTART_COUNT", "SLURM requeue"),
     ):
         count = int(os.environ.get(variable, "0") or 0)
-        if count > 0:
-            return f"{what} {count}"
+        if count > 0 and identity is not None:
+            return f"{what} {count}", identity
+    return None
+
+
+def job_identity() -> Optional[str]:
+    """What stays the same across a job's restarts and differs between jobs: its SLURM job id (a
+    requeue keeps it; torchrun inside it starts a new rendezvous), else torchrun's run id."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"SLURM job {os.environ['SLURM_JOB_ID']}"
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun run {os.environ['TORCHELASTIC_RUN_ID']}"
     return None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Optional
 
@@ -121,7 +122,12 @@ class WriteSummary(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir() or "bench" in config:  # a multirun of benchmarks trains no runs
             return
-        out = write_summary(sweep_dir)
+        rows = job_rows(sweep_dir)
+        if not rows and not (sweep_dir / SUMMARY_FILE).exists():  # refused before any job: leave nothing
+            with suppress(OSError):
+                sweep_dir.rmdir()  # (only if empty)
+            return
+        out = write_summary(sweep_dir, rows)
         print(f"[mdfnet-hydra] sweep summary: {out}", flush=True)
         if "evaluation" in config and config.evaluation.on_finish:
             if _other_processes_running(config, sweep_dir):

@@ -52,9 +52,10 @@ from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from mdfnet_hydra.config import ConfigError
+from mdfnet_hydra.config import ConfigError, hparams_problems
 from mdfnet_hydra.files import write_text
 from mdfnet_hydra.identity import irrelevant, outcome_identity
+from mdfnet_hydra.pruning import PRUNED_AT_ATTR
 from mdfnet_hydra.study_storage import open_storage, sqlite_path
 
 log = logging.getLogger(__name__)
@@ -296,6 +297,51 @@ def fingerprint_differences(stored: dict, current: dict) -> list[str]:
     return changes
 
 
+def search_space(params: list[str]) -> tuple[dict, dict, list]:
+    """The sweeper's parsed search space; a parameter Optuna cannot make a distribution of is named."""
+    try:
+        return create_params_from_overrides(params)
+    except ValueError as err:
+        for param in params:
+            try:
+                create_params_from_overrides([param])
+            except ValueError as own:
+                raise ConfigError(f"sweep parameter {param!r}: {own}") from err
+        raise ConfigError(f"the search space {params} cannot be built: {err}") from err
+
+
+def check_swept_keys(config: DictConfig, keys: Sequence[str]) -> None:
+    """Refuse a searched key the config does not have, before a study records trials of it: a
+    misspelt key would fail every trial and leave the study name bound to the typo's settings.
+    Config groups (`model/vision`, `modality`) and appended keys (`+key`) are Hydra's to check."""
+    groups = set(OmegaConf.select(config, "hydra.runtime.choices", default={}) or {})
+    missing = object()
+    unknown = [
+        key
+        for key in keys
+        if not key.startswith(("+", "~")) and "/" not in key and key.lstrip("+") not in groups
+        and OmegaConf.select(config, key, default=missing) is missing
+    ]  # fmt: skip
+    if unknown:
+        raise ConfigError(
+            f"sweep parameter(s) {', '.join(unknown)} name no key of the config (misspelt?): nothing was run, "
+            "no study was changed"
+        )
+
+
+def check_directions(study: optuna.Study, directions: Sequence[Any]) -> None:
+    """Refuse a study that optimises the other way: Optuna loads an existing study with its own
+    directions whatever `create_study` was given, and its best trial would be this command's worst."""
+    stored = [d.name.lower() for d in study.directions]
+    wanted = [str(getattr(d, "name", d)).lower() for d in directions]
+    if stored != wanted:
+        raise ConfigError(
+            f"Study {study.study_name} in this storage was created to {' and '.join(stored)}; this command "
+            f"would {' and '.join(wanted)}: its best trial would be this command's worst. Pass "
+            f"hparams.study_name=<new name> for a new study."
+        )
+
+
 def check_fingerprint(study: optuna.Study, fingerprint: dict) -> None:
     """Store the fingerprint in a new study (or adopt an older one without); refuse a study made
     with other settings, before any trial runs. Call under the study lock."""
@@ -327,11 +373,21 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
         self.seed = None if seed is None else int(seed)
 
     def sweep(self, arguments: list[str]) -> None:
+        from mdfnet_hydra.cli import reported_sweep
+
+        with reported_sweep():
+            self._sweep(arguments)
+
+    def _sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        problems = hparams_problems(self.config)
+        if problems:  # what every trial's job would refuse: before the study, not in trial 0
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         self._process_searchspace_config()
         params_conf = self._parse_sweeper_params_config()
         params_conf.extend(arguments)
-        distributions, fixed_params, fixed_overrides = create_params_from_overrides(params_conf)
+        distributions, fixed_params, fixed_overrides = search_space(params_conf)
+        check_swept_keys(self.config, [*distributions, *fixed_params])
         if isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler:
             grid = {name: self._to_grid_sampler_choices(d) for name, d in distributions.items()}
             self.sampler = self.sampler(grid)
@@ -343,14 +399,22 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
         directions = self._get_directions()
 
         self._lock_path = lock_path(self.storage, self.sweep_dir)
+        try:
+            with study_lock(self._lock_path):
+                study = optuna.create_study(
+                    study_name=self.study_name,
+                    storage=open_storage(self.storage),
+                    sampler=self.sampler,
+                    directions=directions,
+                    load_if_exists=True,
+                )
+        except OSError as err:
+            raise ConfigError(
+                f"hydra.sweeper.storage={self.storage}: the study cannot be written there "
+                f"({err.strerror or err}: {err.filename or self._lock_path})"
+            ) from err
         with study_lock(self._lock_path):
-            study = optuna.create_study(
-                study_name=self.study_name,
-                storage=open_storage(self.storage),
-                sampler=self.sampler,
-                directions=directions,
-                load_if_exists=True,
-            )
+            check_directions(study, directions)
             check_fingerprint(study, study_fingerprint(self.config, distributions, directions))
         seeding = f" (re-seeded per trial from seed {self.seed} and the trial number)" if self.seed is not None else ""
         log.info(f"Study name: {study.study_name}")
@@ -430,10 +494,15 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
         failures = []
         for trial, ret in zip(trials, returns):
             heartbeat.discard(trial._trial_id)
+            stored = study._storage.get_trial(trial._trial_id)
+            if stored.state.is_finished():
+                continue  # a job the sweep's pruner stopped has recorded its trial as PRUNED (pruning.py)
+            if PRUNED_AT_ATTR in stored.system_attrs:  # stopped by the pruner, its job failed after
+                study.tell(trial=trial, state=TrialState.PRUNED, skip_if_finished=True)
+                continue
             try:
                 values = self._values(ret.return_value, len(directions))
                 try:
-                    # a job the sweep's pruner stopped has recorded its trial as PRUNED (pruning.py)
                     study.tell(trial=trial, state=TrialState.COMPLETE, values=values, skip_if_finished=True)
                 except RuntimeError as err:  # GridSampler stops the study once the grid is exhausted
                     if "`Study.stop` is supposed to be invoked" not in str(err):

@@ -75,14 +75,13 @@ class Tracker:
 
     def open_events(self, resumed_step: int) -> None:
         """Start the event file. `resumed_step`: the last training step of the state the phase
-        resumed from (0: a fresh start); TensorBoard hides events at later steps written before.
-        (Epoch scalars count epochs, far below any step of theirs: never hidden.)"""
+        resumed from (0: a fresh start, after a job killed in its first epoch too); TensorBoard
+        hides events at later steps written before. (Epoch scalars count epochs, far below any
+        step of theirs: never hidden, but for the epoch a job was killed in.)"""
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(
-                log_dir=str(self.directory / "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None
-            )
+            self.writer = SummaryWriter(log_dir=str(self.directory / "tensorboard"), purge_step=resumed_step + 1)
 
     def flush(self) -> None:
         """Put what is buffered on disk (the writer flushes every 2 minutes): called once an epoch's

@@ -35,13 +35,15 @@ from mdfnet_hydra.metrics import compute_metrics
 from mdfnet_hydra.models.mdfnet import MDFNet
 from mdfnet_hydra.optim import build_optimizer, build_scheduler
 from mdfnet_hydra.predictions import save_predictions
-from mdfnet_hydra.run_directory import job_restart
+from mdfnet_hydra.run_directory import job_identity, job_restart
 from mdfnet_hydra.runtime import Runtime
 from mdfnet_hydra.step import TrainingStep, to_device
 from mdfnet_hydra.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
+# the stage's record of the job whose start `trainer.resume=false` restarted it (run_directory.job_identity)
+RESTARTED_BY = ".restarted-by-job"
 # metric key in compute_metrics' output that each best checkpoint maximises
 BEST_MONITORS = {
     CheckpointName.best_mean.value: "auroc_mean",
@@ -354,16 +356,17 @@ class PhaseTrainer:
         """Rank 0: {"path": state to resume} | {"refuse": message} | {} (start the phase afresh)."""
         self._resume_state = None
         existing = self.checkpoints.existing()
-        if not existing:
+        if not self.trainer_cfg.resume and not self._restarts_this_job():
+            if existing:
+                aside = move_aside(self.directory)
+                log.warning(
+                    "%s: trainer.resume=false: training from the start; the earlier results are in %s", self.name, aside
+                )
+            identity = job_identity()
+            if identity is not None:  # what a restart of this job compares itself with
+                write_text(self.directory / RESTARTED_BY, identity + "\n")
             return {}
-        restart = job_restart()
-        if not self.trainer_cfg.resume and restart is not None:
-            log.info("%s: trainer.resume=false restarts a job once, not at its %s: resuming", self.name, restart)
-        elif not self.trainer_cfg.resume:
-            aside = move_aside(self.directory)
-            log.warning(
-                "%s: trainer.resume=false: training from the start; the earlier results are in %s", self.name, aside
-            )
+        if not existing:
             return {}
         path, ckpt, problems = self.checkpoints.resume_state(CheckpointName.last.value)
         if ckpt is None:
@@ -389,6 +392,22 @@ class PhaseTrainer:
             return {"refuse": mismatch}
         self._resume_state = ckpt
         return {"path": str(path), "best": self._bests_on_disk(int(ckpt["trainer_state"]["epoch"]))}
+
+    def _restarts_this_job(self) -> bool:
+        """Whether `trainer.resume=false` was already done by this job, which is now restarted (a
+        SLURM requeue, torchrun's restart): then it resumes instead of moving its own progress aside."""
+        restart = job_restart()
+        if restart is None:
+            return False
+        what, identity = restart
+        try:
+            started = (self.directory / RESTARTED_BY).read_text().strip()
+        except OSError:
+            return False  # this job never got to start the stage: its start is now
+        if started != identity:
+            return False  # a counter inherited from the shell that submitted a new job
+        log.info("%s: trainer.resume=false restarts a job once, not at its %s: resuming", self.name, what)
+        return True
 
     def _schedule_mismatch(self, saved: PhaseState, path: Path) -> Optional[str]:
         """Why `saved` cannot continue under this job's batch and schedule (None if it can)."""

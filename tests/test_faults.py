@@ -104,16 +104,33 @@ def test_a_deleted_last_checkpoint_without_a_resumable_one_is_refused_not_traine
 
 
 def test_a_restarted_job_resumes_though_it_was_started_with_resume_false(copy_of, reference, output_root):
-    """`trainer.resume=false` restarts a job from the start once: its SLURM requeue (or torchrun's
-    restart of its workers) continues it instead of moving its progress aside again."""
-    for path in (copy_of / "stage2" / "metrics.json", copy_of / "metrics.json"):
-        path.unlink()  # stage 2 trained its epochs and was stopped before it finished
-    result = ok(job(copy_of, output_root, "trainer.resume=false", env_extra={"SLURM_RESTART_COUNT": "1"}))
-    assert (
-        "stage2: trainer.resume=false restarts a job once, not at its SLURM requeue 1: resuming"
-        in result.stdout + result.stderr
-    )
-    assert not list(copy_of.glob("*/replaced-*")), "nothing moved aside"
+    """`trainer.resume=false` restarts a stage once per job: the job's SLURM requeue (or torchrun's
+    restart of its workers) continues it instead of moving its progress aside again; a new job
+    that inherited SLURM_RESTART_COUNT from the shell that submitted it (sbatch passes it on) is
+    not a restart, and restarts the stage as asked."""
+
+    def stopped_before_stage2_finished() -> None:
+        for path in (copy_of / "stage2" / "metrics.json", copy_of / "metrics.json"):
+            path.unlink()
+
+    def replaced() -> list[Path]:
+        return sorted((copy_of / "stage2").glob("replaced-*"))
+
+    stopped_before_stage2_finished()
+    ok(job(copy_of, output_root, "trainer.resume=false", env_extra={"SLURM_JOB_ID": "111"}))
+    assert len(replaced()) == 1
+    stopped_before_stage2_finished()
+    requeued = {"SLURM_JOB_ID": "111", "SLURM_RESTART_COUNT": "1"}
+    result = ok(job(copy_of, output_root, "trainer.resume=false", env_extra=requeued))
+    log = result.stdout + result.stderr
+    assert "stage2: trainer.resume=false restarts a job once, not at its SLURM requeue 1: resuming" in log
+    assert "stage1: trainer.resume=false restarts an unfinished stage only; this one is complete and kept" in log
+    assert len(replaced()) == 1, "its own progress is not moved aside again"
+    assert final_metrics(copy_of) == final_metrics(reference)
+    stopped_before_stage2_finished()
+    inherited = {"SLURM_JOB_ID": "222", "SLURM_RESTART_COUNT": "1"}
+    result = ok(job(copy_of, output_root, "trainer.resume=false", env_extra=inherited))
+    assert "resuming" not in result.stdout + result.stderr and len(replaced()) == 2
     assert final_metrics(copy_of) == final_metrics(reference)
 
 
@@ -471,23 +488,24 @@ class _Exploit:
 
 
 def test_scalars_a_killed_job_logged_past_its_checkpoint_show_once_after_the_resume(tmp_path):
-    """A job killed in epoch 2 (checkpoint after step 5) had logged steps 6-8; the resumed job logs
-    6-10 again: TensorBoard's own reader shows each step once, with the resumed job's values."""
+    """A job killed in its first epoch, started again from nothing, then killed in epoch 2
+    (checkpoint after step 5) having logged steps 6-8; the resumed job logs 6-10 again: TensorBoard's
+    own reader shows each step once, with the values of the job that went on."""
     from mdfnet_hydra.tracking import Tracker
 
-    killed = Tracker(tmp_path, enabled=True)
-    killed.open_events(0)
-    for step in range(1, 9):
-        killed.scalar("batch/loss", 1.0, step)
-    killed.scalar("val/auroc_mean", 0.6, 1)
-    killed.flush()  # what the kill left on disk
-    killed.close()
-    resumed = Tracker(tmp_path, enabled=True)
-    resumed.open_events(5)
-    for step in range(6, 11):
-        resumed.scalar("batch/loss", 2.0, step)
-    resumed.scalar("val/auroc_mean", 0.7, 2)
-    resumed.close()
+    def job(resumed_step: int, steps: range, value: float, epochs: dict[int, float]) -> None:
+        tracker = Tracker(tmp_path, enabled=True)
+        tracker.open_events(resumed_step)
+        for step in steps:
+            tracker.scalar("batch/loss", value, step)
+        for epoch, auroc in epochs.items():
+            tracker.scalar("val/auroc_mean", auroc, epoch)
+        tracker.flush()  # what a kill leaves on disk
+        tracker.close()
+
+    job(0, range(1, 4), 0.5, {})  # killed in its first epoch, before any checkpoint
+    job(0, range(1, 9), 1.0, {1: 0.6})  # started again; killed in epoch 2 (checkpoint after step 5)
+    job(5, range(6, 11), 2.0, {2: 0.7})
     curves = EventAccumulator(str(tmp_path / "tensorboard"))
     curves.Reload()
     assert [(e.step, e.value) for e in curves.Scalars("batch/loss")] == [

@@ -60,20 +60,27 @@ def test_hyperbands_whole_trial_is_the_configured_epochs_of_its_stages(cfg_facto
 
 def test_a_trial_clearly_worse_than_finished_ones_is_pruned_after_the_warmup(tmp_path):
     """The median pruner with 2 warm-up steps: reports at epochs 1 and 2, pruned at epoch 2 (the
-    earliest step Optuna prunes at is n_warmup_steps), recorded PRUNED in the study as it decides,
-    with what it reported."""
+    earliest step Optuna prunes at is n_warmup_steps). The decision is kept on the trial at once:
+    its job, killed before it has written its files and run again, stops again without reporting;
+    once written, the trial is recorded PRUNED with what it reported."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
     finished_trials(study, 3, 0.9, steps=6)
     running = study.ask()
-    reporter = TrialReporter(PruningTarget(storage, "s", running.number, MEDIAN, last_step=6))
-    assert reporter.report(0.5, 1) is False, "within the warm-up"
-    assert reporter.report(0.5, 2) is True
+
+    def reporter() -> TrialReporter:
+        return TrialReporter(PruningTarget(storage, "s", running.number, MEDIAN, last_step=6))
+
+    first = reporter()
+    assert first.report(0.5, 1) is False, "within the warm-up"
+    assert first.report(0.5, 2) is True
+    assert reporter().report(0.95, 3) is True, "run again before its files were written: it stops again"
+    trial = optuna.load_study(study_name="s", storage=storage).trials[running.number]
+    assert trial.state == TrialState.RUNNING, "unfinished until its job has written its files"
+    first.mark_pruned()
     trial = optuna.load_study(study_name="s", storage=storage).trials[running.number]
     assert trial.state == TrialState.PRUNED and trial.intermediate_values == {1: 0.5, 2: 0.5}
-    assert TrialReporter(PruningTarget(storage, "s", running.number, MEDIAN, last_step=6)).report(0.9, 3) is True, (
-        "a finished trial is not reported to again"
-    )
+    assert reporter().report(0.9, 3) is True, "a finished trial is not reported to again"
 
 
 def test_a_trial_as_good_as_finished_ones_is_not_pruned_and_undefined_epochs_are_not_reported(tmp_path):
@@ -269,6 +276,26 @@ def test_a_resumed_sweep_does_not_run_the_pruned_trial_again(pruned_sweep):
     (job,) = sweep_dir.glob("3_*")
     assert (job / "logs" / "train.log").read_text().count("stage1: pruned after epoch 1") == 1
     assert "running it again" not in again.stdout + again.stderr
+
+
+def test_a_trial_its_pruner_stopped_whose_sweep_was_killed_is_finished_by_the_next_sweep(tmp_path):
+    """The sweep was killed after the pruner stopped trial 3 and before its job wrote its files:
+    the trial is still RUNNING with its decision on it, so the rerun takes it over, and its job
+    stops at its first epoch without reporting again, writes its files and records it PRUNED."""
+    from mdfnet_hydra.pruning import PRUNED_AT_ATTR
+
+    sweep_dir, storage = study_of_good_trials(tmp_path, "killed")
+    study = optuna.load_study(study_name="killed", storage=storage)
+    orphan = study.ask()  # no live sweep process owns it
+    study._storage.set_trial_system_attr(orphan._trial_id, PRUNED_AT_ATTR, 1)
+    result = run_cli(*pruned_sweep_command(tmp_path, "killed", 1, *SMALL_DATA), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    trial = optuna.load_study(study_name="killed", storage=storage).trials[orphan.number]
+    assert trial.state == TrialState.PRUNED and trial.intermediate_values == {}
+    (job,) = sweep_dir.glob(f"{orphan.number}_*")
+    summary = json.loads((job / "metrics.json").read_text())
+    assert summary["pruned"] == {"stage": "stage1", "epoch": 1, "step": 1}
+    assert summary["stages"]["stage1"]["epochs_run"] == 1
 
 
 @pytest.mark.slow  # two data-parallel workers: about a minute on 2 CPU cores

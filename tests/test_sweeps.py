@@ -6,13 +6,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 
 import optuna
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from mdfnet_hydra.summary import SUMMARY_FILE
 from mdfnet_hydra.summary import main as summary_main
 
@@ -247,3 +252,81 @@ def test_submitit_local_launcher_runs_the_same_jobs(tmp_path):
     rows = summary_rows(sweep_dir)
     assert [(r["modality"], r["status"]) for r in rows] == [("clinical", "completed"), ("text", "completed")]
     assert (sweep_dir / ".submitit").is_dir(), "jobs went through submitit"
+
+
+REFUSED = [
+    (("hparams.objective=multi", "hparams.pruner.name=median"), "hparams.pruner needs hparams.objective=single"),
+    (("hparams.pruner.name=asha", "hparams.pruner.reduction_factor=1"), "hparams.pruner.reduction_factor must be >= 2"),
+    (("hparams.pruner.name=median", "hparams.pruner.interval_steps=0"), "hparams.pruner.interval_steps must be >= 1"),
+    (("hparams.n_trials=0",), "hparams.n_trials must be >= 1"),
+    (("loss.focal_gama=interval(1.0,3.0)",), "sweep parameter(s) loss.focal_gama name no key of the config"),
+    (("loss.focal_alpha=interval(0.9,0.1)",), "sweep parameter 'loss.focal_alpha=interval(0.9,0.1)': "),
+]
+
+
+@pytest.mark.parametrize("overrides, message", REFUSED, ids=[m.split(" must")[0][:40] for _, m in REFUSED])
+def test_a_sweep_it_cannot_run_is_refused_in_one_line_before_any_study(tmp_path, overrides, message):
+    """What every trial would fail on (or a typo that would bind the study to a key that does not
+    exist) stops the sweep process itself: one line, status 1, no study created."""
+    result = run_cli("--multirun", *TINY, f"paths.root={tmp_path}", "hparams=random", "hparams/space=none",
+                     "modality=clinical", "stage=stage1", "loss.focal_gamma=interval(1.0,3.0)", *overrides)  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.startswith("mdfnet_hydra.train: error: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Launching" not in result.stdout
+    assert not list(tmp_path.glob("sweeps/*")), "no study, no summary, no directory"
+
+
+def test_a_study_that_optimises_the_other_way_is_refused(tmp_path):
+    """Optuna loads an existing study with its own direction whatever the command asks: a study
+    made to minimise would report this sweep's worst AUROC as its best."""
+    sweep_dir = tmp_path / "sweeps" / "random-clinical-stage1"
+    sweep_dir.mkdir(parents=True)
+    optuna.create_study(study_name="random-clinical-stage1", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    result = run_cli("--multirun", *TINY, f"paths.root={tmp_path}", "hparams=random", "modality=clinical",
+                     "stage=stage1", "hparams.n_trials=1")  # fmt: skip
+    assert result.returncode == 1
+    assert (
+        "error: Study random-clinical-stage1 in this storage was created to minimize; this command would maximize"
+        in (result.stderr)
+    )
+    assert len(load_study(sweep_dir).trials) == 0
+
+
+def test_a_storage_that_cannot_be_written_is_named_in_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    storage = f"sqlite:///{tmp_path / 'a_file' / 'x' / 'optuna.db'}"
+    result = run_cli("--multirun", *TINY, f"paths.root={tmp_path}", "hparams=random", "modality=clinical",
+                     "stage=stage1", "hparams.n_trials=1", f"hydra.sweeper.storage={storage}")  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"mdfnet_hydra.train: error: hydra.sweeper.storage={storage}: the study cannot")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_ends_a_sweep_in_one_line_keeping_its_finished_trials(tmp_path):
+    command = ["--multirun", *TINY, f"paths.root={tmp_path}", "hparams=random", "hparams/space=none",
+               "modality=clinical", "stage=stage1", "loss.focal_gamma=interval(1.0,3.0)", "hparams.n_trials=200"]  # fmt: skip
+    sweep_process = subprocess.Popen(
+        [sys.executable, "-m", "mdfnet_hydra.train", *command],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # Ctrl-C not ignored
+    )
+    sweep_dir = tmp_path / "sweeps" / "random-clinical-stage1"
+    deadline = time.time() + 300
+    while not list(sweep_dir.glob("2_*/stage1/checkpoints/last.pth")) and time.time() < deadline:
+        assert sweep_process.poll() is None, sweep_process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(sweep_process.pid, signal.SIGINT)  # what Ctrl-C sends
+    _, stderr = sweep_process.communicate(timeout=120)
+    assert sweep_process.returncode == 130, stderr[-3000:]
+    ours = [line for line in stderr.strip().splitlines() if not line.startswith("[I ")]  # (Optuna's own log)
+    assert ours == [
+        "mdfnet_hydra.train: sweep interrupted (Ctrl-C): finished trials are kept in the study; rerun the same "
+        "command to go on (an unfinished trial is taken over and resumes)"
+    ]
+    states = [t.state for t in load_study(sweep_dir).trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) >= 2 and len(states) < 200
