@@ -35,25 +35,39 @@ def run_job(cfg: DictConfig) -> Objective:
     workers it starts) whether to evaluate at the end (a multirun evaluates once, at its end)."""
     validate_config(cfg)
     multirun = in_multirun()
-    holder = claim(cfg) if claims_run_directory(cfg) else nullcontext()
+    claims = claims_run_directory(cfg)
+    holder = claim(cfg) if claims else nullcontext()
     pruning = pruning_target(cfg) if multirun else None
+    rank = worker_env(nproc_per_node=cfg.trainer.nproc_per_node)
+    # one process per job writes its records: the one holding its run directory (a single process,
+    # node 0's launcher), else global rank 0 of workers torchrun / srun started
+    writer = claims or (rank is not None and rank.rank == 0)
 
     def train_here() -> dict:
         summary = train(cfg, evaluate_at_end=not multirun, pruning=pruning)
-        if pruning is not None and summary.get("pruned"):
-            TrialReporter(pruning).mark_pruned()  # in the study itself: whatever launched this job
+        if pruning is not None and summary.get("pruned") and writer:
+            mark_pruned(pruning)  # its files are written (rank 0 wrote them before returning)
         return summary
 
     if not multirun:
         with holder:
             return objective_value(cfg, train_here())
-    rank = worker_env()
     try:
         with holder:
-            return run_trial(cfg, Path(cfg.paths.run_dir), train_here, is_writer=rank is None or rank.rank == 0)
+            return run_trial(cfg, Path(cfg.paths.run_dir), train_here, is_writer=writer)
     except (RunDirectoryBusy, RunDirectoryConflict) as err:  # the directory is another job's: write nothing there
         log.error("trial not run: %s", err)
         return objective_value(cfg, {})
+
+
+def mark_pruned(pruning: PruningTarget) -> None:
+    """Record the pruned trial PRUNED in the study itself (whatever launched the job). Should the
+    storage fail now, the job is not failed for it: the sweeper records a trial carrying its
+    pruner's decision as PRUNED when the job returns (sweep_study.py)."""
+    try:
+        TrialReporter(pruning).mark_pruned()
+    except Exception as err:  # noqa: BLE001 - the decision is on the trial already
+        log.warning("could not record trial %d as pruned (%s); the sweeper records it", pruning.trial_number, err)
 
 
 def claims_run_directory(cfg: DictConfig) -> bool:

@@ -132,8 +132,9 @@ class TrialReporter:
         """Report the epoch's value at `step` (an undefined value is not reported); whether to stop.
 
         Each step is decided once. A stop is recorded on the trial at once (PRUNED_AT_ATTR), so a
-        job killed before it finishes stops again when resumed (a SLURM requeue, a resumed sweep
-        taking over the trial, still RUNNING until its job has written its files). A trial the
+        job killed before it finishes stops again, without reporting, at the same step when run
+        again (a SLURM requeue, a resumed sweep taking over the trial, still RUNNING until its job
+        has written its files; from its checkpoint, or from the start should they be lost). A trial the
         study already finished takes no reports: pruned, it stops; otherwise it goes on. A step the
         trial already holds was decided when it was first reported and not stopped there: it keeps
         its first value and goes on (a requeued job reports the epoch it resumed from again, in
@@ -143,8 +144,9 @@ class TrialReporter:
         stored = self.study._storage.get_trial(self.trial._trial_id)
         if stored.state != TrialState.RUNNING:
             return stored.state == TrialState.PRUNED
-        if PRUNED_AT_ATTR in stored.system_attrs:
-            return True
+        pruned_at = stored.system_attrs.get(PRUNED_AT_ATTR)
+        if pruned_at is not None:  # decided: no more reports, and it stops where the pruner stopped it
+            return int(step) >= int(pruned_at)
         held = stored.intermediate_values.get(int(step))
         if held is not None:
             if value is not None and not math.isclose(float(value), held, rel_tol=1e-6, abs_tol=1e-9):

@@ -114,31 +114,28 @@ def _requeued() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
-def job_restart() -> Optional[tuple[str, str]]:
-    """(what restarted, the job's identity) when this process restarts a job: a requeued SLURM job
-    (its timeout signal, a lost node) or torchrun's restart of failed workers
-    (`trainer.max_restarts`); None for a job's first start. The counter alone does not prove it:
-    `sbatch` hands the submitting shell's SLURM_RESTART_COUNT on to new jobs, so a caller compares
-    the identity with the one the job's start recorded (`job_identity`)."""
-    identity = job_identity()
-    for variable, what in (
-        ("TORCHELASTIC_RESTART_COUNT", "torchrun restart"),
-        ("SLURM_RESTART_COUNT", "SLURM requeue"),
-    ):
-        count = int(os.environ.get(variable, "0") or 0)
-        if count > 0 and identity is not None:
-            return f"{what} {count}", identity
+def job_restart() -> Optional[tuple[str, tuple[str, ...]]]:
+    """(what restarted, the `job_identity` keys that make it the same job) when this process
+    restarts a job: torchrun's restart of failed workers (`trainer.max_restarts`: the same
+    rendezvous run, within the same SLURM job if any) or a requeued SLURM job (its timeout signal,
+    a lost node: the same SLURM job id; torchrun inside it starts a new run). None for a job's
+    first start. A counter alone does not prove it (`sbatch` hands the submitting shell's
+    SLURM_RESTART_COUNT on to new jobs): a caller compares those keys with what the start recorded."""
+    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if count > 0:
+        return f"torchrun restart {count}", ("slurm_job", "torchrun_run")
+    count = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if count > 0:
+        return f"SLURM requeue {count}", ("slurm_job",)
     return None
 
 
-def job_identity() -> Optional[str]:
-    """What stays the same across a job's restarts and differs between jobs: its SLURM job id (a
-    requeue keeps it; torchrun inside it starts a new rendezvous), else torchrun's run id."""
-    if os.environ.get("SLURM_JOB_ID"):
-        return f"SLURM job {os.environ['SLURM_JOB_ID']}"
-    if os.environ.get("TORCHELASTIC_RUN_ID"):
-        return f"torchrun run {os.environ['TORCHELASTIC_RUN_ID']}"
-    return None
+def job_identity() -> dict[str, Optional[str]]:
+    """What stays the same across a job's restarts: its SLURM job id and torchrun's run id."""
+    return {
+        "slurm_job": os.environ.get("SLURM_JOB_ID") or None,
+        "torchrun_run": os.environ.get("TORCHELASTIC_RUN_ID") or None,
+    }
 
 
 def check_config(cfg: DictConfig, run_dir: Path) -> None:

@@ -42,7 +42,7 @@ from mdfnet_hydra.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-# the stage's record of the job whose start `trainer.resume=false` restarted it (run_directory.job_identity)
+# the stage's record (JSON) of the job whose start `trainer.resume=false` restarted it (run_directory.job_identity)
 RESTARTED_BY = ".restarted-by-job"
 # metric key in compute_metrics' output that each best checkpoint maximises
 BEST_MONITORS = {
@@ -363,8 +363,8 @@ class PhaseTrainer:
                     "%s: trainer.resume=false: training from the start; the earlier results are in %s", self.name, aside
                 )
             identity = job_identity()
-            if identity is not None:  # what a restart of this job compares itself with
-                write_text(self.directory / RESTARTED_BY, identity + "\n")
+            if any(identity.values()):  # what a restart of this job compares itself with
+                write_text(self.directory / RESTARTED_BY, json.dumps(identity) + "\n")
             return {}
         if not existing:
             return {}
@@ -399,13 +399,14 @@ class PhaseTrainer:
         restart = job_restart()
         if restart is None:
             return False
-        what, identity = restart
+        what, keys = restart
         try:
-            started = (self.directory / RESTARTED_BY).read_text().strip()
-        except OSError:
+            started = json.loads((self.directory / RESTARTED_BY).read_text())
+        except (OSError, ValueError):
             return False  # this job never got to start the stage: its start is now
-        if started != identity:
-            return False  # a counter inherited from the shell that submitted a new job
+        current = job_identity()
+        if current[keys[-1]] is None or any(started.get(k) != current[k] for k in keys):
+            return False  # another job's record, or a counter inherited from the shell that submitted this one
         log.info("%s: trainer.resume=false restarts a job once, not at its %s: resuming", self.name, what)
         return True
 

@@ -132,6 +132,16 @@ def test_a_restarted_job_resumes_though_it_was_started_with_resume_false(copy_of
     result = ok(job(copy_of, output_root, "trainer.resume=false", env_extra=inherited))
     assert "resuming" not in result.stdout + result.stderr and len(replaced()) == 2
     assert final_metrics(copy_of) == final_metrics(reference)
+    # inside one SLURM allocation, a torchrun restart of another launch (another run id) is a new job
+    stopped_before_stage2_finished()
+    torchrun = {"SLURM_JOB_ID": "222", "TORCHELASTIC_RUN_ID": "b", "TORCHELASTIC_RESTART_COUNT": "1"}
+    result = ok(job(copy_of, output_root, "trainer.resume=false", env_extra=torchrun))
+    assert "resuming" not in result.stdout + result.stderr and len(replaced()) == 3
+    stopped_before_stage2_finished()
+    result = ok(
+        job(copy_of, output_root, "trainer.resume=false", env_extra={**torchrun, "TORCHELASTIC_RESTART_COUNT": "2"})
+    )
+    assert "not at its torchrun restart 2: resuming" in result.stdout + result.stderr and len(replaced()) == 3
 
 
 def test_temporaries_of_killed_writers_are_removed(copy_of, reference, output_root):

@@ -279,23 +279,24 @@ def test_a_resumed_sweep_does_not_run_the_pruned_trial_again(pruned_sweep):
 
 
 def test_a_trial_its_pruner_stopped_whose_sweep_was_killed_is_finished_by_the_next_sweep(tmp_path):
-    """The sweep was killed after the pruner stopped trial 3 and before its job wrote its files:
-    the trial is still RUNNING with its decision on it, so the rerun takes it over, and its job
-    stops at its first epoch without reporting again, writes its files and records it PRUNED."""
+    """The sweep was killed after the pruner stopped trial 3 at step 2 and before its job wrote its
+    files: the trial is still RUNNING with its decision on it, so the rerun takes it over, and its
+    job (here from the start: its checkpoints were lost too) stops at that step without reporting,
+    writes its files and records it PRUNED."""
     from mdfnet_hydra.pruning import PRUNED_AT_ATTR
 
     sweep_dir, storage = study_of_good_trials(tmp_path, "killed")
     study = optuna.load_study(study_name="killed", storage=storage)
     orphan = study.ask()  # no live sweep process owns it
-    study._storage.set_trial_system_attr(orphan._trial_id, PRUNED_AT_ATTR, 1)
+    study._storage.set_trial_system_attr(orphan._trial_id, PRUNED_AT_ATTR, 2)
     result = run_cli(*pruned_sweep_command(tmp_path, "killed", 1, *SMALL_DATA), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     trial = optuna.load_study(study_name="killed", storage=storage).trials[orphan.number]
     assert trial.state == TrialState.PRUNED and trial.intermediate_values == {}
     (job,) = sweep_dir.glob(f"{orphan.number}_*")
     summary = json.loads((job / "metrics.json").read_text())
-    assert summary["pruned"] == {"stage": "stage1", "epoch": 1, "step": 1}
-    assert summary["stages"]["stage1"]["epochs_run"] == 1
+    assert summary["pruned"] == {"stage": "stage1", "epoch": 2, "step": 2}
+    assert summary["stages"]["stage1"]["epochs_run"] == 2
 
 
 @pytest.mark.slow  # two data-parallel workers: about a minute on 2 CPU cores
