@@ -44,18 +44,26 @@ def short_hash(text: str) -> str:
 
 
 def objective_directions(objective: str) -> Union[str, list[str]]:
+    """Resolved while Hydra builds the sweeper, before it runs: a mistake is one line (cli.py)."""
     if objective == "single":
         return "maximize"
     if objective == "multi":
         return ["maximize", "maximize"]
-    raise ValueError(
+    stop_at_start(
         f"hparams.objective must be 'single' (val mean AUROC) or 'multi' (mean and minimum AUROC), got {objective!r}"
     )
 
 
 def optuna_storage(sweep_dir: str) -> str:
+    """The study's SQLite file in the sweep directory, made here (Hydra builds the sweeper before
+    the sweep directory exists); a directory that cannot be made is one line (cli.py)."""
     directory = Path(str(sweep_dir)).expanduser().resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        stop_at_start(
+            f"the sweep directory {directory} cannot be made ({err.strerror or err}): choose another paths.root"
+        )
     return f"sqlite:///{directory / OPTUNA_DB}"
 
 

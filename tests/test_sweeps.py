@@ -259,6 +259,7 @@ REFUSED = [
     (("hparams.pruner.name=asha", "hparams.pruner.reduction_factor=1"), "hparams.pruner.reduction_factor must be >= 2"),
     (("hparams.pruner.name=median", "hparams.pruner.interval_steps=0"), "hparams.pruner.interval_steps must be >= 1"),
     (("hparams.n_trials=0",), "hparams.n_trials must be >= 1"),
+    (("hparams.objective=best",), "hparams.objective must be 'single' (val mean AUROC) or 'multi'"),
     (("loss.focal_gama=interval(1.0,3.0)",), "sweep parameter(s) loss.focal_gama name no key of the config"),
     (("loss.focal_alpha=interval(0.9,0.1)",), "sweep parameter 'loss.focal_alpha=interval(0.9,0.1)': "),
 ]
@@ -300,6 +301,9 @@ def test_a_storage_that_cannot_be_written_is_named_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith(f"mdfnet_hydra.train: error: hydra.sweeper.storage={storage}: the study cannot")
     assert len(result.stderr.strip().splitlines()) == 1
+    under_a_file = run_cli("--multirun", *TINY, f"paths.root={tmp_path / 'a_file'}", "hparams=random", "stage=stage1")
+    assert under_a_file.returncode == 1 and len(under_a_file.stderr.strip().splitlines()) == 1
+    assert "error: the sweep directory " in under_a_file.stderr and "choose another paths.root" in under_a_file.stderr
 
 
 def test_ctrl_c_ends_a_sweep_in_one_line_keeping_its_finished_trials(tmp_path):
