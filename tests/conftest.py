@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -71,6 +74,28 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def interrupted_cli(*args: str, when: Callable[[], bool], timeout: float = 300) -> tuple[int, str]:
+    """The real entry point as a terminal's foreground job (its own process group, SIGINT not
+    ignored), sent what Ctrl-C sends once `when()` holds: (exit status, stderr)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mdfnet_hydra.train", *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.time() + timeout
+    while not when() and time.time() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr
 
 
 def config_options(group: str) -> list[str]:

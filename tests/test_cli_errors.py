@@ -7,13 +7,11 @@ import fcntl
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from conftest import REPO, SMALL_DATA, run_cli
+from conftest import REPO, SMALL_DATA, interrupted_cli, run_cli
 
 
 def module(name: str, *args: str, cwd: Path = REPO, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -152,24 +150,11 @@ def test_ctrl_c_prints_where_the_run_stands_and_the_command_that_resumes_it(tmp_
         f"paths.cache_dir={output_root}/cache",
         "evaluation.on_finish=false",
     ]
-    job = subprocess.Popen(
-        [sys.executable, "-m", "mdfnet_hydra.train", *args],
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # Ctrl-C not ignored
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("runs/*/*/stage1/checkpoints/last.pth")) and time.time() < deadline:
-        assert job.poll() is None, job.communicate()[1][-3000:]
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C sends
-    _, stderr = job.communicate(timeout=120)
+    status, stderr = interrupted_cli(
+        *args, when=lambda: bool(list(tmp_path.glob("runs/*/*/stage1/checkpoints/last.pth")))
+    )
     (run_dir,) = tmp_path.glob("runs/*/*")
-    assert job.returncode == 130, stderr[-3000:]
+    assert status == 130, stderr[-3000:]
     (line,) = stderr.strip().splitlines()
     stands = re.match(
         rf"mdfnet_hydra.train: interrupted \(Ctrl-C\); run directory {re.escape(str(run_dir))}: stage1 "

@@ -6,18 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
-import time
 
 import optuna
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_cli
+from conftest import interrupted_cli, run_cli
 from mdfnet_hydra.summary import SUMMARY_FILE
 from mdfnet_hydra.summary import main as summary_main
 
@@ -309,24 +304,11 @@ def test_a_storage_that_cannot_be_written_is_named_in_one_line(tmp_path):
 def test_ctrl_c_ends_a_sweep_in_one_line_keeping_its_finished_trials(tmp_path):
     command = ["--multirun", *TINY, f"paths.root={tmp_path}", "hparams=random", "hparams/space=none",
                "modality=clinical", "stage=stage1", "loss.focal_gamma=interval(1.0,3.0)", "hparams.n_trials=200"]  # fmt: skip
-    sweep_process = subprocess.Popen(
-        [sys.executable, "-m", "mdfnet_hydra.train", *command],
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # Ctrl-C not ignored
-    )
     sweep_dir = tmp_path / "sweeps" / "random-clinical-stage1"
-    deadline = time.time() + 300
-    while not list(sweep_dir.glob("2_*/stage1/checkpoints/last.pth")) and time.time() < deadline:
-        assert sweep_process.poll() is None, sweep_process.communicate()[1][-3000:]
-        time.sleep(0.05)
-    os.killpg(sweep_process.pid, signal.SIGINT)  # what Ctrl-C sends
-    _, stderr = sweep_process.communicate(timeout=120)
-    assert sweep_process.returncode == 130, stderr[-3000:]
+    status, stderr = interrupted_cli(
+        *command, when=lambda: bool(list(sweep_dir.glob("2_*/stage1/checkpoints/last.pth")))
+    )
+    assert status == 130, stderr[-3000:]
     ours = [line for line in stderr.strip().splitlines() if not line.startswith("[I ")]  # (Optuna's own log)
     assert ours == [
         "mdfnet_hydra.train: sweep interrupted (Ctrl-C): finished trials are kept in the study; rerun the same "
