@@ -237,7 +237,7 @@ def study_sweeper(tmp_path, launcher, space: dict, sampler, n_trials: int, n_job
         OmegaConf.create(space),
         seed=3,
     )
-    impl.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    impl.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, **{name: None for name in space}})
     impl.launcher, impl.hydra_context, impl.sweep_dir = launcher, object(), str(tmp_path)
     return impl
 
