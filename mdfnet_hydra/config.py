@@ -762,6 +762,11 @@ def validate_config(cfg: DictConfig) -> None:
     sweep_problem = multirun_only_problem(cfg)
     if sweep_problem:
         problems.append(sweep_problem)
+    refuse(problems)
+
+
+def refuse(problems: list[str]) -> None:
+    """End a start that found problems: one ConfigError listing them all (cli.py prints it)."""
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 

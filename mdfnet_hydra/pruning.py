@@ -10,7 +10,7 @@ best checkpoint, predictions and metrics written) and later stages are skipped. 
 decision on the trial as the pruner takes it, and once the job's files are written, records the
 trial as PRUNED in the study itself (any launcher, SLURM included), so the sweeper leaves it as it
 is, a resumed sweep does not run it again, and it never counts as a failure. A job killed in
-between stops again at once when run again (requeued, or taken over by a resumed sweep). A requeued
+between stops again at the same step when run again (requeued, or taken over by a resumed sweep). A requeued
 job reports into the same trial: it reports the epoch it resumed from again (a job stopped between
 saving an epoch and reporting it), and a step already reported keeps its value and its decision.
 """

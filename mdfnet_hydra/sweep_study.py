@@ -52,7 +52,7 @@ from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from mdfnet_hydra.config import ConfigError, hparams_problems
+from mdfnet_hydra.config import ConfigError, hparams_problems, refuse
 from mdfnet_hydra.files import write_text
 from mdfnet_hydra.identity import irrelevant, outcome_identity
 from mdfnet_hydra.pruning import PRUNED_AT_ATTR
@@ -319,7 +319,7 @@ def check_swept_keys(config: DictConfig, keys: Sequence[str]) -> None:
     unknown = [
         key
         for key in keys
-        if not key.startswith(("+", "~")) and "/" not in key and key.lstrip("+") not in groups
+        if not key.startswith(("+", "~")) and "/" not in key and key not in groups
         and OmegaConf.select(config, key, default=missing) is missing
     ]  # fmt: skip
     if unknown:
@@ -380,9 +380,7 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
 
     def _sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
-        problems = hparams_problems(self.config)
-        if problems:  # what every trial's job would refuse: before the study, not in trial 0
-            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        refuse(hparams_problems(self.config))  # what every trial's job would refuse: before the study, not in trial 0
         self._process_searchspace_config()
         params_conf = self._parse_sweeper_params_config()
         params_conf.extend(arguments)
@@ -408,14 +406,13 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
                     directions=directions,
                     load_if_exists=True,
                 )
+                check_directions(study, directions)
+                check_fingerprint(study, study_fingerprint(self.config, distributions, directions))
         except OSError as err:
             raise ConfigError(
                 f"hydra.sweeper.storage={self.storage}: the study cannot be written there "
                 f"({err.strerror or err}: {err.filename or self._lock_path})"
             ) from err
-        with study_lock(self._lock_path):
-            check_directions(study, directions)
-            check_fingerprint(study, study_fingerprint(self.config, distributions, directions))
         seeding = f" (re-seeded per trial from seed {self.seed} and the trial number)" if self.seed is not None else ""
         log.info(f"Study name: {study.study_name}")
         log.info(f"Storage: {self.storage}")

@@ -38,7 +38,7 @@ from mdfnet_hydra.benchmarks.startup import bench_startup
 from mdfnet_hydra.benchmarks.timing import PeakMemory, cycle, flops_per_sample, measure, peak_tflops
 from mdfnet_hydra.benchmarks.tokens import bench_text_tokens
 from mdfnet_hydra.benchmarks.workload import Setup, bench_config, loader_choices, optimizer_for, text_length, train_step
-from mdfnet_hydra.config import ConfigError, modality_label
+from mdfnet_hydra.config import modality_label
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def check_benchmark(cfg: DictConfig, sizes: list[int]) -> None:
     machine description), so a number is never measured on a config the trainer refuses."""
     from omegaconf import open_dict
 
-    from mdfnet_hydra.config import Modality, bench_problems, validate_config
+    from mdfnet_hydra.config import Modality, bench_problems, refuse, validate_config
 
     problems = bench_problems(cfg)
     for size in sizes:
@@ -171,8 +171,7 @@ def check_benchmark(cfg: DictConfig, sizes: list[int]) -> None:
         with open_dict(run):  # the modalities the chosen measurements run (a text-only rule need not hold
             run.modality.inputs = [Modality(m) for m in measured_modalities(cfg)]  # for a vision step)
         validate_config(run)
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    refuse(problems)
 
 
 # the measurements that run one modality; every other step measurement runs all three
