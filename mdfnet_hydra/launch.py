@@ -135,6 +135,9 @@ def launch_workers(
         run_id = uuid.uuid4().hex if nnodes == 1 else "mdfnet"
     from mdfnet_hydra.machine import real_cpus
 
+    # the workers' share of the CPUs, for the workers only (torch reads it at their start); this
+    # process's next job (a sweep's next trial) chooses its own threads again
+    threads_set_here = "OMP_NUM_THREADS" not in os.environ
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, real_cpus() // nproc)))
     config = LaunchConfig(
         min_nodes=nnodes,
@@ -157,7 +160,11 @@ def launch_workers(
         tc.max_restarts,
     )
     payload = OmegaConf.to_yaml(cfg, resolve=True)
-    results = elastic_launch(config, entrypoint=worker)(payload, evaluate_at_end, pruning)
+    try:
+        results = elastic_launch(config, entrypoint=worker)(payload, evaluate_at_end, pruning)
+    finally:
+        if threads_set_here:
+            os.environ.pop("OMP_NUM_THREADS", None)
     rank = min(results)  # global rank 0 on node 0; the lowest local worker elsewhere
     return results[rank]
 

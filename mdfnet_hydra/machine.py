@@ -12,13 +12,20 @@ the benchmark), each key optional (unset keys are detected). When it claims CUDA
 without a usable GPU, the choices are CUDA's and the computation stays on the CPU, as far as a CPU
 can take them: pinned memory needs a CUDA driver (torch's DataLoader then warns and does not pin),
 and NCCL needs GPUs (the process group uses gloo).
+
+The CPUs a process may use are its affinity set, capped by its SLURM allocation: a cluster that
+does not bind tasks to cores (`TaskPlugin=task/none`, or cgroups without `ConstrainCores`) lets a job
+of `--cpus-per-task=1` see every CPU of the node, and torch would start a thread on each. Two such
+jobs on one node then spin-wait on each other's cores: on the 2-core CI machine two stage-1 jobs with
+torch's 2 threads each took 16-274 s per epoch against 4.4 s for one alone, and 7.5 s each with one
+thread each (`set_compute_threads`).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
 ENV_VAR = "MDFNET_MACHINE"
 _TRUE = {"1", "true", "yes", "on"}
@@ -27,7 +34,7 @@ _FALSE = {"0", "false", "no", "off"}
 
 @dataclass(frozen=True)
 class Machine:
-    cpus: int  # CPUs this process may use (its affinity set: SLURM's allocation), before sharing with local ranks
+    cpus: int  # CPUs this process may use (its affinity set, capped by SLURM's allocation), before sharing with local ranks
     cuda: bool  # a CUDA device is there to train on
     bf16: bool = False  # the CUDA device computes in bf16 (Ampere and newer); meaningless without cuda
     simulated: bool = False  # described by MDFNET_MACHINE rather than detected
@@ -36,7 +43,7 @@ class Machine:
     def detect(cls, environ: Mapping[str, str] = os.environ) -> "Machine":
         """This machine, or the one MDFNET_MACHINE describes (unset keys detected)."""
         spec = parse_spec(environ.get(ENV_VAR, ""))
-        cpus = spec["cpus"] if "cpus" in spec else _affinity_cpus()
+        cpus = spec["cpus"] if "cpus" in spec else usable_cpus(environ)
         cuda = spec["cuda"] if "cuda" in spec else _cuda_available()
         if "bf16" in spec:
             bf16 = spec["bf16"]
@@ -58,7 +65,7 @@ class Machine:
 
     def describe(self) -> str:
         gpu = "no CUDA" if not self.cuda else f"CUDA ({'bf16' if self.bf16 else 'no bf16'})"
-        text = f"{self.cpus} CPUs, {gpu}"
+        text = f"{self.cpus} CPU{'s' if self.cpus != 1 else ''}, {gpu}"
         if self.simulated:
             text += f" [{ENV_VAR}: simulated" + (
                 "; computing on the CPU]" if self.cuda and not self.cuda_usable else "]"
@@ -101,6 +108,71 @@ def _affinity_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def slurm_task_cpus(environ: Mapping[str, str] = os.environ) -> Optional[int]:
+    """The CPUs SLURM allocated to this task, or None outside a SLURM job (or where it says nothing
+    usable): `SLURM_CPUS_PER_TASK` (set when the job asked `--cpus-per-task`, as submitit's jobs do),
+    else the job's CPUs on this node (`SLURM_CPUS_ON_NODE`) shared by its tasks there
+    (`SLURM_TASKS_PER_NODE`, e.g. `4(x2),3`, read at this node's index `SLURM_NODEID`)."""
+    if "SLURM_JOB_ID" not in environ:
+        return None
+    per_task = _positive_int(environ.get("SLURM_CPUS_PER_TASK"))
+    if per_task is not None:
+        return per_task
+    on_node = _positive_int(environ.get("SLURM_CPUS_ON_NODE"))
+    if on_node is None:
+        return None
+    tasks = _tasks_on_node(environ.get("SLURM_TASKS_PER_NODE", ""), _positive_int(environ.get("SLURM_NODEID")) or 0)
+    return max(1, on_node // (tasks or 1))
+
+
+def _tasks_on_node(text: str, node: int) -> Optional[int]:
+    """Entry `node` of SLURM's compressed per-node list (`2(x3),1` is 2, 2, 2, 1), or None."""
+    counts: list[int] = []
+    for part in filter(None, text.split(",")):
+        value, _, repeat = part.partition("(x")
+        count, times = _positive_int(value), _positive_int(repeat.rstrip(")")) if repeat else 1
+        if count is None or times is None:
+            return None
+        counts.extend([count] * times)
+    return counts[node] if node < len(counts) else None
+
+
+def _positive_int(text: Optional[str]) -> Optional[int]:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        return None
+    return value if value >= 1 else None
+
+
+def usable_cpus(environ: Mapping[str, str] = os.environ) -> int:
+    """The CPUs this process may use: its affinity set, capped by its SLURM allocation."""
+    affinity = _affinity_cpus()
+    allocated = slurm_task_cpus(environ)
+    return affinity if allocated is None else max(1, min(affinity, allocated))
+
+
+def set_compute_threads(environ: Mapping[str, str] = os.environ) -> tuple[int, str]:
+    """Torch's intra-op threads for this process, and why: `OMP_NUM_THREADS` where it is set (the
+    user's, or the launcher's share for each of its workers; torch read it at start), else this
+    process's share of the usable CPUs (never more than torch's own default). Called by every
+    entry point before it computes."""
+    import torch
+
+    if _positive_int(environ.get("OMP_NUM_THREADS")) is not None:
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    local_world = _positive_int(environ.get("LOCAL_WORLD_SIZE")) or 1
+    share = max(1, usable_cpus(environ) // local_world)
+    allocated = slurm_task_cpus(environ)
+    reason = "SLURM's allocation" if allocated is not None and allocated < _affinity_cpus() else "the affinity set"
+    if local_world > 1:
+        reason += f" shared by {local_world} local workers"
+    threads = min(share, torch.get_num_threads())
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads, reason
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -118,4 +190,4 @@ def _cuda_bf16() -> bool:
 def real_cpus() -> int:
     """The CPUs this process may really use (thread counts follow these, not a described machine:
     a test describing 16 CPUs on 2 must not start 8 threads per rank)."""
-    return _affinity_cpus()
+    return usable_cpus()

@@ -14,7 +14,7 @@ import torch
 
 from mdfnet_hydra.config import ConfigError, Precision, TrainerConfig
 from mdfnet_hydra.distributed import WorkerEnv, default_backend
-from mdfnet_hydra.machine import Machine
+from mdfnet_hydra.machine import Machine, set_compute_threads
 
 
 @dataclass
@@ -29,6 +29,8 @@ class Runtime:
     # the device kind the machine-derived choices are made for: `device.type`, except on a
     # machine that MDFNET_MACHINE describes as CUDA without one (CUDA's choices, CPU compute)
     target: str = ""
+    # torch's intra-op threads in this process and why (machine.set_compute_threads)
+    threads: tuple[int, str] = field(default_factory=lambda: (torch.get_num_threads(), "torch's default"))
 
     def __post_init__(self) -> None:
         self.target = self.target or self.device.type
@@ -51,10 +53,11 @@ class Runtime:
         cls, cfg: TrainerConfig, env: Optional[WorkerEnv] = None, machine: Optional[Machine] = None
     ) -> "Runtime":
         machine = machine if machine is not None else Machine.detect()
+        threads = set_compute_threads()
         target, device = resolve_device(cfg.device, machine)
         precision = resolve_precision(Precision(cfg.precision), target, machine)
         if env is None:
-            return cls(device=device, precision=precision, machine=machine, target=target)
+            return cls(device=device, precision=precision, machine=machine, target=target, threads=threads)
         if device.type == "cuda":
             device = torch.device("cuda", env.local_rank)
             torch.cuda.set_device(device)
@@ -67,6 +70,7 @@ class Runtime:
             backend=cfg.backend or default_backend(device.type),
             machine=machine,
             target=target,
+            threads=threads,
         )
 
     def per_device_batch(self, cfg: TrainerConfig) -> int:
@@ -94,7 +98,7 @@ class Runtime:
         parallel = f"backend {self.backend}, rank {self.rank}" if self.distributed else "single process"
         return (
             f"world size {self.world_size} ({parallel}), device {self.device} ({where}), precision {self.precision.value}; "
-            f"machine: {self.machine.describe()}"
+            f"machine: {self.machine.describe()}; {self.threads[0]} compute thread(s) ({self.threads[1]})"
         )
 
 

@@ -29,6 +29,18 @@ register_configs()
 register_resolvers()
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """An entry point called in-process sets torch's threads for its machine (SLURM's allocation,
+    LOCAL_WORLD_SIZE): the next test starts with the count pytest started with."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def output_root(tmp_path_factory) -> Path:
     """One output root per test session so the small synthetic dataset is generated once."""

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from conftest import REPO, run_cli
 from mdfnet_hydra.config import ConfigError, Precision
 from mdfnet_hydra.labels import CHEXPERT_LABELS
-from mdfnet_hydra.machine import Machine, parse_spec
+from mdfnet_hydra.machine import Machine, parse_spec, slurm_task_cpus
 from mdfnet_hydra.runtime import Runtime
 
 GPU_NODE = "cpus=16,cuda=true,bf16=true"  # a 16-CPU node with a bf16-capable GPU (A100 / H100 / H200)
@@ -139,6 +139,78 @@ def test_cpu_machines_choose_by_cpu_count(monkeypatch):
         "prefetch_factor": 2,
         "multiprocessing_context": "spawn",
     }
+
+
+# ---------------------------------------------------------------- CPUs from SLURM's allocation
+SLURM_JOB = {"SLURM_JOB_ID": "7"}
+
+
+@pytest.mark.parametrize(
+    "environ, cpus",
+    [
+        ({}, None),  # not a SLURM job
+        ({"SLURM_CPUS_PER_TASK": "3"}, None),  # a variable left from elsewhere, outside a job
+        ({**SLURM_JOB, "SLURM_CPUS_PER_TASK": "3", "SLURM_CPUS_ON_NODE": "12"}, 3),
+        ({**SLURM_JOB, "SLURM_CPUS_ON_NODE": "8"}, 8),  # one task, no --cpus-per-task
+        ({**SLURM_JOB, "SLURM_CPUS_ON_NODE": "8", "SLURM_TASKS_PER_NODE": "4"}, 2),
+        # `2(x2),4`: 2 tasks on nodes 0 and 1, 4 on node 2
+        ({**SLURM_JOB, "SLURM_CPUS_ON_NODE": "8", "SLURM_TASKS_PER_NODE": "2(x2),4", "SLURM_NODEID": "1"}, 4),
+        ({**SLURM_JOB, "SLURM_CPUS_ON_NODE": "8", "SLURM_TASKS_PER_NODE": "2(x2),4", "SLURM_NODEID": "2"}, 2),
+        ({**SLURM_JOB, "SLURM_CPUS_ON_NODE": "8", "SLURM_TASKS_PER_NODE": "garbled"}, 8),
+        ({**SLURM_JOB, "SLURM_CPUS_PER_TASK": "0"}, None),
+        ({**SLURM_JOB, "SLURM_CPUS_PER_TASK": "x", "SLURM_CPUS_ON_NODE": "6"}, 6),
+    ],
+)
+def test_slurm_allocation_read_from_the_job_environment(environ, cpus):
+    assert slurm_task_cpus(environ) == cpus
+
+
+def test_the_usable_cpus_are_the_affinity_set_capped_by_slurm(monkeypatch):
+    """A cluster that does not bind tasks to cores shows a 1-CPU job every CPU of the node."""
+    import mdfnet_hydra.machine as machine
+
+    monkeypatch.setattr(machine, "_affinity_cpus", lambda: 16)
+    assert machine.usable_cpus({}) == 16
+    assert machine.usable_cpus({**SLURM_JOB, "SLURM_CPUS_PER_TASK": "4"}) == 4
+    assert machine.usable_cpus({**SLURM_JOB, "SLURM_CPUS_PER_TASK": "64"}) == 16  # binding already narrowed it
+    job = {**SLURM_JOB, "SLURM_CPUS_PER_TASK": "4"}
+    assert Machine.detect(job).cpus == 4
+    assert Machine.detect({**job, "MDFNET_MACHINE": "cpus=16"}).cpus == 16  # a described machine wins
+
+
+THREADS_PROBE = (
+    "import torch; from mdfnet_hydra.machine import set_compute_threads as s; "
+    "n, why = s(); print(n, torch.get_num_threads(), why, sep='|')"
+)
+
+
+def compute_threads(**environ: str) -> list[str]:
+    """What a fresh process's torch computes with after set_compute_threads, under `environ`."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMP_", "LOCAL_WORLD"))}
+    probe = subprocess.run(
+        [sys.executable, "-c", THREADS_PROBE], env={**keep, **environ}, capture_output=True, text=True, cwd=REPO
+    )
+    assert probe.returncode == 0, probe.stderr
+    return probe.stdout.strip().split("|")
+
+
+def test_a_process_computes_on_its_share_of_the_cpus():
+    """torch's own default is a thread per CPU of the affinity set, whatever SLURM allocated."""
+    cpus = len(os.sched_getaffinity(0))
+    assert compute_threads() == [str(cpus), str(cpus), "the affinity set"]
+    assert compute_threads(SLURM_JOB_ID="7", SLURM_CPUS_PER_TASK="1") == [
+        "1",
+        "1",
+        "SLURM's allocation" if cpus > 1 else "the affinity set",
+    ]
+    share = max(1, cpus // 2)
+    assert compute_threads(LOCAL_WORLD_SIZE="2")[:2] == [str(share), str(share)]
+    # OMP_NUM_THREADS (the user's, or the launcher's share per worker) is torch's, and kept
+    assert compute_threads(OMP_NUM_THREADS="1", SLURM_JOB_ID="7", SLURM_CPUS_PER_TASK="64") == [
+        "1",
+        "1",
+        "OMP_NUM_THREADS",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -153,6 +153,8 @@ def test_job_with_two_tasks_trains_data_parallel(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     log = (sweep_dir / "0" / "logs" / "train.log").read_text()
     assert "world size 2 (backend gloo, rank 0)" in log
+    # the local cluster binds no task to a core: each rank sees both CPUs, and computes on its one
+    assert "machine: 1 CPU, no CUDA; 1 compute thread(s) (SLURM's allocation)" in log
     assert "effective batch 64 = 16 per device x 2 worker(s)" in log
     assert json.loads((sweep_dir / "0" / "metrics.json").read_text())["objective"] is not None
 

@@ -396,13 +396,14 @@ def predict(model, dataset, pad_id: int, options, checkpoint_sha256: str) -> Pre
 def evaluation_runtime(device: str):
     """fp32 on `evaluation.device` (auto: CUDA where the machine has it), with the machine's choices."""
     from mdfnet_hydra.config import Precision
-    from mdfnet_hydra.machine import Machine
+    from mdfnet_hydra.machine import Machine, set_compute_threads
     from mdfnet_hydra.runtime import Runtime
     from mdfnet_hydra.runtime import resolve_device as runtime_device
 
     machine = Machine.detect()
+    threads = set_compute_threads()
     target, where = runtime_device(device, machine)
-    return Runtime(device=where, precision=Precision.fp32, machine=machine, target=target)
+    return Runtime(device=where, precision=Precision.fp32, machine=machine, target=target, threads=threads)
 
 
 def resolve_device(name: str) -> torch.device:
