@@ -135,10 +135,6 @@ def launch_workers(
         run_id = uuid.uuid4().hex if nnodes == 1 else "mdfnet"
     from mdfnet_hydra.machine import real_cpus
 
-    # the workers' share of the CPUs, for the workers only (torch reads it at their start); this
-    # process's next job (a sweep's next trial) chooses its own threads again
-    threads_set_here = "OMP_NUM_THREADS" not in os.environ
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, real_cpus() // nproc)))
     config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,
@@ -160,7 +156,11 @@ def launch_workers(
         tc.max_restarts,
     )
     payload = OmegaConf.to_yaml(cfg, resolve=True)
+    # the workers' share of the CPUs, for the workers only (torch reads it at their start); this
+    # process's next job (a sweep's next trial) chooses its own threads again
+    threads_set_here = "OMP_NUM_THREADS" not in os.environ
     try:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, real_cpus() // nproc)))
         results = elastic_launch(config, entrypoint=worker)(payload, evaluate_at_end, pruning)
     finally:
         if threads_set_here:

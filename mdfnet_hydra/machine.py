@@ -17,7 +17,7 @@ The CPUs a process may use are its affinity set, capped by its SLURM allocation:
 does not bind tasks to cores (`TaskPlugin=task/none`, or cgroups without `ConstrainCores`) lets a job
 of `--cpus-per-task=1` see every CPU of the node, and torch would start a thread on each. Two such
 jobs on one node then spin-wait on each other's cores: on the 2-core CI machine two stage-1 jobs with
-torch's 2 threads each took 16-274 s per epoch against 4.4 s for one alone, and 7.5 s each with one
+torch's 2 threads each took 16-275 s per epoch against 4.4 s for one alone, and 7.5 s each with one
 thread each (`set_compute_threads`).
 """
 
@@ -109,20 +109,38 @@ def _affinity_cpus() -> int:
 
 
 def slurm_task_cpus(environ: Mapping[str, str] = os.environ) -> Optional[int]:
-    """The CPUs SLURM allocated to this task, or None outside a SLURM job (or where it says nothing
-    usable): `SLURM_CPUS_PER_TASK` (set when the job asked `--cpus-per-task`, as submitit's jobs do),
-    else the job's CPUs on this node (`SLURM_CPUS_ON_NODE`) shared by its tasks there
-    (`SLURM_TASKS_PER_NODE`, e.g. `4(x2),3`, read at this node's index `SLURM_NODEID`)."""
+    """The CPUs SLURM allocated to this process's task on this node, or None outside a SLURM job
+    (or where it says nothing usable).
+
+    In a task that `srun` started (submitit's jobs, one rank per GPU): `SLURM_CPUS_PER_TASK` (set
+    when the job asked `--cpus-per-task`), else the job's CPUs on this node (`SLURM_CPUS_ON_NODE`)
+    over the step's tasks there (`SLURM_STEP_TASKS_PER_NODE`, e.g. `4(x2),3`, read at this node's
+    index `SLURM_NODEID`). In the batch script or an `salloc` shell, which own the job's CPUs on the
+    node whatever its tasks ask: `SLURM_CPUS_ON_NODE`."""
     if "SLURM_JOB_ID" not in environ:
         return None
+    on_node = _positive_int(environ.get("SLURM_CPUS_ON_NODE"))
+    if not _in_srun_task(environ):
+        return on_node
     per_task = _positive_int(environ.get("SLURM_CPUS_PER_TASK"))
     if per_task is not None:
         return per_task
-    on_node = _positive_int(environ.get("SLURM_CPUS_ON_NODE"))
     if on_node is None:
         return None
-    tasks = _tasks_on_node(environ.get("SLURM_TASKS_PER_NODE", ""), _positive_int(environ.get("SLURM_NODEID")) or 0)
+    node = _positive_int(environ.get("SLURM_NODEID")) or 0
+    tasks = _tasks_on_node(environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", ""), node)
     return max(1, on_node // (tasks or 1))
+
+
+def _in_srun_task(environ: Mapping[str, str]) -> bool:
+    """Whether this process runs in a job step that `srun` started: a numbered step. The batch
+    script's step and an interactive `salloc` step are SLURM's special step ids (0xfffffff0 and up)
+    or carry no step id."""
+    step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID", ""))
+    try:
+        return 0 <= int(step) < 0xFFFFFFF0
+    except ValueError:
+        return False
 
 
 def _tasks_on_node(text: str, node: int) -> Optional[int]:

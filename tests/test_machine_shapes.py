@@ -143,6 +143,8 @@ def test_cpu_machines_choose_by_cpu_count(monkeypatch):
 
 # ---------------------------------------------------------------- CPUs from SLURM's allocation
 SLURM_JOB = {"SLURM_JOB_ID": "7"}
+SRUN_TASK = {**SLURM_JOB, "SLURM_STEP_ID": "0"}  # a task srun started (submitit's jobs)
+BATCH_SCRIPT = {**SLURM_JOB, "SLURM_STEP_ID": str(0xFFFFFFFB)}  # SLURM's id of the batch step
 
 
 @pytest.mark.parametrize(
@@ -150,67 +152,106 @@ SLURM_JOB = {"SLURM_JOB_ID": "7"}
     [
         ({}, None),  # not a SLURM job
         ({"SLURM_CPUS_PER_TASK": "3"}, None),  # a variable left from elsewhere, outside a job
-        ({**SLURM_JOB, "SLURM_CPUS_PER_TASK": "3", "SLURM_CPUS_ON_NODE": "12"}, 3),
-        ({**SLURM_JOB, "SLURM_CPUS_ON_NODE": "8"}, 8),  # one task, no --cpus-per-task
-        ({**SLURM_JOB, "SLURM_CPUS_ON_NODE": "8", "SLURM_TASKS_PER_NODE": "4"}, 2),
-        # `2(x2),4`: 2 tasks on nodes 0 and 1, 4 on node 2
-        ({**SLURM_JOB, "SLURM_CPUS_ON_NODE": "8", "SLURM_TASKS_PER_NODE": "2(x2),4", "SLURM_NODEID": "1"}, 4),
-        ({**SLURM_JOB, "SLURM_CPUS_ON_NODE": "8", "SLURM_TASKS_PER_NODE": "2(x2),4", "SLURM_NODEID": "2"}, 2),
-        ({**SLURM_JOB, "SLURM_CPUS_ON_NODE": "8", "SLURM_TASKS_PER_NODE": "garbled"}, 8),
-        ({**SLURM_JOB, "SLURM_CPUS_PER_TASK": "0"}, None),
-        ({**SLURM_JOB, "SLURM_CPUS_PER_TASK": "x", "SLURM_CPUS_ON_NODE": "6"}, 6),
+        ({**SRUN_TASK, "SLURM_CPUS_PER_TASK": "3", "SLURM_CPUS_ON_NODE": "12"}, 3),
+        ({**SRUN_TASK, "SLURM_CPUS_ON_NODE": "8"}, 8),  # one task, no --cpus-per-task
+        ({**SRUN_TASK, "SLURM_CPUS_ON_NODE": "8", "SLURM_STEP_TASKS_PER_NODE": "4"}, 2),
+        # `2(x3),1`: 2 tasks on nodes 0, 1 and 2, one on node 3
+        ({**SRUN_TASK, "SLURM_CPUS_ON_NODE": "8", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "2"}, 4),
+        ({**SRUN_TASK, "SLURM_CPUS_ON_NODE": "8", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "3"}, 8),
+        ({**SRUN_TASK, "SLURM_CPUS_ON_NODE": "8", "SLURM_TASKS_PER_NODE": "4"}, 2),  # the job's, without the step's
+        ({**SRUN_TASK, "SLURM_CPUS_ON_NODE": "8", "SLURM_STEP_TASKS_PER_NODE": "garbled"}, 8),
+        ({**SRUN_TASK, "SLURM_CPUS_PER_TASK": "0"}, None),
+        ({**SRUN_TASK, "SLURM_CPUS_PER_TASK": "x", "SLURM_CPUS_ON_NODE": "6"}, 6),
+        # the batch script (and an salloc shell) owns the job's CPUs on the node, whatever a task asks
+        ({**BATCH_SCRIPT, "SLURM_CPUS_PER_TASK": "8", "SLURM_CPUS_ON_NODE": "32"}, 32),
+        ({**SLURM_JOB, "SLURM_CPUS_PER_TASK": "8", "SLURM_CPUS_ON_NODE": "32"}, 32),  # no step id
+        ({**SLURM_JOB, "SLURM_STEP_ID": "interactive", "SLURM_CPUS_ON_NODE": "4"}, 4),
     ],
 )
 def test_slurm_allocation_read_from_the_job_environment(environ, cpus):
     assert slurm_task_cpus(environ) == cpus
 
 
-def test_the_usable_cpus_are_the_affinity_set_capped_by_slurm(monkeypatch):
-    """A cluster that does not bind tasks to cores shows a 1-CPU job every CPU of the node."""
+@pytest.fixture
+def sixteen_cpus(monkeypatch):
+    """A 16-CPU node whose cluster binds no task to a core: every process sees all 16."""
     import mdfnet_hydra.machine as machine
 
     monkeypatch.setattr(machine, "_affinity_cpus", lambda: 16)
-    assert machine.usable_cpus({}) == 16
-    assert machine.usable_cpus({**SLURM_JOB, "SLURM_CPUS_PER_TASK": "4"}) == 4
-    assert machine.usable_cpus({**SLURM_JOB, "SLURM_CPUS_PER_TASK": "64"}) == 16  # binding already narrowed it
-    job = {**SLURM_JOB, "SLURM_CPUS_PER_TASK": "4"}
+    return machine
+
+
+def test_the_usable_cpus_are_the_affinity_set_capped_by_slurm(sixteen_cpus):
+    assert sixteen_cpus.usable_cpus({}) == 16
+    assert sixteen_cpus.usable_cpus({**SRUN_TASK, "SLURM_CPUS_PER_TASK": "4"}) == 4
+    assert sixteen_cpus.usable_cpus({**SRUN_TASK, "SLURM_CPUS_PER_TASK": "64"}) == 16  # binding narrowed it already
+    job = {**SRUN_TASK, "SLURM_CPUS_PER_TASK": "4"}
     assert Machine.detect(job).cpus == 4
     assert Machine.detect({**job, "MDFNET_MACHINE": "cpus=16"}).cpus == 16  # a described machine wins
 
 
-THREADS_PROBE = (
-    "import torch; from mdfnet_hydra.machine import set_compute_threads as s; "
-    "n, why = s(); print(n, torch.get_num_threads(), why, sep='|')"
-)
+def test_a_slurm_gpu_rank_feeds_its_gpu_from_its_own_cpus(sixteen_cpus, monkeypatch):
+    """One task per GPU with `cpus_per_task=4` on a node that shows all 16 CPUs: 3 image workers
+    per rank and one CPU for its loop (were 8 workers on each of 4 ranks: 36 processes on 16 CPUs)."""
+    from mdfnet_hydra.data.loading import default_num_workers
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    rank = {**SRUN_TASK, "SLURM_CPUS_PER_TASK": "4", "SLURM_PROCID": "1", "MDFNET_MACHINE": "cuda=true"}
+    machine = Machine.detect(rank)
+    runtime = Runtime(device=torch.device("cpu"), precision=Precision.bf16, machine=machine, target="cuda")
+    assert default_num_workers(runtime, decodes_images=True) == 3
 
 
-def compute_threads(**environ: str) -> list[str]:
-    """What a fresh process's torch computes with after set_compute_threads, under `environ`."""
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMP_", "LOCAL_WORLD"))}
-    probe = subprocess.run(
-        [sys.executable, "-c", THREADS_PROBE], env={**keep, **environ}, capture_output=True, text=True, cwd=REPO
+def test_a_process_computes_on_its_share_of_the_cpus(sixteen_cpus):
+    from mdfnet_hydra.machine import set_compute_threads
+
+    def threads(**environ: str) -> tuple[int, str]:
+        torch.set_num_threads(16)  # torch's default on this node (the fixture restores pytest's)
+        return set_compute_threads(environ)
+
+    assert threads() == (16, "the affinity set")
+    assert threads(**SRUN_TASK, SLURM_CPUS_PER_TASK="4") == (4, "SLURM's allocation")
+    assert torch.get_num_threads() == 4
+    assert threads(LOCAL_WORLD_SIZE="4") == (4, "the affinity set shared by 4 local workers")
+    assert threads(**SRUN_TASK, SLURM_CPUS_PER_TASK="8", LOCAL_WORLD_SIZE="4") == (
+        2,
+        "SLURM's allocation shared by 4 local workers",
     )
-    assert probe.returncode == 0, probe.stderr
-    return probe.stdout.strip().split("|")
+    # OMP_NUM_THREADS (the user's, or the launcher's share per worker) is what torch read: kept
+    assert threads(OMP_NUM_THREADS="1", **SRUN_TASK, SLURM_CPUS_PER_TASK="4") == (16, "OMP_NUM_THREADS")
 
 
-def test_a_process_computes_on_its_share_of_the_cpus():
-    """torch's own default is a thread per CPU of the affinity set, whatever SLURM allocated."""
-    cpus = len(os.sched_getaffinity(0))
-    assert compute_threads() == [str(cpus), str(cpus), "the affinity set"]
-    assert compute_threads(SLURM_JOB_ID="7", SLURM_CPUS_PER_TASK="1") == [
-        "1",
-        "1",
-        "SLURM's allocation" if cpus > 1 else "the affinity set",
-    ]
-    share = max(1, cpus // 2)
-    assert compute_threads(LOCAL_WORLD_SIZE="2")[:2] == [str(share), str(share)]
-    # OMP_NUM_THREADS (the user's, or the launcher's share per worker) is torch's, and kept
-    assert compute_threads(OMP_NUM_THREADS="1", SLURM_JOB_ID="7", SLURM_CPUS_PER_TASK="64") == [
-        "1",
-        "1",
-        "OMP_NUM_THREADS",
-    ]
+def test_the_launcher_sets_omp_num_threads_for_its_workers_only(cfg_factory, monkeypatch):
+    """The share it gives its workers must not stay in this process's environment: the next job of
+    a multirun would take it for the user's OMP_NUM_THREADS (and keep torch's default threads)."""
+    import torch.distributed.launcher.api as api
+
+    from mdfnet_hydra.launch import launch_workers
+
+    seen = []
+
+    def launch(config, entrypoint):
+        def run(*args):
+            seen.append(os.environ.get("OMP_NUM_THREADS"))
+            if len(seen) == 2:
+                raise RuntimeError("a worker failed")
+            return {0: {"objective": 0.5}}
+
+        return run
+
+    monkeypatch.setattr(api, "elastic_launch", launch)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cfg = cfg_factory("trainer.nproc_per_node=2")
+    assert launch_workers(cfg) == {"objective": 0.5}
+    assert "OMP_NUM_THREADS" not in os.environ
+    with pytest.raises(RuntimeError, match="a worker failed"):
+        launch_workers(cfg)
+    assert "OMP_NUM_THREADS" not in os.environ
+    expected = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert seen == [expected, expected]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's: given to the workers as it is, and kept
+    launch_workers(cfg)
+    assert seen[-1] == "3" and os.environ["OMP_NUM_THREADS"] == "3"
 
 
 @pytest.mark.parametrize(
