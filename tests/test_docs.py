@@ -196,6 +196,10 @@ def test_every_shown_command_composes(page, command, tmp_path):
         for pruner in ("none", args.pruner):
             command = search_command(args, overrides, tmp_path / "cost", pruner)
             assert compose_shown("train", command[command.index("mdfnet_hydra.train") + 1 :], tmp_path) >= 1
+    elif entry == "benchmarks.evaluation_cost":
+        from mdfnet_hydra.benchmarks.evaluation_cost import parse_arguments
+
+        parse_arguments([concrete(a, tmp_path) for a in arguments])  # run small in test_stats.py
     else:
         assert entry in HYDRA_ENTRY_POINTS, f"{page}: unknown entry point {entry}"
         assert compose_shown(entry, arguments, tmp_path) >= 1

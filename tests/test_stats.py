@@ -14,6 +14,7 @@ from mdfnet_hydra.evaluation.stats import (
     delong_test,
     fast_auroc,
     mean_auroc,
+    patient_resample_weights,
 )
 
 
@@ -86,3 +87,85 @@ def test_patient_bootstrap_covers_the_estimate_and_resamples_whole_patients():
     assert low < point < high
     assert bootstrap_p_value(samples[:, 0] - samples[:, 1]) == pytest.approx(1 / 200)
     assert bootstrap_p_value(samples[:, 0] - samples[:, 0]) == 1.0
+
+
+def _patient_split(rng, n_patients=60, n_labels=4):
+    """Studies of patients (1-6 each, ids not 0..G-1), labels from very rare to common with a
+    masked-out column, and scores rounded to make ties."""
+    groups = np.repeat(rng.choice(10_000, n_patients, replace=False), rng.integers(1, 7, n_patients))
+    n = len(groups)
+    targets = (rng.random((n, n_labels)) < np.linspace(0.02, 0.4, n_labels)).astype(np.float32)
+    mask = (rng.random((n, n_labels)) < 0.85).astype(np.float32)
+    mask[:, 1] = 0  # a label never annotated: undefined in every resample
+    probs = [np.round(np.clip(targets * 0.3 + rng.random((n, n_labels)), 0, 1), 1) for _ in range(2)]
+    return groups, targets, mask, probs
+
+
+def test_each_resample_draws_whole_patients_as_many_as_the_split_has():
+    rng = np.random.default_rng(5)
+    groups, *_ = _patient_split(rng)
+    patients = np.unique(groups)
+    chunks = list(patient_resample_weights(groups, 50, seed=9))
+    weights = np.concatenate(chunks)
+    assert weights.shape == (50, len(groups))
+    for row in weights:
+        per_patient = [np.unique(row[groups == g]) for g in patients]
+        assert all(len(c) == 1 for c in per_patient), "a patient's studies are drawn together"
+        assert sum(c[0] for c in per_patient) == len(patients)
+    again = np.concatenate(list(patient_resample_weights(groups, 50, seed=9)))
+    np.testing.assert_array_equal(weights, again)
+    assert not np.array_equal(weights, np.concatenate(list(patient_resample_weights(groups, 50, seed=10))))
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 1000, 4_000_000])
+def test_bootstrap_mean_auroc_is_sklearns_mean_auroc_on_the_resampled_studies(monkeypatch, chunk_elements):
+    """Each resample's mean AUROC against scikit-learn on the explicitly resampled rows (a study drawn
+    twice appears twice), over labels with both classes among the resample's valid rows: ties, a
+    label defined in only some resamples and one never defined; chunks of one row to all at once."""
+    from mdfnet_hydra.evaluation import stats
+
+    monkeypatch.setattr(stats, "BOOTSTRAP_CHUNK_ELEMENTS", chunk_elements)
+    rng = np.random.default_rng(6)
+    groups, targets, mask, probs = _patient_split(rng)
+    n_boot = 40
+    samples = bootstrap_mean_auroc(probs, targets, mask, groups, n_boot=n_boot, seed=2)
+    weights = np.concatenate(list(patient_resample_weights(groups, n_boot, seed=2)))
+    rare_defined = []
+    for b in range(n_boot):
+        rows = np.repeat(np.arange(len(groups)), weights[b].astype(int))
+        for k, p in enumerate(probs):
+            values = []
+            for j in range(targets.shape[1]):
+                valid = rows[mask[rows, j] > 0]
+                y = targets[valid, j]
+                if 0 < y.sum() < len(y):
+                    values.append(roc_auc_score(y, p[valid, j]))
+                    rare_defined.append(j == 0)
+            assert samples[b, k] == pytest.approx(np.mean(values), abs=1e-12)
+    assert any(rare_defined) and not all(rare_defined), "the rare label is defined in some resamples only"
+
+
+def test_a_resample_without_any_defined_label_is_nan():
+    targets = np.array([[1.0], [0.0], [1.0]])
+    mask = np.ones_like(targets)
+    probs = np.array([[0.9], [0.1], [0.8]])
+    groups = np.array([0, 1, 2])
+    samples = bootstrap_mean_auroc([probs], targets, mask, groups, n_boot=200, seed=0)[:, 0]
+    weights = np.concatenate(list(patient_resample_weights(groups, 200, seed=0)))
+    one_class = (weights[:, 1] == 0) | (weights[:, [0, 2]].sum(axis=1) == 0)
+    assert one_class.any() and not one_class.all()
+    assert np.isnan(samples[one_class]).all()
+    assert (samples[~one_class] == 1.0).all()
+
+
+def test_the_evaluation_cost_benchmark_times_each_part_and_agrees_with_its_reference(capsys):
+    import re
+
+    from mdfnet_hydra.benchmarks.evaluation_cost import main
+
+    assert main(["--cases", "400", "--patients", "150", "--runs", "3", "--n-bootstrap", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluation of 3 runs, 1 comparisons" in out
+    for part in ("per run (analyse):", "per comparison (compare_to_vision):"):
+        assert re.search(re.escape(part) + r"\s+[0-9.]+ s", out), part
+    assert float(re.search(r"largest difference ([0-9.e+-]+)", out).group(1)) < 1e-12

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -108,11 +108,57 @@ def mean_auroc(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> Opti
     return float(np.mean(defined)) if defined else None
 
 
-def _resample_indices(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    unique, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
-    chosen = rng.integers(0, len(unique), len(unique))
-    return np.concatenate([members[g] for g in chosen])
+# cases x resamples held at once by the bootstrap (float64 weights: 32 MB)
+BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000
+
+
+@dataclass
+class _LabelOrder:
+    """One label's valid cases in ascending score order, for AUROCs under case weights."""
+
+    cases: np.ndarray  # indices of the valid cases, by ascending score
+    positive: np.ndarray  # (len(cases),) bool
+    starts: np.ndarray  # where each run of equal scores begins in `cases`
+
+
+def _label_order(scores: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> _LabelOrder:
+    valid = np.flatnonzero(mask > 0)
+    order = valid[np.argsort(scores[valid], kind="mergesort")]
+    sorted_scores = scores[order]
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]]) if len(order) else order
+    return _LabelOrder(order, targets[order] > 0.5, starts)
+
+
+def _weighted_aurocs(weights: np.ndarray, label: _LabelOrder) -> np.ndarray:
+    """(B,) AUROCs of one label under B rows of case weights (a case drawn twice counts twice, ties
+    half), NaN where a row leaves no positive or no negative: the rank AUROC of each resampled set."""
+    if len(label.cases) == 0:
+        return np.full(len(weights), np.nan)
+    w = weights[:, label.cases]
+    pos = np.add.reduceat(np.where(label.positive, w, 0.0), label.starts, axis=1)  # per run of equal scores
+    neg = np.add.reduceat(np.where(label.positive, 0.0, w), label.starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each run
+    pairs = pos.sum(axis=1) * neg.sum(axis=1)
+    wins = (pos * (below + 0.5 * neg)).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, wins / pairs, np.nan)
+
+
+def patient_resample_weights(groups: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Each case's count in each patient-level resample, in chunks of rows (B, n cases): per
+    resample, as many patients as the split has are drawn with replacement (`rng.integers` over the
+    sorted patient ids, one call per resample) and each brings all of its cases."""
+    rng = np.random.default_rng(seed)
+    _, inverse = np.unique(groups, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    n_groups = int(inverse.max()) + 1 if len(inverse) else 0
+    chunk = max(1, BOOTSTRAP_CHUNK_ELEMENTS // max(len(inverse), n_groups, 1))
+    for start in range(0, n_boot, chunk):
+        rows = min(chunk, n_boot - start)
+        drawn = np.stack([rng.integers(0, n_groups, n_groups) for _ in range(rows)])
+        drawn += n_groups * np.arange(rows)[:, None]  # row r's patients counted in bins [r G, (r + 1) G)
+        counts = np.bincount(drawn.ravel(), minlength=rows * n_groups).reshape(rows, n_groups)
+        yield counts[:, inverse].astype(np.float64)
 
 
 def bootstrap_mean_auroc(
@@ -123,14 +169,21 @@ def bootstrap_mean_auroc(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> np.ndarray:
-    """(n_boot, len(probs)) mean AUROCs of each model on the same patient-level resamples."""
-    rng = np.random.default_rng(seed)
+    """(n_boot, len(probs)) mean AUROCs of each model on the same patient-level resamples (NaN where
+    a resample leaves no label defined). A resample is a weighting of the cases (how often each was
+    drawn), so each label's scores are sorted once, not once per resample: the same values as
+    `mean_auroc` on the resampled rows, at a fraction of the cost (benchmarks/evaluation_cost.py)."""
+    orders = [[_label_order(p[:, j], targets[:, j], mask[:, j]) for j in range(p.shape[1])] for p in probs]
     out = np.full((n_boot, len(probs)), np.nan)
-    for b in range(n_boot):
-        idx = _resample_indices(groups, rng)
-        for k, p in enumerate(probs):
-            value = mean_auroc(p[idx], targets[idx], mask[idx])
-            out[b, k] = np.nan if value is None else value
+    start = 0
+    for weights in patient_resample_weights(groups, n_boot, seed):
+        rows = slice(start, start + len(weights))
+        for k, labels in enumerate(orders):
+            aurocs = np.stack([_weighted_aurocs(weights, label) for label in labels], axis=1)
+            defined = (~np.isnan(aurocs)).sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[rows, k] = np.where(defined > 0, np.nansum(aurocs, axis=1) / defined, np.nan)
+        start += len(weights)
     return out
 
 
