@@ -271,6 +271,9 @@ def test_save_predictions_is_atomic_and_round_trips(tmp_path):
         ("npy", "not an .npz archive"),
         ("missing", "no group array"),
         ("shape", "probs is float32 (6, 13)"),
+        ("soft targets", "targets holds values other than 0 and 1"),
+        ("mask", "mask holds values other than 0 and 1"),
+        ("nan", "probs holds NaN or infinite values"),
     ],
 )
 def test_damaged_predictions_name_the_file(tmp_path, damage, reason):
@@ -296,6 +299,10 @@ def test_damaged_predictions_name_the_file(tmp_path, damage, reason):
         np.savez(path, **arrays)
     elif damage == "shape":
         arrays["probs"] = arrays["probs"][:, :13]
+        np.savez(path, **arrays)
+    elif damage in ("soft targets", "mask", "nan"):
+        key, value = {"soft targets": ("targets", 0.3), "mask": ("mask", -1), "nan": ("probs", np.nan)}[damage]
+        arrays[key][2, 3] = value
         np.savez(path, **arrays)
     with pytest.raises(DamagedFileError) as caught:
         load_predictions(path)

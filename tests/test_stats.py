@@ -15,6 +15,7 @@ from mdfnet_hydra.evaluation.stats import (
     fast_auroc,
     mean_auroc,
     patient_resample_weights,
+    percentile_ci,
 )
 
 
@@ -112,6 +113,13 @@ def test_each_resample_draws_whole_patients_as_many_as_the_split_has():
         per_patient = [np.unique(row[groups == g]) for g in patients]
         assert all(len(c) == 1 for c in per_patient), "a patient's studies are drawn together"
         assert sum(c[0] for c in per_patient) == len(patients)
+    # the draws themselves: per resample one rng.integers over the sorted patient ids, as
+    # evaluation.seed has always meant (results of earlier evaluations stay reproducible)
+    rng = np.random.default_rng(9)
+    for row in weights:
+        drawn = patients[rng.integers(0, len(patients), len(patients))]
+        counts = {g: int((drawn == g).sum()) for g in patients}
+        np.testing.assert_array_equal(row, [counts[g] for g in groups])
     again = np.concatenate(list(patient_resample_weights(groups, 50, seed=9)))
     np.testing.assert_array_equal(weights, again)
     assert not np.array_equal(weights, np.concatenate(list(patient_resample_weights(groups, 50, seed=10))))
@@ -169,3 +177,55 @@ def test_the_evaluation_cost_benchmark_times_each_part_and_agrees_with_its_refer
     for part in ("per run (analyse):", "per comparison (compare_to_vision):"):
         assert re.search(re.escape(part) + r"\s+[0-9.]+ s", out), part
     assert float(re.search(r"largest difference ([0-9.e+-]+)", out).group(1)) < 1e-12
+
+
+def _analysed(name, modalities, preds, n_boot=60, seed=4):
+    from pathlib import Path
+
+    from mdfnet_hydra.evaluation.analysis import analyse
+    from mdfnet_hydra.evaluation.runs import Run
+
+    run = Run(name, Path(name), "stage2", modalities, {}, seed=0)
+    return analyse(run, preds, preds, "youden", 0.9, n_boot, seed)
+
+
+@pytest.mark.parametrize("same_labels", [True, False])
+def test_a_comparison_is_the_joint_paired_bootstrap_of_both_runs(same_labels):
+    """compare_to_vision's mean-AUROC difference CI and p-value against both runs resampled together
+    on the same cases (the multimodal run's cases in another order). Where the runs' labels differ
+    (another label policy) both are resampled on the multimodal run's labels, as before."""
+    from mdfnet_hydra.evaluation.analysis import compare_to_vision
+    from mdfnet_hydra.evaluation.runs import aligned
+    from mdfnet_hydra.predictions import Predictions
+
+    rng = np.random.default_rng(8)
+    groups, targets, mask, (probs_a, probs_b) = _patient_split(rng, n_patients=80, n_labels=14)
+    ids = np.array([f"s{i:04d}" for i in range(len(groups))])
+    vision = Predictions(probs_a, targets, mask, ids, groups)
+    order = rng.permutation(len(groups))
+    other_targets = targets if same_labels else np.where(rng.random(targets.shape) < 0.1, 1 - targets, targets)
+    full = Predictions(probs_b[order], other_targets[order], mask[order], ids[order], groups[order])
+    results = [_analysed("v", ["vision"], vision), _analysed("a", ["vision", "text"], full)]
+    (comparison,), _ = compare_to_vision(results, 60, 4)
+    mine, theirs = aligned(full, vision)
+    joint = bootstrap_mean_auroc([mine.probs, theirs.probs], mine.targets, mine.mask, mine.group, 60, 4)
+    differences = joint[:, 0] - joint[:, 1]
+    np.testing.assert_allclose(comparison.mean_ci, np.percentile(differences, [2.5, 97.5]), atol=1e-12)
+    assert comparison.mean_p == pytest.approx(bootstrap_p_value(differences), abs=1e-12)
+    reused = results[1].mean_samples - results[0].mean_samples
+    assert np.allclose(reused, differences, atol=1e-12) == same_labels
+
+
+def test_without_a_defined_resample_the_interval_and_p_value_are_empty_not_an_error():
+    nan = np.full(20, np.nan)
+    assert all(np.isnan(percentile_ci(nan)))
+    assert bootstrap_p_value(nan) is None
+    assert percentile_ci(np.r_[nan, 0.5, 0.7]) == pytest.approx((0.505, 0.695))
+
+
+def test_a_positive_is_a_target_above_one_half_everywhere():
+    y = np.array([0.0, 1.0, 0.0, 1.0])
+    scores = np.array([0.1, 0.8, 0.4, 0.3])
+    assert fast_auroc(y, scores) == pytest.approx(roc_auc_score(y, scores))
+    assert fast_auroc(y == 1, scores) == fast_auroc(y, scores)
+    assert fast_auroc(np.array([0.0, 0.2, 0.0, 0.2]), scores) is None  # no target above 0.5

@@ -66,13 +66,16 @@ def fake_run(i: int, modalities: list[str]) -> Run:
 def reference_seconds(preds: Predictions, n_boot: int, resamples: int, seed: int) -> tuple[float, float]:
     """Seconds of the rank AUROC on explicitly resampled rows, scaled to `n_boot`, and the largest
     difference from the bootstrap over the same resamples."""
-    weights = next(patient_resample_weights(preds.group, resamples, seed))[:resamples]
+    weights = np.concatenate(list(patient_resample_weights(preds.group, resamples, seed)))
     fast = bootstrap_mean_auroc([preds.probs], preds.targets, preds.mask, preds.group, resamples, seed)[:, 0]
     start, worst = time.perf_counter(), 0.0
     for b, row in enumerate(weights):
         rows = np.repeat(np.arange(len(row)), row.astype(int))
         value = mean_auroc(preds.probs[rows], preds.targets[rows], preds.mask[rows])
-        worst = max(worst, abs((np.nan if value is None else value) - fast[b]))
+        if (value is None) != np.isnan(fast[b]):
+            worst = float("inf")  # defined in one and not the other
+        elif value is not None:
+            worst = max(worst, abs(value - fast[b]))
     return (time.perf_counter() - start) * n_boot / resamples, worst
 
 

@@ -67,6 +67,10 @@ class RunResult:
     f1_macro: Optional[float] = None
     f1_micro: Optional[float] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # the mean AUROC on each patient-level resample (n_bootstrap,) and the bootstrap's seed: the
+    # paired comparisons reuse them
+    mean_samples: Optional[np.ndarray] = None
+    samples_seed: Optional[int] = None
 
     @property
     def mean_auprc(self) -> Optional[float]:
@@ -118,7 +122,7 @@ def analyse(
     )
     if n_bootstrap > 0 and result.mean_auroc is not None:
         samples = bootstrap_mean_auroc([test.probs], test.targets, test.mask, test.group, n_bootstrap, seed)[:, 0]
-        result.mean_ci = percentile_ci(samples)
+        result.mean_ci, result.mean_samples, result.samples_seed = percentile_ci(samples), samples, seed
     return result
 
 
@@ -159,13 +163,31 @@ def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> 
         if result.mean_auroc is not None and baseline.mean_auroc is not None:
             mean_diff = result.mean_auroc - baseline.mean_auroc
             if n_bootstrap > 0:
-                samples = bootstrap_mean_auroc(
-                    [mine.probs, theirs.probs], mine.targets, mine.mask, mine.group, n_bootstrap, seed
-                )
-                differences = samples[:, 0] - samples[:, 1]
+                differences = paired_differences(result, baseline, mine, theirs, n_bootstrap, seed)
                 ci, p = percentile_ci(differences), bootstrap_p_value(differences)
         comparisons.append(Comparison(result.run.name, baseline.run.name, per_label, mean_diff, ci, p))
     return comparisons, notes
+
+
+def paired_differences(
+    result: RunResult, baseline: RunResult, mine: Predictions, theirs: Predictions, n_bootstrap: int, seed: int
+) -> np.ndarray:
+    """The mean-AUROC differences of two runs on the same patient-level resamples. A resample
+    weighs each case by its patient's draw count, which depends only on the split's patients and the
+    seed, not on the run or the order of its cases: where both runs hold the same cases with the same
+    patients, labels and masks, each run's own bootstrap (`analyse`, the same seed) is already paired
+    and is reused; otherwise both are resampled together on the first run's labels."""
+    reusable = (
+        result.mean_samples is not None
+        and baseline.mean_samples is not None
+        and len(result.mean_samples) == len(baseline.mean_samples) == n_bootstrap
+        and result.samples_seed == baseline.samples_seed == seed
+        and all(np.array_equal(getattr(mine, k), getattr(theirs, k)) for k in ("group", "targets", "mask"))
+    )
+    if reusable:
+        return result.mean_samples - baseline.mean_samples
+    samples = bootstrap_mean_auroc([mine.probs, theirs.probs], mine.targets, mine.mask, mine.group, n_bootstrap, seed)
+    return samples[:, 0] - samples[:, 1]
 
 
 def aggregate_seeds(results: list[RunResult]) -> list[dict[str, Any]]:

@@ -91,8 +91,9 @@ def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
 
 
 def fast_auroc(y: np.ndarray, scores: np.ndarray) -> Optional[float]:
-    """Rank-based AUROC (ties counted half); None without both classes."""
-    y = np.asarray(y).astype(bool)
+    """Rank-based AUROC (ties counted half); None without both classes. A target above 0.5 is
+    positive, as in the bootstrap and the per-label analysis."""
+    y = np.asarray(y) > 0.5
     m = int(y.sum())
     n = len(y) - m
     if m == 0 or n == 0:
@@ -108,7 +109,8 @@ def mean_auroc(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> Opti
     return float(np.mean(defined)) if defined else None
 
 
-# cases x resamples held at once by the bootstrap (float64 weights: 32 MB)
+# cases x resamples the bootstrap weighs at once: 32 MB of float64 weights, and a few arrays of that
+# size while a label is computed (about 200 MB at the peak for 50,000 cases)
 BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000
 
 
@@ -188,12 +190,18 @@ def bootstrap_mean_auroc(
 
 
 def percentile_ci(samples: np.ndarray) -> tuple[float, float]:
+    """The 95% percentile interval of the resamples where the value is defined (NaN, NaN if none is)."""
     samples = samples[~np.isnan(samples)]
+    if len(samples) == 0:
+        return float("nan"), float("nan")
     return float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
 
 
-def bootstrap_p_value(differences: np.ndarray) -> float:
-    """Two-sided p-value of 'no difference' from bootstrap differences (at least 1 / n)."""
+def bootstrap_p_value(differences: np.ndarray) -> Optional[float]:
+    """Two-sided p-value of 'no difference' from bootstrap differences (at least 1 / n); None
+    where no resample defines the difference."""
     d = differences[~np.isnan(differences)]
+    if len(d) == 0:
+        return None
     tail = min((d <= 0).mean(), (d >= 0).mean())
     return float(min(1.0, max(2 * tail, 1.0 / len(d))))
