@@ -119,7 +119,6 @@ def _shape_problem(arrays: dict[str, np.ndarray]) -> str:
     for key in ("targets", "mask"):
         if arrays[key].shape != probs.shape or arrays[key].dtype.kind not in "fiub":
             return f"{key} is {arrays[key].dtype} {arrays[key].shape}, not numeric {probs.shape} like probs"
-    for key in ("targets", "mask"):
         if not np.isin(arrays[key], (0, 1)).all():
             return f"{key} holds values other than 0 and 1"
     if not np.isfinite(probs).all():
