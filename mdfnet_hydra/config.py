@@ -740,10 +740,7 @@ def validate_config(cfg: DictConfig) -> None:
     problems += text_runtime_problems(cfg)
     if str(cfg.data.get("verify_images", "auto")).lower() not in ("auto", "true", "false"):
         problems.append(f"data.verify_images must be auto, true or false, got {cfg.data.verify_images!r}")
-    if cfg.evaluation.num_workers is not None and int(cfg.evaluation.num_workers) < 0:
-        problems.append(
-            f"evaluation.num_workers must be >= 0 (or null: chosen from the machine), got {cfg.evaluation.num_workers}"
-        )
+    problems += evaluation_problems(cfg.evaluation)
     try:
         parse_machine_spec(os.environ.get(MACHINE_ENV_VAR, ""))
     except ValueError as err:
@@ -763,6 +760,25 @@ def validate_config(cfg: DictConfig) -> None:
     if sweep_problem:
         problems.append(sweep_problem)
     refuse(problems)
+
+
+def evaluation_problems(options: DictConfig) -> list[str]:
+    """The evaluation options' ranges, checked by a training job at start (it evaluates at its end)
+    and by `python -m mdfnet_hydra.evaluate` before it reads a run: a negative bootstrap count or a
+    sensitivity above 1 would otherwise give a report without intervals or thresholds, silently."""
+    problems = []
+    if options.num_workers is not None and int(options.num_workers) < 0:
+        problems.append(
+            f"evaluation.num_workers must be >= 0 (or null: chosen from the machine), got {options.num_workers}"
+        )
+    minimum = {"n_bootstrap": (0, "0: no intervals or p-values"), "saliency_per_label": (0, "0: no saliency maps")}
+    minimum.update(max_curves=(1, "runs drawn in one figure"), batch_size=(1, "studies per forward pass"))
+    for key, (low, meaning) in minimum.items():
+        if int(options[key]) < low:
+            problems.append(f"evaluation.{key} must be >= {low} ({meaning}), got {options[key]}")
+    if not 0 < float(options.target_sensitivity) <= 1:
+        problems.append(f"evaluation.target_sensitivity must be within (0, 1], got {options.target_sensitivity}")
+    return problems
 
 
 def refuse(problems: list[str]) -> None:

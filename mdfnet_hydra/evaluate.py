@@ -22,8 +22,10 @@ def main(cfg: DictConfig) -> None:
     from mdfnet_hydra.cli import reported
 
     with reported("mdfnet_hydra.evaluate"):
+        from mdfnet_hydra.config import evaluation_problems, refuse
         from mdfnet_hydra.evaluation.report import evaluate
 
+        refuse(evaluation_problems(cfg.evaluation))
         logging.getLogger("mdfnet_hydra").setLevel(logging.INFO)
         evaluate(cfg.experiments_dir, cfg.output_dir, cfg.evaluation, cfg.data_root)
 

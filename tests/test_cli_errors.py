@@ -79,6 +79,26 @@ def test_evaluate_without_experiments_dir_says_what_to_pass(tmp_path):
     assert not (tmp_path / "results").exists(), "no results/ holding only Hydra's record"
 
 
+def test_evaluation_options_out_of_range_are_one_line_before_any_run_is_read(tmp_path):
+    """A negative bootstrap count or a sensitivity above 1 would give a report without intervals or
+    thresholds: refused, every such option named at once, and results/ not left behind. (The
+    experiments directory does not exist: the options are checked before any run is looked for.)"""
+    result = module(
+        "mdfnet_hydra.evaluate",
+        f"experiments_dir={tmp_path / 'absent'}",
+        "evaluation.n_bootstrap=-1",
+        "evaluation.target_sensitivity=1.5",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip() == (
+        "mdfnet_hydra.evaluate: error: invalid configuration:\n"
+        "  - evaluation.n_bootstrap must be >= 0 (0: no intervals or p-values), got -1\n"
+        "  - evaluation.target_sensitivity must be within (0, 1], got 1.5"
+    )
+    assert not (tmp_path / "results").exists()
+
+
 def test_prepare_without_output_dir_says_what_to_pass(tmp_path):
     """output_dir names prepare's run directory, which Hydra resolves before the task function runs."""
     result = module("mdfnet_hydra.prepare", cwd=tmp_path)

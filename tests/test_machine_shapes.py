@@ -285,6 +285,12 @@ def test_a_malformed_machine_description_fails_before_any_work(tmp_path):
         ("data.prefetch_factor=0", "data.prefetch_factor must be >= 1"),
         ("data.persistent_workers=true", "need worker processes"),
         ("evaluation.num_workers=-2", "evaluation.num_workers must be >= 0"),
+        # a training job evaluates at its end: the evaluation's options are checked at its start too
+        ("evaluation.n_bootstrap=-5", r"evaluation.n_bootstrap must be >= 0 \(0: no intervals"),
+        ("evaluation.max_curves=0", "evaluation.max_curves must be >= 1"),
+        ("evaluation.batch_size=0", "evaluation.batch_size must be >= 1"),
+        ("evaluation.saliency_per_label=-1", "evaluation.saliency_per_label must be >= 0"),
+        ("evaluation.target_sensitivity=0", r"evaluation.target_sensitivity must be within \(0, 1\]"),
     ],
 )
 def test_loader_settings_torch_would_reject_fail_at_start(cfg_factory, override, message):

@@ -34,6 +34,122 @@ def brute_force_delong(y, scores):
     return aucs, s10 / m + s01 / n
 
 
+def brute_force_clustered_delong(y, scores, groups):
+    """Obuchowski's (1997) clustered covariance written out from the paper: per patient i the sums
+    of the positives' and the negatives' components, centred on m_i * AUC and n_i * AUC;
+    S10 = I / ((I - 1) M) sum_i d10_i d10_i', S01 likewise over N, S11 = I / (I - 1) sum_i d10_i d01_i',
+    covariance S10 / M + S01 / N + (S11 + S11') / (M N)."""
+    y = np.asarray(y).astype(bool)
+    k = scores.shape[0]
+    pos, neg = scores[:, y], scores[:, ~y]
+    m, n = pos.shape[1], neg.shape[1]
+    psi = (pos[:, :, None] > neg[:, None, :]) + 0.5 * (pos[:, :, None] == neg[:, None, :])
+    aucs = psi.mean(axis=(1, 2))
+    patients = sorted(set(groups.tolist()))
+    big_i = len(patients)
+    d10 = np.zeros((k, big_i))
+    d01 = np.zeros((k, big_i))
+    for i, patient in enumerate(patients):
+        mine_pos = groups[y] == patient
+        mine_neg = groups[~y] == patient
+        for r in range(k):
+            d10[r, i] = psi[r].mean(axis=1)[mine_pos].sum() - mine_pos.sum() * aucs[r]
+            d01[r, i] = psi[r].mean(axis=0)[mine_neg].sum() - mine_neg.sum() * aucs[r]
+    cov = np.zeros((k, k))
+    for a in range(k):
+        for b in range(k):
+            s10 = big_i / ((big_i - 1) * m) * np.sum(d10[a] * d10[b])
+            s01 = big_i / ((big_i - 1) * n) * np.sum(d01[a] * d01[b])
+            s11 = big_i / (big_i - 1) * (np.sum(d10[a] * d01[b]) + np.sum(d10[b] * d01[a]))
+            cov[a, b] = s10 / m + s01 / n + s11 / (m * n)
+    return aucs, cov
+
+
+def _clustered_split(rng, n_patients=150):
+    """Studies of patients (1-6 each) where findings persist within a patient (a patient with the
+    condition is positive on 85% of studies, one without on 5%) and every score carries the patient's
+    own offset: studies of one patient are far from independent, as in a real test split."""
+    per = rng.integers(1, 7, n_patients)
+    groups = np.repeat(np.arange(n_patients), per)
+    condition = np.repeat(rng.random(n_patients) < 0.3, per)
+    y = rng.random(len(groups)) < np.where(condition, 0.85, 0.05)
+    offset = lambda: np.repeat(rng.normal(size=n_patients), per)  # noqa: E731
+    return groups, y, offset
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_clustered_delong_matches_obuchowskis_formula_written_out(seed):
+    """Tied scores, patient ids that are not 0..I-1, patients with only positives or only negatives."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(rng.choice(10_000, 40, replace=False), rng.integers(1, 6, 40))
+    y = rng.random(len(groups)) < 0.35
+    scores = np.round(np.vstack([y * 0.8 + rng.random(len(y)), y * 0.3 + rng.random(len(y))]), 1)
+    aucs, cov = delong(y, scores, groups)
+    ref_aucs, ref_cov = brute_force_clustered_delong(y, scores, groups)
+    np.testing.assert_allclose(aucs, ref_aucs, atol=1e-12)
+    np.testing.assert_allclose(cov, ref_cov, atol=1e-12)
+    test = delong_test(y, scores[0], scores[1], groups)
+    assert test.difference == pytest.approx(ref_aucs[0] - ref_aucs[1])
+    se = (ref_cov[0, 0] + ref_cov[1, 1] - 2 * ref_cov[0, 1]) ** 0.5
+    assert test.ci_high - test.ci_low == pytest.approx(2 * 1.959964 * se, rel=1e-6)
+
+
+def test_one_study_per_patient_gives_delongs_variance_up_to_its_finite_sample_factors():
+    """With singleton patients the clustered variance is DeLong's with I / (I - 1) in place of
+    M / (M - 1) and N / (N - 1): the worked example, 5 patients of one study each."""
+    y = np.array([1, 1, 0, 0, 0])
+    s = np.array([0.9, 0.6, 0.5, 0.6, 0.2])
+    _, cov = delong(y, s, np.arange(5))
+    # positives' components (1, 5/6) around 11/12, negatives' (1, 3/4, 1): sums of squares 2/144, 6/144
+    assert cov[0, 0] == pytest.approx(5 / 4 * (2 / 144 / 2**2 + 6 / 144 / 3**2))
+
+
+def test_one_patient_holding_every_case_has_no_interval():
+    y = np.array([1, 0, 1, 0])
+    auc, low, high = auroc_ci(y, np.array([0.9, 0.1, 0.4, 0.6]), np.zeros(4))
+    assert auc == pytest.approx(0.75) and np.isnan(low) and np.isnan(high)
+    assert np.isnan(delong_test(y, np.array([0.9, 0.1, 0.4, 0.6]), np.array([0.5, 0.1, 0.4, 0.6]), np.zeros(4)).p_value)
+
+
+def test_clustered_intervals_cover_the_true_auroc_and_the_paired_test_keeps_its_level():
+    """400 simulated test splits of clustered studies (_clustered_split): score = label + the
+    patient's offset + noise, so the true AUROC is Phi(1 / sqrt(2 * 1.25)). Clustered 95% intervals
+    cover it about 95% of the time, DeLong's per-study ones far less; two equally good models whose
+    patient offsets differ are called different about 5% of the time clustered, far more per study."""
+    from statistics import NormalDist
+
+    truth = NormalDist().cdf(1 / (2 * 1.25) ** 0.5)
+    rng = np.random.default_rng(0)
+    covered = {"clustered": 0, "per study": 0}
+    rejected = {"clustered": 0, "per study": 0}
+    repeats = 400
+    for _ in range(repeats):
+        groups, y, offset = _clustered_split(rng)
+        a = y + offset() + 0.5 * rng.normal(size=len(y))
+        b = y + offset() + 0.5 * rng.normal(size=len(y))
+        for name, g in (("clustered", groups), ("per study", None)):
+            _, low, high = auroc_ci(y, a, g)
+            covered[name] += low <= truth <= high
+            rejected[name] += delong_test(y, a, b, g).p_value < 0.05
+    coverage = {k: v / repeats for k, v in covered.items()}
+    level = {k: v / repeats for k, v in rejected.items()}
+    assert 0.92 <= coverage["clustered"] <= 0.975, coverage
+    assert coverage["per study"] < 0.82, coverage
+    assert level["clustered"] <= 0.08 and level["per study"] > 0.15, level
+
+
+def test_the_clustered_variance_is_the_patient_bootstraps():
+    """An independent estimate of the same variance: one label's AUROC over 2,000 patient-level
+    resamples (the bootstrap tested above against scikit-learn)."""
+    rng = np.random.default_rng(1)
+    groups, y, offset = _clustered_split(rng, n_patients=400)
+    scores = y + offset() + 0.5 * rng.normal(size=len(y))
+    samples = bootstrap_mean_auroc([scores[:, None]], y[:, None].astype(float), np.ones((len(y), 1)), groups, 2000, 0)
+    bootstrap_var = np.var(samples[:, 0], ddof=1)
+    assert delong(y, scores, groups)[1][0, 0] / bootstrap_var == pytest.approx(1, abs=0.15)
+    assert delong(y, scores)[1][0, 0] / bootstrap_var < 0.7, "per-study DeLong understates it"
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_delong_matches_brute_force_with_ties(seed):
     rng = np.random.default_rng(seed)
@@ -229,3 +345,27 @@ def test_a_positive_is_a_target_above_one_half_everywhere():
     assert fast_auroc(y, scores) == pytest.approx(roc_auc_score(y, scores))
     assert fast_auroc(y == 1, scores) == fast_auroc(y, scores)
     assert fast_auroc(np.array([0.0, 0.2, 0.0, 0.2]), scores) is None  # no target above 0.5
+
+
+def test_per_label_intervals_and_tests_of_the_evaluation_are_clustered_by_patient():
+    """analyse's per-label CI and compare_to_vision's per-label test use each study's patient."""
+    from mdfnet_hydra.evaluation.analysis import compare_to_vision
+    from mdfnet_hydra.labels import CHEXPERT_LABELS
+    from mdfnet_hydra.predictions import Predictions
+
+    rng = np.random.default_rng(2)
+    groups, targets, mask, (probs_a, probs_b) = _patient_split(rng, n_patients=80, n_labels=14)
+    ids = np.array([f"s{i:04d}" for i in range(len(groups))])
+    vision = Predictions(probs_a, targets, mask, ids, groups)
+    full = Predictions(probs_b, targets, mask, ids, groups)
+    results = [_analysed("v", ["vision"], vision, n_boot=0), _analysed("a", ["vision", "text"], full, n_boot=0)]
+    (comparison,), _ = compare_to_vision(results, 0, 4)
+    j = CHEXPERT_LABELS.index("Pleural Effusion")
+    valid = mask[:, j] > 0
+    y = targets[valid, j] > 0.5
+    clustered = auroc_ci(y, probs_a[valid, j], groups[valid])
+    assert results[0].auroc["Pleural Effusion"] == pytest.approx(clustered, abs=1e-12)
+    assert results[0].auroc["Pleural Effusion"] != pytest.approx(auroc_ci(y, probs_a[valid, j]), abs=1e-6)
+    paired = delong_test(y, probs_b[valid, j], probs_a[valid, j], groups[valid])
+    assert comparison.per_label["Pleural Effusion"].p_value == pytest.approx(paired.p_value, abs=1e-12)
+    assert comparison.per_label["Pleural Effusion"].ci_low == pytest.approx(paired.ci_low, abs=1e-12)

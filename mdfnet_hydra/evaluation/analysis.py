@@ -100,7 +100,7 @@ def analyse(
         valid = test.mask[:, j] > 0
         y, p = test.targets[valid, j] > 0.5, test.probs[valid, j]
         defined = 0 < y.sum() < len(y)
-        auroc[name] = auroc_ci(y, p) if defined else None
+        auroc[name] = auroc_ci(y, p, test.group[valid]) if defined else None
         predicted = p >= thresholds[j]
         tp, fp = int((predicted & y).sum()), int((predicted & ~y).sum())
         fn, tn = int((~predicted & y).sum()), int((~predicted & ~y).sum())
@@ -138,7 +138,7 @@ class Comparison:
 
 def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> tuple[list[Comparison], list[str]]:
     """Each multimodal run against a vision-only run on the same test set (same stage and seed
-    preferred): DeLong per label, patient-level paired bootstrap for the mean AUROC."""
+    preferred): DeLong per label (clustered by patient), patient-level paired bootstrap for the mean AUROC."""
     baselines = [r for r in results if r.run.modalities == ["vision"]]
     comparisons, notes = [], []
     for result in results:
@@ -157,7 +157,9 @@ def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> 
             valid = mine.mask[:, j] > 0
             y = mine.targets[valid, j] > 0.5
             per_label[name] = (
-                delong_test(y, mine.probs[valid, j], theirs.probs[valid, j]) if 0 < y.sum() < len(y) else None
+                delong_test(y, mine.probs[valid, j], theirs.probs[valid, j], mine.group[valid])
+                if 0 < y.sum() < len(y)
+                else None
             )
         mean_diff, ci, p = None, (float("nan"), float("nan")), None
         if result.mean_auroc is not None and baseline.mean_auroc is not None:

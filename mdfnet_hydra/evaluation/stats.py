@@ -2,8 +2,9 @@
 
 DeLong et al. (1988), computed with Sun & Xu's (2014) midrank algorithm: for scores of k models on
 the same cases, the AUROCs and their covariance matrix. Cases of one patient are not independent
-(several studies per patient), so the mean AUROC over labels gets a patient-level bootstrap:
-patients are resampled with replacement, each with all of their cases.
+(several studies per patient), so given each case's patient the covariance is Obuchowski's (1997)
+clustered one (DeLong's per-case components summed per patient), and the mean AUROC over labels gets
+a patient-level bootstrap: patients are resampled with replacement, each with all of their cases.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def _midranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def delong(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """AUROCs (k,) and their DeLong covariance (k, k) for scores (k, n) of k models on n cases."""
+def delong(y: np.ndarray, scores: np.ndarray, groups: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """AUROCs (k,) and their DeLong covariance (k, k) for scores (k, n) of k models on n cases;
+    with `groups` (n,), each case's patient, the covariance is clustered by patient (Obuchowski)."""
     y = np.asarray(y).astype(bool)
     scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     pos, neg = scores[:, y], scores[:, ~y]
@@ -43,9 +45,33 @@ def delong(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     aucs = tz[:, :m].sum(axis=1) / (m * n) - (m + 1.0) / (2.0 * n)
     v01 = (tz[:, :m] - tx) / n  # per positive: fraction of negatives it outranks
     v10 = 1.0 - (tz[:, m:] - ty) / m  # per negative: fraction of positives that outrank it
+    if groups is not None:
+        return aucs, _clustered_covariance(aucs, v01, v10, np.asarray(groups)[y], np.asarray(groups)[~y])
     sx = np.atleast_2d(np.cov(v01)) if m > 1 else np.zeros((k, k))
     sy = np.atleast_2d(np.cov(v10)) if n > 1 else np.zeros((k, k))
     return aucs, sx / m + sy / n
+
+
+def _clustered_covariance(
+    aucs: np.ndarray, v01: np.ndarray, v10: np.ndarray, pos_groups: np.ndarray, neg_groups: np.ndarray
+) -> np.ndarray:
+    """Obuchowski's (1997) covariance of the AUROCs: each patient's components summed, centred on
+    its count of positives / negatives times the AUROC, and their (cross-)products averaged over the
+    I patients with the I / (I - 1) correction. NaN for fewer than two patients (undefined)."""
+    k = len(aucs)
+    _, patient = np.unique(np.concatenate([pos_groups, neg_groups]), return_inverse=True)
+    n_patients = int(patient.max()) + 1
+    if n_patients < 2:
+        return np.full((k, k), np.nan)
+    m, n = v01.shape[1], v10.shape[1]
+    pos_of, neg_of = patient[:m], patient[m:]
+    pos_count = np.bincount(pos_of, minlength=n_patients)
+    neg_count = np.bincount(neg_of, minlength=n_patients)
+    dx = np.stack([np.bincount(pos_of, v01[r], n_patients) for r in range(k)]) - pos_count * aucs[:, None]
+    dy = np.stack([np.bincount(neg_of, v10[r], n_patients) for r in range(k)]) - neg_count * aucs[:, None]
+    scale = n_patients / (n_patients - 1)
+    s10, s01, s11 = scale * (dx @ dx.T) / m, scale * (dy @ dy.T) / n, scale * (dx @ dy.T)
+    return s10 / m + s01 / n + (s11 + s11.T) / (m * n)
 
 
 @dataclass
@@ -58,9 +84,12 @@ class PairedTest:
     p_value: float
 
 
-def delong_test(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> PairedTest:
-    """DeLong's test of AUROC(a) = AUROC(b) on the same cases, with a 95% CI of the difference."""
-    aucs, cov = delong(y, np.vstack([scores_a, scores_b]))
+def delong_test(
+    y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, groups: Optional[np.ndarray] = None
+) -> PairedTest:
+    """DeLong's test of AUROC(a) = AUROC(b) on the same cases, with a 95% CI of the difference;
+    `groups`: each case's patient (the clustered covariance)."""
+    aucs, cov = delong(y, np.vstack([scores_a, scores_b]), groups)
     diff = float(aucs[0] - aucs[1])
     var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     if var <= 0:
@@ -72,11 +101,14 @@ def delong_test(y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> Pa
     return PairedTest(float(aucs[0]), float(aucs[1]), diff, diff - Z95 * se, diff + Z95 * se, p)
 
 
-def auroc_ci(y: np.ndarray, scores: np.ndarray) -> tuple[float, float, float]:
-    """AUROC with DeLong's 95% confidence interval (clipped to [0, 1])."""
-    aucs, cov = delong(y, scores)
-    se = float(np.sqrt(max(cov[0, 0], 0.0)))
+def auroc_ci(y: np.ndarray, scores: np.ndarray, groups: Optional[np.ndarray] = None) -> tuple[float, float, float]:
+    """AUROC with DeLong's 95% confidence interval (clipped to [0, 1]); `groups`: each case's
+    patient (the clustered covariance)."""
+    aucs, cov = delong(y, scores, groups)
     auc = float(aucs[0])
+    if np.isnan(cov[0, 0]):  # one patient holds every case: no interval
+        return auc, float("nan"), float("nan")
+    se = float(np.sqrt(max(cov[0, 0], 0.0)))
     return auc, max(0.0, auc - Z95 * se), min(1.0, auc + Z95 * se)
 
 

@@ -19,7 +19,7 @@ def _f(value: Optional[float], digits: int = 3) -> str:
 
 
 def _p(value: Optional[float]) -> str:
-    if value is None:
+    if value is None or value != value:  # NaN: undefined (a label held by one patient)
         return ""
     return "<0.001" if value < 0.001 else f"{value:.3f}"
 
