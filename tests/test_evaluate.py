@@ -132,7 +132,10 @@ def test_paired_comparisons_against_vision(known):
         assert float(c["p_value"].lstrip("<")) <= 1 / 300 + 1e-9, "the smallest p a 300-resample bootstrap can give"
     edema = next(c for c in comparisons if c["run"] == "all_s1/stage2" and c["label"] == "Edema (DeLong)")
     j = CHEXPERT_LABELS.index("Edema")
-    reference = delong_test(targets[:, j], load(root, "all_s1")["probs"][:, j], load(root, "vision_s1")["probs"][:, j])
+    # clustered by patient: the split's studies share patients (ground_truth's groups)
+    reference = delong_test(
+        targets[:, j], load(root, "all_s1")["probs"][:, j], load(root, "vision_s1")["probs"][:, j], groups
+    )
     assert float(edema["difference"]) == pytest.approx(reference.difference, abs=1e-4)
     assert float(edema["ci95_low"]) == pytest.approx(reference.ci_low, abs=1e-4)
     fracture = next(c for c in comparisons if c["run"] == "all_s1/stage2" and c["label"] == "Fracture (DeLong)")
