@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -35,10 +37,11 @@ def brute_force_delong(y, scores):
 
 
 def brute_force_clustered_delong(y, scores, groups):
-    """Obuchowski's (1997) clustered covariance written out from the paper: per patient i the sums
-    of the positives' and the negatives' components, centred on m_i * AUC and n_i * AUC;
-    S10 = I / ((I - 1) M) sum_i d10_i d10_i', S01 likewise over N, S11 = I / (I - 1) sum_i d10_i d01_i',
-    covariance S10 / M + S01 / N + (S11 + S11') / (M N)."""
+    """Obuchowski's (1997) clustered covariance written out: per patient i the sums of the positives'
+    and the negatives' components, centred on m_i * AUC and n_i * AUC;
+    S10 = I10 / ((I10 - 1) M) sum_i d10_i d10_i' over the I10 patients with a positive,
+    S01 = I01 / ((I01 - 1) N) sum_i d01_i d01_i' over the I01 with a negative,
+    S11 = I / (I - 1) sum_i d10_i d01_i'; covariance S10 / M + S01 / N + (S11 + S11') / (M N)."""
     y = np.asarray(y).astype(bool)
     k = scores.shape[0]
     pos, neg = scores[:, y], scores[:, ~y]
@@ -47,6 +50,8 @@ def brute_force_clustered_delong(y, scores, groups):
     aucs = psi.mean(axis=(1, 2))
     patients = sorted(set(groups.tolist()))
     big_i = len(patients)
+    i10 = len(set(groups[y].tolist()))
+    i01 = len(set(groups[~y].tolist()))
     d10 = np.zeros((k, big_i))
     d01 = np.zeros((k, big_i))
     for i, patient in enumerate(patients):
@@ -58,8 +63,8 @@ def brute_force_clustered_delong(y, scores, groups):
     cov = np.zeros((k, k))
     for a in range(k):
         for b in range(k):
-            s10 = big_i / ((big_i - 1) * m) * np.sum(d10[a] * d10[b])
-            s01 = big_i / ((big_i - 1) * n) * np.sum(d01[a] * d01[b])
+            s10 = i10 / ((i10 - 1) * m) * np.sum(d10[a] * d10[b])
+            s01 = i01 / ((i01 - 1) * n) * np.sum(d01[a] * d01[b])
             s11 = big_i / (big_i - 1) * (np.sum(d10[a] * d01[b]) + np.sum(d10[b] * d01[a]))
             cov[a, b] = s10 / m + s01 / n + s11 / (m * n)
     return aucs, cov
@@ -94,21 +99,38 @@ def test_clustered_delong_matches_obuchowskis_formula_written_out(seed):
     assert test.ci_high - test.ci_low == pytest.approx(2 * 1.959964 * se, rel=1e-6)
 
 
-def test_one_study_per_patient_gives_delongs_variance_up_to_its_finite_sample_factors():
-    """With singleton patients the clustered variance is DeLong's with I / (I - 1) in place of
-    M / (M - 1) and N / (N - 1): the worked example, 5 patients of one study each."""
-    y = np.array([1, 1, 0, 0, 0])
-    s = np.array([0.9, 0.6, 0.5, 0.6, 0.2])
-    _, cov = delong(y, s, np.arange(5))
-    # positives' components (1, 5/6) around 11/12, negatives' (1, 3/4, 1): sums of squares 2/144, 6/144
-    assert cov[0, 0] == pytest.approx(5 / 4 * (2 / 144 / 2**2 + 6 / 144 / 3**2))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_study_per_patient_gives_delongs_covariance_exactly(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.random(50) < 0.3
+    scores = np.round(np.vstack([y * 0.8 + rng.random(50), y * 0.3 + rng.random(50)]), 1)
+    np.testing.assert_allclose(delong(y, scores, rng.permutation(50) + 7)[1], delong(y, scores)[1], atol=1e-15)
 
 
-def test_one_patient_holding_every_case_has_no_interval():
-    y = np.array([1, 0, 1, 0])
-    auc, low, high = auroc_ci(y, np.array([0.9, 0.1, 0.4, 0.6]), np.zeros(4))
-    assert auc == pytest.approx(0.75) and np.isnan(low) and np.isnan(high)
-    assert np.isnan(delong_test(y, np.array([0.9, 0.1, 0.4, 0.6]), np.array([0.5, 0.1, 0.4, 0.6]), np.zeros(4)).p_value)
+def test_clustered_delong_worked_example():
+    """Hand-computed. Patient A: a positive 0.9 and a negative 0.2; B: a positive 0.4 and a negative
+    0.5; C: a negative 0.1. The positives outrank (3, 2) of the 3 negatives: AUC = 5/6, components
+    (1, 2/3); the negatives are outranked by (2, 1, 2) of 2: components (1, 1/2, 1). Centred patient
+    sums: positives A 1/6, B -1/6, C 0; negatives A 1/6, B -1/3, C 1/6. With I10 = 2, I01 = I = 3:
+    S10 = 2/(1*2) * 2/36 = 1/18, S01 = 3/(2*3) * 6/36 = 1/12, S11 = 3/2 * (1/36 + 1/18) = 1/8;
+    Var = (1/18)/2 + (1/12)/3 + 2 (1/8)/6 = 7/72."""
+    y = np.array([1, 0, 1, 0, 0])
+    s = np.array([0.9, 0.2, 0.4, 0.5, 0.1])
+    aucs, cov = delong(y, s, np.array([0, 0, 1, 1, 2]))
+    assert aucs[0] == pytest.approx(5 / 6) and cov[0, 0] == pytest.approx(7 / 72)
+
+
+def test_without_two_patients_on_each_side_there_is_no_interval():
+    """Every positive (or negative) from one patient: that side's variance cannot be estimated
+    (its one summed component is centred to zero), so there is no interval, not a narrow one."""
+    y = np.array([1, 0, 1, 0, 0, 0])
+    s = np.array([0.9, 0.1, 0.4, 0.6, 0.3, 0.2])
+    other = np.array([0.5, 0.1, 0.4, 0.6, 0.3, 0.2])
+    for groups in (np.zeros(6), np.array([0, 0, 0, 1, 2, 3]), np.array([0, 1, 2, 1, 1, 1])):
+        auc, low, high = auroc_ci(y, s, groups)
+        assert auc == pytest.approx(0.875) and np.isnan(low) and np.isnan(high), groups
+        assert np.isnan(delong_test(y, s, other, groups).p_value)
+    assert not np.isnan(auroc_ci(y, s, np.array([0, 0, 1, 1, 2, 2]))[1])
 
 
 def test_clustered_intervals_cover_the_true_auroc_and_the_paired_test_keeps_its_level():
@@ -369,3 +391,23 @@ def test_per_label_intervals_and_tests_of_the_evaluation_are_clustered_by_patien
     paired = delong_test(y, probs_b[valid, j], probs_a[valid, j], groups[valid])
     assert comparison.per_label["Pleural Effusion"].p_value == pytest.approx(paired.p_value, abs=1e-12)
     assert comparison.per_label["Pleural Effusion"].ci_low == pytest.approx(paired.ci_low, abs=1e-12)
+
+
+def test_a_label_whose_positives_are_one_patients_has_no_interval_in_the_report(tmp_path):
+    from mdfnet_hydra.evaluation.tables import markdown
+    from mdfnet_hydra.labels import CHEXPERT_LABELS
+    from mdfnet_hydra.predictions import Predictions
+
+    rng = np.random.default_rng(3)
+    groups, targets, mask, (probs, _) = _patient_split(rng, n_patients=40, n_labels=14)
+    j = CHEXPERT_LABELS.index("Edema")
+    targets[:, j] = groups == groups[0]  # Edema: the first patient's studies only
+    mask[:, j] = 1
+    ids = np.array([f"s{i:04d}" for i in range(len(groups))])
+    result = _analysed("v", ["vision"], Predictions(probs, targets, mask, ids, groups), n_boot=0)
+    assert np.isnan(result.auroc["Edema"][1])
+    rows = markdown([result], [], [], [], [], tmp_path, "youden").splitlines()
+    edema = next(line for line in rows if line.startswith("| Edema |"))
+    assert edema == f"| Edema | {result.auroc['Edema'][0]:.3f} (no CI: one patient) |"
+    effusion = next(line for line in rows if line.startswith("| Pleural Effusion |"))
+    assert re.fullmatch(r"\| Pleural Effusion \| 0\.\d{3} \(0\.\d{3}-[01]\.\d{3}\) \|", effusion)

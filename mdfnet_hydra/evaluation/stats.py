@@ -55,22 +55,28 @@ def delong(y: np.ndarray, scores: np.ndarray, groups: Optional[np.ndarray] = Non
 def _clustered_covariance(
     aucs: np.ndarray, v01: np.ndarray, v10: np.ndarray, pos_groups: np.ndarray, neg_groups: np.ndarray
 ) -> np.ndarray:
-    """Obuchowski's (1997) covariance of the AUROCs: each patient's components summed, centred on
-    its count of positives / negatives times the AUROC, and their (cross-)products averaged over the
-    I patients with the I / (I - 1) correction. NaN for fewer than two patients (undefined)."""
+    """Obuchowski's (1997) covariance of the AUROCs. Each patient's components are summed and
+    centred on its count of positives / negatives times the AUROC (`v01` here, one per positive, is
+    her V10; `v10`, one per negative, her V01). The positives' products are averaged with the
+    I10 / (I10 - 1) correction over the I10 patients holding a positive, the negatives' with
+    I01 / (I01 - 1), the cross products with I / (I - 1): with one study per patient this is DeLong's
+    covariance exactly. NaN (undefined) where fewer than two patients hold a positive or a negative:
+    one patient's summed components are centred to zero, which would drop that side's variance."""
     k = len(aucs)
     _, patient = np.unique(np.concatenate([pos_groups, neg_groups]), return_inverse=True)
     n_patients = int(patient.max()) + 1
-    if n_patients < 2:
-        return np.full((k, k), np.nan)
     m, n = v01.shape[1], v10.shape[1]
     pos_of, neg_of = patient[:m], patient[m:]
     pos_count = np.bincount(pos_of, minlength=n_patients)
     neg_count = np.bincount(neg_of, minlength=n_patients)
+    with_pos, with_neg = int((pos_count > 0).sum()), int((neg_count > 0).sum())
+    if min(with_pos, with_neg) < 2:
+        return np.full((k, k), np.nan)
     dx = np.stack([np.bincount(pos_of, v01[r], n_patients) for r in range(k)]) - pos_count * aucs[:, None]
     dy = np.stack([np.bincount(neg_of, v10[r], n_patients) for r in range(k)]) - neg_count * aucs[:, None]
-    scale = n_patients / (n_patients - 1)
-    s10, s01, s11 = scale * (dx @ dx.T) / m, scale * (dy @ dy.T) / n, scale * (dx @ dy.T)
+    s10 = with_pos / (with_pos - 1) * (dx @ dx.T) / m
+    s01 = with_neg / (with_neg - 1) * (dy @ dy.T) / n
+    s11 = n_patients / (n_patients - 1) * (dx @ dy.T)
     return s10 / m + s01 / n + (s11 + s11.T) / (m * n)
 
 
@@ -106,7 +112,7 @@ def auroc_ci(y: np.ndarray, scores: np.ndarray, groups: Optional[np.ndarray] = N
     patient (the clustered covariance)."""
     aucs, cov = delong(y, scores, groups)
     auc = float(aucs[0])
-    if np.isnan(cov[0, 0]):  # one patient holds every case: no interval
+    if np.isnan(cov[0, 0]):  # one patient holds every positive or every negative: no interval
         return auc, float("nan"), float("nan")
     se = float(np.sqrt(max(cov[0, 0], 0.0)))
     return auc, max(0.0, auc - Z95 * se), min(1.0, auc + Z95 * se)

@@ -153,7 +153,11 @@ def markdown(
         cells = []
         for r in results:
             auc = r.auroc[name]
-            cells.append("undefined" if auc is None else f"{auc[0]:.3f} ({auc[1]:.3f}-{auc[2]:.3f})")
+            if auc is None:
+                cells.append("undefined")
+            else:  # no interval where one patient holds every positive or negative (NaN bounds)
+                interval = f" ({auc[1]:.3f}-{auc[2]:.3f})" if auc[1] == auc[1] else " (no CI: one patient)"
+                cells.append(f"{auc[0]:.3f}{interval}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Against the vision-only baseline (same test set)", ""]
     if comparisons:
