@@ -771,9 +771,12 @@ def evaluation_problems(options: DictConfig) -> list[str]:
         problems.append(
             f"evaluation.num_workers must be >= 0 (or null: chosen from the machine), got {options.num_workers}"
         )
-    minimum = {"n_bootstrap": (0, "0: no intervals or p-values"), "saliency_per_label": (0, "0: no saliency maps")}
-    minimum.update(max_curves=(1, "runs drawn in one figure"), batch_size=(1, "studies per forward pass"))
-    for key, (low, meaning) in minimum.items():
+    for key, low, meaning in (
+        ("n_bootstrap", 0, "0: no intervals or p-values"),
+        ("saliency_per_label", 0, "0: no saliency maps"),
+        ("max_curves", 1, "runs drawn in one figure"),
+        ("batch_size", 1, "studies per forward pass"),
+    ):
         if int(options[key]) < low:
             problems.append(f"evaluation.{key} must be >= {low} ({meaning}), got {options[key]}")
     if not 0 < float(options.target_sensitivity) <= 1:

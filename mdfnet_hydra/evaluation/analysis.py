@@ -161,13 +161,13 @@ def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> 
         for j, name in enumerate(CHEXPERT_LABELS):
             valid = mine.mask[:, j] > 0
             y = mine.targets[valid, j] > 0.5
-            if 0 < len(np.unique(mine.group[valid][y])) < FEW_PATIENTS:
-                few.append(name)
             per_label[name] = (
                 delong_test(y, mine.probs[valid, j], theirs.probs[valid, j], mine.group[valid])
                 if 0 < y.sum() < len(y)
                 else None
             )
+            if per_label[name] is not None and len(np.unique(mine.group[valid][y])) < FEW_PATIENTS:
+                few.append(name)  # a test only: an undefined label is reported as undefined already
         mean_diff, ci, p = None, (float("nan"), float("nan")), None
         if result.mean_auroc is not None and baseline.mean_auroc is not None:
             mean_diff = result.mean_auroc - baseline.mean_auroc
