@@ -24,6 +24,7 @@ thread each (`set_compute_threads`).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -209,3 +210,22 @@ def real_cpus() -> int:
     """The CPUs this process may really use (thread counts follow these, not a described machine:
     a test describing 16 CPUs on 2 must not start 8 threads per rank)."""
     return usable_cpus()
+
+
+def nvidia_gpus() -> list[str]:
+    """The node's NVIDIA GPU device files (/dev/nvidia0, ...): there whatever CUDA_VISIBLE_DEVICES hides."""
+    try:
+        names = os.listdir("/dev")
+    except OSError:
+        return []
+    return sorted(f"/dev/{name}" for name in names if re.fullmatch(r"nvidia\d+", name))
+
+
+def gpus_hidden_by_submitit_local(environ: Mapping[str, str] = os.environ) -> int:
+    """How many of the node's GPUs Hydra's `submitit_local` launcher hid from this job. submitit's
+    local executor sets CUDA_VISIBLE_DEVICES to GPUs 0..gpus_per_node-1, which is "" while
+    `hydra.launcher.gpus_per_node` is unset: on a GPU workstation every job of such a sweep would
+    train on the CPU without a word."""
+    if environ.get("SUBMITIT_EXECUTOR") != "local" or environ.get("CUDA_VISIBLE_DEVICES") != "":
+        return 0
+    return len(nvidia_gpus())

@@ -14,7 +14,7 @@ import torch
 
 from mdfnet_hydra.config import ConfigError, Precision, TrainerConfig
 from mdfnet_hydra.distributed import WorkerEnv, default_backend
-from mdfnet_hydra.machine import Machine, set_compute_threads
+from mdfnet_hydra.machine import Machine, gpus_hidden_by_submitit_local, set_compute_threads
 
 
 @dataclass
@@ -53,6 +53,7 @@ class Runtime:
         cls, cfg: TrainerConfig, env: Optional[WorkerEnv] = None, machine: Optional[Machine] = None
     ) -> "Runtime":
         machine = machine if machine is not None else Machine.detect()
+        refuse_gpus_hidden_by_the_launcher(cfg.device, machine)
         threads = set_compute_threads()
         target, device = resolve_device(cfg.device, machine)
         precision = resolve_precision(Precision(cfg.precision), target, machine)
@@ -99,6 +100,18 @@ class Runtime:
         return (
             f"world size {self.world_size} ({parallel}), device {self.device} ({where}), precision {self.precision.value}; "
             f"machine: {self.machine.describe()}; {self.threads[0]} compute thread(s) ({self.threads[1]})"
+        )
+
+
+def refuse_gpus_hidden_by_the_launcher(name: str, machine: Machine) -> None:
+    """`trainer.device=auto` in a job that submitit_local started without GPUs on a GPU node would
+    train on the CPU without a word: refused, naming both ways out."""
+    hidden = gpus_hidden_by_submitit_local() if name == "auto" and not machine.cuda else 0
+    if hidden:
+        raise ConfigError(
+            f"hydra/launcher=submitit_local gave this job none of the node's {hidden} GPU(s) (CUDA_VISIBLE_DEVICES='' "
+            "while hydra.launcher.gpus_per_node is unset): set hydra.launcher.gpus_per_node (every job of a batch "
+            "gets GPUs 0..n-1), or trainer.device=cpu to train on the CPU"
         )
 
 

@@ -97,6 +97,57 @@ def test_a_gpu_node_chooses_workers_pinning_bf16_and_fused_adamw(monkeypatch):
         runtime_for(CPU_BOX, device="cuda", monkeypatch=monkeypatch)
 
 
+def submitit_local_job_environment(tmp_path, **parameters) -> dict:
+    """SUBMITIT_EXECUTOR and CUDA_VISIBLE_DEVICES as a job of submitit's real local executor sees
+    them, given the parameters Hydra's `submitit_local` launcher passes (gpus_per_node None unset)."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
+    executor.update_parameters(timeout_min=2, tasks_per_node=1, cpus_per_task=None, mem_gb=None, **parameters)
+    shell = executor.submit(subprocess.check_output, ["sh", "-c", 'echo "$SUBMITIT_EXECUTOR,$CUDA_VISIBLE_DEVICES"'])
+    executor_name, devices = shell.result().decode().strip().split(",")
+    return {"SUBMITIT_EXECUTOR": executor_name, "CUDA_VISIBLE_DEVICES": devices}
+
+
+def test_a_gpu_node_whose_gpus_submitit_local_hid_is_refused_not_trained_on_cpu(tmp_path, monkeypatch):
+    """submitit's local executor gives a job CUDA_VISIBLE_DEVICES='' while
+    hydra.launcher.gpus_per_node is unset (checked on the real executor): on a GPU workstation every
+    job of such a sweep would train on the CPU without a word. The node's GPUs are found from their
+    device files, which CUDA_VISIBLE_DEVICES does not hide (faked here: this machine has none)."""
+    from mdfnet_hydra import machine as machine_module
+    from mdfnet_hydra.machine import gpus_hidden_by_submitit_local
+
+    unset = submitit_local_job_environment(tmp_path, gpus_per_node=None)
+    assert unset == {"SUBMITIT_EXECUTOR": "local", "CUDA_VISIBLE_DEVICES": ""}
+    one = submitit_local_job_environment(tmp_path, gpus_per_node=1)
+    assert one == {"SUBMITIT_EXECUTOR": "local", "CUDA_VISIBLE_DEVICES": "0"}
+
+    monkeypatch.setattr(machine_module, "nvidia_gpus", lambda: ["/dev/nvidia0", "/dev/nvidia1"])
+    assert gpus_hidden_by_submitit_local(unset) == 2
+    assert gpus_hidden_by_submitit_local(one) == 0
+    assert gpus_hidden_by_submitit_local({"CUDA_VISIBLE_DEVICES": ""}) == 0, "the user's own choice: kept"
+    for key, value in unset.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError) as refused:
+        runtime_for(CPU_BOX, monkeypatch=monkeypatch)
+    assert str(refused.value) == (
+        "hydra/launcher=submitit_local gave this job none of the node's 2 GPU(s) (CUDA_VISIBLE_DEVICES='' while "
+        "hydra.launcher.gpus_per_node is unset): set hydra.launcher.gpus_per_node (every job of a batch gets GPUs "
+        "0..n-1), or trainer.device=cpu to train on the CPU"
+    )
+    assert runtime_for(CPU_BOX, device="cpu", monkeypatch=monkeypatch).device.type == "cpu", "the CPU, asked for"
+    monkeypatch.setattr(machine_module, "nvidia_gpus", lambda: [])
+    assert runtime_for(CPU_BOX, monkeypatch=monkeypatch).device.type == "cpu", "a node without GPUs: nothing hidden"
+
+
+def test_the_nodes_gpus_are_its_nvidia_device_files(monkeypatch):
+    from mdfnet_hydra import machine as machine_module
+
+    names = ["nvidia1", "nvidiactl", "nvidia-uvm", "nvidia0", "nvidia-caps", "null", "nvidia10"]
+    monkeypatch.setattr(machine_module.os, "listdir", lambda path: names if path == "/dev" else [])
+    assert machine_module.nvidia_gpus() == ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia10"]
+
+
 def test_an_older_gpu_chooses_fp16_with_a_live_scaler_and_refuses_bf16(monkeypatch):
     rt = runtime_for(OLD_GPU_NODE, monkeypatch=monkeypatch)
     assert rt.precision is Precision.fp16 and rt.grad_scaler().is_enabled()

@@ -4,6 +4,7 @@ line is computed on."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -29,7 +30,9 @@ JOB = (
 def job_log(tmp_path_factory) -> tuple[str, str]:
     """(logs/train.log, console output) of one small stage-2-only job."""
     root = tmp_path_factory.mktemp("run_log")
-    result = run_cli(*JOB, f"paths.root={root}", f"hydra.run.dir={root / 'run'}", timeout=300)
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("OMP_NUM_THREADS", raising=False)  # as a user without it runs the job
+        result = run_cli(*JOB, f"paths.root={root}", f"hydra.run.dir={root / 'run'}", timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return (root / "run" / "logs" / "train.log").read_text(), result.stdout + result.stderr
 
@@ -42,6 +45,14 @@ def test_the_log_states_the_training_setup_in_one_line(job_log):
     assert "gradient clipping max_grad_norm 1.5" in line
     assert "precision fp32" in line and "seed 7" in line
     assert log.index("] optimizer ") < log.index("epoch 1/1"), "stated at the start"
+
+
+def test_without_omp_num_threads_a_job_computes_on_the_cpus_it_may_use(job_log):
+    """The choice every user's job makes (the test processes' OMP_NUM_THREADS removed for it)."""
+    log, _ = job_log
+    cpus = len(os.sched_getaffinity(0))
+    found = re.search(rf"machine: {cpus} CPUs?, no CUDA; (\d+) compute thread\(s\) \(the affinity set\)", log)
+    assert found and 1 <= int(found[1]) <= cpus, log[:2000]
 
 
 def test_a_stage2_job_without_init_from_warns_at_start_and_in_the_summary(job_log):

@@ -137,7 +137,7 @@ def test_ablations_run_as_one_job_array(tmp_path):
     assert pairs == {(f"{job}/{stage}", f"0_vision/{stage}") for job in multimodal for stage in ("stage1", "stage2")}
 
 
-def test_job_with_two_tasks_trains_data_parallel(tmp_path):
+def test_job_with_two_tasks_trains_data_parallel(tmp_path, without_omp_num_threads):
     sweep_dir = tmp_path / "ddp"
     result = run_cli(
         "--multirun",

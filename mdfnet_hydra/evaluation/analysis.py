@@ -126,8 +126,8 @@ def analyse(
     return result
 
 
-# Below this many patients holding a label's positives, the clustered DeLong test's normal
-# approximation is liberal (simulated at p < 0.05: 9% false positives from 5 patients, 6% from 10).
+# Below this many patients holding a label's positives, its per-label test rests on Student's t with
+# under 9 degrees of freedom: it keeps its level (stats' module doc) but has little power.
 FEW_PATIENTS = 10
 
 
@@ -178,7 +178,7 @@ def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> 
         if few:
             notes.append(
                 f"{result.run.name}: the per-label tests of {', '.join(few)} rest on positives of fewer than "
-                f"{FEW_PATIENTS} patients; their p-values are liberal (docs/outputs.md, statistical choices)"
+                f"{FEW_PATIENTS} patients: wide intervals, little power (docs/outputs.md, statistical choices)"
             )
     return comparisons, notes
 
