@@ -89,6 +89,10 @@ def train(cfg: DictConfig, evaluate_at_end: bool = True, pruning: PruningTarget 
     if worker_env(nproc_per_node=tc.nproc_per_node) is None:
         topology = slurm_topology()
         if tc.nproc_per_node > 1 or tc.nnodes > 1 or topology is not None:
+            from mdfnet_hydra.machine import Machine
+            from mdfnet_hydra.runtime import refuse_gpus_hidden_by_the_launcher
+
+            refuse_gpus_hidden_by_the_launcher(tc.device, Machine.detect())  # here once, not in each worker
             return launch_workers(cfg, topology, evaluate_at_end, pruning)
     from mdfnet_hydra.pipeline import run
 

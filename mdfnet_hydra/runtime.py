@@ -105,12 +105,13 @@ class Runtime:
 
 def refuse_gpus_hidden_by_the_launcher(name: str, machine: Machine) -> None:
     """`trainer.device=auto` in a job that submitit_local started without GPUs on a GPU node would
-    train on the CPU without a word: refused, naming both ways out."""
-    hidden = gpus_hidden_by_submitit_local() if name == "auto" and not machine.cuda else 0
+    train on the CPU without a word: refused, naming both ways out (a machine MDFNET_MACHINE
+    describes is taken as described)."""
+    hidden = gpus_hidden_by_submitit_local() if name == "auto" and not machine.cuda and not machine.simulated else 0
     if hidden:
         raise ConfigError(
-            f"hydra/launcher=submitit_local gave this job none of the node's {hidden} GPU(s) (CUDA_VISIBLE_DEVICES='' "
-            "while hydra.launcher.gpus_per_node is unset): set hydra.launcher.gpus_per_node (every job of a batch "
+            f"hydra/launcher=submitit_local gave this job none of the node's {hidden} GPU(s) (CUDA_VISIBLE_DEVICES='': "
+            "hydra.launcher.gpus_per_node is unset or 0): set hydra.launcher.gpus_per_node (every job of a batch "
             "gets GPUs 0..n-1), or trainer.device=cpu to train on the CPU"
         )
 

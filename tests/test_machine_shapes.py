@@ -128,16 +128,30 @@ def test_a_gpu_node_whose_gpus_submitit_local_hid_is_refused_not_trained_on_cpu(
     assert gpus_hidden_by_submitit_local({"CUDA_VISIBLE_DEVICES": ""}) == 0, "the user's own choice: kept"
     for key, value in unset.items():
         monkeypatch.setenv(key, value)
+    detected = ""  # no MDFNET_MACHINE: the machine as detected (CUDA hidden)
     with pytest.raises(ConfigError) as refused:
-        runtime_for(CPU_BOX, monkeypatch=monkeypatch)
+        runtime_for(detected, monkeypatch=monkeypatch)
     assert str(refused.value) == (
-        "hydra/launcher=submitit_local gave this job none of the node's 2 GPU(s) (CUDA_VISIBLE_DEVICES='' while "
-        "hydra.launcher.gpus_per_node is unset): set hydra.launcher.gpus_per_node (every job of a batch gets GPUs "
-        "0..n-1), or trainer.device=cpu to train on the CPU"
+        "hydra/launcher=submitit_local gave this job none of the node's 2 GPU(s) (CUDA_VISIBLE_DEVICES='': "
+        "hydra.launcher.gpus_per_node is unset or 0): set hydra.launcher.gpus_per_node (every job of a batch gets "
+        "GPUs 0..n-1), or trainer.device=cpu to train on the CPU"
     )
-    assert runtime_for(CPU_BOX, device="cpu", monkeypatch=monkeypatch).device.type == "cpu", "the CPU, asked for"
+    assert runtime_for(detected, device="cpu", monkeypatch=monkeypatch).device.type == "cpu", "the CPU, asked for"
+    assert runtime_for(CPU_BOX, monkeypatch=monkeypatch).device.type == "cpu", "a described CPU machine, as described"
     monkeypatch.setattr(machine_module, "nvidia_gpus", lambda: [])
-    assert runtime_for(CPU_BOX, monkeypatch=monkeypatch).device.type == "cpu", "a node without GPUs: nothing hidden"
+    assert runtime_for(detected, monkeypatch=monkeypatch).device.type == "cpu", "a node without GPUs: nothing hidden"
+
+
+def test_a_data_parallel_job_is_refused_before_it_starts_its_workers(cfg_factory, monkeypatch):
+    from mdfnet_hydra import launch
+    from mdfnet_hydra import machine as machine_module
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(machine_module, "nvidia_gpus", lambda: ["/dev/nvidia0"])
+    monkeypatch.setattr(launch, "launch_workers", lambda *a, **k: pytest.fail("workers started"))
+    with pytest.raises(ConfigError, match="gave this job none of the node's 1 GPU"):
+        launch.train(cfg_factory("debug=fast", "trainer.nproc_per_node=2"))
 
 
 def test_the_nodes_gpus_are_its_nvidia_device_files(monkeypatch):

@@ -317,7 +317,7 @@ def test_two_trials_of_one_batch_report_into_one_study_at_once(tmp_path):
     time: both report into the one SQLite study (no lost report, no "database is locked")."""
     sweep_dir, storage = study_of_good_trials(tmp_path, "pair")
     command = pruned_sweep_command(tmp_path, "pair", 2, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                                   "hydra.sweeper.n_jobs=2", *SMALL_DATA)  # fmt: skip
+                                   "hydra.sweeper.n_jobs=2", "trainer.device=cpu", *SMALL_DATA)  # fmt: skip
     result = run_cli(*command, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (sweep_dir / ".submitit").is_dir(), "the trials went through submitit"

@@ -242,6 +242,7 @@ def test_submitit_local_launcher_runs_the_same_jobs(tmp_path):
         "stage=stage1",
         "hydra/launcher=submitit_local",
         "hydra.launcher.timeout_min=10",
+        "trainer.device=cpu",  # submitit_local hides a node's GPUs without gpus_per_node (docs/sweeps.md)
         f"hydra.sweep.dir={sweep_dir}",
     )
     rows = summary_rows(sweep_dir)

@@ -13,6 +13,7 @@ from mdfnet_hydra.evaluation.stats import (
     auroc_ci,
     bootstrap_mean_auroc,
     bootstrap_p_value,
+    degrees_of_freedom,
     delong_test,
     mean_auroc,
     percentile_ci,
@@ -126,8 +127,8 @@ def analyse(
     return result
 
 
-# Below this many patients holding a label's positives, its per-label test rests on Student's t with
-# under 9 degrees of freedom: it keeps its level (stats' module doc) but has little power.
+# Below this many patients holding a label's positives (or its negatives), its per-label test rests on
+# Student's t with under 9 degrees of freedom: it keeps its level (stats' module doc) but has little power.
 FEW_PATIENTS = 10
 
 
@@ -166,7 +167,7 @@ def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> 
                 if 0 < y.sum() < len(y)
                 else None
             )
-            if per_label[name] is not None and len(np.unique(mine.group[valid][y])) < FEW_PATIENTS:
+            if per_label[name] is not None and degrees_of_freedom(y, mine.group[valid]) + 1 < FEW_PATIENTS:
                 few.append(name)  # a test only: an undefined label is reported as undefined already
         mean_diff, ci, p = None, (float("nan"), float("nan")), None
         if result.mean_auroc is not None and baseline.mean_auroc is not None:
@@ -177,8 +178,9 @@ def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> 
         comparisons.append(Comparison(result.run.name, baseline.run.name, per_label, mean_diff, ci, p))
         if few:
             notes.append(
-                f"{result.run.name}: the per-label tests of {', '.join(few)} rest on positives of fewer than "
-                f"{FEW_PATIENTS} patients: wide intervals, little power (docs/outputs.md, statistical choices)"
+                f"{result.run.name}: the per-label tests of {', '.join(few)} rest on fewer than {FEW_PATIENTS} "
+                "patients with a positive (or with a negative): wide intervals, little power (docs/outputs.md, "
+                "statistical choices)"
             )
     return comparisons, notes
 

@@ -86,11 +86,17 @@ def _clustered_covariance(
 
 def _incomplete_beta(a: float, b: float, x: float, x_complement: float) -> float:
     """The regularized incomplete beta function I_x(a, b) (`x_complement` = 1 - x, given exactly),
-    by its continued fraction (modified Lentz), on the side where it converges fast."""
+    by its continued fraction on the side where it converges fast (the side is decided here once:
+    x and its complement need not sum to exactly 1, so deciding again could swap back and forth)."""
     if x <= 0.0 or x_complement <= 0.0:
         return 0.0 if x <= 0.0 else 1.0
     if x > (a + 1.0) / (a + b + 2.0):
-        return 1.0 - _incomplete_beta(b, a, x_complement, x)
+        return 1.0 - _beta_continued_fraction(b, a, x_complement, x)
+    return _beta_continued_fraction(a, b, x, x_complement)
+
+
+def _beta_continued_fraction(a: float, b: float, x: float, x_complement: float) -> float:
+    """I_x(a, b) by its continued fraction (modified Lentz), for x below (a + 1) / (a + b + 2)."""
     tiny = 1e-300
     front = math.exp(
         math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(x_complement)
@@ -161,8 +167,9 @@ class PairedTest:
 def delong_test(
     y: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, groups: Optional[np.ndarray] = None
 ) -> PairedTest:
-    """DeLong's test of AUROC(a) = AUROC(b) on the same cases, with a 95% CI of the difference;
-    `groups`: each case's patient (the clustered covariance). Student's t reference (module doc)."""
+    """DeLong's test of AUROC(a) = AUROC(b) on the same cases, with a 95% CI of the difference
+    (clipped to [-1, 1]); `groups`: each case's patient (the clustered covariance). Student's t
+    reference (module doc)."""
     aucs, cov = delong(y, np.vstack([scores_a, scores_b]), groups)
     diff = float(aucs[0] - aucs[1])
     var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
@@ -176,7 +183,7 @@ def delong_test(
         se = var**0.5
         p = t_two_sided_p(diff / se, df)
     q = t_quantile(df)
-    return PairedTest(float(aucs[0]), float(aucs[1]), diff, diff - q * se, diff + q * se, p)
+    return PairedTest(float(aucs[0]), float(aucs[1]), diff, max(-1.0, diff - q * se), min(1.0, diff + q * se), p)
 
 
 def auroc_ci(y: np.ndarray, scores: np.ndarray, groups: Optional[np.ndarray] = None) -> tuple[float, float, float]:
