@@ -139,9 +139,39 @@ def test_paired_comparisons_against_vision(known):
     assert float(edema["difference"]) == pytest.approx(reference.difference, abs=1e-4)
     assert float(edema["ci95_low"]) == pytest.approx(reference.ci_low, abs=1e-4)
     fracture = next(c for c in comparisons if c["run"] == "all_s1/stage2" and c["label"] == "Fracture (DeLong)")
-    assert fracture["difference"] == "undefined"
+    assert fracture["difference"] == "undefined" and fracture["p_holm"] == ""
+    # Holm over the 13 tested labels of one comparison, from the unrounded p-values
+    labels = [name for name in CHEXPERT_LABELS if name != "Fracture"]
+    tests = [
+        delong_test(
+            targets[mask[:, k] > 0, k],
+            load(root, "all_s1")["probs"][mask[:, k] > 0, k],
+            load(root, "vision_s1")["probs"][mask[:, k] > 0, k],
+            groups[mask[:, k] > 0],
+        )
+        for k in (CHEXPERT_LABELS.index(name) for name in labels)
+    ]
+    raw = [test.p_value for test in tests]
+    ranked = sorted(range(13), key=lambda i: raw[i])
+    expected = {}
+    for position, i in enumerate(ranked):  # step-down: (m - position) times, never below an earlier one
+        expected[labels[i]] = min(1.0, max([(13 - q) * raw[ranked[q]] for q in range(position + 1)]))
+    for name in labels:
+        row = next(c for c in comparisons if c["run"] == "all_s1/stage2" and c["label"] == f"{name} (DeLong)")
+        shown = "<0.001" if expected[name] < 0.001 else f"{expected[name]:.3f}"
+        assert row["p_holm"] == shown, name
+    assert all(c["p_holm"] == "" for c in mean_rows)
     markdown = (out / "results.md").read_text()
     assert "| all_s1/stage2 | vision_s1/stage2 |" in markdown and "| Fracture | undefined |" in markdown
+    line = next(row for row in markdown.splitlines() if row.startswith("| all_s1/stage2 | vision_s1/stage2 |"))
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+
+    def better_worse(p_values):
+        return f"{sum(p < 0.05 and t.difference > 0 for p, t in zip(p_values, tests))} / " + str(
+            sum(p < 0.05 and t.difference < 0 for p, t in zip(p_values, tests))
+        )
+
+    assert cells[4:] == [better_worse(raw), better_worse([expected[name] for name in labels])]
 
 
 def test_seeds_are_aggregated(known):

@@ -16,6 +16,7 @@ from mdfnet_hydra.evaluation.stats import (
     delong,
     delong_test,
     fast_auroc,
+    holm,
     mean_auroc,
     patient_resample_weights,
     percentile_ci,
@@ -266,6 +267,28 @@ def test_with_few_positive_patients_the_paired_test_keeps_its_level(positive_pat
     assert normal_rejected / repeats >= 0.1, "the simulation is one where the normal reference is liberal"
 
 
+def test_holm_adjusts_step_down_and_leaves_untested_labels_out():
+    """By hand: 4 tested p-values, sorted 0.005, 0.01, 0.03, 0.04 -> 4 x 0.005 = 0.02, 3 x 0.01 = 0.03,
+    2 x 0.03 = 0.06, 1 x 0.04 = 0.04 raised to the earlier 0.06; the NaN (untested) is not counted."""
+    adjusted = holm([0.01, 0.04, 0.03, 0.005, float("nan")])
+    np.testing.assert_allclose(adjusted[:4], [0.03, 0.06, 0.06, 0.02])
+    assert np.isnan(adjusted[4])
+    assert holm([0.5, 0.7, 0.9]) == [1.0, 1.0, 1.0] and holm([]) == []
+    np.testing.assert_allclose(holm([0.3, 0.01, 0.2]), [0.4, 0.03, 0.4])
+    assert holm([0.02, 0.02]) == [0.04, 0.04], "ties"
+
+
+def test_holm_keeps_the_familywise_error_of_14_null_labels():
+    """4,000 families of 14 independent null tests: some label at unadjusted p < 0.05 in about half of
+    them (1 - 0.95^14 = 51%), at Holm-adjusted p < 0.05 in at most about 5%."""
+    rng = np.random.default_rng(0)
+    families = rng.random((4000, 14))
+    any_raw = (families < 0.05).any(axis=1).mean()
+    any_holm = np.mean([min(holm(row)) < 0.05 for row in families])
+    assert any_raw == pytest.approx(1 - 0.95**14, abs=0.03)
+    assert 0.03 <= any_holm <= 0.065, any_holm
+
+
 def test_paired_test_detects_a_real_difference_and_not_a_null_one():
     rng = np.random.default_rng(3)
     y = rng.random(400) < 0.3
@@ -493,3 +516,33 @@ def test_a_label_whose_positives_are_one_patients_has_no_interval_in_the_report(
     assert edema == f"| Edema | {result.auroc['Edema'][0]:.3f} (no CI: one patient) |"
     effusion = next(line for line in rows if line.startswith("| Pleural Effusion |"))
     assert re.fullmatch(r"\| Pleural Effusion \| 0\.\d{3} \(0\.\d{3}-[01]\.\d{3}\) \|", effusion)
+
+
+def test_results_md_counts_labels_better_and_worse_before_and_after_holm(tmp_path):
+    """Three tested labels at p 0.003 (better), 0.03 (better) and 0.04 (worse): 2 / 1 unadjusted;
+    Holm's 0.009, 0.06, 0.06 leave 1 / 0. The CSV carries both p-values per label."""
+    from mdfnet_hydra.evaluation.analysis import Comparison
+    from mdfnet_hydra.evaluation.stats import PairedTest
+    from mdfnet_hydra.evaluation.tables import comparison_rows, markdown
+    from mdfnet_hydra.labels import CHEXPERT_LABELS
+
+    tests = {
+        "Edema": PairedTest(0.8, 0.7, 0.1, 0.05, 0.15, 0.003),
+        "Atelectasis": PairedTest(0.8, 0.75, 0.05, 0.01, 0.09, 0.03),
+        "Pneumothorax": PairedTest(0.7, 0.75, -0.05, -0.09, -0.01, 0.04),
+    }
+    per_label = {name: tests.get(name) for name in CHEXPERT_LABELS}
+    adjusted = dict(zip(tests, holm([t.p_value for t in tests.values()])))
+    comparison = Comparison(
+        "all/stage2", "vision/stage2", per_label, {n: adjusted.get(n) for n in per_label}, 0.02, (0.0, 0.04), 0.04
+    )
+    lines = markdown([], [comparison], [], [], [], tmp_path, "youden").splitlines()
+    row = next(line for line in lines if line.startswith("| all/stage2 | vision/stage2 |"))
+    assert [cell.strip() for cell in row.strip("|").split("|")][4:] == ["2 / 1", "1 / 0"]
+    csv_rows = {r["label"]: r for r in comparison_rows([comparison])}
+    assert (csv_rows["Edema (DeLong)"]["p_value"], csv_rows["Edema (DeLong)"]["p_holm"]) == ("0.003", "0.009")
+    assert (csv_rows["Pneumothorax (DeLong)"]["p_value"], csv_rows["Pneumothorax (DeLong)"]["p_holm"]) == (
+        "0.040",
+        "0.060",
+    )
+    assert csv_rows["Fracture (DeLong)"]["p_holm"] == "" and csv_rows["mean AUROC (patient bootstrap)"]["p_holm"] == ""

@@ -15,6 +15,7 @@ from mdfnet_hydra.evaluation.stats import (
     bootstrap_p_value,
     degrees_of_freedom,
     delong_test,
+    holm,
     mean_auroc,
     percentile_ci,
     roc_points,
@@ -137,6 +138,7 @@ class Comparison:
     run: str
     baseline: str
     per_label: dict[str, Optional[Any]]  # label -> PairedTest or None (undefined)
+    per_label_holm: dict[str, Optional[float]]  # label -> Holm-adjusted p over the comparison's tested labels
     mean_difference: Optional[float]
     mean_ci: tuple[float, float]
     mean_p: Optional[float]
@@ -175,7 +177,10 @@ def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> 
             if n_bootstrap > 0:
                 differences = paired_differences(result, baseline, mine, theirs, n_bootstrap, seed)
                 ci, p = percentile_ci(differences), bootstrap_p_value(differences)
-        comparisons.append(Comparison(result.run.name, baseline.run.name, per_label, mean_diff, ci, p))
+        tested = [name for name, test in per_label.items() if test is not None and test.p_value == test.p_value]
+        adjusted = dict(zip(tested, holm([per_label[name].p_value for name in tested])))
+        holm_p = {name: adjusted.get(name) for name in per_label}
+        comparisons.append(Comparison(result.run.name, baseline.run.name, per_label, holm_p, mean_diff, ci, p))
         if few:
             notes.append(
                 f"{result.run.name}: the per-label tests of {', '.join(few)} rest on fewer than {FEW_PATIENTS} "

@@ -186,6 +186,20 @@ def delong_test(
     return PairedTest(float(aucs[0]), float(aucs[1]), diff, max(-1.0, diff - q * se), min(1.0, diff + q * se), p)
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (NaN ones, untested, stay NaN and are not
+    counted): the i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j)). A label
+    is then better or worse at adjusted p < 0.05 with at most a 5% chance of any false call among the
+    family's labels, which 14 unadjusted tests at 0.05 do not keep (up to 51% when all are null)."""
+    values = np.asarray(p_values, dtype=np.float64)
+    tested = np.flatnonzero(~np.isnan(values))
+    order = tested[np.argsort(values[tested], kind="stable")]
+    m = len(order)
+    adjusted = np.full(len(values), np.nan)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * values[order]))
+    return adjusted.tolist()
+
+
 def auroc_ci(y: np.ndarray, scores: np.ndarray, groups: Optional[np.ndarray] = None) -> tuple[float, float, float]:
     """AUROC with DeLong's 95% confidence interval (clipped to [0, 1]); `groups`: each case's
     patient (the clustered covariance). Student's t reference (module doc)."""

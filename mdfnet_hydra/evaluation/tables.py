@@ -68,7 +68,8 @@ def left_out_rows(left_out: Sequence[LeftOut], template: dict[str, Any], root: O
     ]
 
 
-COMPARISON_COLUMNS = ("run", "baseline", "label", "difference", "ci95_low", "ci95_high", "p_value")
+# p_holm: the per-label p-values Holm-adjusted over the comparison's tested labels (stats.holm)
+COMPARISON_COLUMNS = ("run", "baseline", "label", "difference", "ci95_low", "ci95_high", "p_value", "p_holm")
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str] = ()) -> Path:
@@ -83,6 +84,12 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str] = (
     return path
 
 
+def _better_worse(c: Comparison, p_values: dict[str, Any]) -> str:
+    """'better / worse': the labels whose difference is positive / negative at p < 0.05."""
+    significant = [c.per_label[name].difference for name, p in p_values.items() if p is not None and p < 0.05]
+    return f"{sum(d > 0 for d in significant)} / {sum(d < 0 for d in significant)}"
+
+
 def comparison_rows(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
     rows = []
     for c in comparisons:
@@ -95,6 +102,7 @@ def comparison_rows(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
                 "ci95_low": _f(c.mean_ci[0], 4),
                 "ci95_high": _f(c.mean_ci[1], 4),
                 "p_value": _p(c.mean_p),
+                "p_holm": "",
             }
         )
         for name, test in c.per_label.items():
@@ -107,6 +115,7 @@ def comparison_rows(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
                     "ci95_low": _f(test.ci_low, 4) if test else "",
                     "ci95_high": _f(test.ci_high, 4) if test else "",
                     "p_value": _p(test.p_value) if test else "",
+                    "p_holm": _p(c.per_label_holm[name]) if test else "",
                 }
             )
     return rows
@@ -162,17 +171,17 @@ def markdown(
     lines += ["", "## Against the vision-only baseline (same test set)", ""]
     if comparisons:
         lines += [
-            "| run | baseline | mean AUROC difference (95% CI) | p (patient bootstrap) | labels better / worse at p<0.05 (DeLong) |",
-            "| --- | --- | --- | --- | --- |",
+            "| run | baseline | mean AUROC difference (95% CI) | p (patient bootstrap) "
+            "| labels better / worse at p<0.05 (DeLong) | the same, Holm-adjusted over the labels |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for c in comparisons:
-            better = sum(1 for t in c.per_label.values() if t and t.p_value < 0.05 and t.difference > 0)
-            worse = sum(1 for t in c.per_label.values() if t and t.p_value < 0.05 and t.difference < 0)
+            raw = {name: t.p_value if t else None for name, t in c.per_label.items()}
             lines.append(
                 f"| {c.run} | {c.baseline} | {_f(c.mean_difference)} ({_f(c.mean_ci[0])} to {_f(c.mean_ci[1])}) "
-                f"| {_p(c.mean_p)} | {better} / {worse} |"
+                f"| {_p(c.mean_p)} | {_better_worse(c, raw)} | {_better_worse(c, c.per_label_holm)} |"
             )
-        lines += ["", "Per-label differences, CIs and DeLong p-values: comparisons.csv."]
+        lines += ["", "Per-label differences, CIs, DeLong p-values and Holm-adjusted ones: comparisons.csv."]
     else:
         lines.append("No multimodal run shares its test set with a vision-only run.")
     lines += [f"- {note}" for note in notes]
