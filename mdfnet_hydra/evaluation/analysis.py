@@ -177,9 +177,9 @@ def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> 
             if n_bootstrap > 0:
                 differences = paired_differences(result, baseline, mine, theirs, n_bootstrap, seed)
                 ci, p = percentile_ci(differences), bootstrap_p_value(differences)
-        tested = [name for name, test in per_label.items() if test is not None and test.p_value == test.p_value]
-        adjusted = dict(zip(tested, holm([per_label[name].p_value for name in tested])))
-        holm_p = {name: adjusted.get(name) for name in per_label}
+        tested = [name for name, test in per_label.items() if test is not None]
+        adjusted = dict(zip(tested, holm([per_label[name].p_value for name in tested])))  # NaN p: not counted
+        holm_p = {name: None for name in per_label} | {name: p for name, p in adjusted.items() if p == p}
         comparisons.append(Comparison(result.run.name, baseline.run.name, per_label, holm_p, mean_diff, ci, p))
         if few:
             notes.append(

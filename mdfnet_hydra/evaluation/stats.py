@@ -188,9 +188,9 @@ def delong_test(
 
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment of a family of p-values (NaN ones, untested, stay NaN and are not
-    counted): the i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j)). A label
-    is then better or worse at adjusted p < 0.05 with at most a 5% chance of any false call among the
-    family's labels, which 14 unadjusted tests at 0.05 do not keep (up to 51% when all are null)."""
+    counted): the i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j)). Calling
+    labels different at adjusted p < 0.05 then makes any false call with a chance of at most 5% (given
+    valid p-values), where 14 unadjusted tests at 0.05 make one in 51% of null families (independent)."""
     values = np.asarray(p_values, dtype=np.float64)
     tested = np.flatnonzero(~np.isnan(values))
     order = tested[np.argsort(values[tested], kind="stable")]

@@ -172,7 +172,7 @@ def markdown(
     if comparisons:
         lines += [
             "| run | baseline | mean AUROC difference (95% CI) | p (patient bootstrap) "
-            "| labels better / worse at p<0.05 (DeLong) | the same, Holm-adjusted over the labels |",
+            "| labels better / worse at p<0.05 (DeLong) | the same, Holm-adjusted over the tested labels |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
         for c in comparisons:
