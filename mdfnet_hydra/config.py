@@ -362,6 +362,11 @@ class TrainerConfig:
     # If set, the batch per optimizer micro-step over all devices: per-device = global / world size.
     global_batch_size: Optional[int] = None
     grad_accum: int = 2
+    # how a window's gradients add up (step.py): true sums them outside autograd, one multi-tensor add
+    # per micro-batch instead of an add per parameter tensor (the same numbers; one more copy of the
+    # gradients at a backward's peak); false, autograd's accumulation into .grad (under CUDA graphs
+    # the step sums outside autograd either way)
+    grad_accum_foreach: bool = True
     # Data parallelism (launch.py): workers per node, nodes, rendezvous, restarts, process-group backend
     nproc_per_node: int = 1
     nnodes: int = 1

@@ -41,6 +41,7 @@ OUTCOME_IRRELEVANT = (
     "trainer.compile",
     "trainer.compile_mode",
     "trainer.compile_loss",
+    "trainer.grad_accum_foreach",  # the same sums, added in another way
     # how the text encoder runs (config.TEXT_RUNTIME_KEYS): masked padding, the attention kernel
     "model.text.length_buckets",
     "model.text.attention",

@@ -9,11 +9,18 @@ otherwise the model alone. Around a DDP module torch runs DDP's own forward (its
 eagerly between the graphs, so there the loss compiles as a graph of its own after the model's.
 
 Within an accumulation window only the last backward all-reduces gradients (DDP's `no_sync`).
-Under CUDA graphs (`own_grads`) a window's gradients are copied out of the graphs' memory pool
-before the next micro-batch, each the first time it appears: the gradient tensors a backward hands
-over live in that pool and the next replay overwrites them (torch's CUDA graph trees then raise
-"accessing tensor output of CUDAGraphs that has been overwritten", pytorch/pytorch#169545); later
-backwards of the window add into the copies in place. The
+With `trainer.grad_accum_foreach` (default true) the window's gradients are summed outside autograd
+(`GradientSums`): each backward starts from no gradients, so autograd hands its new gradients over
+without a kernel, and the step adds them to the window's sums in one multi-tensor add, where
+autograd's own accumulation into `.grad` launches an add per parameter tensor (about 150 for the
+default model, twice that at real size: more launches than the whole compiled step). The sums are
+the same numbers (the same additions in the same order). It holds the window's sums beside a
+backward's new gradients, one more copy of the gradients at the peak; `false` keeps autograd's.
+Under CUDA graphs (`own_grads`) the sums always live outside autograd, in buffers of the step's own:
+the gradients a backward hands over live in the graphs' memory pool and the next replay overwrites
+them (torch's CUDA graph trees then raise "accessing tensor output of CUDAGraphs that has been
+overwritten", pytorch/pytorch#169545), so the window's first are copied out with one multi-tensor
+copy. The 1 / accumulation scaling of each micro-batch's loss is part of the compiled graph. The
 step reads nothing back to the host: the gradient norm is computed only when clipping or asked
 for (a logging step), and stays a device tensor.
 """
@@ -46,24 +53,78 @@ class StepResult:
 
 
 class ForwardLoss(torch.nn.Module):
-    """A micro-batch's forward under the run's autocast and its loss in fp32, as one module: what
-    compiles as one graph under `trainer.compile_loss`."""
+    """A micro-batch's forward under the run's autocast, its loss in fp32 and the share of it the
+    backward differentiates (1 / accumulation), as one module: what compiles as one graph under
+    `trainer.compile_loss`."""
 
-    def __init__(self, forward: Callable[[dict], torch.Tensor], loss_fn, runtime) -> None:
+    def __init__(self, forward: Callable[[dict], torch.Tensor], loss_fn, runtime, accumulation: int = 1) -> None:
         super().__init__()
         self.model = forward  # the model, its DDP wrapper, or the compiled model
         self.loss_fn = loss_fn
         self.runtime = runtime
+        self.accumulation = accumulation
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> LossTerms:
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[LossTerms, torch.Tensor]:
         with self.runtime.autocast():
             logits = self.model(batch)
-        return self.loss_fn(logits, batch["targets"], batch["mask"])
+        terms = self.loss_fn(logits, batch["targets"], batch["mask"])
+        return terms, terms.total / self.accumulation if self.accumulation > 1 else terms.total
+
+
+class GradientSums:
+    """An accumulation window's gradients, summed outside autograd: after each backward but the
+    window's last, the new gradients are added to the sums in one multi-tensor add (the window's
+    first are taken as they are, or copied into the step's own buffers with `copy`: under CUDA graphs)
+    and the parameters' `.grad` cleared, so the next backward hands its gradients over without a
+    kernel. `finish` adds the sums into the last backward's gradients; `restore` puts them back
+    before a backward that must see them (DDP's all-reducing one)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], copy: bool) -> None:
+        self.params = params
+        self.copy = copy
+        self.sums: list[Optional[torch.Tensor]] = [None] * len(params)
+        self.buffers: list[Optional[torch.Tensor]] = [None] * len(params)  # `copy`'s, kept across windows
+
+    def take(self, first: bool) -> None:
+        """After a backward that does not end the window."""
+        if first:
+            self.sums = [None] * len(self.params)
+        grads = [p.grad for p in self.params]
+        adds = [i for i, (g, s) in enumerate(zip(grads, self.sums)) if g is not None and s is not None]
+        if adds:
+            torch._foreach_add_([self.sums[i] for i in adds], [grads[i] for i in adds])
+        new = [i for i, (g, s) in enumerate(zip(grads, self.sums)) if g is not None and s is None]
+        if new and self.copy:
+            for i in new:
+                if self.buffers[i] is None or self.buffers[i].shape != grads[i].shape:
+                    self.buffers[i] = torch.empty_like(grads[i])
+            torch._foreach_copy_([self.buffers[i] for i in new], [grads[i] for i in new])
+        for i in new:
+            self.sums[i] = self.buffers[i] if self.copy else grads[i]
+        for p in self.params:
+            p.grad = None
+
+    def finish(self) -> None:
+        """After the window's last backward: `.grad` holds the window's total."""
+        pairs = [(p.grad, s) for p, s in zip(self.params, self.sums) if p.grad is not None and s is not None]
+        if pairs:
+            torch._foreach_add_([g for g, _ in pairs], [s for _, s in pairs])
+        for p, s in zip(self.params, self.sums):
+            if p.grad is None and s is not None:
+                p.grad = s
+        self.sums = [None] * len(self.params)
+
+    def restore(self) -> None:
+        """Before the window's last backward when it must add into the sums itself (DDP all-reduces
+        `.grad` as that backward leaves it)."""
+        for p, s in zip(self.params, self.sums):
+            p.grad = s
+        self.sums = [None] * len(self.params)
 
 
 def compiled_forward_loss(
-    forward: torch.nn.Module, loss_fn, runtime, plan: Optional["CompilePlan"], with_loss: bool
-) -> Callable[[dict], LossTerms]:
+    forward: torch.nn.Module, loss_fn, runtime, plan: Optional["CompilePlan"], with_loss: bool, accumulation: int = 1
+) -> Callable[[dict], tuple[LossTerms, torch.Tensor]]:
     """The step's forward and loss: eager without a plan; with one, compiled together (`with_loss`)
     or the model compiled alone. Around a DDP module torch breaks the frame at DDP's forward (3
     breaks, its bucketing hooks run eagerly), compiles the module inside it, and the loss after it
@@ -72,12 +133,12 @@ def compiled_forward_loss(
     operators outside the graphs per step than with the loss eager (tests/test_step.py); not yet
     run with NCCL on GPUs."""
     if plan is None:
-        return ForwardLoss(forward, loss_fn, runtime)
+        return ForwardLoss(forward, loss_fn, runtime, accumulation)
     from mdfnet_hydra.compiling import compile_forward
 
     if with_loss:
-        return compile_forward(ForwardLoss(forward, loss_fn, runtime), plan)
-    return ForwardLoss(compile_forward(forward, plan), loss_fn, runtime)
+        return compile_forward(ForwardLoss(forward, loss_fn, runtime, accumulation), plan)
+    return ForwardLoss(compile_forward(forward, plan), loss_fn, runtime, accumulation)
 
 
 class TrainingStep:
@@ -90,39 +151,54 @@ class TrainingStep:
         accumulation: int = 1,
         max_grad_norm: Optional[float] = None,
         scheduler: Any = None,
-        own_grads: bool = False,
+        own_grads: Optional[bool] = None,
         compile_plan: Optional["CompilePlan"] = None,
         compile_loss: bool = True,
+        foreach: bool = True,
     ) -> None:
         self.module = forward  # the model or its DDP wrapper (whose no_sync a window's first batches use)
+        self.accumulation = max(1, int(accumulation))
         # under a compile plan the forward (and the loss, `compile_loss`) compile here
         self.compile_plan = compile_plan
-        self.forward_loss = compiled_forward_loss(forward, loss_fn, runtime, compile_plan, compile_loss)
+        self.forward_loss = compiled_forward_loss(
+            forward, loss_fn, runtime, compile_plan, compile_loss, self.accumulation
+        )
         self.loss_in_graph = isinstance(getattr(self.forward_loss, "_orig_mod", None), ForwardLoss)
         self.optimizer = optimizer
         self.runtime = runtime
-        self.accumulation = max(1, int(accumulation))
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.scheduler = scheduler
         self.scaler = runtime.grad_scaler()  # active for fp16 only
         self.trainable = [p for group in optimizer.param_groups for p in group["params"]]
+        if own_grads is None:  # the gradients live in CUDA graphs' memory where the plan records graphs
+            own_grads = compile_plan is not None and compile_plan.records_graphs_on(runtime.device)
         self.own_grads = bool(own_grads) and self.accumulation > 1  # a one-batch window steps before any replay
-        self._owned: set[int] = set()  # ids of the parameters whose gradient this window already copied
+        # a window's gradients summed outside autograd (`foreach`), always under CUDA graphs
+        self.sums = (
+            GradientSums(self.trainable, copy=self.own_grads)
+            if self.accumulation > 1 and (foreach or self.own_grads)
+            else None
+        )
 
     def __call__(self, batch: dict[str, torch.Tensor], index: int, measure_norm: bool = False) -> StepResult:
         """The `index`-th micro-batch of an epoch (already on the device); `measure_norm`: compute
         the gradient norm even without clipping (the trainer's logging steps)."""
-        syncing = (index + 1) % self.accumulation == 0
+        position = index % self.accumulation
+        syncing = position == self.accumulation - 1
+        distributed = self.runtime.distributed
+        if self.sums is not None and syncing and distributed:
+            self.sums.restore()  # DDP all-reduces what this backward leaves in .grad: the window's total
         # a distributed forward is DDP's: its no_sync must exist
-        with self.module.no_sync() if not syncing and self.runtime.distributed else nullcontext():
+        with self.module.no_sync() if not syncing and distributed else nullcontext():
             with self._compiled(batch):  # where torch compiles and captures: its limits enforced
-                terms = self.forward_loss(batch)
-                objective = terms.total / self.accumulation if self.accumulation > 1 else terms.total
+                terms, objective = self.forward_loss(batch)
                 self.scaler.scale(objective).backward()
         if not syncing:
-            if self.own_grads:
-                self._own_new_grads(first=index % self.accumulation == 0)
+            if self.sums is not None:
+                self.sums.take(first=position == 0)
             return StepResult(terms, False, None)
+        if self.sums is not None and not distributed:
+            self.sums.finish()
         self.scaler.unscale_(self.optimizer)
         grad_norm = None
         if self.max_grad_norm is not None or measure_norm:
@@ -141,13 +217,3 @@ class TrainingStep:
         from mdfnet_hydra.compiling import compiled_step
 
         return compiled_step(self.compile_plan, batch)
-
-    def _own_new_grads(self, first: bool) -> None:
-        """Replace each gradient this window has not copied yet with a copy (the window's first
-        micro-batch starts the record afresh)."""
-        if first:
-            self._owned.clear()
-        for p in self.trainable:
-            if p.grad is not None and id(p) not in self._owned:
-                p.grad = p.grad.clone()
-                self._owned.add(id(p))

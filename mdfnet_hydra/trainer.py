@@ -194,9 +194,9 @@ class PhaseTrainer:
             accumulation=self.accum,
             max_grad_norm=self.trainer_cfg.max_grad_norm,
             scheduler=self.scheduler,
-            own_grads=self.compile_plan is not None and self.compile_plan.records_graphs_on(runtime.device),
             compile_plan=self.compile_plan,
             compile_loss=bool(self.trainer_cfg.compile_loss),
+            foreach=bool(self.trainer_cfg.grad_accum_foreach),
         )
         if self.compile_plan is not None:
             self._log_compile_plan()
@@ -204,7 +204,7 @@ class PhaseTrainer:
         if self.step.own_grads:
             log.info(
                 "%s: CUDA graphs with %d-batch accumulation: each window's first gradients are copied out of "
-                "the graphs' memory, which the next batch's replay overwrites",
+                "the graphs' memory, which the next batch's replay overwrites, and summed outside autograd",
                 self.name,
                 self.accum,
             )
@@ -498,9 +498,10 @@ class PhaseTrainer:
             self.accum,
         )
         log.info(
-            "%s: %s step; data loading %s",
+            "%s: %s step%s; data loading %s",
             self.name,
             describe_optimizer(self.optimizer),
+            self._describe_accumulation(),
             describe_loader(self.loaders["train"]),
         )
         stop = self._report_resumed_epoch()
@@ -546,6 +547,14 @@ class PhaseTrainer:
                 self.state.epoch,
                 patience,
             )
+
+    def _describe_accumulation(self) -> str:
+        """How a window's gradients add up (trainer.grad_accum_foreach), where there are windows."""
+        if self.accum == 1:
+            return ""
+        if self.step.sums is None:
+            return f"; {self.accum} batches' gradients summed by autograd (an add per parameter tensor)"
+        return f"; {self.accum} batches' gradients summed outside autograd (one multi-tensor add per batch)"
 
     def _report_resumed_epoch(self) -> bool:
         """A job stopped after saving an epoch's `last` but before reporting it (SLURM's timeout

@@ -41,39 +41,103 @@ def adamw_step(precision: str = "fp32", **options) -> tuple[torch.nn.Module, Tra
     return model, TrainingStep(model, optimizer, MultiLabelLoss(OmegaConf.structured(LossConfig)), runtime, **options)
 
 
-def trained(accumulation: int, own_grads: bool) -> tuple[torch.nn.Module, list[list[bool]]]:
-    """Two passes over the batches; per micro-batch, whether each gradient after the step is the
-    very tensor autograd left there (seen by a post-accumulate hook)."""
-    model, step = adamw_step(accumulation=accumulation, own_grads=own_grads)
-    seen: dict[torch.nn.Parameter, torch.Tensor] = {}
-    for p in model.parameters():
-        p.register_post_accumulate_grad_hook(lambda p: seen.__setitem__(p, p.grad))
-    same: list[list[bool]] = []
-    for _ in range(2):
+def reference_weights(accumulation: int, passes: int = 2) -> list[torch.Tensor]:
+    """Plain PyTorch gradient accumulation, written out (autograd sums each window's gradients in
+    .grad): the weights the step must reproduce, with clipping at 1.0."""
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss_fn = MultiLabelLoss(OmegaConf.structured(LossConfig))
+    for _ in range(passes):
         for i, batch in enumerate(batches()):
-            result = step(batch, i)
-            if not result.stepped:
-                same.append([p.grad is seen[p] for p in model.parameters()])
-    return model, same
+            (loss_fn(model(batch), batch["targets"], batch["mask"]).total / accumulation).backward()
+            if (i + 1) % accumulation == 0:
+                torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    return [p.detach() for p in model.parameters()]
 
 
 @pytest.mark.parametrize("accumulation", [2, 3])
-def test_gradients_copied_out_for_cuda_graphs_change_no_weight(accumulation):
-    """own_grads (the trainer sets it under CUDA graphs, where the next replay would overwrite the
-    first micro-batch's gradients: verified on an H200, docs/performance.md) replaces each window's
-    first gradients with copies the later backwards add to: the same weights as without, exactly."""
-    plain, plain_same = trained(accumulation, own_grads=False)
-    owned, owned_same = trained(accumulation, own_grads=True)
-    for a, b in zip(plain.parameters(), owned.parameters()):
-        assert torch.equal(a, b)
-    # without: the optimizer would read autograd's own tensors; with: the window's first are copies,
-    # and the later micro-batches of a window accumulate into those copies
-    assert all(all(row) for row in plain_same)
-    first = [row for k, row in enumerate(owned_same) if k % (accumulation - 1) == 0]
-    assert first and not any(any(row) for row in first)
-    later = [row for k, row in enumerate(owned_same) if k % (accumulation - 1) != 0]
-    assert all(all(row) for row in later), "later micro-batches add into the copies, not into new ones"
-    assert len(later) == (accumulation - 2) * len(first)
+@pytest.mark.parametrize("own_grads, foreach", [(False, False), (False, True), (True, True), (True, False)])
+def test_every_way_of_summing_a_window_gives_autograds_weights_exactly(accumulation, own_grads, foreach):
+    """The window's gradients summed outside autograd (`trainer.grad_accum_foreach`; copied into the
+    step's buffers under CUDA graphs, `own_grads`, whatever foreach says) or by autograd: the same
+    additions in the same order, so bit for bit the weights of plain accumulation, over two passes."""
+    model, step = adamw_step(accumulation=accumulation, own_grads=own_grads, foreach=foreach, max_grad_norm=1.0)
+    assert (step.sums is not None) is (foreach or own_grads)
+    for _ in range(2):
+        for i, batch in enumerate(batches()):
+            assert step(batch, i).stepped is ((i + 1) % accumulation == 0)
+    for expected, actual in zip(reference_weights(accumulation), model.parameters()):
+        assert torch.equal(expected, actual)
+
+
+def test_under_cuda_graphs_the_sums_are_the_steps_own_buffers_reused_every_window():
+    """own_grads: what a backward hands over lives in the graphs' memory, which the next replay
+    overwrites: the window's sums are never a tensor autograd handed over, they are the same
+    buffers in every window, and between micro-batches no parameter holds a gradient."""
+    model, step = adamw_step(accumulation=3, own_grads=True)
+    handed: list[torch.Tensor] = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: handed.append(p.grad))
+    buffers = None
+    for i, batch in enumerate(batches()):
+        step(batch, i)
+        if i % 3 == 2:
+            continue
+        assert all(p.grad is None for p in model.parameters())
+        sums = list(step.sums.sums)
+        assert not any(s is h for s in sums for h in handed)
+        buffers = buffers or sums
+        assert all(a is b for a, b in zip(sums, buffers)), "allocated once, reused"
+
+
+def test_the_sums_cost_a_few_operators_per_micro_batch_whatever_the_parameter_count():
+    """torch.profiler's count of operators outside compiled graphs per micro-batch (what the
+    benchmark's profile reports): autograd's accumulation adds one per parameter tensor in every
+    micro-batch after a window's first; the sums add a fixed few however many tensors the model has."""
+    import torch._dynamo
+    from torch.profiler import profile
+
+    from mdfnet_hydra.benchmarks.timing import launches
+
+    def counted(depth: int, foreach: bool) -> float:
+        class Deep(Net):
+            def __init__(self) -> None:
+                super().__init__()
+                self.body = torch.nn.Sequential(
+                    torch.nn.Linear(8, 16), *(torch.nn.Linear(16, 16) for _ in range(depth)), torch.nn.Linear(16, 14)
+                )
+
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = Deep()
+        runtime = Runtime.from_config(OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"precision": "fp32"}))
+        step = TrainingStep(
+            model,
+            torch.optim.SGD(
+                model.parameters(), lr=1e-2, foreach=True
+            ),  # (foreach AdamW reads a step per tensor on a CPU)
+            MultiLabelLoss(OmegaConf.structured(LossConfig)),
+            runtime,
+            accumulation=2,
+            compile_plan=CompilePlan.of("default", [8], backend="aot_eager"),
+            foreach=foreach,
+        )
+        staged = batches(4)
+        for i, batch in enumerate(staged):  # compiled and warm
+            step(batch, i)
+        with profile() as prof:
+            for i, batch in enumerate(staged):
+                step(batch, i)
+        return launches(prof.events(), len(staged))["eager_ops_per_step"]
+
+    shallow, deep = counted(0, True), counted(20, True)
+    assert deep == shallow, (shallow, deep)
+    autograds = counted(20, False)
+    tensors = 2 * 22
+    assert autograds - deep >= tensors / 2 - 2, (autograds, deep)  # an add per tensor every other micro-batch
 
 
 class Branching(Net):
@@ -88,27 +152,35 @@ class Branching(Net):
         return out + self.extra(batch["x"]) if batch.get("extra") else out
 
 
-def test_a_gradient_that_first_appears_later_in_the_window_is_copied_too():
-    model = Branching()
-    runtime = Runtime.from_config(OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"precision": "fp32"}))
-    step = TrainingStep(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        MultiLabelLoss(OmegaConf.structured(LossConfig)),
-        runtime,
-        accumulation=3,
-        own_grads=True,
-    )
-    seen: dict[torch.nn.Parameter, torch.Tensor] = {}
-    for p in model.parameters():
-        p.register_post_accumulate_grad_hook(lambda p: seen.__setitem__(p, p.grad))
-    first, second, last = batches(3)
-    step(first, 0)
-    assert model.extra.weight.grad is None
-    step({**second, "extra": True}, 1)
-    assert model.extra.weight.grad is not None and model.extra.weight.grad is not seen[model.extra.weight]
-    assert model.body[0].weight.grad is seen[model.body[0].weight], "copied once, at the first micro-batch"
-    assert step(last, 2).stepped
+@pytest.mark.parametrize("own_grads", [True, False])
+@pytest.mark.parametrize("extra_at", [0, 1, 2])
+def test_a_part_with_a_gradient_in_some_micro_batches_only_gets_their_sum(own_grads, extra_at):
+    """A part used by one micro-batch of the window (its first, a middle one, or its last) steps on
+    that micro-batch's gradient: the same as autograd's accumulation; the parts every batch uses, too."""
+    window = [dict(b) for b in batches(3)]
+    window[extra_at]["extra"] = True
+    weights = {}
+    for summed in (True, False):
+        torch.manual_seed(0)
+        model = Branching()
+        runtime = Runtime.from_config(OmegaConf.merge(OmegaConf.structured(TrainerConfig), {"precision": "fp32"}))
+        step = TrainingStep(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            MultiLabelLoss(OmegaConf.structured(LossConfig)),
+            runtime,
+            accumulation=3,
+            own_grads=own_grads and summed,
+            foreach=summed,
+        )
+        assert (step.sums is not None) is summed
+        assert [step(b, i).stepped for i, b in enumerate(window)] == [False, False, True]
+        weights[summed] = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(0)
+    untrained = Branching()
+    assert not torch.equal(weights[False][-1], untrained.extra.bias), "the extra part trained"
+    for a, b in zip(weights[True], weights[False]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("device, records", [("cuda", True), ("cpu", False)])

@@ -48,8 +48,7 @@ def _ddp_worker(
             cfg.trainer,
             setup.compile_plan(),
         )
-        loader = iter(setup.loader())
-        staged = [next(loader) for _ in range(4)]
+        staged = setup.batches(4)
         counter = iter(range(10**9))
         result = measure(
             f"ddp/{world} rank {rank}", lambda: step(staged[next(counter) % 4]), runtime.device, steps, warmup

@@ -37,7 +37,15 @@ from mdfnet_hydra.benchmarks.memory import estimate_step_memory
 from mdfnet_hydra.benchmarks.startup import bench_startup
 from mdfnet_hydra.benchmarks.timing import PeakMemory, cycle, flops_per_sample, measure, peak_tflops
 from mdfnet_hydra.benchmarks.tokens import bench_text_tokens
-from mdfnet_hydra.benchmarks.workload import Setup, bench_config, loader_choices, optimizer_for, text_length, train_step
+from mdfnet_hydra.benchmarks.workload import (
+    Setup,
+    bench_config,
+    loader_choices,
+    optimizer_for,
+    text_length,
+    train_step,
+    whole_windows,
+)
 from mdfnet_hydra.config import modality_label
 
 log = logging.getLogger(__name__)
@@ -130,12 +138,11 @@ def bench_stage2(setup: Setup, steps: int, warmup: int, flops: bool, estimate_me
     model = setup.model(frozen=False)
     step = train_step(model, optimizer_for(model, cfg, "stage2", rt), loss_fn, rt, cfg.trainer, setup.compile_plan())
     batches = min(4, len(setup.train) // int(cfg.trainer.batch_size))  # (Setup holds at least one)
-    loader = iter(setup.loader())
-    staged = [{k: v.to(rt.device) for k, v in next(loader).items()} for _ in range(batches)]
+    staged = [{k: v.to(rt.device) for k, v in batch.items()} for batch in setup.batches(batches)]
     counter = iter(range(10**9))
     name = "stage2/" + modality_label(setup.modalities)
     if cfg.trainer.compile:  # every staged batch's shape compiles before the timed steps
-        warmup = max(warmup, len(staged))
+        warmup = whole_windows(max(warmup, len(staged)), cfg.trainer.grad_accum)
     result = measure(
         name, lambda: step(staged[next(counter) % len(staged)]), rt.device, steps, warmup, setup.profile_dir
     )
@@ -144,7 +151,7 @@ def bench_stage2(setup: Setup, steps: int, warmup: int, flops: bool, estimate_me
         result["flops_per_sample"] = flops_per_sample(model, staged[0], loss_fn, rt)
         result["achieved_tflops"] = result["flops_per_sample"] * result["samples_per_s"] / 1e12
     if estimate_memory:
-        del model, step, loader  # the trace builds its own model
+        del model, step  # the trace builds its own model
         result["estimated_memory_gb"] = estimate_step_memory(setup, {k: v.cpu() for k, v in staged[0].items()})
     return result
 
@@ -199,11 +206,16 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     work = Path(str(b.work_dir)).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     runtime = Runtime.from_config(cfg.trainer)
+    accumulation = int(cfg.trainer.grad_accum)
+    steps, warmup = whole_windows(b.steps, accumulation), whole_windows(b.warmup, accumulation)
     results: dict[str, Any] = {
         "device": runtime.describe(),
         "size": size_name,
         "batch_size": int(b.batch_size),
-        "steps": int(b.steps),
+        "steps": steps,
+        # micro-batches per optimizer step, as the trainer runs them: `steps` and the warm-up are
+        # whole windows
+        "grad_accum": accumulation,
         "torch": torch.__version__,
         "cpus": runtime.machine.cpus,
         "compile": bool(cfg.trainer.compile),
@@ -230,7 +242,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         if "pipeline" in measure:
             entry["pipeline"] = bench_pipeline(full, int(b.steps), int(b.warmup))
         if measure & {"stage1", "stage1_cached"}:
-            entry.update(bench_stage1(full, int(b.steps), int(b.warmup), recompute="stage1" in measure))
+            entry.update(bench_stage1(full, steps, warmup, recompute="stage1" in measure))
         for modalities in (["vision"], ["text"], ["clinical"], ["vision", "text", "clinical"]):
             key = "stage2/" + modality_label(modalities)
             if key.replace("/", "_") not in measure:
@@ -238,7 +250,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
             every = key == "stage2/all"
             setup = full if every else Setup(run_cfg, modalities, runtime, text_length(b), profile_dir)
             entry[key] = bench_stage2(
-                setup, int(b.steps), int(b.warmup), flops=every, estimate_memory=bool(b.estimate_memory) and every
+                setup, steps, warmup, flops=every, estimate_memory=bool(b.estimate_memory) and every
             )
         if peak and "achieved_tflops" in entry.get("stage2/all", {}):
             entry["stage2/all"]["mfu"] = entry["stage2/all"]["achieved_tflops"] / peak
@@ -246,7 +258,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         results["by_image_size"][str(size)] = entry
     if "ddp" in measure and b.ddp_workers and runtime.device.type == "cpu":
         ddp_cfg = bench_config(cfg, int(sizes[0]))
-        ddp = {str(n): bench_ddp(ddp_cfg, int(n), text_length(b), int(b.steps), int(b.warmup)) for n in b.ddp_workers}
+        ddp = {str(n): bench_ddp(ddp_cfg, int(n), text_length(b), steps, warmup) for n in b.ddp_workers}
         first = str(b.ddp_workers[0])
         results["ddp_cpu"] = {
             **ddp,
@@ -272,7 +284,10 @@ def ratios(entry: dict[str, Any]) -> dict[str, float]:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    lines = [f"mdfnet-hydra benchmark: {results['device']}, {results['size']} encoders, batch {results['batch_size']}"]
+    lines = [
+        f"mdfnet-hydra benchmark: {results['device']}, {results['size']} encoders, batch {results['batch_size']}, "
+        f"{results['grad_accum']} per optimizer step (trainer.grad_accum)"
+    ]
     if results["by_image_size"]:  # the per-size table's header, only above rows (text_tokens alone has none)
         memory = "CUDA max allocated" if results["memory"] == "cuda_max_allocated" else "process resident set"
         lines += [

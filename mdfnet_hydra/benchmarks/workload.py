@@ -128,6 +128,24 @@ class Setup:
             **loader_settings(self.cfg.data, self.runtime, dataset),
         )
 
+    def batches(self, count: int) -> list[dict]:
+        """`count` shuffled training batches collated in this process: the batches a step measurement
+        replays (no loader workers left prefetching and decoding beside the timed steps)."""
+        import itertools
+
+        import torch
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            self.train,
+            batch_size=int(self.cfg.trainer.batch_size),
+            shuffle=True,
+            drop_last=True,
+            collate_fn=self.collate,
+            generator=torch.Generator().manual_seed(int(self.cfg.seed)),
+        )
+        return list(itertools.islice(loader, count))
+
 
 def loader_choices(setup: Setup) -> dict[str, Any]:
     """The DataLoader settings the benchmark's image pipeline runs with (chosen from the machine)."""
@@ -137,12 +155,11 @@ def loader_choices(setup: Setup) -> dict[str, Any]:
 
 
 def train_step(model, optimizer, loss_fn, runtime, trainer_cfg: DictConfig, compile_plan=None) -> Callable[[dict], int]:
-    """The trainer's own step (step.TrainingStep: autocast forward, loss, scaled backward, clipping,
-    the optimizer step; compiled as the trainer compiles it under `compile_plan`) over one batch
-    after another; returns the samples each call took. Every call
-    steps the optimizer (and, under DDP, all-reduces): without `trainer.grad_accum`, whose windows
-    would make odd calls cheaper and carry gradients between measurements; the trainer, stepping once
-    per `grad_accum` batches, is at least as fast per sample."""
+    """The trainer's own step (step.TrainingStep: autocast forward, loss, scaled backward, the
+    window's gradient sums, clipping, the optimizer step; compiled as the trainer compiles it under
+    `compile_plan`) over one batch after another, with the trainer's `trainer.grad_accum`: each call
+    is one micro-batch, and every `grad_accum`-th steps the optimizer (and, under DDP, all-reduces).
+    Returns the samples each call took; measure whole windows (`whole_windows`)."""
     from mdfnet_hydra.step import TrainingStep, to_device
 
     step = TrainingStep(
@@ -150,18 +167,25 @@ def train_step(model, optimizer, loss_fn, runtime, trainer_cfg: DictConfig, comp
         optimizer,
         loss_fn,
         runtime,
-        accumulation=1,
+        accumulation=int(trainer_cfg.grad_accum),
         max_grad_norm=trainer_cfg.max_grad_norm,
         compile_plan=compile_plan,
         compile_loss=bool(trainer_cfg.compile_loss),
+        foreach=bool(trainer_cfg.grad_accum_foreach),
     )
+    calls = iter(range(10**12))
 
     def take(batch: dict) -> int:
         batch = to_device(batch, runtime.device)
-        step(batch, 0)  # accumulation 1: every micro-batch ends its window
+        step(batch, next(calls))
         return int(batch["targets"].shape[0])
 
     return take
+
+
+def whole_windows(calls: int, accumulation: int) -> int:
+    """`calls` micro-batches rounded up to whole accumulation windows (each ends in an optimizer step)."""
+    return -(-int(calls) // max(1, int(accumulation))) * max(1, int(accumulation))
 
 
 def optimizer_for(model, cfg: DictConfig, phase: str, runtime=None):
