@@ -11,7 +11,9 @@ This module imports nothing heavy: the entry point registers the schema before t
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
@@ -754,17 +756,128 @@ def validate_config(cfg: DictConfig) -> None:
         if int(cfg.trainer[key]) < 1:
             problems.append(f"trainer.{key} must be >= 1")
     focal = cfg.loss.focal_weight if cfg.loss.focal_weight is not None else 1.0 - cfg.loss.bce_weight
-    if min(cfg.loss.bce_weight, focal) < 0 or cfg.loss.bce_weight + focal <= 0:
+    if not (math.isfinite(cfg.loss.bce_weight) and math.isfinite(focal)):
+        problems.append(f"loss.bce_weight and loss.focal_weight must be finite, got {cfg.loss.bce_weight}, {focal}")
+    elif min(cfg.loss.bce_weight, focal) < 0 or cfg.loss.bce_weight + focal <= 0:
         problems.append("loss.bce_weight and loss.focal_weight must be >= 0 and not both 0")
     try:
-        parse_duration(cfg.trainer.max_time)
+        seconds = parse_duration(cfg.trainer.max_time)
+        if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+            problems.append(
+                f"trainer.max_time must be a positive duration (or null: no limit), got {cfg.trainer.max_time!r}"
+            )
     except ConfigError as err:
         problems.append(str(err))
+    problems += range_problems(cfg)
     problems += hparams_problems(cfg)
     sweep_problem = multirun_only_problem(cfg)
     if sweep_problem:
         problems.append(sweep_problem)
     refuse(problems)
+
+
+# Ranges the schema's types cannot hold: (key, lowest, highest, whether each bound is allowed, what
+# the value means). A value outside trains nonsense without an error (a negative learning rate or
+# clipping norm is gradient ascent, a focal gamma below 0 weights the easy labels most) or fails
+# deep in torch after the run directory exists; NaN fails every comparison, so it is caught too.
+RANGES: tuple[tuple[str, Optional[float], Optional[float], bool, bool, str], ...] = (
+    ("seed", 0, None, True, True, "random seeds are non-negative"),
+    ("data.small_sample", 1, None, True, True, "samples per split, or null for all"),
+    ("model.clinical.dropout", 0, 1, True, False, "a probability"),
+    ("model.fusion.dropout", 0, 1, True, False, "a probability"),
+    ("model.head.dropout1", 0, 1, True, False, "a probability"),
+    ("model.head.dropout2", 0, 1, True, False, "a probability"),
+    ("model.fusion.dim", 1, None, True, True, "the fused width"),
+    ("model.fusion.heads", 1, None, True, True, "attention heads"),
+    ("model.fusion.layers", 1, None, True, True, "attention layers"),
+    ("model.head.hidden_dim", 1, None, True, True, "the head's width"),
+    ("model.text.max_length", 1, None, True, True, "report tokens"),
+    ("loss.focal_alpha", None, 1, True, True, "the positives' weight; below 0 turns weighting off"),
+    ("loss.focal_gamma", 0, None, True, True, "0 is plain BCE; below 0 would weight the easy labels most"),
+    ("optimizer.weight_decay", 0, None, True, True, "decay towards 0"),
+    ("optimizer.eps", 0, None, False, True, "AdamW's denominator term"),
+    ("optimizer.momentum", 0, None, True, True, "SGD's momentum"),
+    ("scheduler.warmup_start_factor", 0, 1, False, True, "the warmup's first learning rate, as a share of the peak"),
+    ("scheduler.min_lr_ratio", 0, 1, True, True, "the cosine's floor, as a share of the peak"),
+    ("trainer.global_batch_size", 1, None, True, True, "samples per micro-step over all devices, or null"),
+    ("trainer.max_grad_norm", 0, None, False, True, "the clipping norm, or null: no clipping"),
+    ("trainer.limit_train_batches", 1, None, True, True, "batches per epoch, or null for all"),
+    ("trainer.limit_val_batches", 1, None, True, True, "batches per validation, or null for all"),
+    ("trainer.threshold", 0, 1, True, True, "a probability"),
+    ("trainer.node_rank", 0, None, True, True, "this node's index"),
+    ("trainer.max_restarts", 0, None, True, True, "worker restarts"),
+    ("trainer.checkpoint.every_n_epochs", 0, None, True, True, "epochs between periodic checkpoints, 0: none"),
+    ("trainer.checkpoint.keep_last", 0, None, True, True, "periodic checkpoints kept"),
+    ("trainer.checkpoint.num_rare", 1, None, True, True, "labels averaged for best_rare"),
+    *(
+        entry
+        for phase in ("stage1", "stage2")
+        for entry in (
+            (f"phases.{phase}.epochs", 1, None, True, True, "epochs to train"),
+            (f"phases.{phase}.warmup_epochs", 0, None, True, True, "epochs of linear warmup"),
+            (f"phases.{phase}.lr", 0, None, False, True, "the learning rate of the fusion and head"),
+            (f"phases.{phase}.lr_fusion", 0, None, False, True, "the fusion's learning rate, or null: lr"),
+            (f"phases.{phase}.lr_head", 0, None, False, True, "the head's learning rate, or null: lr"),
+            (f"phases.{phase}.lr_encoders", 0, None, True, True, "the encoders' learning rate"),
+            (f"phases.{phase}.early_stopping_patience", 1, None, True, True, "epochs without gain, or null: never"),
+        )
+    ),
+)  # fmt: skip
+
+
+def range_problems(cfg: DictConfig) -> list[str]:
+    """Each numeric option inside its range (RANGES), and the few that depend on one another."""
+    problems = []
+    for key, low, high, low_ok, high_ok, meaning in RANGES:
+        value = OmegaConf.select(cfg, key, default=None)  # (null: the option's documented 'unset')
+        if value is None:
+            continue
+        value = float(value)
+        inside = math.isfinite(value)
+        inside = inside and (low is None or value > low or (low_ok and value == low))
+        inside = inside and (high is None or value < high or (high_ok and value == high))
+        if not inside:
+            problems.append(f"{key} must be {_describe_range(low, high, low_ok, high_ok)} ({meaning}), got {value:g}")
+    betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
+    if betas is not None and (len(betas) != 2 or not all(0 <= float(b) < 1 for b in betas)):
+        problems.append(f"optimizer.betas must be two values within [0, 1), got {list(betas)}")
+    if OmegaConf.select(cfg, "optimizer.nesterov", default=False) and not float(cfg.optimizer.momentum) > 0:
+        problems.append("optimizer.nesterov needs optimizer.momentum > 0")
+    hidden = OmegaConf.select(cfg, "model.clinical.hidden_dims", default=None) or []
+    if any(int(width) < 1 for width in hidden):
+        problems.append(f"model.clinical.hidden_dims must be widths >= 1, got {list(hidden)}")
+    fusion = cfg.model.fusion
+    if int(fusion.dim) >= 1 and int(fusion.heads) >= 1 and int(fusion.dim) % int(fusion.heads):
+        problems.append(f"model.fusion.dim ({fusion.dim}) must be a multiple of model.fusion.heads ({fusion.heads})")
+    for phase in ("stage1", "stage2"):
+        settings = cfg.phases[phase]
+        if not OmegaConf.is_missing(settings, "epochs") and int(settings.warmup_epochs) > int(settings.epochs) >= 1:
+            problems.append(
+                f"phases.{phase}.warmup_epochs ({settings.warmup_epochs}) must be <= phases.{phase}.epochs "
+                f"({settings.epochs}): the learning rate would never reach its peak"
+            )
+    if int(cfg.trainer.nnodes) >= 1 and int(cfg.trainer.node_rank) >= int(cfg.trainer.nnodes):
+        problems.append(f"trainer.node_rank ({cfg.trainer.node_rank}) must be < trainer.nnodes ({cfg.trainer.nnodes})")
+    problems += device_problems("trainer.device", cfg.trainer.device)
+    return problems
+
+
+def _describe_range(low: Optional[float], high: Optional[float], low_ok: bool, high_ok: bool) -> str:
+    if high is None:
+        return f"{'>=' if low_ok else '>'} {low:g}"
+    if low is None:
+        return f"{'<=' if high_ok else '<'} {high:g}"
+    return f"within {'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_problems(key: str, value: Any) -> list[str]:
+    """`auto`, `cpu`, `cuda` or `cuda:<index>`: what the project computes on."""
+    if DEVICE.fullmatch(str(value)):
+        return []
+    return [f"{key} must be auto, cpu, cuda or cuda:<index>, got {value!r}"]
 
 
 def evaluation_problems(options: DictConfig) -> list[str]:
@@ -786,6 +899,9 @@ def evaluation_problems(options: DictConfig) -> list[str]:
             problems.append(f"evaluation.{key} must be >= {low} ({meaning}), got {options[key]}")
     if not 0 < float(options.target_sensitivity) <= 1:
         problems.append(f"evaluation.target_sensitivity must be within (0, 1], got {options.target_sensitivity}")
+    if int(options.seed) < 0:
+        problems.append(f"evaluation.seed must be >= 0 (the bootstrap's seed), got {options.seed}")
+    problems += device_problems("evaluation.device", options.device)
     return problems
 
 

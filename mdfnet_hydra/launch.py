@@ -33,8 +33,17 @@ def run_job(cfg: DictConfig) -> Objective:
     single run fails loudly; a multirun's job records a failure and the sweep goes on. The Hydra
     process is the one that knows whether this is a multirun: it tells the pipeline (and the
     workers it starts) whether to evaluate at the end (a multirun evaluates once, at its end)."""
-    validate_config(cfg)
     multirun = in_multirun()
+    try:
+        validate_config(cfg)
+        refused: Optional[ConfigError] = None
+    except ConfigError as err:
+        if not multirun:
+            raise
+        # this job's own values (a grid's combination, a sampled value) out of range: a failed trial
+        # with its reason, and the sweep goes on (an Optuna sweep validated its shared config before
+        # its study: sweep_study.py)
+        refused = err
     claims = claims_run_directory(cfg)
     holder = claim(cfg) if claims else nullcontext()
     pruning = pruning_target(cfg) if multirun else None
@@ -44,6 +53,8 @@ def run_job(cfg: DictConfig) -> Objective:
     writer = claims or (rank is not None and rank.rank == 0)
 
     def train_here() -> dict:
+        if refused is not None:
+            raise refused
         summary = train(cfg, evaluate_at_end=not multirun, pruning=pruning)
         if pruning is not None and summary.get("pruned") and writer:
             mark_pruned(pruning)  # its files are written (rank 0 wrote them before returning)

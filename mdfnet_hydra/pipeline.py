@@ -38,7 +38,7 @@ from mdfnet_hydra.predictions import file_digest
 from mdfnet_hydra.pruning import PruningTarget
 from mdfnet_hydra.report import format_summary
 from mdfnet_hydra.run_directory import RunDirectoryBusy, RunDirectoryConflict, claim
-from mdfnet_hydra.runtime import Runtime, seed_everything
+from mdfnet_hydra.runtime import Runtime, resolve_device, seed_everything
 from mdfnet_hydra.tracking import attach_log_file, detach_log_file, log_failure
 from mdfnet_hydra.trainer import PhaseTrainer
 
@@ -60,6 +60,8 @@ def run(
     """
     env = worker_env(nproc_per_node=int(cfg.trainer.nproc_per_node))
     runtime = Runtime.from_config(cfg.trainer, env)
+    if evaluate_at_end and cfg.evaluation.on_finish:  # a device the end-of-run evaluation cannot use: now, not then
+        resolve_device(str(cfg.evaluation.device), runtime.machine, key="evaluation.device")
     if runtime.distributed:
         init_process_group(env, runtime.backend)
     package_log = logging.getLogger("mdfnet_hydra")

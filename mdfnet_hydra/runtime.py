@@ -116,13 +116,12 @@ def refuse_gpus_hidden_by_the_launcher(name: str, machine: Machine) -> None:
         )
 
 
-def resolve_device(name: str, machine: Machine) -> tuple[str, torch.device]:
-    """(the device kind choices are made for, the device to compute on) for `trainer.device`."""
+def resolve_device(name: str, machine: Machine, key: str = "trainer.device") -> tuple[str, torch.device]:
+    """(the device kind choices are made for, the device to compute on) for `trainer.device` (or the
+    option `key` names)."""
     target = ("cuda" if machine.cuda else "cpu") if name == "auto" else torch.device(name).type
     if target == "cuda" and not machine.cuda:
-        raise ConfigError(
-            f"trainer.device={name} but the machine has no CUDA ({machine.describe()}); use trainer.device=cpu"
-        )
+        raise ConfigError(f"{key}={name} but the machine has no CUDA ({machine.describe()}); use {key}=cpu")
     device = torch.device(target if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         device = torch.device("cpu")  # a machine MDFNET_MACHINE describes as CUDA: its choices, computed here

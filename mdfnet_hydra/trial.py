@@ -63,12 +63,21 @@ def run_trial(cfg: DictConfig, run_dir: Path, train: Callable[[], dict], is_writ
             )
         return value
     except Exception as err:  # noqa: BLE001 - every failure becomes a failed trial with its reason
-        text = public_message(err).strip()
-        reason = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+        reason = f"{type(err).__name__}: {_first_line(public_message(err))}"
         log.error("job failed: %s", reason)
         _record_failure(failure, reason, public_traceback(err), is_writer)
         _abort_if_too_many_failures(cfg, run_dir.parent, reason)
         return objective_value(cfg, {})
+
+
+def _first_line(text: str) -> str:
+    """A message's first line, with the list of problems a heading ending in ':' introduces (a
+    refused config names each of its problems on a line of its own)."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    if not lines:
+        return ""
+    items = [line[2:] for line in lines[1:] if line.startswith("- ")]
+    return f"{lines[0]} {'; '.join(items)}" if lines[0].endswith(":") and items else lines[0]
 
 
 def _record_failure(path: Path, reason: str, trace: Optional[str], is_writer: bool) -> None:

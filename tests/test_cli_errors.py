@@ -58,6 +58,16 @@ def test_mistakes_found_once_the_job_knows_its_machine_are_one_line_too(tmp_path
     assert no_gpu.stderr.strip().startswith(
         "mdfnet_hydra.train: error: trainer.device=cuda but the machine has no CUDA"
     )
+    # the end-of-run evaluation's device: refused before training, not after it
+    eval_gpu = run_cli(
+        "debug=fast", "modality=clinical", "evaluation.device=cuda", f"paths.root={tmp_path}", *SMALL_DATA
+    )
+    assert eval_gpu.returncode == 1 and "Traceback" not in eval_gpu.stderr, eval_gpu.stderr[-2000:]
+    assert eval_gpu.stderr.strip() == (
+        "mdfnet_hydra.train: error: evaluation.device=cuda but the machine has no CUDA "
+        f"({len(os.sched_getaffinity(0))} CPUs, no CUDA); use evaluation.device=cpu"
+    )
+    assert not list(tmp_path.glob("runs/*/*/stage1")), "refused before stage 1"
     too_big = run_cli(
         "debug=fast",
         "modality=clinical",

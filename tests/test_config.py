@@ -199,3 +199,94 @@ def test_an_optimizer_option_not_built_on_its_schema_is_refused(cfg_factory, tmp
     )
     assert result.returncode == 1
     assert "starts with `defaults: [adamw_schema, _self_]`" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # trains uphill, or not at all, without an error
+        (
+            ["phases.stage1.lr=-1e-3"],
+            "phases.stage1.lr must be > 0 (the learning rate of the fusion and head), got -0.001",
+        ),
+        (["phases.stage2.lr=0"], "phases.stage2.lr must be > 0"),
+        (["phases.stage2.lr_head=-1"], "phases.stage2.lr_head must be > 0"),
+        (["trainer.max_grad_norm=-1"], "trainer.max_grad_norm must be > 0 (the clipping norm, or null: no clipping)"),
+        (["scheduler.min_lr_ratio=-1"], "scheduler.min_lr_ratio must be within [0, 1]"),
+        (["scheduler.warmup_start_factor=0"], "scheduler.warmup_start_factor must be within (0, 1]"),
+        (["loss.focal_alpha=2"], "loss.focal_alpha must be <= 1"),
+        (["loss.focal_gamma=-1"], "loss.focal_gamma must be >= 0"),
+        # NaN fails every comparison
+        (["phases.stage1.lr=nan"], "phases.stage1.lr must be > 0 (the learning rate of the fusion and head), got nan"),
+        (["loss.bce_weight=nan"], "loss.bce_weight and loss.focal_weight must be finite"),
+        (["trainer.threshold=inf"], "trainer.threshold must be within [0, 1]"),
+        # failed in torch after the run directory existed
+        (["model.fusion.dropout=1.5"], "model.fusion.dropout must be within [0, 1) (a probability), got 1.5"),
+        (["model.head.dropout1=-0.1"], "model.head.dropout1 must be within [0, 1)"),
+        (["trainer.threshold=1.5"], "trainer.threshold must be within [0, 1]"),
+        (["optimizer.weight_decay=-1"], "optimizer.weight_decay must be >= 0"),
+        (["optimizer.betas=[1.5,0.999]"], "optimizer.betas must be two values within [0, 1), got [1.5, 0.999]"),
+        (["optimizer=sgd", "optimizer.momentum=-1"], "optimizer.momentum must be >= 0"),
+        (["optimizer=sgd", "optimizer.momentum=0"], "optimizer.nesterov needs optimizer.momentum > 0"),
+        (["model.fusion.heads=3"], "model.fusion.dim (256) must be a multiple of model.fusion.heads (3)"),
+        (["model.fusion.dim=0"], "model.fusion.dim must be >= 1"),
+        (["trainer.global_batch_size=0"], "trainer.global_batch_size must be >= 1"),
+        (["data.small_sample=0"], "data.small_sample must be >= 1"),
+        # trained nothing and exited 0, or 0 meant 'no limit'
+        (["phases.stage1.epochs=0"], "phases.stage1.epochs must be >= 1 (epochs to train), got 0"),
+        (["phases.stage2.early_stopping_patience=0"], "phases.stage2.early_stopping_patience must be >= 1"),
+        (["trainer.max_time=-5"], "trainer.max_time must be a positive duration (or null: no limit), got '-5'"),
+        (["trainer.limit_train_batches=0"], "trainer.limit_train_batches must be >= 1"),
+        (["model.text.max_length=0", "model.text.length_buckets=[]"], "model.text.max_length must be >= 1"),
+        (["phases.stage1.epochs=2", "phases.stage1.warmup_epochs=3"], "phases.stage1.warmup_epochs (3) must be <= "),
+        (["trainer.nnodes=2", "trainer.node_rank=2"], "trainer.node_rank (2) must be < trainer.nnodes (2)"),
+        # a traceback from torch, late
+        (["trainer.device=foo"], "trainer.device must be auto, cpu, cuda or cuda:<index>, got 'foo'"),
+        (["evaluation.device=gpu"], "evaluation.device must be auto, cpu, cuda or cuda:<index>, got 'gpu'"),
+        (["evaluation.seed=-1"], "evaluation.seed must be >= 0 (the bootstrap's seed), got -1"),
+    ],
+)
+def test_values_out_of_range_fail_validation_naming_key_range_and_value(cfg_factory, overrides, message):
+    """Each value a fault probe found training silently (gradient ascent, nothing trained, exit 0) or
+    failing in torch after the job started, refused at start with the key, its range and the value."""
+    with pytest.raises(ConfigError) as refused:
+        validate_config(cfg_factory(*overrides))
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss.focal_alpha=-1"],  # no class weighting
+        ["loss.focal_gamma=0", "loss.focal_alpha=1"],
+        ["phases.stage2.lr_encoders=0"],
+        ["trainer.max_grad_norm=null", "trainer.limit_train_batches=null", "trainer.max_time=null"],
+        ["trainer.checkpoint.every_n_epochs=0", "trainer.checkpoint.keep_last=0"],  # no periodic checkpoints
+        [
+            "trainer.threshold=0",
+            "model.fusion.dropout=0",
+            "scheduler.min_lr_ratio=0",
+            "scheduler.warmup_start_factor=1",
+        ],
+        ["phases.stage1.epochs=3", "phases.stage1.warmup_epochs=3"],
+        ["trainer.device=cuda:1", "evaluation.device=cpu", "trainer.max_time=90m"],
+        ["optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=false"],
+    ],
+)
+def test_the_edges_of_each_range_are_accepted(cfg_factory, overrides):
+    validate_config(cfg_factory(*overrides))
+
+
+def test_every_ranged_key_exists_in_the_schema(cfg_factory):
+    """A key renamed in the schema but not in RANGES would go unchecked without a word."""
+    from omegaconf import OmegaConf
+
+    from mdfnet_hydra.config import RANGES
+
+    cfg = cfg_factory()
+    sgd = cfg_factory("optimizer=sgd")
+    for key, *_ in RANGES:
+        assert (
+            OmegaConf.select(cfg, key, default="absent") != "absent"
+            or OmegaConf.select(sgd, key, default="absent") != "absent"
+        ), key

@@ -120,7 +120,7 @@ def test_grid_records_failed_and_nan_trials_and_goes_on(tmp_path):
     assert len(rows) == 4
     reasons = [r["reason"] for r in rows.values() if r["status"] == "failed"]
     assert sum("non-finite loss" in r for r in reasons) == 1, reasons  # lr 1e20: NaN loss
-    assert sum("divisible by num_heads" in r for r in reasons) == 2, reasons  # 3 heads: exception
+    assert sum("must be a multiple of model.fusion.heads (3)" in r for r in reasons) == 2, reasons  # refused at start
     assert "aborting the sweep" not in result.stdout + result.stderr
 
 
@@ -258,6 +258,8 @@ REFUSED = [
     (("hparams.objective=best",), "hparams.objective must be 'single' (val mean AUROC) or 'multi'"),
     (("loss.focal_gama=interval(1.0,3.0)",), "sweep parameter(s) loss.focal_gama name no key of the config"),
     (("loss.focal_alpha=interval(0.9,0.1)",), "sweep parameter 'loss.focal_alpha=interval(0.9,0.1)': "),
+    # the config every trial shares: no trial would run
+    (("trainer.max_grad_norm=-1",), "trainer.max_grad_norm must be > 0"),
 ]
 
 

@@ -402,7 +402,7 @@ def evaluation_runtime(device: str):
 
     machine = Machine.detect()
     threads = set_compute_threads()
-    target, where = runtime_device(device, machine)
+    target, where = runtime_device(device, machine, key="evaluation.device")
     return Runtime(device=where, precision=Precision.fp32, machine=machine, target=target, threads=threads)
 
 
