@@ -6,6 +6,12 @@ predictions all index labels the same way.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
 CHEXPERT_LABELS: tuple[str, ...] = (
     "No Finding",
     "Enlarged Cardiomediastinum",
@@ -56,6 +62,14 @@ PLAUSIBLE_RANGES: dict[str, tuple[float, float]] = {
     "pain": (0.0, 10.0),
     "acuity": (1.0, 5.0),
 }
+
+
+def implausible(name: str, values: np.ndarray | pd.Series) -> np.ndarray | pd.Series:
+    """Where a feature's values lie outside PLAUSIBLE_RANGES (NaN is missing, not implausible); numpy
+    arrays and pandas Series alike. Training turns these into missing values, and the preparation
+    report counts them as missing."""
+    low, high = PLAUSIBLE_RANGES[name]
+    return (values < low) | (values > high)
 
 
 def tag_name(label: str) -> str:

@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from conftest import run_cli
 from mdfnet_hydra.config import ConfigError, DataConfig
 from mdfnet_hydra.data import dataset as dataset_module
 from mdfnet_hydra.data.clinical import ClinicalNormalizer
@@ -220,3 +221,19 @@ def test_patient_in_two_splits_is_named_with_rows(prepared):
     assert f"patient_id '{patient}'" in message and f"'{patient}'" not in public_message(err.value)
     assert f"{moved_to} rows [{rows[0]}]" in message
     assert f"{stays} rows {[r for r in rows if leak.loc[r, 'split'] == stays]}" in message
+
+
+def test_an_empty_val_split_ends_training_in_one_line(prepared, tmp_path):
+    """A user error like the other manifest errors: one line, not a traceback; the run directory
+    keeps only its records and the log that says why (the job had started), as for a missing manifest."""
+    root, frame = prepared
+    write_raw_manifest(frame.assign(split=frame.split.replace("val", "test")), root)
+    sizes = f"train {(frame.split == 'train').sum()}, val 0, test {(frame.split != 'train').sum()}"
+    message = f"{root / 'manifest.parquet'}: the train and val splits must not be empty (rows: {sizes})"
+    result = run_cli("data=processed", f"data.root={root}", f"paths.root={tmp_path}", "debug=fast")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == f"mdfnet_hydra.train: error: {message}"
+    assert "Traceback" not in result.stderr
+    (run,) = (tmp_path / "runs").glob("*/*")
+    assert {p.name for p in run.iterdir()} == {".hydra", ".mdfnet", "logs"}, "nothing trained or written"
+    assert message in (run / "logs" / "train.log").read_text()

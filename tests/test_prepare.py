@@ -147,6 +147,8 @@ def test_slack_and_dropping_unlinked_studies(tree, tmp_path):
     prepare(make_cfg(tree, tmp_path / "tight", link={"slack_hours": 1}))
     tight = read_manifest(tmp_path / "tight" / "manifest.parquet").set_index("sample_id")
     assert math.isnan(tight.loc["d-pa-4", "heartrate"]), "4 h outside the stay is not linked with 1 h slack"
+    split_csv = tree["cxr_jpg"] / "mimic-cxr-2.0.0-split.csv"  # the val patient has no ED stay: give val another
+    edit_table(split_csv, lambda f: f.replace({"split": {"test": "validate"}}))
     prepare(make_cfg(tree, tmp_path / "linked", link={"keep_unlinked": False}))
     linked = read_manifest(tmp_path / "linked" / "manifest.parquet")
     assert set(linked.sample_id) == {"d-pa-1", "d-pa-4", "d-pa-7"}
@@ -298,16 +300,16 @@ def test_cxr_without_its_image_folder_fails(tree, tmp_path):
 
 
 def test_partial_images_fail_unless_the_check_is_lowered(tree, tmp_path):
-    for dicom, subject, study in (
+    for dicom, subject, study in (  # one train and the val study keep their image
         ("d-pa-1", 10000032, 50414267),
         ("d-ap-2", 10000032, 53189527),
-        ("d-pa-3", 10000764, 57375967),
+        ("d-pa-4", 10000898, 50771383),
     ):
         (fake_mimic.study_dir(tree["cxr_jpg"], subject, study) / f"{dicom}.jpg").unlink()
     with pytest.raises(PrepareError, match=r"found 2 of 6 chosen images .*fewer than checks.min_images_found=0.5"):
         prepare(make_cfg(tree, tmp_path / "a"))
     prepare(make_cfg(tree, tmp_path / "b", checks={"min_images_found": 0.25}))
-    assert set(read_manifest(tmp_path / "b" / "manifest.parquet").sample_id) == {"d-pa-4", "d-pa-7"}
+    assert set(read_manifest(tmp_path / "b" / "manifest.parquet").sample_id) == {"d-pa-3", "d-pa-7"}
 
 
 def test_ed_and_patients_of_other_patients_fail(tree, tmp_path):
@@ -397,3 +399,177 @@ def test_leaky_report_layouts_end_to_end(tree, tmp_path):
     prepare(make_cfg(tree, tmp_path / "out"))
     m = read_manifest(tmp_path / "out" / "manifest.parquet").set_index("sample_id")
     assert m.loc["d-pa-1", "text"] == "INDICATION: cough CHIEF COMPLAINT: Abd pain, Abdominal distention"
+
+
+# ---------------------------------------------------------------- tables checked before any image work
+
+
+def edit_table(path: Path, edit) -> None:
+    """Rewrite a table through `edit(frame) -> frame`, every cell kept as the text it was."""
+    edit(pd.read_csv(path, dtype=str, keep_default_na=False)).to_csv(path, index=False)
+
+
+def no_image_work(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("images were resized before the tables were checked")
+
+    monkeypatch.setattr("mdfnet_hydra.mimic.build.resize_all", refuse)
+
+
+def repeat_first_row(frame: pd.DataFrame, column: str | None = None, value: str = "") -> pd.DataFrame:
+    """The table with its first row once more at the end (with `column` set to `value`, if given)."""
+    copy = frame.iloc[[0]].copy()
+    if column is not None:
+        copy[column] = value
+    return pd.concat([frame, copy], ignore_index=True)
+
+
+@pytest.mark.parametrize(
+    "root, table, edit, key, example",
+    [
+        (
+            "cxr_jpg",
+            "mimic-cxr-2.0.0-chexpert.csv.gz",
+            lambda f: repeat_first_row(f, "Edema", "1.0"),  # the same study, a conflicting label
+            "subject_id/study_id",
+            "subject_id 10000032, study_id 50414267",
+        ),
+        ("cxr_jpg", "mimic-cxr-2.0.0-metadata.csv.gz", repeat_first_row, "dicom_id", "dicom_id d-pa-1"),
+        ("cxr_jpg", "mimic-cxr-2.0.0-split.csv", repeat_first_row, "dicom_id", "dicom_id d-pa-1"),
+        ("hosp", "hosp/patients.csv.gz", repeat_first_row, "subject_id", "subject_id 10000032"),
+        ("ed", "ed/triage.csv.gz", repeat_first_row, "stay_id", "stay_id 30000001"),
+        ("ed", "ed/edstays.csv.gz", repeat_first_row, "stay_id", "stay_id 30000001"),
+    ],
+)
+def test_repeated_keys_are_refused_before_any_image_naming_file_and_rows(
+    tree, tmp_path, monkeypatch, root, table, edit, key, example
+):
+    path = tree[root] / table
+    rows = len(pd.read_csv(path))
+    edit_table(path, edit)
+    no_image_work(monkeypatch)
+    with pytest.raises(
+        PrepareError,
+        match=rf"^{path}: 1 {key} value\(s\) appear in more than one row \(rows 2, {rows + 2} \({example}\)\); "
+        r"the table must hold one row per",
+    ):
+        prepare(make_cfg(tree, tmp_path / "out"))
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
+
+
+@pytest.mark.parametrize(
+    "table, row, column, value, message",
+    [
+        (
+            "hosp/patients.csv.gz",
+            1,
+            "anchor_age",
+            "unknown",
+            r"row 3: column 'anchor_age' holds 'unknown', not a number",
+        ),
+        ("hosp/patients.csv.gz", 0, "anchor_year", "2180a", r"row 2: column 'anchor_year' holds '2180a', not a number"),
+        (
+            "mimic-cxr-2.0.0-metadata.csv.gz",
+            0,
+            "subject_id",
+            "p10000032",
+            r"row 2: column 'subject_id' holds 'p10000032'; an id must be digits",
+        ),
+        (
+            "mimic-cxr-2.0.0-metadata.csv.gz",
+            0,
+            "StudyTime",
+            "",
+            r"row 2: StudyDate 21800506 / StudyTime nan unreadable",
+        ),
+        (
+            "mimic-cxr-2.0.0-chexpert.csv.gz",
+            2,
+            "study_id",
+            "",
+            r"row 4: column 'study_id' holds ''; an id must be digits",
+        ),
+        ("ed/edstays.csv.gz", 0, "intime", "soon", r"row 2: column 'intime' holds 'soon', not a date and time"),
+        ("ed/triage.csv.gz", 3, "stay_id", "3e7", r"row 5: column 'stay_id' holds '3e7'; an id must be digits"),
+    ],
+)
+def test_unreadable_values_name_file_and_row(tree, tmp_path, monkeypatch, table, row, column, value, message):
+    path = next(p for p in (tree["cxr_jpg"] / table, tree["ed"] / table, tree["hosp"] / table) if p.is_file())
+
+    def damage(frame: pd.DataFrame) -> pd.DataFrame:
+        frame.loc[row, column] = value
+        return frame
+
+    edit_table(path, damage)
+    no_image_work(monkeypatch)
+    with pytest.raises(PrepareError, match=rf"^{path}: {message}"):
+        prepare(make_cfg(tree, tmp_path / "out"))
+
+
+def test_empty_table_is_one_line_through_the_entry_point(tree, tmp_path):
+    import subprocess
+    import sys
+
+    path = tree["cxr_jpg"] / "mimic-cxr-2.0.0-chexpert.csv.gz"
+    with gzip.open(path, "wb"):
+        pass  # a valid gzip of nothing
+    args = [f"mimic.{k}={v}" for k, v in tree.items()] + [f"output_dir={tmp_path / 'out'}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "mdfnet_hydra.prepare", *args], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"mdfnet_hydra.prepare: error: {path}: is empty (not even a header row); download it again."
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_an_empty_train_or_val_split_is_refused(tree, tmp_path):
+    split_csv = tree["cxr_jpg"] / "mimic-cxr-2.0.0-split.csv"
+    original = split_csv.read_text()
+    split_csv.write_text(original.replace(",validate", ",train"))
+    with pytest.raises(
+        PrepareError,
+        match=rf"^with the split, the splits hold train 5, val 0, test 1 studies; training needs studies in both "
+        rf"train and val. The split comes from the split table {split_csv}: check its split column",
+    ):
+        prepare(make_cfg(tree, tmp_path / "a"))
+    assert not (tmp_path / "a" / "manifest.parquet").exists()
+    split_csv.write_text(original)  # val holds one study, whose image is now missing
+    (fake_mimic.study_dir(tree["cxr_jpg"], 10000764, 57375967) / "d-pa-3.jpg").unlink()
+    with pytest.raises(
+        PrepareError,
+        match=r"^after leaving out studies without a readable image \(or an ED stay\), the splits hold train 3, val 0, "
+        r"test 1 studies",
+    ):
+        prepare(make_cfg(tree, tmp_path / "b"))
+    assert not (tmp_path / "b" / "manifest.parquet").exists()
+    with pytest.raises(PrepareError, match=r"split.kind=random \(split.seed=0, split.fractions=\[1.0, 0.0, 0.0\]\)"):
+        prepare(make_cfg(tree, tmp_path / "c", split={"kind": "random", "fractions": [1.0, 0.0, 0.0]}))
+
+
+def test_ids_that_step_outside_the_tree_are_refused_before_any_file_is_written(tree, tmp_path):
+    escape = "../" * 5 + "victim"  # images/p10/p10000032/s50414267/<dicom_id>.jpg -> beside output_dir
+    source = fake_mimic.study_dir(tree["cxr_jpg"], 10000032, 50414267) / "d-pa-1.jpg"
+    shutil.copy(source, (source.parent / f"{escape}.jpg").resolve())  # what the escaping id would read
+    victim = tmp_path / "victim.jpg"
+    victim.write_bytes(b"not to be overwritten")
+    for table in ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-split.csv"):
+        edit_table(tree["cxr_jpg"] / table, lambda f: f.replace({"dicom_id": {"d-pa-1": escape}}))
+    out = tmp_path / "out"
+    with pytest.raises(
+        PrepareError, match=r"metadata.csv.gz: row 2: column 'dicom_id' holds '(\.\./){5}victim'; an id must be"
+    ):
+        prepare(make_cfg(tree, out))
+    assert victim.read_bytes() == b"not to be overwritten"
+    assert not (out / "images").exists() or not any((out / "images").rglob("*"))
+
+
+def test_implausible_triage_values_count_as_missing_in_the_report(prepared):
+    out, m, report = prepared
+    assert m.loc["d-pa-7", "temperature"] == 986.0  # kept as recorded; training reads it as missing
+    train_studies = 3  # d-pa-1 (98.4), d-ap-2 (no ED stay), d-pa-7 (986)
+    assert report["clinical_missingness"]["train"]["temperature"] == round(2 / train_studies, 4)
+    assert report["implausible_values"]["temperature"] == 1 and report["implausible_values"]["heartrate"] == 0
+    markdown = (out / "prepare_report.md").read_text()
+    assert "implausible values (outside labels.PLAUSIBLE_RANGES): temperature 1" in markdown

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mdfnet_hydra.labels import CLINICAL_FEATURES, PLAUSIBLE_RANGES
+from mdfnet_hydra.labels import CLINICAL_FEATURES, implausible
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,7 @@ def raw_clinical(frame: pd.DataFrame) -> np.ndarray:
             values = frame["sex"].map({"M": 1.0, "F": 0.0}).astype(np.float64).to_numpy()
         else:
             values = pd.to_numeric(frame[name], errors="coerce").astype(np.float64).to_numpy()
-        low, high = PLAUSIBLE_RANGES[name]
-        values = np.where((values < low) | (values > high), np.nan, values)
+        values = np.where(implausible(name, values), np.nan, values)
         columns.append(values)
     return np.stack(columns, axis=1)
 

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from mdfnet_hydra.config import ConfigError, DataConfig
 from mdfnet_hydra.data import cache_store
-from mdfnet_hydra.data.manifest import SPLITS, label_matrix, read_manifest
+from mdfnet_hydra.data.manifest import SPLITS, ManifestError, label_matrix, read_manifest
 from mdfnet_hydra.data.synthetic import ensure_synthetic
 from mdfnet_hydra.data.targets import encode_targets
 from mdfnet_hydra.data.token_cache import TokenIds
@@ -85,7 +85,8 @@ def load_splits(data: DataConfig, seed: int) -> tuple[Path, dict[str, SplitData]
         targets, mask = encode_targets(raw, data.labels.uncertain, data.labels.blank)
         splits[name] = SplitData(name, part, targets, mask, raw)
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
-        raise ValueError(f"{root / data.manifest}: the train and val splits must not be empty")
+        sizes = ", ".join(f"{name} {len(split)}" for name, split in splits.items())
+        raise ManifestError(f"{root / data.manifest}: the train and val splits must not be empty (rows: {sizes})")
     return root, splits
 
 

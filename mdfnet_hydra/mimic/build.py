@@ -6,9 +6,11 @@ Finished images made with the same settings are reused, so a re-run after an int
 what is left.
 
 Wrong input never yields a dataset: every input table and folder is located before any is read (one
-error names all that are missing), rows with the wrong number of fields stop the run, and a source
-that yields fewer than `checks.*` of what it must hold (reports, images, patients, ED stays) stops
-it with the path and what was expected there.
+error names all that are missing), rows with the wrong number of fields stop the run, every table's
+ids, keys and values are checked as it is read (before any report or image is touched: an id names
+the files read and written), a dataset without train or val studies is refused, and a source that
+yields fewer than `checks.*` of what it must hold (reports, images, patients, ED stays) stops it with
+the path and what was expected there.
 """
 
 from __future__ import annotations
@@ -24,10 +26,19 @@ import pandas as pd
 
 from mdfnet_hydra.data.manifest import SPLITS, write_manifest
 from mdfnet_hydra.files import remove_stale_temporaries, write_text
-from mdfnet_hydra.labels import CHEXPERT_LABELS, CLINICAL_FEATURES
+from mdfnet_hydra.labels import CHEXPERT_LABELS, CLINICAL_FEATURES, implausible
 from mdfnet_hydra.mimic.images import STATUSES, resize_all
 from mdfnet_hydra.mimic.reports import KNOWN_SECTIONS, LABEL_SOURCE_SECTIONS, input_text, parse_sections, read_report
-from mdfnet_hydra.mimic.tables import PrepareError, locate_inputs, numeric_column, read_table
+from mdfnet_hydra.mimic.tables import (
+    DICOM_ID,
+    PrepareError,
+    datetime_column,
+    id_column,
+    locate_inputs,
+    numeric_column,
+    read_table,
+    unique_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +85,21 @@ def prepare(cfg) -> dict[str, Any]:
     studies = _frontal_studies(inputs["metadata"], cfg, report)
     studies = _with_labels(inputs["chexpert"], studies, report)
     studies = _with_split(inputs.get("split"), studies, cfg, report)
+    _check_train_and_val(studies, cfg, inputs.get("split"), "with the split")
     studies = _with_ed_stay(studies, inputs["edstays"], inputs["triage"], cfg, report)
     studies = _with_demographics(studies, inputs["patients"], cfg, report)
     studies = _with_text(studies, inputs.get("reports"), cfg, wanted_sections, report)
     studies = _with_images(inputs["images"], out, studies, cfg, report)
 
+    _check_train_and_val(
+        studies, cfg, inputs.get("split"), "after leaving out studies without a readable image (or an ED stay)"
+    )
     manifest = _manifest(studies)
     write_manifest(manifest, out / "manifest.parquet")
     report.step("written to manifest.parquet", studies)
     report.sections["label_prevalence"] = _prevalence(manifest)
     report.sections["clinical_missingness"] = _missingness(manifest)
+    report.sections["implausible_values"] = _implausible(manifest)
     report.sections["split_sizes"] = {s: int((manifest.split == s).sum()) for s in SPLITS}
     write_text(out / "prepare_report.json", json.dumps(report.to_dict(), indent=2))
     markdown = _markdown(report)
@@ -156,9 +172,12 @@ def _check_found(found: int, total: int, option: str, cfg, what: str, expected: 
 
 
 def _frontal_studies(path: Path, cfg, report: Report) -> pd.DataFrame:
-    meta = read_table(
-        path, ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime"], dtype={"dicom_id": str}
-    )
+    ids = {"dicom_id": str, "subject_id": str, "study_id": str}
+    meta = read_table(path, [*ids, "ViewPosition", "StudyDate", "StudyTime"], dtype=ids)
+    meta["dicom_id"] = id_column(meta, "dicom_id", path, DICOM_ID)
+    for column in ("subject_id", "study_id"):
+        meta[column] = id_column(meta, column, path)
+    unique_key(meta, ["dicom_id"], path, "image")
     report.step("metadata: images", meta, "images")
     report.sections["views"] = {str(k): int(v) for k, v in meta["ViewPosition"].fillna("(none)").value_counts().items()}
     preference = {view.upper(): rank for rank, view in enumerate(cfg.views)}
@@ -185,12 +204,17 @@ def _study_time(date: Any, time: Any, path: Path, row: int) -> pd.Timestamp:
         t = float(time)
     except (TypeError, ValueError) as err:
         raise PrepareError(f"{path}: row {row + 2}: StudyDate {date!r} / StudyTime {time!r} unreadable") from err
+    if not 0 <= t < 240000:  # HHMMSS.fff; an empty StudyTime (NaN) fails this too
+        raise PrepareError(f"{path}: row {row + 2}: StudyDate {date!r} / StudyTime {time!r} unreadable")
     hours, minutes, seconds = int(t // 10000), int(t % 10000 // 100), t % 100
     return day + timedelta(hours=hours, minutes=minutes, seconds=seconds)
 
 
 def _with_labels(path: Path, studies: pd.DataFrame, report: Report) -> pd.DataFrame:
-    labels = read_table(path, ["subject_id", "study_id", *CHEXPERT_LABELS])
+    labels = read_table(path, ["subject_id", "study_id", *CHEXPERT_LABELS], dtype={"subject_id": str, "study_id": str})
+    for column in ("subject_id", "study_id"):
+        labels[column] = id_column(labels, column, path)
+    unique_key(labels, ["subject_id", "study_id"], path, "study")
     for name in CHEXPERT_LABELS:
         values = numeric_column(labels, name, path)
         bad = values.notna() & ~values.isin(LABEL_VALUES)
@@ -215,6 +239,8 @@ def _with_labels(path: Path, studies: pd.DataFrame, report: Report) -> pd.DataFr
 def _with_split(path: Path | None, studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
     if cfg.split.kind == "official":
         split = read_table(path, ["dicom_id", "split"], dtype={"dicom_id": str})
+        split["dicom_id"] = id_column(split, "dicom_id", path, DICOM_ID)
+        unique_key(split, ["dicom_id"], path, "image")
         unknown = ~split["split"].isin(OFFICIAL_SPLIT_NAMES)
         if unknown.any():
             row = int(split.index[unknown][0])
@@ -246,10 +272,35 @@ def _with_split(path: Path | None, studies: pd.DataFrame, cfg, report: Report) -
     return studies
 
 
+def _check_train_and_val(studies: pd.DataFrame, cfg, split_path: Path | None, step: str) -> None:
+    """Training fits on train and selects on val: a dataset without either cannot be trained on, so
+    it is refused here rather than when training starts."""
+    sizes = {name: int((studies["split"] == name).sum()) for name in SPLITS}
+    if sizes["train"] and sizes["val"]:
+        return
+    if cfg.split.kind == "official":
+        source = f"the split table {split_path}: check its split column (train / validate / test)"
+    else:
+        source = (
+            f"split.kind=random (split.seed={cfg.split.seed}, split.fractions={list(cfg.split.fractions)}): "
+            "change the seed or the fractions"
+        )
+    counts = ", ".join(f"{name} {count}" for name, count in sizes.items())
+    raise PrepareError(
+        f"{step}, the splits hold {counts} studies; training needs studies in both train and val. "
+        f"The split comes from {source}."
+    )
+
+
 def _with_ed_stay(studies: pd.DataFrame, stays_path: Path, triage_path: Path, cfg, report: Report) -> pd.DataFrame:
-    stays = read_table(stays_path, ["subject_id", "stay_id", "intime", "outtime"])
+    stays = read_table(
+        stays_path, ["subject_id", "stay_id", "intime", "outtime"], dtype={"subject_id": str, "stay_id": str}
+    )
+    for column in ("subject_id", "stay_id"):
+        stays[column] = id_column(stays, column, stays_path)
+    unique_key(stays, ["stay_id"], stays_path, "ED stay")
     for column in ("intime", "outtime"):
-        stays[column] = pd.to_datetime(stays[column], errors="coerce")
+        stays[column] = datetime_column(stays, column, stays_path)
     slack = pd.Timedelta(hours=float(cfg.link.slack_hours))
     pairs = studies[["study_id", "subject_id", "study_time"]].merge(
         stays[["subject_id", "stay_id", "intime", "outtime", *(["gender"] if "gender" in stays else [])]],
@@ -295,7 +346,9 @@ def _with_ed_stay(studies: pd.DataFrame, stays_path: Path, triage_path: Path, cf
 
 
 def _with_triage(studies: pd.DataFrame, path: Path, report: Report) -> pd.DataFrame:
-    triage = read_table(path, ["stay_id", *VITALS, "pain", "chiefcomplaint"])
+    triage = read_table(path, ["stay_id", *VITALS, "pain", "chiefcomplaint"], dtype={"stay_id": str})
+    triage["stay_id"] = id_column(triage, "stay_id", path)
+    unique_key(triage, ["stay_id"], path, "ED stay")
     for column in VITALS:
         triage[column] = numeric_column(triage, column, path)
     pain = numeric_column(triage, "pain", path, allow_text=True)
@@ -305,7 +358,11 @@ def _with_triage(studies: pd.DataFrame, path: Path, report: Report) -> pd.DataFr
 
 
 def _with_demographics(studies: pd.DataFrame, path: Path, cfg, report: Report) -> pd.DataFrame:
-    patients = read_table(path, ["subject_id", "gender", "anchor_age", "anchor_year"])
+    patients = read_table(path, ["subject_id", "gender", "anchor_age", "anchor_year"], dtype={"subject_id": str})
+    patients["subject_id"] = id_column(patients, "subject_id", path)
+    unique_key(patients, ["subject_id"], path, "patient")
+    for column in ("anchor_age", "anchor_year"):
+        patients[column] = numeric_column(patients, column, path)
     columns = patients[["subject_id", "gender", "anchor_age", "anchor_year"]]
     merged = studies.merge(
         columns.rename(columns={"gender": "patient_gender"}), on="subject_id", how="left", indicator="patient_found"
@@ -450,16 +507,27 @@ def _prevalence(manifest: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
+def _unusable(manifest: pd.DataFrame, name: str) -> pd.Series:
+    """Missing, or implausible (a temperature of 1000 F): what training treats as missing."""
+    values = manifest[name]
+    return values.isna() if name == "sex" else values.isna() | implausible(name, values)
+
+
 def _missingness(manifest: pd.DataFrame) -> dict[str, Any]:
     return {
         split: {
-            name: round(float(manifest.loc[manifest.split == split, name].isna().mean()), 4)
+            name: round(float(_unusable(manifest, name)[manifest.split == split].mean()), 4)
             if (manifest.split == split).any()
             else None
             for name in CLINICAL_FEATURES
         }
         for split in SPLITS
     }
+
+
+def _implausible(manifest: pd.DataFrame) -> dict[str, int]:
+    """Recorded values outside labels.PLAUSIBLE_RANGES per feature (counted as missing above)."""
+    return {name: int(implausible(name, manifest[name]).sum()) for name in CLINICAL_FEATURES if name != "sex"}
 
 
 def _markdown(report: Report) -> str:
@@ -486,7 +554,7 @@ def _markdown(report: Report) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "clinical feature missingness (fraction):",
+        "clinical feature missingness (fraction missing or implausible, as training treats them):",
         "",
         "| feature | " + " | ".join(SPLITS) + " |",
         "| --- |" + " --- |" * len(SPLITS),
@@ -495,6 +563,8 @@ def _markdown(report: Report) -> str:
         lines.append(
             f"| {name} | " + " | ".join(str(report.sections["clinical_missingness"][s][name]) for s in SPLITS) + " |"
         )
+    implausible_counts = ", ".join(f"{k} {v}" for k, v in report.sections["implausible_values"].items() if v)
+    lines += ["", f"implausible values (outside labels.PLAUSIBLE_RANGES): {implausible_counts or 'none'}"]
     for name, rows in report.problems.items():
         lines += ["", f"{name}: {len(rows)} (listed in prepare_report.json)"]
     for warning in report.warnings:
