@@ -880,6 +880,9 @@ def device_problems(key: str, value: Any) -> list[str]:
     return [f"{key} must be auto, cpu, cuda or cuda:<index>, got {value!r}"]
 
 
+MIN_BOOTSTRAP = 100  # fewer resamples: a "95% interval" of a few points, p-values of 1 / n_bootstrap
+
+
 def evaluation_problems(options: DictConfig) -> list[str]:
     """The evaluation options' ranges, checked by a training job at start (it evaluates at its end)
     and by `python -m mdfnet_hydra.evaluate` before it reads a run: a negative bootstrap count or a
@@ -897,6 +900,11 @@ def evaluation_problems(options: DictConfig) -> list[str]:
     ):
         if int(options[key]) < low:
             problems.append(f"evaluation.{key} must be >= {low} ({meaning}), got {options[key]}")
+    if 0 < int(options.n_bootstrap) < MIN_BOOTSTRAP:  # a 95% interval from a handful of resamples is not one
+        problems.append(
+            f"evaluation.n_bootstrap must be 0 (no intervals or p-values) or >= {MIN_BOOTSTRAP} (resamples behind "
+            f"each 95% interval and p-value), got {options.n_bootstrap}"
+        )
     if not 0 < float(options.target_sensitivity) <= 1:
         problems.append(f"evaluation.target_sensitivity must be within (0, 1], got {options.target_sensitivity}")
     if int(options.seed) < 0:

@@ -2,8 +2,11 @@
 output_dir=results/` (config: conf/evaluate.yaml, options in conf/evaluation/default.yaml).
 
 Runs with damaged files are left out (warning, and listed in results.md); if every run found is,
-the command fails with one line listing them (exit status 1), as it does for a missing
-`experiments_dir` and other errors of its input (cli.py)."""
+the command fails with one line listing them (exit status 1), as it does for an `experiments_dir`
+that is missing, empty, not a directory or holds no finished run, and other errors of its input
+(cli.py), leaving no output directory behind. An `output_dir` that is `experiments_dir` or holds it
+is refused while Hydra resolves its directory (resolvers.evaluation_output_dir), before Hydra
+writes its `.hydra/` record there: a training run's own record is never written over."""
 
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ import hydra
 from omegaconf import DictConfig
 
 from mdfnet_hydra.config import EXECUTION_WHITELIST, register_configs
+from mdfnet_hydra.resolvers import register_resolvers
 
 register_configs()
+register_resolvers()
 
 
 @hydra.main(config_path="pkg://mdfnet_hydra.conf", config_name="evaluate", execution_whitelist=EXECUTION_WHITELIST)
@@ -23,9 +28,14 @@ def main(cfg: DictConfig) -> None:
 
     with reported("mdfnet_hydra.evaluate"):
         from mdfnet_hydra.config import evaluation_problems, refuse
-        from mdfnet_hydra.evaluation.report import evaluate
+        from mdfnet_hydra.evaluation import EvaluationInputError, input_problem
 
         refuse(evaluation_problems(cfg.evaluation))
+        problem = input_problem(cfg.experiments_dir, cfg.output_dir)
+        if problem:
+            raise EvaluationInputError(problem)
+        from mdfnet_hydra.evaluation.report import evaluate
+
         logging.getLogger("mdfnet_hydra").setLevel(logging.INFO)
         evaluate(cfg.experiments_dir, cfg.output_dir, cfg.evaluation, cfg.data_root)
 

@@ -15,6 +15,16 @@ def _cell(value: Optional[float]) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
 
 
+def _mean_label(val: dict[str, Any], test: Optional[dict[str, Any]]) -> str:
+    """`mean (14 defined labels)`, with each split's count where the test split defines fewer or
+    more labels than validation: each mean is over its own split's defined labels."""
+    on_val = len(CHEXPERT_LABELS) - len(val["undefined_labels"])
+    on_test = None if test is None else len(CHEXPERT_LABELS) - len(test["undefined_labels"])
+    if on_test is None or on_test == on_val:
+        return f"mean ({on_val} defined labels)"
+    return f"mean ({on_val} val / {on_test} test defined labels)"
+
+
 def format_summary(
     results: dict[str, dict[str, Any]], run_dir: Path, evaluation: Optional[Path] = None, warnings: Sequence[str] = ()
 ) -> str:
@@ -31,28 +41,34 @@ def format_summary(
     final_name = evaluated[-1]
     final = results[final_name]
     val, test = final["val"], final.get("test")
+    mean_label = _mean_label(val, test)
+    width = max(28, len(mean_label))
     lines = [
         *head,
         f"AUROC of {final_name}'s {final['selected_checkpoint']} checkpoint (epoch {final['best_epoch']}):",
-        f"  {'label':<28} {'val':>6} {'test':>6}  val pos/neg",
+        f"  {'label':<{width}} {'val':>6} {'test':>6}  val pos/neg",
     ]
     for name in CHEXPERT_LABELS:
         lines.append(
-            f"  {name:<28} {_cell(val['auroc'][name]):>6} {_cell(test['auroc'][name] if test else None):>6}"
+            f"  {name:<{width}} {_cell(val['auroc'][name]):>6} {_cell(test['auroc'][name] if test else None):>6}"
             f"  {val['positives'][name]}/{val['negatives'][name]}"
         )
-    defined = len(CHEXPERT_LABELS) - len(val["undefined_labels"])
     lines.append(
-        f"  {'mean (' + str(defined) + ' defined labels)':<28} {_cell(val['auroc_mean']):>6} {_cell(test['auroc_mean'] if test else None):>6}"
+        f"  {mean_label:<{width}} {_cell(val['auroc_mean']):>6} {_cell(test['auroc_mean'] if test else None):>6}"
     )
-    lines.append(f"  {'mean AUPRC':<28} {_cell(val['auprc_mean']):>6} {_cell(test['auprc_mean'] if test else None):>6}")
     lines.append(
-        f"  {'macro F1 @ ' + str(val['threshold']):<28} {_cell(val['f1_macro']):>6} {_cell(test['f1_macro'] if test else None):>6}"
+        f"  {'mean AUPRC':<{width}} {_cell(val['auprc_mean']):>6} {_cell(test['auprc_mean'] if test else None):>6}"
     )
-    if val["undefined_labels"]:
-        lines.append(
-            f"  undefined on val (no positives or no negatives), left out of the mean: {', '.join(val['undefined_labels'])}"
-        )
+    lines.append(
+        f"  {'macro F1 @ ' + str(val['threshold']):<{width}} {_cell(val['f1_macro']):>6} "
+        f"{_cell(test['f1_macro'] if test else None):>6}"
+    )
+    for split, result in (("val", val), ("test", test)):
+        if result and result["undefined_labels"]:
+            lines.append(
+                f"  undefined on {split} (no positives or no negatives), left out of the {split} mean: "
+                f"{', '.join(result['undefined_labels'])}"
+            )
     for name, result in results.items():
         if not result.get("val"):
             continue

@@ -14,8 +14,11 @@
   before Hydra creates a directory (a multirun uses hydra.sweep.dir).
 - `${required:<key>}`: the value of a mandatory (`???`) key that names the job's directory
   (prepare's `output_dir`); not given, the job stops with one line saying what to pass.
+- `${evaluation_output_dir:}`: the evaluation's `output_dir`, its Hydra directory; one that is
+  `experiments_dir` or holds it stops the job with one line before Hydra writes `.hydra/` there
+  (it would write over a training run's record).
 
-The last two run while Hydra resolves the job's directory, before the task function and so before
+The last three run while Hydra resolves the job's directory, before the task function and so before
 cli.reported can turn an error into one line: they stop the program themselves (cli.stop_at_start).
 
 The study's budget (trials already in the study, from any process) and the sampler's per-trial
@@ -95,6 +98,20 @@ def required(key: str, _root_: Any) -> str:
     return str(OmegaConf.select(_root_, key))
 
 
+def evaluation_output_dir(_root_: Any) -> str:
+    """`output_dir` of `python -m mdfnet_hydra.evaluate`, refused where it is or holds
+    `experiments_dir` (not given or empty: the task function says so)."""
+    from mdfnet_hydra.evaluation import output_dir_problem
+
+    output_dir = str(OmegaConf.select(_root_, "output_dir"))
+    if not OmegaConf.is_missing(_root_, "experiments_dir"):
+        experiments_dir = OmegaConf.select(_root_, "experiments_dir")
+        problem = output_dir_problem(experiments_dir, output_dir) if str(experiments_dir or "").strip() else None
+        if problem:
+            stop_at_start(problem)
+    return output_dir
+
+
 def register_resolvers() -> None:
     OmegaConf.register_resolver("agreed_now", agreed_now, replace=True, use_cache=True)
     OmegaConf.register_resolver("short_hash", short_hash, replace=True)
@@ -102,4 +119,5 @@ def register_resolvers() -> None:
     OmegaConf.register_resolver("optuna_storage", optuna_storage, replace=True)
     OmegaConf.register_resolver("multirun_only", multirun_only, replace=True)
     OmegaConf.register_resolver("required", required, replace=True)
+    OmegaConf.register_resolver("evaluation_output_dir", evaluation_output_dir, replace=True)
     OmegaConf.register_resolver("job_dir", job_dir, replace=True)  # not cached: one per multirun job

@@ -311,7 +311,7 @@ def test_data_parallel_jobs_inside_a_multirun(tmp_path):
         *SMALL,
         f"paths.root={tmp_path}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        "evaluation.n_bootstrap=50",
+        "evaluation.n_bootstrap=100",
         "evaluation.figures=false",
     )
     assert result.returncode == 0, result.stderr[-4000:]

@@ -289,7 +289,7 @@ def test_the_first_hour_runs_as_the_docs_say(tmp_path):
         "modality=vision_clinical",
         "trainer.checkpoint.every_n_epochs=1",
         "evaluation.saliency_per_label=1",
-        "evaluation.n_bootstrap=50",
+        "evaluation.n_bootstrap=100",
     ]
     run("-m", "mdfnet_hydra.train", "debug=fast", *quick, cwd=tmp_path, env=env)
     (run_dir,) = (tmp_path / "outputs" / "runs").glob("*/*_vision_clinical_two_stage")
@@ -312,7 +312,7 @@ def test_the_first_hour_runs_as_the_docs_say(tmp_path):
         "mdfnet_hydra.evaluate",
         f"experiments_dir={run_dir}",
         f"output_dir={results}",
-        "evaluation.n_bootstrap=50",
+        "evaluation.n_bootstrap=100",
         "evaluation.saliency_per_label=1",
         cwd=tmp_path,
         env=env,

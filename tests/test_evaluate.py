@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 import subprocess
 import sys
 import zlib
@@ -35,8 +37,9 @@ def ground_truth(seed: int = 0):
     return targets, mask, groups
 
 
-def fake_run(root, name, modalities, seed, strength, targets, mask, groups):
-    """A finished stage directory with saved predictions whose digest matches its checkpoint."""
+def fake_run(root, name, modalities, seed, strength, targets, mask, groups, first_id=0):
+    """A finished stage directory with saved predictions whose digest matches its checkpoint (test
+    cases s<first_id>, s<first_id + 1>, ...)."""
     directory = root / name / "stage2"
     (directory / "checkpoints").mkdir(parents=True)
     (directory / "predictions").mkdir()
@@ -62,7 +65,7 @@ def fake_run(root, name, modalities, seed, strength, targets, mask, groups):
             targets=targets,
             mask=mask,
             raw_labels=targets,
-            sample_id=np.array([f"s{i:04d}" for i in range(N)]),
+            sample_id=np.array([f"s{i:04d}" for i in range(first_id, first_id + N)]),
             group=groups,
             label_names=np.array(CHEXPERT_LABELS),
             checkpoint=np.array("best_mean.pth"),
@@ -296,7 +299,7 @@ def test_cli_and_end_of_run_evaluation(tmp_path):
             "mdfnet_hydra.evaluate",
             f"experiments_dir={tmp_path / 'run'}",
             f"output_dir={tmp_path / 'results'}",
-            "evaluation.n_bootstrap=50",
+            "evaluation.n_bootstrap=100",
             "evaluation.figures=false",
         ],
         cwd=REPO,
@@ -307,3 +310,134 @@ def test_cli_and_end_of_run_evaluation(tmp_path):
     assert (tmp_path / "results" / "results_summary.csv").is_file() and not (
         tmp_path / "results" / "roc_curves.png"
     ).exists()
+
+
+# --- what a run is compared with and counted as ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def doubtful(tmp_path_factory):
+    """Runs a careless reading would pair or count: a multimodal run scored against other labels
+    than the vision runs (uncertain findings counted positive, blanks negative, where the vision
+    runs mask them), a vision run copied under a second name, and two seeds of a text run drawn on
+    different test cases (data.small_sample). Evaluated once, without bootstrap or figures."""
+    root = tmp_path_factory.mktemp("doubtful") / "experiments"
+    targets, _, groups = ground_truth(seed=3)
+    holes = (np.random.default_rng(4).random(targets.shape) > 0.2).astype(np.float32)
+    fake_run(root, "vision_s1", ["vision"], 1, 0.5, targets, holes, groups)
+    shutil.copytree(root / "vision_s1", root / "vision_s1_copy")
+    fake_run(root, "vision_s2", ["vision"], 2, 0.5, targets, holes, groups)
+    ones = np.where(holes > 0, targets, 1.0).astype(np.float32)
+    fake_run(root, "all_ones", ["vision", "text", "clinical"], 1, 1.0, ones, np.ones_like(holes), groups)
+    fake_run(root, "text_s1", ["text"], 1, 0.3, targets, holes, groups)
+    fake_run(root, "text_s2", ["text"], 2, 0.3, targets, holes, groups, first_id=N // 2)
+    out = root.parent / "results"
+    options = OmegaConf.merge(
+        OmegaConf.structured(EvaluationConfig), {"n_bootstrap": 0, "figures": False, "saliency_per_label": 0}
+    )
+    evaluate(root, out, options)
+    with (out / "comparisons.csv").open() as handle:
+        comparisons = list(csv.DictReader(handle))
+    markdown = (out / "results.md").read_text()
+    seeds = {
+        cells[0]: cells
+        for cells in (
+            [c.strip() for c in line.strip("|").split("|")] for line in markdown.split("## Seeds")[1].splitlines()
+        )
+        if "/stage2" in cells[0]
+    }
+    return comparisons, markdown, seeds
+
+
+def test_runs_scored_against_other_labels_are_not_compared(doubtful):
+    """Same sample ids, other targets and masks (data.labels.*): the difference of two AUROCs on
+    different labels is not a paired comparison; results.md says why the pair is missing."""
+    comparisons, markdown, _ = doubtful
+    assert comparisons == [], "all_ones is scored on other labels than every vision run"
+    compared = markdown.split("## Against the vision-only baseline")[1].split("## Seeds")[0]
+    (note,) = [line for line in compared.splitlines() if line.startswith("- all_ones/stage2:")]
+    assert note.startswith("- all_ones/stage2: no vision-only run on the same test set to compare with")
+    assert "vision_s1/stage2: same test cases, but other targets or masks on" in note and "data.labels" in note
+
+
+def test_a_copied_run_is_one_seed_not_two(doubtful):
+    """A run directory copied under a second name holds the same checkpoint: counted once."""
+    _, markdown, seeds = doubtful
+    configuration, runs, seed_list, n = seeds["vision/stage2"][:4]
+    assert (runs, seed_list, n) == ("vision_s1/stage2, vision_s2/stage2", "1, 2", "2")
+    assert "- vision_s1_copy/stage2 is a copy of vision_s1/stage2 (the same checkpoint" in markdown
+
+
+def test_seeds_on_different_test_cases_are_marked(doubtful):
+    """data.small_sample draws each seed's test subset: the group is kept, marked, and noted."""
+    _, markdown, seeds = doubtful
+    assert seeds["text/stage2"][3] == "2" and seeds["text/stage2"][6] == "differ (2 sets)"
+    assert seeds["vision/stage2"][6] == "same"
+    assert "- text/stage2: its 2 runs were scored on 2 different sets of test cases" in markdown
+
+
+# --- the command's input --------------------------------------------------------------------------
+
+
+def evaluate_cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "mdfnet_hydra.evaluate", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+@pytest.mark.parametrize("given", ["absent", "a_file", "", "empty_dir"])
+def test_nothing_to_evaluate_is_one_line_and_leaves_no_output_directory(tmp_path, given):
+    (tmp_path / "a_file").write_text("not runs")
+    (tmp_path / "empty_dir" / "stage1").mkdir(parents=True)  # no run in it
+    result = evaluate_cli(f"experiments_dir={given}", cwd=tmp_path)
+    expected = {
+        "absent": f"experiments_dir {tmp_path / 'absent'} does not exist",
+        "a_file": f"experiments_dir {tmp_path / 'a_file'} is not a directory",
+        "": "experiments_dir is empty",
+        "empty_dir": f"no finished runs under {tmp_path / 'empty_dir'}: nothing to evaluate",
+    }[given]
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().startswith(f"mdfnet_hydra.evaluate: error: {expected}"), result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "results").exists(), "no results/ holding only Hydra's record"
+
+
+@pytest.mark.parametrize("output", ["run", "."])
+def test_an_output_dir_that_is_or_holds_the_runs_is_refused_before_hydra_writes_there(tmp_path, output):
+    """A run's own directory (or its parent) as output_dir: every run would be skipped as output,
+    and Hydra would write its .hydra/ over the training run's record. Refused first, nothing written."""
+    run = fake_run(tmp_path, "run", ["vision"], 1, 0.5, *ground_truth()).parent
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- modality=all\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    result = evaluate_cli("experiments_dir=run", f"output_dir={output}", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    what = "is experiments_dir itself" if output == "run" else f"holds experiments_dir {run}"
+    assert result.stderr.strip() == (
+        f"mdfnet_hydra.evaluate: error: output_dir {(tmp_path / output).resolve()} {what}: every run would be "
+        "skipped as part of the output, and Hydra's .hydra/ record there written over; choose another output_dir, "
+        "outside it or a folder of its own inside it"
+    )
+    assert (run / ".hydra" / "overrides.yaml").read_text() == "- modality=all\n"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "nothing written"
+    if output == "run":  # a folder of its own inside the run is fine: skipped as output, the run evaluated
+        inside = evaluate_cli("experiments_dir=run", "output_dir=run/mine", "evaluation.figures=false", cwd=tmp_path)
+        assert inside.returncode == 0, inside.stderr[-2000:]
+        with (run / "mine" / "results_summary.csv").open() as handle:
+            assert [r["run"] for r in csv.DictReader(handle)] == ["stage2"]
+
+
+def test_a_bootstrap_of_a_few_resamples_is_refused(tmp_path):
+    """One resample gives a "95% CI" of a single point and a p-value of 1: 0 (none) or >= 100."""
+    result = evaluate_cli(f"experiments_dir={tmp_path}", "evaluation.n_bootstrap=1", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "mdfnet_hydra.evaluate: error: invalid configuration: evaluation.n_bootstrap must be 0 (no intervals or "
+        "p-values) or >= 100 (resamples behind each 95% interval and p-value), got 1"
+    )
+    assert not (tmp_path / "results").exists()

@@ -235,6 +235,44 @@ def test_every_run_broken_fails_with_one_line(trained, tmp_path):
     assert not marker.exists()
 
 
+def test_stages_that_never_finished_are_listed_as_left_out(tmp_path, caplog):
+    """A job killed mid-stage leaves config.yaml and checkpoints but no metrics.json; a metrics.json
+    may be deleted. Each such stage is left out by name (warning, results.md, results_summary.csv),
+    never dropped silently; a job's own summary (<job>/metrics.json) and Hydra's record are no runs."""
+    rng = np.random.default_rng(0)
+    targets = (rng.random((40, 14)) < 0.4).astype(np.float32)
+    root = tmp_path / "experiments"
+    config = {"seed": 1, "data": {"name": "synthetic"}}
+    for name in ("good", "deleted_metrics"):
+        fake_stage2(root, name, config, targets, np.arange(40) // 2)
+    (root / "deleted_metrics" / "stage2" / "metrics.json").unlink()
+    (root / "good" / "metrics.json").write_text(json.dumps({"objective": 0.5, "stages": {}}))  # the job's summary
+    (root / "good" / ".hydra").mkdir()
+    (root / "good" / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    killed = root / "killed" / "stage1"
+    (killed / "checkpoints").mkdir(parents=True)
+    (killed / "checkpoints" / "last.pth").write_bytes(b"state")
+    OmegaConf.save(OmegaConf.create(config), killed / "config.yaml")
+    first_epoch = root / "killed_in_first_epoch" / "stage1"  # no checkpoint yet
+    first_epoch.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(config), first_epoch / "config.yaml")
+
+    with caplog.at_level(logging.WARNING, logger="mdfnet_hydra"):
+        result = evaluate(root, tmp_path / "results", options())
+    incomplete = {"deleted_metrics/stage2", "killed/stage1", "killed_in_first_epoch/stage1"}
+    assert result["runs"] == 1
+    assert {item["run"] for item in result["left_out"]} == incomplete
+    with (tmp_path / "results" / "results_summary.csv").open() as handle:
+        rows = {r["run"]: r for r in csv.DictReader(handle)}
+    assert set(rows) == {"good/stage2", *incomplete}
+    markdown = (tmp_path / "results" / "results.md").read_text()
+    for name in incomplete:
+        why = f"{name}/metrics.json: incomplete: no metrics.json, training did not finish"
+        assert rows[name]["left_out"].startswith(why) and rows[name]["predictions"] == "left out"
+        assert f"| {name} | {name}/metrics.json | incomplete: no metrics.json, training did not finish" in markdown
+        assert any(name in m and "incomplete" in m for m in caplog.messages), caplog.messages
+
+
 # --- predictions files: atomic writes, no pickle, damage named ---------------------------------
 
 

@@ -352,6 +352,8 @@ def test_a_malformed_machine_description_fails_before_any_work(tmp_path):
         ("evaluation.num_workers=-2", "evaluation.num_workers must be >= 0"),
         # a training job evaluates at its end: the evaluation's options are checked at its start too
         ("evaluation.n_bootstrap=-5", r"evaluation.n_bootstrap must be >= 0 \(0: no intervals"),
+        # one resample: a "95% CI" of one point that can exclude its own estimate
+        ("evaluation.n_bootstrap=1", r"evaluation.n_bootstrap must be 0 \(no intervals or p-values\) or >= 100"),
         ("evaluation.max_curves=0", "evaluation.max_curves must be >= 1"),
         ("evaluation.batch_size=0", "evaluation.batch_size must be >= 1"),
         ("evaluation.saliency_per_label=-1", "evaluation.saliency_per_label must be >= 0"),

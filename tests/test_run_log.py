@@ -106,3 +106,41 @@ def test_a_windows_gradients_sum_to_the_same_weights_either_way(job_root, tmp_pa
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_the_summary_counts_each_splits_defined_labels_when_they_differ():
+    """The test mean is over the test split's defined labels: a label without positives on test
+    but with some on validation makes the counts differ, and the mean's line says both."""
+    import numpy as np
+
+    from mdfnet_hydra.labels import CHEXPERT_LABELS
+    from mdfnet_hydra.metrics import compute_metrics
+    from mdfnet_hydra.report import format_summary
+
+    rng = np.random.default_rng(0)
+    targets = (rng.random((60, 14)) < 0.4).astype(np.float32)
+    probs = rng.random((60, 14)).astype(np.float32)
+    val = compute_metrics(probs, targets, np.ones_like(targets))
+    test_targets = targets.copy()
+    test_targets[:, CHEXPERT_LABELS.index("Fracture")] = 0  # no positive on test
+    test = compute_metrics(probs, test_targets, np.ones_like(targets))
+
+    def summary(test_result):
+        stage = {"val": val, "test": test_result, "selected_checkpoint": "best_mean", "best_epoch": 1}
+        stage.update(epochs_run=1, wall_time_s=1.0)
+        return format_summary({"stage2": stage}, Path("run")).splitlines()
+
+    (line,) = [line for line in summary(test) if line.lstrip().startswith("mean (")]
+    assert line.split() == ["mean", "(14", "val", "/", "13", "test", "defined", "labels)"] + [
+        f"{val['auroc_mean']:.3f}",
+        f"{test['auroc_mean']:.3f}",
+    ]
+    lines = summary(test)
+    table = lines[1 : lines.index(line) + 3]  # the header to macro F1
+    width = len("mean (14 val / 13 test defined labels)")
+    cells = [(row[2 + width + 1 : 2 + width + 7].strip(), row[2 + width + 8 : 2 + width + 14].strip()) for row in table]
+    assert cells[0] == ("val", "test") and cells[-3:][0] == (f"{val['auroc_mean']:.3f}", f"{test['auroc_mean']:.3f}")
+    assert all(re.fullmatch(r"\d\.\d{3}|n/a", cell) for row in cells[1:] for cell in row), "numbers in their columns"
+    assert "  undefined on test (no positives or no negatives), left out of the test mean: Fracture" in lines
+    (same,) = [line for line in summary(val) if line.lstrip().startswith("mean (")]
+    assert same.startswith("  mean (14 defined labels)      "), "as the README shows it"

@@ -419,11 +419,11 @@ def _analysed(name, modalities, preds, n_boot=60, seed=4):
     return analyse(run, preds, preds, "youden", 0.9, n_boot, seed)
 
 
-@pytest.mark.parametrize("same_labels", [True, False])
-def test_a_comparison_is_the_joint_paired_bootstrap_of_both_runs(same_labels):
+@pytest.mark.parametrize("same_seed", [True, False])
+def test_a_comparison_is_the_joint_paired_bootstrap_of_both_runs(same_seed):
     """compare_to_vision's mean-AUROC difference CI and p-value against both runs resampled together
-    on the same cases (the multimodal run's cases in another order). Where the runs' labels differ
-    (another label policy) both are resampled on the multimodal run's labels, as before."""
+    on the same cases (the multimodal run's cases in another order). Where the baseline's own
+    resamples are other draws (another bootstrap seed) both are resampled together instead."""
     from mdfnet_hydra.evaluation.analysis import compare_to_vision
     from mdfnet_hydra.evaluation.runs import aligned
     from mdfnet_hydra.predictions import Predictions
@@ -433,9 +433,8 @@ def test_a_comparison_is_the_joint_paired_bootstrap_of_both_runs(same_labels):
     ids = np.array([f"s{i:04d}" for i in range(len(groups))])
     vision = Predictions(probs_a, targets, mask, ids, groups)
     order = rng.permutation(len(groups))
-    other_targets = targets if same_labels else np.where(rng.random(targets.shape) < 0.1, 1 - targets, targets)
-    full = Predictions(probs_b[order], other_targets[order], mask[order], ids[order], groups[order])
-    results = [_analysed("v", ["vision"], vision), _analysed("a", ["vision", "text"], full)]
+    full = Predictions(probs_b[order], targets[order], mask[order], ids[order], groups[order])
+    results = [_analysed("v", ["vision"], vision, seed=4 if same_seed else 5), _analysed("a", ["vision", "text"], full)]
     (comparison,), _ = compare_to_vision(results, 60, 4)
     mine, theirs = aligned(full, vision)
     joint = bootstrap_mean_auroc([mine.probs, theirs.probs], mine.targets, mine.mask, mine.group, 60, 4)
@@ -443,7 +442,33 @@ def test_a_comparison_is_the_joint_paired_bootstrap_of_both_runs(same_labels):
     np.testing.assert_allclose(comparison.mean_ci, np.percentile(differences, [2.5, 97.5]), atol=1e-12)
     assert comparison.mean_p == pytest.approx(bootstrap_p_value(differences), abs=1e-12)
     reused = results[1].mean_samples - results[0].mean_samples
-    assert np.allclose(reused, differences, atol=1e-12) == same_labels
+    assert np.allclose(reused, differences, atol=1e-12) == same_seed
+
+
+def test_runs_scored_against_other_labels_are_not_compared():
+    """The same cases under another label policy (uncertain findings counted positive, blanks
+    negative, instead of masked): each run's AUROC measures something else, so the pair is not
+    compared and the notes say why; a baseline with the same labels is taken instead."""
+    from mdfnet_hydra.evaluation.analysis import compare_to_vision
+    from mdfnet_hydra.predictions import Predictions
+
+    rng = np.random.default_rng(9)
+    groups, targets, mask, (probs_a, probs_b) = _patient_split(rng, n_patients=80, n_labels=14)
+    ids = np.array([f"s{i:04d}" for i in range(len(groups))])
+    policy_ones = np.where(mask > 0, targets, 1.0)  # every masked entry scored, as a positive
+    full = Predictions(probs_b, targets, mask, ids, groups)
+    other_labels = _analysed("v_ones", ["vision"], Predictions(probs_a, policy_ones, np.ones_like(mask), ids, groups))
+    comparisons, notes = compare_to_vision([other_labels, _analysed("a", ["vision", "text"], full)], 60, 4)
+    assert comparisons == []
+    (note,) = [n for n in notes if "to compare with" in n]
+    assert note.startswith("a: no vision-only run on the same test set to compare with; not comparable: v_ones: ")
+    assert "same test cases, but other targets or masks on" in note and "data.labels" in note
+    same_labels = _analysed("v", ["vision"], Predictions(probs_a, targets, mask, ids, groups))
+    (comparison,), notes = compare_to_vision(
+        [other_labels, same_labels, _analysed("a", ["vision", "text"], full)], 60, 4
+    )
+    assert comparison.baseline == "v"
+    assert any(n.startswith("a: compared with v; not comparable: v_ones: same test cases") for n in notes), notes
 
 
 def test_without_a_defined_resample_the_interval_and_p_value_are_empty_not_an_error():

@@ -173,7 +173,7 @@ def test_baselines_preset_and_summary_rebuild(tmp_path):
         "stage=stage1",
         f"hydra.sweep.dir={tmp_path / 'baselines'}",
         "evaluation.saliency_per_label=0",
-        "evaluation.n_bootstrap=50",
+        "evaluation.n_bootstrap=100",
     )
     sweep_dir = tmp_path / "baselines"
     rows = summary_rows(sweep_dir)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from mdfnet_hydra.evaluation.runs import Run, aligned
+from mdfnet_hydra.evaluation.runs import Run, comparable
 from mdfnet_hydra.evaluation.stats import (
     auroc_ci,
     bootstrap_mean_auroc,
@@ -145,21 +145,23 @@ class Comparison:
 
 
 def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> tuple[list[Comparison], list[str]]:
-    """Each multimodal run against a vision-only run on the same test set (same stage and seed
-    preferred): DeLong per label (clustered by patient), patient-level paired bootstrap for the mean AUROC."""
+    """Each multimodal run against a vision-only run on the same test set, scored against the same
+    targets and masks (same stage and seed preferred): DeLong per label (clustered by patient),
+    patient-level paired bootstrap for the mean AUROC. A baseline passed over for other labels on
+    the same cases is named in the notes."""
     baselines = [r for r in results if r.run.modalities == ["vision"]]
     comparisons, notes = [], []
     for result in results:
         if len(result.run.modalities) < 2:
             continue
-        ranked = sorted(baselines, key=lambda b: (b.run.stage != result.run.stage, b.run.seed != result.run.seed))
-        pair = next(
-            ((b, aligned(result.test, b.test)) for b in ranked if aligned(result.test, b.test) is not None), None
-        )
+        pair, passed_over = _baseline_for(result, baselines)
+        why = f"; not comparable: {'; '.join(passed_over)}" if passed_over else ""
         if pair is None:
-            notes.append(f"{result.run.name}: no vision-only run on the same test set to compare with")
+            notes.append(f"{result.run.name}: no vision-only run on the same test set to compare with{why}")
             continue
-        baseline, (mine, theirs) = pair
+        baseline, mine, theirs = pair
+        if passed_over:
+            notes.append(f"{result.run.name}: compared with {baseline.run.name}{why}")
         per_label, few = {}, []
         for j, name in enumerate(CHEXPERT_LABELS):
             valid = mine.mask[:, j] > 0
@@ -190,6 +192,23 @@ def compare_to_vision(results: list[RunResult], n_bootstrap: int, seed: int) -> 
     return comparisons, notes
 
 
+def _baseline_for(
+    result: RunResult, baselines: list[RunResult]
+) -> tuple[Optional[tuple[RunResult, Predictions, Predictions]], list[str]]:
+    """The first comparable baseline (same stage, then same seed, preferred) with both runs'
+    aligned predictions, and the baselines ranked before it that hold the same cases with other
+    labels ("<run>: why"). Baselines of other test cases are passed over silently: another split."""
+    ranked = sorted(baselines, key=lambda b: (b.run.stage != result.run.stage, b.run.seed != result.run.seed))
+    passed_over = []
+    for baseline in ranked:
+        pair, why = comparable(result.test, baseline.test)
+        if pair is not None:
+            return (baseline, *pair), passed_over
+        if why != "other test cases":
+            passed_over.append(f"{baseline.run.name}: {why}")
+    return None, passed_over
+
+
 def paired_differences(
     result: RunResult, baseline: RunResult, mine: Predictions, theirs: Predictions, n_bootstrap: int, seed: int
 ) -> np.ndarray:
@@ -197,7 +216,8 @@ def paired_differences(
     weighs each case by its patient's draw count, which depends only on the split's patients and the
     seed, not on the run or the order of its cases: where both runs hold the same cases with the same
     patients, labels and masks, each run's own bootstrap (`analyse`, the same seed) is already paired
-    and is reused; otherwise both are resampled together on the first run's labels."""
+    and is reused; otherwise (patients numbered otherwise, another resample count or seed) both are
+    resampled together. The labels are the same: `comparable` pairs no runs with other labels."""
     reusable = (
         result.mean_samples is not None
         and baseline.mean_samples is not None
@@ -214,14 +234,22 @@ def paired_differences(
 def aggregate_seeds(results: list[RunResult]) -> list[dict[str, Any]]:
     """Runs whose configurations differ in the seed alone (`Run.signature`): mean and standard
     deviation of the test mean AUROC. Groups that share a modality and stage are told apart by the
-    config keys in which they differ."""
+    config keys in which they differ. A copy of a run (the same checkpoint digest) is counted once;
+    a group whose runs were scored on different test cases is marked. Each row's `notes` say so."""
     groups: dict[str, list[RunResult]] = {}
     for result in results:
         groups.setdefault(result.run.signature(), []).append(result)
     labels = _group_labels([members[0].run for members in groups.values()])
     rows = []
     for label, members in zip(labels, groups.values()):
+        members, notes = _without_copies(members)
         values = [m.mean_auroc for m in members if m.mean_auroc is not None]
+        case_sets = {frozenset(m.test.sample_id.tolist()) for m in members}
+        if len(case_sets) > 1:
+            notes.append(
+                f"{label}: its {len(members)} runs were scored on {len(case_sets)} different sets of test cases "
+                "(data.small_sample draws each seed's subset): the spread mixes seeds and test cases"
+            )
         rows.append(
             {
                 "configuration": label,
@@ -230,9 +258,31 @@ def aggregate_seeds(results: list[RunResult]) -> list[dict[str, Any]]:
                 "n": len(values),
                 "mean": float(np.mean(values)) if values else None,
                 "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                "test_cases": "same" if len(case_sets) == 1 else f"differ ({len(case_sets)} sets)",
+                "notes": notes,
             }
         )
     return rows
+
+
+def _without_copies(members: list[RunResult]) -> tuple[list[RunResult], list[str]]:
+    """The group's runs with each checkpoint counted once (a run directory copied under another name
+    is not another seed), and a note naming each copy and the run it duplicates."""
+    kept: dict[str, RunResult] = {}
+    unique, notes = [], []
+    for member in members:
+        digest = member.test.checkpoint_sha256
+        original = kept.get(digest) if digest else None
+        if original is not None:
+            notes.append(
+                f"{member.run.name} is a copy of {original.run.name} (the same checkpoint, SHA-256 {digest[:12]}...): "
+                "counted once in its seed group"
+            )
+            continue
+        if digest:
+            kept[digest] = member
+        unique.append(member)
+    return unique, notes
 
 
 def _group_labels(runs: list[Run], shown: int = 3) -> list[str]:

@@ -2,7 +2,9 @@
 
 A run whose files cannot be used is left out with a warning naming the file and the reason, and
 listed in results.md and results_summary.csv; the others are evaluated. If every run found had to be
-left out, `NoRunEvaluatedError` lists them in one line."""
+left out, `NoRunEvaluatedError` lists them in one line; a missing `experiments_dir`, one without
+finished runs, or an `output_dir` that is or holds it raise `EvaluationInputError` before anything
+is written."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+from mdfnet_hydra.evaluation import EvaluationInputError, input_problem, nothing_to_evaluate
 from mdfnet_hydra.evaluation import figures as fig
 from mdfnet_hydra.evaluation.analysis import RunResult, aggregate_seeds, analyse, compare_to_vision
 from mdfnet_hydra.evaluation.runs import (
@@ -38,9 +41,11 @@ log = logging.getLogger(__name__)
 def evaluate(
     experiments_dir: str | Path, output_dir: str | Path, options, data_root: Optional[str] = None
 ) -> dict[str, Any]:
+    problem = input_problem(experiments_dir, output_dir)
+    if problem:
+        raise EvaluationInputError(problem)
     experiments_dir = Path(experiments_dir).expanduser().resolve()
     out = Path(output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = getattr(options.checkpoint, "value", options.checkpoint)
     rule = getattr(options.threshold_rule, "value", options.threshold_rule)
     results: list[RunResult] = []
@@ -66,8 +71,8 @@ def evaluate(
             + "; ".join(item.describe(experiments_dir) for item in left_out)
         )
     if not results:
-        log.warning("no finished runs under %s", experiments_dir)
-        return {"runs": 0, "output_dir": str(out), "left_out": []}
+        raise EvaluationInputError(nothing_to_evaluate(experiments_dir))  # e.g. stages that never finished an epoch
+    out.mkdir(parents=True, exist_ok=True)
     comparisons, notes = compare_to_vision(results, options.n_bootstrap, options.seed)
     seeds = aggregate_seeds(results)
     figures: list[Path] = []

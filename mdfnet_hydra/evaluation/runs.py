@@ -4,7 +4,8 @@ A run is one stage directory (`<job>/stage1`, `<job>/stage2`) with a metrics.jso
 from any launcher. Saved predictions are reused when they were made by the chosen checkpoint (same
 file digest); otherwise the checkpoint is loaded and run on the split again.
 
-A run whose files cannot be used (a metrics.json or config.yaml that does not parse, a checkpoint
+A run whose files cannot be used (a metrics.json or config.yaml that does not parse or is missing,
+a stage that left training outputs but no metrics.json because it never finished, a checkpoint
 that is missing, truncated or needs pickle, damaged saved predictions with no usable checkpoint to
 recompute them from) is left out: `LeftOutError` / `LeftOut` name the file and the reason, and the
 evaluation reports them and goes on with the other runs. Nothing is ever unpickled: checkpoints load
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.checkpoint import load_checkpoint
 from mdfnet_hydra.config import ConfigError, Modality, TextAttention, modality_label
+from mdfnet_hydra.evaluation import stage_directories
 from mdfnet_hydra.files import DamagedFileError
 from mdfnet_hydra.identity import outcome_identity
 from mdfnet_hydra.predictions import DamagedPredictionsError, Predictions, file_digest, load_predictions
@@ -137,14 +139,10 @@ def discover(
     experiments_dir: Path, exclude: Optional[Path] = None, left_out: Optional[list[LeftOut]] = None
 ) -> list[Run]:
     """Finished stage directories under `experiments_dir`. One whose metrics.json or config.yaml
-    cannot be read is logged, added to `left_out` and skipped."""
+    cannot be read, or that holds training outputs without a metrics.json (a stage that never
+    finished), is logged, added to `left_out` and skipped."""
     runs = []
-    for metrics in sorted(experiments_dir.rglob("metrics.json")):
-        directory = metrics.parent
-        if exclude is not None and exclude in directory.parents:
-            continue
-        if not (directory / "checkpoints").is_dir() or not (directory / "config.yaml").is_file():
-            continue
+    for directory in stage_directories(experiments_dir, exclude):
         name = str(directory.relative_to(experiments_dir)) if directory != experiments_dir else directory.name
         try:
             run = _read_run(directory, name)
@@ -156,6 +154,9 @@ def discover(
     return runs
 
 
+INCOMPLETE = "incomplete: no metrics.json, training did not finish (killed, failed, or still running)"
+
+
 def leave_out(left_out: Optional[list[LeftOut]], name: str, err: LeftOutError, root: Optional[Path] = None) -> None:
     log.warning("%s: left out of the evaluation: %s: %s", name, shown_path(err.file, root), err.reason)
     if left_out is not None:
@@ -164,6 +165,8 @@ def leave_out(left_out: Optional[list[LeftOut]], name: str, err: LeftOutError, r
 
 def _read_run(directory: Path, name: str) -> Optional[Run]:
     metrics = directory / "metrics.json"
+    if not metrics.is_file():
+        raise LeftOutError(metrics, INCOMPLETE)
     result = read_json(metrics)
     if not isinstance(result, dict):
         raise LeftOutError(metrics, f"holds a JSON {type(result).__name__}, not the object a finished stage writes")
@@ -172,6 +175,8 @@ def _read_run(directory: Path, name: str) -> Optional[Run]:
     if not isinstance(result.get("modalities"), list):
         raise LeftOutError(metrics, "no list of modalities in it: not what a finished stage writes")
     config_path = directory / "config.yaml"
+    if not config_path.is_file():
+        raise LeftOutError(config_path, "missing: the stage's resolved config, needed to group and label it")
     try:
         config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
     except Exception as err:  # noqa: BLE001 - whatever a damaged YAML file makes the parser raise
@@ -411,7 +416,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def aligned(a: Predictions, b: Predictions) -> Optional[tuple[Predictions, Predictions]]:
-    """Both runs' predictions on the same cases in the same order, or None if the sets differ."""
+    """Both runs' predictions on the same cases in the same order, or None where they are not
+    comparable (`comparable`)."""
+    return comparable(a, b)[0]
+
+
+def comparable(a: Predictions, b: Predictions) -> tuple[Optional[tuple[Predictions, Predictions]], str]:
+    """Both runs' predictions on the same cases in the same order, or None and why not. A paired
+    comparison needs the same cases scored against the same labels: another label policy
+    (data.labels.*) gives the same cases other targets or masks, and each run's AUROC would then
+    measure something else."""
     if len(a.sample_id) != len(b.sample_id) or set(a.sample_id) != set(b.sample_id):
-        return None
-    return a.subset(np.argsort(a.sample_id, kind="stable")), b.subset(np.argsort(b.sample_id, kind="stable"))
+        return None, "other test cases"
+    mine, theirs = a.subset(np.argsort(a.sample_id, kind="stable")), b.subset(np.argsort(b.sample_id, kind="stable"))
+    scored = mine.mask > 0
+    differs = (scored != (theirs.mask > 0)) | (scored & ((mine.targets > 0.5) != (theirs.targets > 0.5)))
+    cases = int(differs.any(axis=1).sum())
+    if cases:
+        return None, (
+            f"same test cases, but other targets or masks on {cases} of {len(mine.sample_id)}: "
+            "another label policy (data.labels.*)?"
+        )
+    return (mine, theirs), ""

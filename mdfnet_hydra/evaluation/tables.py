@@ -190,15 +190,19 @@ def markdown(
         "## Seeds",
         "",
         "Runs whose stored configurations differ in the seed alone (paths, logging, loader "
-        "workers, time limit and evaluation settings aside; batch settings compared as the effective batch).",
+        "workers, time limit and evaluation settings aside; batch settings compared as the effective batch). "
+        "A copy of a run (the same checkpoint) counts once; `test cases` says whether the runs were scored "
+        "on the same ones.",
         "",
-        "| configuration | runs | seeds | n | mean AUROC mean | std |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| configuration | runs | seeds | n | mean AUROC mean | std | test cases |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in seeds:
         lines.append(
-            f"| {_cell(row['configuration'])} | {row['runs']} | {row['seeds']} | {row['n']} | {_f(row['mean'])} | {_f(row['std'])} |"
+            f"| {_cell(row['configuration'])} | {row['runs']} | {row['seeds']} | {row['n']} | {_f(row['mean'])} "
+            f"| {_f(row['std'])} | {row.get('test_cases', '')} |"
         )
+    lines += [f"- {note}" for row in seeds for note in row.get("notes", [])]
     if figures:
         lines += ["", "## Figures", ""] + [
             f"- {p.relative_to(out)}" for p in figures if p.parent.parent.name != "saliency"
