@@ -808,7 +808,7 @@ RANGES: tuple[tuple[str, Optional[float], Optional[float], bool, bool, str], ...
     ("trainer.max_restarts", 0, None, True, True, "worker restarts"),
     ("trainer.checkpoint.every_n_epochs", 0, None, True, True, "epochs between periodic checkpoints, 0: none"),
     ("trainer.checkpoint.keep_last", 0, None, True, True, "periodic checkpoints kept"),
-    ("trainer.checkpoint.num_rare", 1, None, True, True, "labels averaged for best_rare"),
+    ("trainer.checkpoint.num_rare", 1, 14, True, True, "labels averaged for best_rare, of the 14"),
     *(
         entry
         for phase in ("stage1", "stage2")
@@ -859,6 +859,9 @@ def range_problems(cfg: DictConfig) -> list[str]:
     if int(cfg.trainer.nnodes) >= 1 and int(cfg.trainer.node_rank) >= int(cfg.trainer.nnodes):
         problems.append(f"trainer.node_rank ({cfg.trainer.node_rank}) must be < trainer.nnodes ({cfg.trainer.nnodes})")
     problems += device_problems("trainer.device", cfg.trainer.device)
+    init_from = OmegaConf.select(cfg, "stage.init_from", default=None)
+    if init_from and not os.path.isfile(os.path.expanduser(str(init_from))):
+        problems.append(f"stage.init_from={init_from}: no such checkpoint file")
     return problems
 
 

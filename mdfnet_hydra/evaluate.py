@@ -31,6 +31,9 @@ def main(cfg: DictConfig) -> None:
         from mdfnet_hydra.evaluation import EvaluationInputError, input_problem
 
         refuse(evaluation_problems(cfg.evaluation))
+        from mdfnet_hydra.evaluation.runs import evaluation_runtime
+
+        evaluation_runtime(str(cfg.evaluation.device))  # a device the machine lacks: now, not at a recompute
         problem = input_problem(cfg.experiments_dir, cfg.output_dir)
         if problem:
             raise EvaluationInputError(problem)

@@ -78,6 +78,8 @@ def test_mistakes_found_once_the_job_knows_its_machine_are_one_line_too(tmp_path
     )
     assert too_big.returncode == 1 and "Traceback" not in too_big.stderr, too_big.stderr[-2000:]
     assert "lower trainer.batch_size" in too_big.stderr.strip().splitlines()[-1]
+    # found once the job had opened its log and written stage1/config.yaml: nothing trained, nothing left
+    assert not list(tmp_path.glob("runs/*/*")), "no run directory left behind"
 
 
 def test_evaluate_without_experiments_dir_says_what_to_pass(tmp_path):
@@ -208,3 +210,18 @@ def test_ctrl_c_prints_where_the_run_stands_and_the_command_that_resumes_it(tmp_
     assert (run_dir / "metrics.json").is_file() and list(tmp_path.glob("runs/*/*")) == [run_dir], (
         "in the same directory"
     )
+
+
+def test_evaluate_on_a_device_the_machine_lacks_is_one_line_before_any_run_is_read(tmp_path):
+    """evaluation.device=cuda on a machine without CUDA: refused at start, naming evaluation.device
+    (not trainer.device), even where saved predictions would never need the device."""
+    (tmp_path / "runs").mkdir()
+    result = module(
+        "mdfnet_hydra.evaluate", f"experiments_dir={tmp_path / 'runs'}", "evaluation.device=cuda", cwd=tmp_path
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().startswith(
+        "mdfnet_hydra.evaluate: error: evaluation.device=cuda but the machine has no CUDA"
+    ), result.stderr[-2000:]
+    assert result.stderr.strip().endswith("use evaluation.device=cpu")
+    assert not (tmp_path / "results").exists()

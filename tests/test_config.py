@@ -244,6 +244,12 @@ def test_an_optimizer_option_not_built_on_its_schema_is_refused(cfg_factory, tmp
         (["trainer.device=foo"], "trainer.device must be auto, cpu, cuda or cuda:<index>, got 'foo'"),
         (["evaluation.device=gpu"], "evaluation.device must be auto, cpu, cuda or cuda:<index>, got 'gpu'"),
         (["evaluation.seed=-1"], "evaluation.seed must be >= 0 (the bootstrap's seed), got -1"),
+        (["trainer.checkpoint.num_rare=20"], "trainer.checkpoint.num_rare must be within [1, 14]"),
+        # a mistyped checkpoint: a traceback after the run directory existed
+        (
+            ["stage=stage2", "stage.init_from=/nonexistent/best_mean.pth"],
+            "stage.init_from=/nonexistent/best_mean.pth: no such",
+        ),
     ],
 )
 def test_values_out_of_range_fail_validation_naming_key_range_and_value(cfg_factory, overrides, message):
