@@ -440,3 +440,40 @@ def test_seed_groups_differ_in_the_seed_alone(trained, tmp_path):
     assert by_runs["seed1/stage2, seed2/stage2, seed3_bookkeeping/stage2, seed4_ddp/stage2"][2] == "1, 2, 3, 4"
     assert "stage.init_from=/runs/b/stage1/checkpoints/best_mean.pth" in by_runs["other_init/stage2"][0]
     assert "(effective batch)=64" in by_runs["bigger_batch/stage2"][0]
+
+
+def test_runs_behind_symbolic_links_are_found_once_and_keep_their_link_names(trained, tmp_path):
+    """A folder of links to runs elsewhere (several sweeps gathered for one comparison): each linked
+    run is evaluated under its link's name; a link to a run already found and a link back up (a
+    loop) add nothing."""
+    from mdfnet_hydra.evaluation import stage_directories
+
+    elsewhere = tmp_path / "sweeps"
+    copy_run(trained, elsewhere, "a")
+    copy_run(trained, elsewhere, "b")
+    gathered = tmp_path / "gathered"
+    gathered.mkdir()
+    (gathered / "first").symlink_to(elsewhere / "a")
+    (gathered / "second").symlink_to(elsewhere / "b")
+    (gathered / "again").symlink_to(elsewhere / "b")
+    (gathered / "loop").symlink_to(gathered)
+    found = stage_directories(gathered)
+    assert [d.relative_to(gathered).as_posix() for d in found] == ["again/stage1", "first/stage1"]
+    result = evaluate(gathered, tmp_path / "results", options())
+    assert result["runs"] == 2
+
+
+def test_runs_whose_names_differ_only_in_punctuation_get_figures_of_their_own(trained, tmp_path):
+    """`seed=1` and `seed_1` (sweep directory names) would share a figure's file name: each run's
+    confusion matrices are its own file; names without a clash keep their plain slug."""
+    from mdfnet_hydra.evaluation.figures import file_names
+
+    names = file_names(["seed=1/stage1", "seed_1/stage1", "all/stage1"])
+    assert names["all/stage1"] == "all_stage1"
+    assert names["seed=1/stage1"] != names["seed_1/stage1"]
+    assert all(names[n].startswith("seed_1_stage1-") for n in ("seed=1/stage1", "seed_1/stage1"))
+    root = tmp_path / "experiments"
+    copy_run(trained, root, "seed=1")
+    copy_run(trained, root, "seed_1")
+    evaluate(root, tmp_path / "results", options(figures=True))
+    assert len(list((tmp_path / "results" / "confusion").glob("*.png"))) == 2

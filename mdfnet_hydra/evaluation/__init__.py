@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from mdfnet_hydra.config import ConfigError, StageName
 
@@ -54,18 +55,29 @@ STAGE_NAMES = {stage.value for stage in StageName}
 def stage_directories(experiments_dir: Path, exclude: Optional[Path] = None) -> list[Path]:
     """Directories holding a stage's outputs: a metrics.json beside a config.yaml or checkpoints/,
     or, without a metrics.json, checkpoints/ or a stage directory's config.yaml (what a killed job
-    leaves). Hidden directories (Hydra's `.hydra/`, the run record) and `exclude` are not searched."""
-    found = set()
-    for pattern in ("metrics.json", "config.yaml", "checkpoints"):
-        for path in experiments_dir.rglob(pattern):
-            directory = path.parent
-            inside = directory.relative_to(experiments_dir).parts
-            if any(part.startswith(".") for part in inside):
-                continue
-            if exclude is not None and (directory == exclude or exclude in directory.parents):
-                continue
-            found.add(directory)
-    return sorted(d for d in found if _holds_a_stage(d))
+    leaves). Hidden directories (Hydra's `.hydra/`, the run record) and `exclude` are not searched;
+    symbolic links to directories are followed (a folder of links to the runs of several sweeps),
+    each real directory once."""
+    found = []
+    for directory in _directories(experiments_dir, exclude):
+        if any((directory / name).exists() for name in ("metrics.json", "config.yaml", "checkpoints")):
+            if _holds_a_stage(directory):
+                found.append(directory)
+    return sorted(found)
+
+
+def _directories(root: Path, exclude: Optional[Path]) -> Iterator[Path]:
+    """Every directory under `root` but hidden ones and `exclude`, links followed, none twice."""
+    seen: set[str] = set()
+    for current, children, _ in os.walk(root, followlinks=True):
+        directory = Path(current)
+        real = os.path.realpath(current)
+        if real in seen or (exclude is not None and (directory == exclude or exclude in directory.parents)):
+            children[:] = []
+            continue
+        seen.add(real)
+        children[:] = sorted(c for c in children if not c.startswith("."))
+        yield directory
 
 
 def _holds_a_stage(directory: Path) -> bool:

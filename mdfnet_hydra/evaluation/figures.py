@@ -9,6 +9,7 @@ bins with fewer than `MIN_BIN_CASES` cases are hollow grey markers, not joined b
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from pathlib import Path
@@ -33,6 +34,17 @@ MIN_BIN_CASES = 10  # calibration bins with fewer cases are greyed out and not j
 
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def file_names(names: Sequence[str]) -> dict[str, str]:
+    """Run name -> a file name of its own: its slug, with a short hash of the name where runs' slugs
+    would be the same (`seed=1/stage2` and `seed_1/stage2`, common in sweeps' directory names), so
+    one run's figure never replaces another's."""
+    slugs = {name: slug(name) for name in names}
+    shared = Counter(slugs.values())
+    return {
+        name: s if shared[s] == 1 else f"{s}-{hashlib.sha1(name.encode()).hexdigest()[:8]}" for name, s in slugs.items()
+    }
 
 
 def short_labels(runs: Sequence[Run]) -> dict[str, str]:
@@ -204,7 +216,8 @@ def auroc_bars(results: Sequence[RunResult], out: Path, labels: Optional[dict[st
     return _save(fig, out / "auroc_by_label.png")
 
 
-def confusion_matrices(result: RunResult, rule: str, out: Path) -> Path:
+def confusion_matrices(result: RunResult, rule: str, out: Path, file_name: Optional[str] = None) -> Path:
+    """`file_name`: the run's among the runs evaluated (file_names); its slug by default."""
     fig, axes = _label_grid(f"Confusion matrices at validation-chosen thresholds ({rule}) - {result.run.label}")
     for j, name in enumerate(CHEXPERT_LABELS):
         ax = axes[j]
@@ -225,7 +238,7 @@ def confusion_matrices(result: RunResult, rule: str, out: Path) -> Path:
         ax.set_title(f"{name}\nthreshold {result.thresholds[j]:.2f}")
     for ax in axes[len(CHEXPERT_LABELS) :]:
         ax.axis("off")
-    return _save(fig, out / "confusion" / f"{slug(result.run.name)}.png")
+    return _save(fig, out / "confusion" / f"{file_name or slug(result.run.name)}.png")
 
 
 def calibration_bins(y: np.ndarray, p: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

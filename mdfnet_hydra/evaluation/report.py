@@ -83,7 +83,8 @@ def evaluate(
         figures += fig.curves(shown, out, labels)
         figures.append(fig.auroc_bars(shown, out, labels))
         figures.append(fig.calibration(shown, out, labels=labels))
-        figures += [fig.confusion_matrices(r, rule, out) for r in results]
+        names = fig.file_names([r.run.name for r in results])
+        figures += [fig.confusion_matrices(r, rule, out, names[r.run.name]) for r in results]
         figures += _saliency(results, out, options, data_root, checkpoint)
     summary = summary_rows(results, rule)  # after the figures: saliency adds notes to runs
     written = [
@@ -128,6 +129,7 @@ def _saliency(results: list[RunResult], out: Path, options, data_root: Optional[
     written: list[Path] = []
     if options.saliency_per_label <= 0:
         return written
+    names = fig.file_names([r.run.name for r in results])
     for result in results:
         run = result.run
         if "vision" not in run.modalities:
@@ -149,7 +151,7 @@ def _saliency(results: list[RunResult], out: Path, options, data_root: Optional[
             prep.pad_id,
             result.test.probs,
             int(options.saliency_per_label),
-            out / "saliency" / fig.slug(run.name),
+            out / "saliency" / names[run.name],
             resolve_device(options.device),
         )
     return written
