@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -477,3 +478,29 @@ def test_runs_whose_names_differ_only_in_punctuation_get_figures_of_their_own(tr
     copy_run(trained, root, "seed_1")
     evaluate(root, tmp_path / "results", options(figures=True))
     assert len(list((tmp_path / "results" / "confusion").glob("*.png"))) == 2
+
+
+def test_a_data_root_whose_split_holds_other_cases_is_noted(trained, tmp_path):
+    """data_root= is the run's own dataset, moved; one whose test split holds other cases than the
+    run saved predictions for (another dataset, or another version) is evaluated, and the run's notes
+    say so; the dataset itself, moved, gives no note."""
+    root = tmp_path / "experiments"
+    copy_run(trained, root, "run")
+    state = torch.load(root / "run" / "stage1" / "checkpoints" / "best_mean.pth", weights_only=True)
+    dataset = Path(state["config"]["data"]["root"])
+    moved, other = tmp_path / "moved", tmp_path / "other"
+    for copy in (moved, other):
+        copy.mkdir()
+        (copy / "images").symlink_to(dataset / "images")
+        shutil.copy(dataset / "manifest.parquet", copy / "manifest.parquet")
+    manifest = pd.read_parquet(other / "manifest.parquet")
+    test_rows = manifest.index[manifest.split == "test"]
+    manifest.drop(test_rows[: len(test_rows) // 2]).to_parquet(other / "manifest.parquet")  # another version
+    notes = {}
+    for name, data_root in (("moved", moved), ("other", other)):
+        evaluate(root, tmp_path / f"results_{name}", options(), str(data_root))
+        (row,) = [r for r in csv.DictReader((tmp_path / f"results_{name}" / "results_summary.csv").open()) if r["run"]]
+        notes[name] = row["notes"]
+    assert "data_root=" not in notes["moved"], notes["moved"]
+    assert f"data_root={other}: its test split has" in notes["other"]
+    assert "not the dataset the run was trained and saved on" in notes["other"]

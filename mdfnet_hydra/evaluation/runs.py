@@ -256,7 +256,25 @@ def run_predictions(run: Run, split: str, checkpoint: str, data_root: Optional[s
         run.notes.append(
             f"predictions/{split}.npz damaged ({damaged.reason}): recomputed from checkpoints/{ckpt_path.name}"
         )
-    return predict(model, datasets[split], prep.pad_id, options, digest)
+    preds = predict(model, datasets[split], prep.pad_id, options, digest)
+    if data_root is not None and damaged is None and saved.is_file():
+        _note_other_cases(run, split, saved, preds, data_root)
+    return preds
+
+
+def _note_other_cases(run: Run, split: str, saved: Path, preds: Predictions, data_root: str) -> None:
+    """`data_root` is meant to be the run's own dataset, moved: a split whose cases are not those the
+    run saved predictions for is another dataset (or another version of it), said in the run's notes."""
+    try:
+        before = set(load_predictions(saved).sample_id.tolist())
+    except DamagedPredictionsError:
+        return
+    now = set(preds.sample_id.tolist())
+    if now != before:
+        run.notes.append(
+            f"data_root={data_root}: its {split} split has {len(now)} cases, {len(now & before)} of them among "
+            f"the {len(before)} the run saved predictions for: not the dataset the run was trained and saved on"
+        )
 
 
 def run_config(ckpt: dict, data_root: Optional[str]) -> DictConfig:
