@@ -827,17 +827,7 @@ RANGES: tuple[tuple[str, Optional[float], Optional[float], bool, bool, str], ...
 
 def range_problems(cfg: DictConfig) -> list[str]:
     """Each numeric option inside its range (RANGES), and the few that depend on one another."""
-    problems = []
-    for key, low, high, low_ok, high_ok, meaning in RANGES:
-        value = OmegaConf.select(cfg, key, default=None)  # (null: the option's documented 'unset')
-        if value is None:
-            continue
-        value = float(value)
-        inside = math.isfinite(value)
-        inside = inside and (low is None or value > low or (low_ok and value == low))
-        inside = inside and (high is None or value < high or (high_ok and value == high))
-        if not inside:
-            problems.append(f"{key} must be {_describe_range(low, high, low_ok, high_ok)} ({meaning}), got {value:g}")
+    problems = outside_ranges(cfg, RANGES)
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
     if betas is not None and (len(betas) != 2 or not all(0 <= float(b) < 1 for b in betas)):
         problems.append(f"optimizer.betas must be two values within [0, 1), got {list(betas)}")
@@ -862,6 +852,25 @@ def range_problems(cfg: DictConfig) -> list[str]:
     init_from = OmegaConf.select(cfg, "stage.init_from", default=None)
     if init_from and not os.path.isfile(os.path.expanduser(str(init_from))):
         problems.append(f"stage.init_from={init_from}: no such checkpoint file")
+    return problems
+
+
+def outside_ranges(
+    cfg: DictConfig, ranges: tuple[tuple[str, Optional[float], Optional[float], bool, bool, str], ...]
+) -> list[str]:
+    """A problem for each option of `ranges` (as RANGES) outside its range; null is the option's
+    documented 'unset' and passes, NaN and infinities never do."""
+    problems = []
+    for key, low, high, low_ok, high_ok, meaning in ranges:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        value = float(value)
+        inside = math.isfinite(value)
+        inside = inside and (low is None or value > low or (low_ok and value == low))
+        inside = inside and (high is None or value < high or (high_ok and value == high))
+        if not inside:
+            problems.append(f"{key} must be {_describe_range(low, high, low_ok, high_ok)} ({meaning}), got {value:g}")
     return problems
 
 

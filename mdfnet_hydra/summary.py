@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mdfnet_hydra.files import atomic_target
 from mdfnet_hydra.labels import CHEXPERT_LABELS
@@ -49,46 +49,89 @@ BASE_COLUMNS = [
 LABEL_COLUMNS = [f"val_auroc/{name}" for name in CHEXPERT_LABELS] + [f"test_auroc/{name}" for name in CHEXPERT_LABELS]
 
 
+class DamagedJobFileError(ValueError):
+    """A file of a job directory that cannot be read or does not hold what a job writes (a write
+    cut short): that job's row says so and the other jobs are summarised as usual."""
+
+    def __init__(self, file: str, reason: str) -> None:
+        self.file, self.reason = file, " ".join(reason.split())[:300]
+        super().__init__(f"{file}: {self.reason}")
+
+
 def job_row(job_dir: Path) -> Optional[dict[str, Any]]:
-    """One job directory as a row; None for directories that are not Hydra jobs."""
+    """One job directory as a row; None for directories that are not Hydra jobs. A damaged job
+    file gives status `damaged` and a reason naming the file, never an error for the whole sweep."""
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     if not overrides_file.is_file():
         return None
-    overrides = [str(o) for o in OmegaConf.load(overrides_file)]
-    config = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
-    row: dict[str, Any] = {
-        "job": job_dir.name,
-        "overrides": " ".join(overrides),
-        "modality": config.modality.name,
-        "stage": config.stage.name,
-    }
-    failure = job_dir / "failure.json"
-    summary_file = job_dir / "metrics.json"
-    if failure.is_file():
-        row.update(status="failed", reason=json.loads(failure.read_text())["reason"])
-    elif not summary_file.is_file():
+    row: dict[str, Any] = {"job": job_dir.name}
+    try:
+        _fill_row(row, job_dir)
+    except DamagedJobFileError as err:
+        kept = {k: row[k] for k in ("job", "overrides", "modality", "stage") if k in row}  # no metrics
+        return {**kept, "status": "damaged", "reason": f"{err.file} is damaged: {err.reason}"}
+    return row
+
+
+def _fill_row(row: dict[str, Any], job_dir: Path) -> None:
+    overrides = _read_yaml(job_dir, ".hydra/overrides.yaml")
+    if not isinstance(overrides, ListConfig):
+        raise DamagedJobFileError(".hydra/overrides.yaml", "not the list of overrides Hydra writes")
+    row["overrides"] = " ".join(str(o) for o in overrides)
+    config = _read_yaml(job_dir, ".hydra/config.yaml")
+    try:
+        row.update(modality=config.modality.name, stage=config.stage.name)
+    except Exception as err:  # noqa: BLE001 - a config without modality.name / stage.name
+        raise DamagedJobFileError(".hydra/config.yaml", f"no modality.name or stage.name ({err})") from err
+    if (job_dir / "failure.json").is_file():
+        failure = _read_json(job_dir, "failure.json")
+        if not isinstance(failure, dict) or "reason" not in failure:
+            raise DamagedJobFileError("failure.json", "no reason in it")
+        row.update(status="failed", reason=failure["reason"])
+    elif not (job_dir / "metrics.json").is_file():
         row.update(status="incomplete", reason="no metrics.json (running, killed or requeued)")
-        return row
+        return
     else:
         row["status"] = "completed"
-    if summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
-        pruned = summary.get("pruned")
-        if pruned and row["status"] == "completed":  # stopped by the sweep's pruner (pruning.py)
-            row.update(status="pruned", pruned_at=f"{pruned['stage']} epoch {pruned['epoch']} (step {pruned['step']})")
-        final = summary["stages"].get(summary.get("final_stage") or "", {})
-        row["stage"] = f"{config.stage.name}:{summary.get('final_stage')}"
-        for split in ("val", "test"):
-            metrics = final.get(split) or {}
-            for key in ("auroc_mean", "auroc_min", "auprc_mean", "f1_macro", "f1_micro"):
-                row[f"{split}_{key}"] = metrics.get(key)
-            for name in CHEXPERT_LABELS:
-                row[f"{split}_auroc/{name}"] = (metrics.get("auroc") or {}).get(name)
-        row["best_epoch"] = final.get("best_epoch")
-        row["epochs_run"] = final.get("epochs_run")
-        row["stopped_by"] = final.get("stopped_by")
-        row["wall_time_s"] = round(sum(s.get("wall_time_s", 0.0) for s in summary["stages"].values()), 3)
-    return row
+    if (job_dir / "metrics.json").is_file():
+        try:
+            _add_metrics(row, _read_json(job_dir, "metrics.json"), str(config.stage.name))
+        except (AttributeError, KeyError, TypeError) as err:
+            raise DamagedJobFileError("metrics.json", f"not what a job writes ({type(err).__name__}: {err})") from err
+
+
+def _add_metrics(row: dict[str, Any], summary: Any, stage: str) -> None:
+    """The job's final-stage metrics from its metrics.json (AttributeError, KeyError or TypeError
+    for one that does not have the shape a job writes)."""
+    pruned = summary.get("pruned")
+    if pruned and row["status"] == "completed":  # stopped by the sweep's pruner (pruning.py)
+        row.update(status="pruned", pruned_at=f"{pruned['stage']} epoch {pruned['epoch']} (step {pruned['step']})")
+    final = summary["stages"].get(summary.get("final_stage") or "", {})
+    row["stage"] = f"{stage}:{summary.get('final_stage')}"
+    for split in ("val", "test"):
+        metrics = final.get(split) or {}
+        for key in ("auroc_mean", "auroc_min", "auprc_mean", "f1_macro", "f1_micro"):
+            row[f"{split}_{key}"] = metrics.get(key)
+        for name in CHEXPERT_LABELS:
+            row[f"{split}_auroc/{name}"] = (metrics.get("auroc") or {}).get(name)
+    row["best_epoch"] = final.get("best_epoch")
+    row["epochs_run"] = final.get("epochs_run")
+    row["stopped_by"] = final.get("stopped_by")
+    row["wall_time_s"] = round(sum(s.get("wall_time_s", 0.0) for s in summary["stages"].values()), 3)
+
+
+def _read_yaml(job_dir: Path, name: str) -> Any:
+    try:
+        return OmegaConf.load(job_dir / name)
+    except Exception as err:  # noqa: BLE001 - whatever a damaged YAML file makes the parser raise
+        raise DamagedJobFileError(name, f"{type(err).__name__}: {err}") from err
+
+
+def _read_json(job_dir: Path, name: str) -> Any:
+    try:
+        return json.loads((job_dir / name).read_text())
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, or not (whole) JSON
+        raise DamagedJobFileError(name, f"{type(err).__name__}: {err}") from err
 
 
 def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -107,6 +150,11 @@ def write_summary(sweep_dir: str | Path, rows: Optional[list[dict[str, Any]]] = 
         for row in rows:
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
     return out
+
+
+def damaged_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """A warning per damaged job, so that its row in the table is not the only place it shows."""
+    return [f"warning: job {r['job']}: {r['reason']}" for r in rows if r.get("status") == "damaged"]
 
 
 def _job_order(name: str) -> tuple[int, str]:
@@ -128,6 +176,8 @@ class WriteSummary(Callback):
                 sweep_dir.rmdir()  # (only if empty)
             return
         out = write_summary(sweep_dir, rows)
+        for line in damaged_lines(rows):
+            print(f"[mdfnet-hydra] {line}", flush=True)
         print(f"[mdfnet-hydra] sweep summary: {out}", flush=True)
         if "evaluation" in config and config.evaluation.on_finish:
             if _other_processes_running(config, sweep_dir):
@@ -170,10 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sweep_dir = Path(args[0])
     try:
-        print(write_summary(sweep_dir, sweep_rows(sweep_dir)))
+        rows = sweep_rows(sweep_dir)
     except NotASweepError as err:
         print(f"mdfnet_hydra.summary: error: {err}", file=sys.stderr)
         return 1
+    for line in damaged_lines(rows):
+        print(f"mdfnet_hydra.summary: {line}", file=sys.stderr)
+    print(write_summary(sweep_dir, rows))
     return 0
 
 

@@ -235,3 +235,56 @@ def test_an_empty_val_split_ends_training_in_one_line(prepared, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"mdfnet_hydra.train: error: {message}"
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "runs").glob("*/*")), "nothing trained: no run directory"
+
+
+@pytest.mark.parametrize("missing", [None, "", "  "])
+def test_a_row_without_its_patient_is_refused_naming_rows(prepared, missing):
+    root, frame = prepared
+    write_raw_manifest(
+        frame.astype({"patient_id": object}).assign(
+            patient_id=frame.patient_id.where(~frame.index.isin([3, 9]), missing)
+        ),
+        root,
+    )
+    with pytest.raises(ManifestError, match=r"manifest.parquet: column 'patient_id' is null or empty at rows \[3, 9\]"):
+        read_manifest(root / "manifest.parquet")
+
+
+# ---------------------------------------------------------------- numeric columns stored as strings
+def test_a_word_in_a_numeric_column_is_refused_and_blanks_stay_missing(prepared):
+    root, frame = prepared
+    text = frame.astype({"temperature": object})
+    text["temperature"] = [str(v) for v in frame.temperature]
+    text.loc[[1, 5], "temperature"] = ""  # missing
+    text.loc[7, "temperature"] = "hot"
+    write_raw_manifest(text, root)
+    with pytest.raises(
+        ManifestError,
+        match=r"column 'temperature' must hold numbers \(empty if missing\) but holds "
+        r"\['hot'\] at rows \[7\]",
+    ):
+        read_manifest(root / "manifest.parquet")
+    text.loc[7, "temperature"] = "98.6"
+    write_raw_manifest(text, root)
+    read = read_manifest(root / "manifest.parquet")
+    assert read.temperature.dtype == np.float64 and read.temperature[[1, 5]].isna().all()
+    assert read.temperature[7] == 98.6
+
+
+def test_blank_cells_of_a_string_label_column_are_empty(prepared):
+    root, frame = prepared
+    labels = frame.astype({"Edema": object})
+    labels["Edema"] = ["" if np.isnan(v) else f"{v:g}" for v in frame.Edema]
+    labels.loc[[2, 4], "Edema"] = ""
+    write_raw_manifest(labels, root)
+    read = read_manifest(root / "manifest.parquet")
+    assert read.Edema.dtype == np.float64 and read.Edema[[2, 4]].isna().all()
+    assert read.Edema.equals(frame.Edema.where(~frame.index.isin([2, 4])).astype(np.float64))
+    labels.loc[6, "Edema"] = "x"
+    write_raw_manifest(labels, root)
+    with pytest.raises(
+        ManifestError,
+        match=r"label column 'Edema' holds values other than 1, 0, -1 or empty "
+        r"at rows \[6\]: \['x'\]$",
+    ):
+        read_manifest(root / "manifest.parquet")

@@ -544,8 +544,51 @@ def test_an_empty_train_or_val_split_is_refused(tree, tmp_path):
     ):
         prepare(make_cfg(tree, tmp_path / "b"))
     assert not (tmp_path / "b" / "manifest.parquet").exists()
-    with pytest.raises(PrepareError, match=r"split.kind=random \(split.seed=0, split.fractions=\[1.0, 0.0, 0.0\]\)"):
-        prepare(make_cfg(tree, tmp_path / "c", split={"kind": "random", "fractions": [1.0, 0.0, 0.0]}))
+    split = {"kind": "random", "seed": 2, "fractions": [0.98, 0.01, 0.01]}  # 6 studies: none drawn for val
+    with pytest.raises(PrepareError, match=r"split.kind=random \(split.seed=2, split.fractions=\[0.98, 0.01, 0.01\]\)"):
+        prepare(make_cfg(tree, tmp_path / "c", split=split))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"split": {"kind": "random", "fractions": [1.2, -0.1, -0.1]}}, "split.fractions must be three numbers"),
+        (
+            {"split": {"kind": "random", "fractions": [0.6, 0.4, 0.0]}},
+            r"each above 0 and at most 1, .*\[0.6, 0.4, 0.0\]",
+        ),
+        ({"split": {"seed": -1}}, r"split.seed must be >= 0 \(random seeds are non-negative\), got -1"),
+        ({"images": {"size": 0}}, r"images.size must be >= 16 \(pixels of the shorter side, one ViT patch at least\)"),
+        ({"images": {"quality": 0}}, r"images.quality must be within \[1, 100\] \(PIL's JPEG quality\), got 0"),
+        ({"images": {"quality": 101}}, r"images.quality must be within \[1, 100\]"),
+        ({"images": {"workers": -2}}, r"images.workers must be >= 0"),
+        ({"link": {"slack_hours": float("nan")}}, r"link.slack_hours must be >= 0 \(hours either side of an ED stay\)"),
+        ({"checks": {"min_images_found": 1.5}}, r"checks.min_images_found must be within \[0, 1\]"),
+    ],
+)
+def test_options_out_of_range_are_refused_before_any_table_is_read(tree, tmp_path, monkeypatch, overrides, message):
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a table was read before the options were checked")
+
+    monkeypatch.setattr("mdfnet_hydra.mimic.build.read_table", no_reading)
+    with pytest.raises(PrepareError, match=rf"^invalid configuration: .*{message}"):
+        prepare(make_cfg(tree, tmp_path / "out", **overrides))
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_bad_option_is_named_in_one_line_through_the_entry_point(tree, tmp_path):
+    import subprocess
+    import sys
+
+    args = [f"mimic.{k}={v}" for k, v in tree.items()] + [f"output_dir={tmp_path / 'out'}"]
+    args += ["images.size=0", "split.kind=random", "split.fractions=[1.2,-0.1,-0.1]"]
+    result = subprocess.run(
+        [sys.executable, "-m", "mdfnet_hydra.prepare", *args], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("mdfnet_hydra.prepare: error: invalid configuration: images.size must be >= 16")
+    assert "; split.fractions must be three numbers" in line and not (tmp_path / "out").exists()
 
 
 def test_ids_that_step_outside_the_tree_are_refused_before_any_file_is_written(tree, tmp_path):

@@ -48,7 +48,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         )
     frame = pd.read_parquet(path)
     validate_manifest(frame, source=str(path))
-    return with_empty_text(frame)
+    return with_numbers(with_empty_text(frame))
 
 
 def with_empty_text(frame: pd.DataFrame) -> pd.DataFrame:
@@ -73,22 +73,84 @@ def validate_manifest(frame: pd.DataFrame, source: str = "manifest") -> None:
     if bad_split.any():
         rows = frame.index[bad_split][:3].tolist()
         raise ManifestError(f"{source}: split must be one of {SPLITS}; bad rows {rows}")
+    _check_patient_ids(frame, source)
     _check_patient_splits(frame, source)
     _check_image_paths(frame, source)
     _check_text(frame, source)
+    _check_numeric(frame, source)
     for label in CHEXPERT_LABELS:
-        values = pd.to_numeric(frame[label], errors="coerce")
-        bad = values.notna() & ~values.isin(ALLOWED_LABEL_VALUES)
-        bad |= values.isna() & frame[label].notna()
+        column = frame[label]
+        values = _label_values(column)
+        bad = ~np.isnan(values) & ~np.isin(values, ALLOWED_LABEL_VALUES)  # (inf: not a number)
         if bad.any():
-            rows = frame.index[bad][:3].tolist()
             raise ManifestError(
                 f"{source}: label column '{label}' holds values other than 1, 0, -1 or empty "
-                f"at rows {rows}: {frame.loc[bad, label].head(3).tolist()}"
+                f"at rows {_rows(frame, bad)}: {frame.loc[bad, label].head(SHOWN_ROWS).tolist()}"
             )
-    sex = frame["sex"].dropna()
+    sex = frame["sex"][~_empty(frame["sex"])]
     if not sex.isin(["M", "F"]).all():
         raise ManifestError(f"{source}: column 'sex' must be 'M', 'F' or empty")
+
+
+NUMERIC_COLUMNS = tuple(c for c in CLINICAL_FEATURES if c != "sex")
+
+
+def _empty(column: pd.Series) -> np.ndarray:
+    """Null, NaN or a blank string: the documented 'missing' / 'not mentioned' of a manifest cell."""
+    missing = column.isna().to_numpy(dtype=bool)
+    if column.dtype.kind in "biufc":
+        return missing
+    return missing | _flags(column, lambda v: isinstance(v, str) and not v.strip())
+
+
+def _label_values(column: pd.Series) -> np.ndarray:
+    """A label column as float64: NaN for empty cells, inf for a cell that is not a number."""
+    if column.dtype.kind in "iuf":
+        return column.to_numpy(dtype=np.float64, na_value=np.nan)  # (nullable Int64 too)
+    return np.array([np.inf if (n := _number(v)) is None else n for v in column], dtype=np.float64)
+
+
+def _check_patient_ids(frame: pd.DataFrame, source: str) -> None:
+    """Every row needs its patient: a null id would make its studies one pseudo-patient in the
+    statistics and escape the 'no patient in two splits' check."""
+    bad = _empty(frame["patient_id"])
+    if bad.any():
+        raise ManifestError(
+            f"{source}: column 'patient_id' is null or empty at rows {_rows(frame, bad)}; every row needs "
+            f"its patient's id (the split is by patient)"
+        )
+
+
+def _check_numeric(frame: pd.DataFrame, source: str) -> None:
+    """A triage value that is not a number (a 'hot' in temperature) is a preparation bug, not a
+    missing value: refused rather than silently read as missing. Empty cells stay missing."""
+    for name in NUMERIC_COLUMNS:
+        column = frame[name]
+        if column.dtype.kind in "fiu":
+            continue
+        bad = ~_empty(column) & _flags(column, lambda v: _number(v) is None)
+        if bad.any():
+            raise ManifestError(
+                f"{source}: column '{name}' must hold numbers (empty if missing) but holds "
+                f"{column[bad].head(SHOWN_ROWS).tolist()} at rows {_rows(frame, bad)}"
+            )
+
+
+def _number(value) -> float | None:
+    """The cell as a float (NaN for an empty one), None if it is not a number."""
+    if value is None or value is pd.NA or (isinstance(value, str) and not value.strip()):
+        return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def with_numbers(frame: pd.DataFrame) -> pd.DataFrame:
+    """Numeric and label columns as float (blank cells read as missing), as the docs type them, once
+    validated: every consumer then sees float NaN for missing."""
+    columns = [c for c in NUMERIC_COLUMNS + CHEXPERT_LABELS if frame[c].dtype != np.float64]
+    return frame.assign(**{c: np.fromiter(map(_number, frame[c]), dtype=np.float64, count=len(frame)) for c in columns})
 
 
 def _rows(frame: pd.DataFrame, bad: pd.Series | np.ndarray) -> str:

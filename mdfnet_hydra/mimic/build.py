@@ -19,11 +19,12 @@ import json
 import logging
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 
+from mdfnet_hydra.config import MIN_IMAGE_SIZE, outside_ranges
 from mdfnet_hydra.data.manifest import SPLITS, write_manifest
 from mdfnet_hydra.files import remove_stale_temporaries, write_text
 from mdfnet_hydra.labels import CHEXPERT_LABELS, CLINICAL_FEATURES, implausible
@@ -124,12 +125,43 @@ def _check_text_config(cfg) -> list[str]:
     return wanted
 
 
+# Numeric options refused at start, before any table is read (as config.RANGES): outside these a
+# preparation fails deep in the image workers (images.size 0 divides by zero) or writes nonsense.
+PREPARE_RANGES: tuple[tuple[str, Optional[float], Optional[float], bool, bool, str], ...] = (
+    ("images.size", MIN_IMAGE_SIZE, None, True, True, "pixels of the shorter side, one ViT patch at least"),
+    ("images.quality", 1, 100, True, True, "PIL's JPEG quality"),
+    ("images.workers", 0, None, True, True, "resizing processes; 0 or 1 resize in this process"),
+    ("split.seed", 0, None, True, True, "random seeds are non-negative"),
+    ("link.slack_hours", 0, None, True, True, "hours either side of an ED stay"),
+    *(
+        (f"checks.{name}", 0, 1, True, True, "a share of the studies; 0 turns the check off")
+        for name in ("min_reports_found", "min_images_found", "min_patients_found", "min_ed_linked")
+    ),
+)
+
+
 def _check_split_config(cfg) -> None:
+    """The split and every numeric option, all problems in one line before any table is read."""
+    problems = outside_ranges(cfg, PREPARE_RANGES)
     if cfg.split.kind not in ("official", "random"):
-        raise PrepareError(f"split.kind must be 'official' or 'random', got {cfg.split.kind!r}")
-    fractions = np.asarray(cfg.split.fractions, dtype=float)
-    if cfg.split.kind == "random" and (len(fractions) != 3 or not np.isclose(fractions.sum(), 1.0)):
-        raise PrepareError("split.fractions must be three numbers (train, val, test) summing to 1")
+        problems.append(f"split.kind must be 'official' or 'random', got {cfg.split.kind!r}")
+    elif cfg.split.kind == "random" and not _usable_fractions(cfg.split.fractions):
+        problems.append(
+            "split.fractions must be three numbers (train, val, test), each above 0 and at most 1, summing to 1 "
+            f"(training needs train and val studies, every evaluation test studies), got {list(cfg.split.fractions)}"
+        )
+    if problems:
+        raise PrepareError("invalid configuration: " + "; ".join(problems))
+
+
+def _usable_fractions(values) -> bool:
+    fractions = np.asarray(values, dtype=float)
+    return (
+        fractions.shape == (3,)
+        and bool(np.all(np.isfinite(fractions)))
+        and bool(np.all((fractions > 0) & (fractions <= 1)))
+        and bool(np.isclose(fractions.sum(), 1.0))
+    )
 
 
 def _locate_inputs(cfg, wanted_sections: list[str]) -> dict[str, Path]:
