@@ -11,9 +11,8 @@ whose failures trial.run_trial records in the trial's directory and the sweep go
   error, as it does for Hydra's own.
 - A job that failed that way before doing any work leaves no directory behind: Hydra creates the
   run directory and writes `.hydra/` before the task function runs, so a directory holding nothing
-  but that record (and the run-directory record and lock of run_directory.py, the job's log and a
-  stage's config.yaml) is removed, unless another job holds it or the error is a run-directory
-  refusal (the directory is another job's).
+  but that record (and the run-directory record and lock of run_directory.py) is removed, unless
+  another job holds it or the error is a run-directory refusal (the directory is another job's).
 - Ctrl-C prints one line (where the run stands and, for training, the command that resumes it) and
   exits with status 130.
 
@@ -197,10 +196,9 @@ def _describe(interrupted: Optional[Callable[[], str]]) -> str:
 
 # ---------------------------------------------------------------- a job that never started
 def remove_unused_output_dir() -> bool:
-    """Remove the job's output directory when it holds nothing but the records written before any
-    work (Hydra's `.hydra/`, our `.mdfnet/` lock and config record, the job's log and the stage's
-    config, `_RECORDS`), that record is this job's, and no other job holds the directory. Returns
-    whether it was removed."""
+    """Remove the job's output directory when it holds nothing but the records written before the
+    task function ran (Hydra's `.hydra/`, our `.mdfnet/` lock and config record), that record is
+    this job's, and no other job holds the directory. Returns whether it was removed."""
     from mdfnet_hydra.distributed import process_rank
 
     hydra = _hydra_config()
@@ -214,7 +212,7 @@ def remove_unused_output_dir() -> bool:
     with _unheld(directory) as free:
         if not free:
             return False
-        for record in _RECORDS:
+        for record in (".hydra", ".mdfnet"):
             shutil.rmtree(directory / record, ignore_errors=True)
     try:
         directory.rmdir()  # only if nothing appeared meanwhile
@@ -233,15 +231,7 @@ def _remove_if_empty(directory: Path) -> None:
         pass
 
 
-_RECORDS = {
-    ".hydra": {"config.yaml", "hydra.yaml", "overrides.yaml"},
-    ".mdfnet": {"lock", "config.yaml", "hydra"},
-    # a job refused once it had opened its log and written a stage's config (its data too small, a
-    # manifest it cannot use): nothing trained, the error is on the console
-    "logs": {"train.log"},
-    "stage1": {"config.yaml"},
-    "stage2": {"config.yaml"},
-}
+_RECORDS = {".hydra": {"config.yaml", "hydra.yaml", "overrides.yaml"}, ".mdfnet": {"lock", "config.yaml", "hydra"}}
 
 
 def _holds_only_records(directory: Path) -> bool:

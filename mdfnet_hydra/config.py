@@ -705,8 +705,9 @@ class ConfigError(ValueError):
     """A composed config that is well-typed but cannot run; raised before any work starts."""
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Checks the schema cannot express. Fails at start, naming the key and what to pass instead."""
+def validate_config(cfg: DictConfig, host: bool = True) -> None:
+    """Checks the schema cannot express. Fails at start, naming the key and what to pass instead.
+    `host=False` leaves out what depends on the machine the job runs on (`host_problems`)."""
     problems: list[str] = optimizer_problems(cfg)
     try:
         # a plain copy drops the node types that let `+key=value` slip past the schema
@@ -748,10 +749,8 @@ def validate_config(cfg: DictConfig) -> None:
     if str(cfg.data.get("verify_images", "auto")).lower() not in ("auto", "true", "false"):
         problems.append(f"data.verify_images must be auto, true or false, got {cfg.data.verify_images!r}")
     problems += evaluation_problems(cfg.evaluation)
-    try:
-        parse_machine_spec(os.environ.get(MACHINE_ENV_VAR, ""))
-    except ValueError as err:
-        problems.append(str(err))
+    if host:
+        problems += host_problems(cfg)
     for key in ("batch_size", "grad_accum", "log_every_n_steps", "nproc_per_node", "nnodes"):
         if int(cfg.trainer[key]) < 1:
             problems.append(f"trainer.{key} must be >= 1")
@@ -797,7 +796,7 @@ RANGES: tuple[tuple[str, Optional[float], Optional[float], bool, bool, str], ...
     ("optimizer.weight_decay", 0, None, True, True, "decay towards 0"),
     ("optimizer.eps", 0, None, False, True, "AdamW's denominator term"),
     ("optimizer.momentum", 0, None, True, True, "SGD's momentum"),
-    ("scheduler.warmup_start_factor", 0, 1, False, True, "the warmup's first learning rate, as a share of the peak"),
+    ("scheduler.warmup_start_factor", 0, 1, True, True, "the warmup's first learning rate, as a share of the peak"),
     ("scheduler.min_lr_ratio", 0, 1, True, True, "the cosine's floor, as a share of the peak"),
     ("trainer.global_batch_size", 1, None, True, True, "samples per micro-step over all devices, or null"),
     ("trainer.max_grad_norm", 0, None, False, True, "the clipping norm, or null: no clipping"),
@@ -808,7 +807,7 @@ RANGES: tuple[tuple[str, Optional[float], Optional[float], bool, bool, str], ...
     ("trainer.max_restarts", 0, None, True, True, "worker restarts"),
     ("trainer.checkpoint.every_n_epochs", 0, None, True, True, "epochs between periodic checkpoints, 0: none"),
     ("trainer.checkpoint.keep_last", 0, None, True, True, "periodic checkpoints kept"),
-    ("trainer.checkpoint.num_rare", 1, 14, True, True, "labels averaged for best_rare, of the 14"),
+    ("trainer.checkpoint.num_rare", 1, None, True, True, "labels averaged for best_rare"),
     *(
         entry
         for phase in ("stage1", "stage2")
@@ -837,8 +836,14 @@ def range_problems(cfg: DictConfig) -> list[str]:
     if any(int(width) < 1 for width in hidden):
         problems.append(f"model.clinical.hidden_dims must be widths >= 1, got {list(hidden)}")
     fusion = cfg.model.fusion
-    if int(fusion.dim) >= 1 and int(fusion.heads) >= 1 and int(fusion.dim) % int(fusion.heads):
-        problems.append(f"model.fusion.dim ({fusion.dim}) must be a multiple of model.fusion.heads ({fusion.heads})")
+    if _uses_attention_heads(cfg) and int(fusion.dim) >= 1 and int(fusion.heads) >= 1:
+        if int(fusion.dim) % int(fusion.heads):
+            problems.append(
+                f"model.fusion.dim ({fusion.dim}) must be a multiple of model.fusion.heads ({fusion.heads})"
+            )
+    rare = OmegaConf.select(cfg, "trainer.checkpoint", default=None)
+    if rare is not None and not rare.rare_labels and int(rare.num_rare) > 14:
+        problems.append(f"trainer.checkpoint.num_rare must be <= 14 (the CheXpert labels), got {rare.num_rare}")
     for phase in ("stage1", "stage2"):
         settings = cfg.phases[phase]
         if not OmegaConf.is_missing(settings, "epochs") and int(settings.warmup_epochs) > int(settings.epochs) >= 1:
@@ -849,9 +854,31 @@ def range_problems(cfg: DictConfig) -> list[str]:
     if int(cfg.trainer.nnodes) >= 1 and int(cfg.trainer.node_rank) >= int(cfg.trainer.nnodes):
         problems.append(f"trainer.node_rank ({cfg.trainer.node_rank}) must be < trainer.nnodes ({cfg.trainer.nnodes})")
     problems += device_problems("trainer.device", cfg.trainer.device)
+    return problems
+
+
+def _uses_attention_heads(cfg: DictConfig) -> bool:
+    """Attention fusion, or an encoder handing the fusion tokens (pooled by attention)."""
+    if FusionKind(cfg.model.fusion.kind) is FusionKind.attention:
+        return True
+    inputs = {Modality(m) for m in cfg.modality.inputs}
+    return any(
+        m in inputs and str(getattr(cfg.model[m.value].output, "value", cfg.model[m.value].output)) == "tokens"
+        for m in (Modality.vision, Modality.text)
+    )
+
+
+def host_problems(cfg: DictConfig) -> list[str]:
+    """What depends on the machine that runs the job (its files, packages and description): checked
+    by the job, not by a sweep's process, which may run elsewhere (a SLURM login node)."""
+    problems = text_host_problems(cfg)
     init_from = OmegaConf.select(cfg, "stage.init_from", default=None)
-    if init_from and not os.path.isfile(os.path.expanduser(str(init_from))):
+    if init_from and not os.path.isfile(str(init_from)):  # (as the loader reads it: no ~ expansion)
         problems.append(f"stage.init_from={init_from}: no such checkpoint file")
+    try:
+        parse_machine_spec(os.environ.get(MACHINE_ENV_VAR, ""))
+    except ValueError as err:
+        problems.append(str(err))
     return problems
 
 
@@ -1074,18 +1101,26 @@ def text_runtime_problems(cfg: DictConfig) -> list[str]:
             "model.text.length_buckets (e.g. [32,64,128], the largest model.text.max_length)"
         )
     if uses_text and TextAttention(cfg.model.text.attention) is TextAttention.flash_attention_2:
-        import importlib.util
-
-        if importlib.util.find_spec("flash_attn") is None:
-            problems.append(
-                "model.text.attention=flash_attention_2 needs the flash-attn package (pip install flash-attn, "
-                "on a CUDA machine); model.text.attention=sdpa needs nothing"
-            )
         if Precision(cfg.trainer.precision) is Precision.fp32:
             problems.append(
                 "model.text.attention=flash_attention_2 computes in half precision only: not with trainer.precision=fp32"
             )
     return problems
+
+
+def text_host_problems(cfg: DictConfig) -> list[str]:
+    """The packages the text encoder's kernel needs on the machine that runs the job."""
+    uses_text = Modality.text in [Modality(m) for m in cfg.modality.inputs]
+    if not uses_text or TextAttention(cfg.model.text.attention) is not TextAttention.flash_attention_2:
+        return []
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return [
+            "model.text.attention=flash_attention_2 needs the flash-attn package (pip install flash-attn, "
+            "on a CUDA machine); model.text.attention=sdpa needs nothing"
+        ]
+    return []
 
 
 def loader_problems(data: DataConfig) -> list[str]:

@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> None:
 
     with reported("mdfnet_hydra.evaluate"):
         from mdfnet_hydra.config import evaluation_problems, refuse
-        from mdfnet_hydra.evaluation import EvaluationInputError, input_problem
+        from mdfnet_hydra.evaluation.inputs import EvaluationInputError, input_problem
 
         refuse(evaluation_problems(cfg.evaluation))
         from mdfnet_hydra.evaluation.runs import evaluation_runtime

@@ -101,7 +101,7 @@ def required(key: str, _root_: Any) -> str:
 def evaluation_output_dir(_root_: Any) -> str:
     """`output_dir` of `python -m mdfnet_hydra.evaluate`, refused where it is or holds
     `experiments_dir` (not given or empty: the task function says so)."""
-    from mdfnet_hydra.evaluation import output_dir_problem
+    from mdfnet_hydra.evaluation.inputs import output_dir_problem
 
     output_dir = str(OmegaConf.select(_root_, "output_dir"))
     if not OmegaConf.is_missing(_root_, "experiments_dir"):

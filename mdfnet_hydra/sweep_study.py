@@ -52,7 +52,7 @@ from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from mdfnet_hydra.config import ConfigError, validate_config
+from mdfnet_hydra.config import ConfigError, hparams_problems, refuse, validate_config
 from mdfnet_hydra.files import write_text
 from mdfnet_hydra.identity import irrelevant, outcome_identity
 from mdfnet_hydra.pruning import PRUNED_AT_ATTR
@@ -382,7 +382,9 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         # what every trial's job would refuse (the sweep's own settings, and the config its trials share):
         # before the study, not in trial 0; a trial's own values out of range fail that trial (launch.py)
-        validate_config(self.config)
+        refuse(hparams_problems(self.config))
+        if OmegaConf.select(self.config, "trainer", default=None) is not None:  # a training job's config
+            validate_config(self.config, host=False)  # (the trials' machines check their own files)
         self._process_searchspace_config()
         params_conf = self._parse_sweeper_params_config()
         params_conf.extend(arguments)

@@ -213,7 +213,7 @@ def test_an_optimizer_option_not_built_on_its_schema_is_refused(cfg_factory, tmp
         (["phases.stage2.lr_head=-1"], "phases.stage2.lr_head must be > 0"),
         (["trainer.max_grad_norm=-1"], "trainer.max_grad_norm must be > 0 (the clipping norm, or null: no clipping)"),
         (["scheduler.min_lr_ratio=-1"], "scheduler.min_lr_ratio must be within [0, 1]"),
-        (["scheduler.warmup_start_factor=0"], "scheduler.warmup_start_factor must be within (0, 1]"),
+        (["scheduler.warmup_start_factor=1.5"], "scheduler.warmup_start_factor must be within [0, 1]"),
         (["loss.focal_alpha=2"], "loss.focal_alpha must be <= 1"),
         (["loss.focal_gamma=-1"], "loss.focal_gamma must be >= 0"),
         # NaN fails every comparison
@@ -244,7 +244,9 @@ def test_an_optimizer_option_not_built_on_its_schema_is_refused(cfg_factory, tmp
         (["trainer.device=foo"], "trainer.device must be auto, cpu, cuda or cuda:<index>, got 'foo'"),
         (["evaluation.device=gpu"], "evaluation.device must be auto, cpu, cuda or cuda:<index>, got 'gpu'"),
         (["evaluation.seed=-1"], "evaluation.seed must be >= 0 (the bootstrap's seed), got -1"),
-        (["trainer.checkpoint.num_rare=20"], "trainer.checkpoint.num_rare must be within [1, 14]"),
+        (["trainer.checkpoint.num_rare=20"], "trainer.checkpoint.num_rare must be <= 14 (the CheXpert labels)"),
+        (["model.fusion.kind=concat", "model.fusion.heads=3"], "must be a multiple of model.fusion.heads (3)"),
+        (["stage=stage2", "stage.init_from='~/best_mean.pth'"], "stage.init_from=~/best_mean.pth: no such"),
         # a mistyped checkpoint: a traceback after the run directory existed
         (
             ["stage=stage2", "stage.init_from=/nonexistent/best_mean.pth"],
@@ -277,6 +279,10 @@ def test_values_out_of_range_fail_validation_naming_key_range_and_value(cfg_fact
         ["phases.stage1.epochs=3", "phases.stage1.warmup_epochs=3"],
         ["trainer.device=cuda:1", "evaluation.device=cpu", "trainer.max_time=90m"],
         ["optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=false"],
+        ["scheduler.warmup_start_factor=0"],  # the first step at learning rate 0
+        ["trainer.checkpoint.num_rare=20", "trainer.checkpoint.rare_labels=[Edema]"],  # num_rare unused
+        # no attention anywhere (concat fusion, no token encoder): the heads are never used
+        ["modality=clinical", "model.fusion.kind=concat", "model.fusion.dim=90"],
     ],
 )
 def test_the_edges_of_each_range_are_accepted(cfg_factory, overrides):
@@ -296,3 +302,12 @@ def test_every_ranged_key_exists_in_the_schema(cfg_factory):
             OmegaConf.select(cfg, key, default="absent") != "absent"
             or OmegaConf.select(sgd, key, default="absent") != "absent"
         ), key
+
+
+def test_a_sweeps_own_process_leaves_the_machine_checks_to_its_trials(cfg_factory):
+    """A sweep's process may run on another machine than its trials (a SLURM login node): a file or
+    package there only is checked by the trials' jobs, not before the study."""
+    cfg = cfg_factory("stage=stage2", "stage.init_from=/on/the/compute/nodes/best_mean.pth")
+    validate_config(cfg, host=False)
+    with pytest.raises(ConfigError, match="no such checkpoint file"):
+        validate_config(cfg)

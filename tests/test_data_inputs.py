@@ -224,8 +224,8 @@ def test_patient_in_two_splits_is_named_with_rows(prepared):
 
 
 def test_an_empty_val_split_ends_training_in_one_line(prepared, tmp_path):
-    """A user error like the other manifest errors: one line, not a traceback, and no run directory
-    left behind (it held only its records and the log, which the console repeats)."""
+    """A user error like the other manifest errors: one line, not a traceback; the run directory
+    keeps only its records and the log that says why (the job had started), as for a missing manifest."""
     root, frame = prepared
     write_raw_manifest(frame.assign(split=frame.split.replace("val", "test")), root)
     sizes = f"train {(frame.split == 'train').sum()}, val 0, test {(frame.split != 'train').sum()}"
@@ -234,7 +234,9 @@ def test_an_empty_val_split_ends_training_in_one_line(prepared, tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == f"mdfnet_hydra.train: error: {message}"
     assert "Traceback" not in result.stderr
-    assert not list((tmp_path / "runs").glob("*/*")), "nothing trained: no run directory"
+    (run,) = (tmp_path / "runs").glob("*/*")
+    assert {p.name for p in run.iterdir()} == {".hydra", ".mdfnet", "logs"}, "nothing trained or written"
+    assert message in (run / "logs" / "train.log").read_text()
 
 
 @pytest.mark.parametrize("missing", [None, "", "  "])

@@ -109,13 +109,18 @@ def other_program(command: str) -> str | None:
 
 def concrete(argument: str, tmp: Path) -> str:
     """A docs argument with its placeholders filled in: `<k>` a rank, `<dir>`-like names a path
-    under tmp, `...` a value."""
+    under tmp, `...` a value, a checkpoint an empty file under tmp."""
     for placeholder, value in PLACEHOLDER_VALUES.items():
         argument = argument.replace(placeholder, value)
     argument = re.sub(r"<([^>]*)>", lambda m: re.sub(r"\W+", "_", m.group(1)).strip("_") or "x", argument)
     key, _, value = argument.partition("=")
     if value == "...":
         return f"{key}={tmp / 'x'}"
+    if value.endswith(".pth"):  # a checkpoint to start from: the job checks that the file is there
+        checkpoint = tmp / value.lstrip("/")
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.touch()
+        return f"{key}={checkpoint}"
     if value.startswith("/") and not value.startswith(str(tmp)):
         return f"{key}={tmp}{value}"
     return argument

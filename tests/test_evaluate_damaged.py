@@ -447,7 +447,7 @@ def test_runs_behind_symbolic_links_are_found_once_and_keep_their_link_names(tra
     """A folder of links to runs elsewhere (several sweeps gathered for one comparison): each linked
     run is evaluated under its link's name; a link to a run already found and a link back up (a
     loop) add nothing."""
-    from mdfnet_hydra.evaluation import stage_directories
+    from mdfnet_hydra.evaluation.inputs import stage_directories
 
     elsewhere = tmp_path / "sweeps"
     copy_run(trained, elsewhere, "a")

@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from mdfnet_hydra.evaluation import EvaluationInputError, input_problem, nothing_to_evaluate
 from mdfnet_hydra.evaluation import figures as fig
 from mdfnet_hydra.evaluation.analysis import RunResult, aggregate_seeds, analyse, compare_to_vision
+from mdfnet_hydra.evaluation.inputs import EvaluationInputError, input_problem, nothing_to_evaluate
 from mdfnet_hydra.evaluation.runs import (
     LeftOut,
     LeftOutError,

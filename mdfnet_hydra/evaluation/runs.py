@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.checkpoint import load_checkpoint
 from mdfnet_hydra.config import ConfigError, Modality, TextAttention, modality_label
-from mdfnet_hydra.evaluation import stage_directories
+from mdfnet_hydra.evaluation.inputs import stage_directories
 from mdfnet_hydra.files import DamagedFileError
 from mdfnet_hydra.identity import outcome_identity
 from mdfnet_hydra.predictions import DamagedPredictionsError, Predictions, file_digest, load_predictions
