@@ -147,10 +147,15 @@ def _number(value) -> float | None:
 
 
 def with_numbers(frame: pd.DataFrame) -> pd.DataFrame:
-    """Numeric and label columns as float (blank cells read as missing), as the docs type them, once
-    validated: every consumer then sees float NaN for missing."""
-    columns = [c for c in NUMERIC_COLUMNS + CHEXPERT_LABELS if frame[c].dtype != np.float64]
+    """Numeric and label columns stored as text as float (blank cells read as missing), as the docs
+    type them, once validated: every consumer then sees float NaN for missing. Columns already
+    numeric keep their dtype (the synthetic data's float32 labels)."""
+    columns = [c for c in NUMERIC_COLUMNS + CHEXPERT_LABELS if not _numeric_dtype(frame[c])]
     return frame.assign(**{c: np.fromiter(map(_number, frame[c]), dtype=np.float64, count=len(frame)) for c in columns})
+
+
+def _numeric_dtype(column: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
 
 
 def _rows(frame: pd.DataFrame, bad: pd.Series | np.ndarray) -> str:
