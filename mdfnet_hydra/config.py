@@ -220,6 +220,8 @@ class TextConfig:
     name_or_path: Optional[str] = None
     # transformers config kwargs (with `model_type`) for source=config.
     model_config: Optional[Dict[str, Any]] = None
+    # size of the WordPiece vocabulary trained on the training text (source=config only): at least
+    # the 5 special tokens and twice the text's characters (alone and as ## continuations), or refused
     tokenizer_vocab_size: int = 1000
     max_length: int = 128
     # Pad each batch's token ids up to the smallest of these lengths that holds its longest report,
@@ -791,6 +793,7 @@ RANGES: tuple[tuple[str, Optional[float], Optional[float], bool, bool, str], ...
     ("model.fusion.layers", 1, None, True, True, "attention layers"),
     ("model.head.hidden_dim", 1, None, True, True, "the head's width"),
     ("model.text.max_length", 1, None, True, True, "report tokens"),
+    ("model.text.tokenizer_vocab_size", 1, None, True, True, "tokens in a trained WordPiece vocabulary"),
     ("loss.focal_alpha", None, 1, True, True, "the positives' weight; below 0 turns weighting off"),
     ("loss.focal_gamma", 0, None, True, True, "0 is plain BCE; below 0 would weight the easy labels most"),
     ("optimizer.weight_decay", 0, None, True, True, "decay towards 0"),

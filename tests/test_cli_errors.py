@@ -83,6 +83,15 @@ def test_mistakes_found_once_the_job_knows_its_machine_are_one_line_too(tmp_path
     assert "lower trainer.batch_size" in (run / "logs" / "train.log").read_text()
 
 
+def test_a_trained_vocabulary_smaller_than_the_text_needs_is_one_line(tmp_path):
+    """It trained a larger, characters-only vocabulary than asked for, silently."""
+    result = run_cli("debug=fast", "modality=text", "model.text.tokenizer_vocab_size=20", f"paths.root={tmp_path}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert re.search(r"model.text.tokenizer_vocab_size=20 is smaller than the \d+ tokens", line), line
+    assert not list(tmp_path.glob("runs/*/*/stage1/*.pth")), "nothing trained"
+
+
 def test_evaluate_without_experiments_dir_says_what_to_pass(tmp_path):
     result = module("mdfnet_hydra.evaluate", cwd=tmp_path)
     assert result.returncode == 1

@@ -174,3 +174,16 @@ def test_pretrained_vision_uses_its_own_preprocessing(cfg_factory, tmp_path, ope
     )
     (normalize,) = [t for t in build_image_transform(cfg.model.vision).transforms if isinstance(t, Normalize)]
     assert tuple(normalize.mean) == (0.1, 0.2, 0.3) and tuple(normalize.std) == (0.5, 0.6, 0.7)
+
+
+def test_a_trained_vocabulary_must_hold_the_texts_characters():
+    """Below the special tokens and every character (alone and as a ## continuation) the vocabulary
+    would be larger than asked, characters only: refused, naming the size it needs."""
+    from mdfnet_hydra.config import ConfigError
+
+    characters = set("".join(TEXTS).lower()) - {" "}
+    needed = 5 + 2 * len(characters)
+    assert len(train_wordpiece(TEXTS, needed)) == needed, "characters only, no word"
+    assert len(train_wordpiece(TEXTS, needed + 3)) == needed + 3, "three words more"
+    with pytest.raises(ConfigError, match=f"tokenizer_vocab_size={needed - 1} is smaller than the {needed} tokens"):
+        train_wordpiece(TEXTS, needed - 1)

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from mdfnet_hydra.config import TextAttention, TextConfig, TextSource, TokenOutput, to_plain
+from mdfnet_hydra.config import ConfigError, TextAttention, TextConfig, TextSource, TokenOutput, to_plain
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -43,6 +43,8 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int):
     The vocabulary is the special tokens, every character (alone and as a `##` continuation) and
     then the most frequent whole words (ties broken alphabetically) up to `vocab_size`. The
     tokenizers library's own WordPiece trainer is not used: its vocabulary varies between processes.
+    A `vocab_size` below the special tokens and characters the text needs is refused: it would train
+    a larger, characters-only vocabulary than asked for.
     """
     from collections import Counter
 
@@ -55,6 +57,12 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int):
         counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
     alphabet = sorted({ch for word in counts for ch in word})
     vocab = list(SPECIAL_TOKENS) + alphabet + [f"##{ch}" for ch in alphabet]
+    if vocab_size < len(vocab):
+        raise ConfigError(
+            f"model.text.tokenizer_vocab_size={vocab_size} is smaller than the {len(vocab)} tokens the "
+            f"training text needs before any word ({len(SPECIAL_TOKENS)} special tokens and its {len(alphabet)} "
+            f"characters, alone and as ## continuations): give at least {len(vocab)}"
+        )
     words = [w for w, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if len(w) > 1]
     vocab += words[: max(0, vocab_size - len(vocab))]
     tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
