@@ -505,7 +505,9 @@ class BenchConfig:
     # encoder, random weights
     size: BenchSize = BenchSize.tiny
     image_sizes: Optional[List[int]] = None  # None: [64, 224] tiny, [224] real
-    text_length: Optional[int] = None  # token ids per report (None: the data's own; real: 256)
+    # token ids per report, every one of them real (None: the data's own reports at tiny size, 256 at
+    # real; 0: the data's own at any size, padded to the buckets as training pads them)
+    text_length: Optional[int] = None
     batch_size: int = 16  # per device, as in the spec
     samples: int = 512  # synthetic training images generated for the benchmark (per image size)
     steps: int = 20  # timed steps (or batches) per measurement, after `warmup` untimed ones
@@ -1080,8 +1082,8 @@ def bench_problems(cfg: DictConfig) -> list[str]:
         problems.append(
             f"bench.image_sizes must be >= {MIN_IMAGE_SIZE} pixels (one ViT patch), got {list(b.image_sizes)}"
         )
-    if b.text_length is not None and int(b.text_length) < 1:
-        problems.append(f"bench.text_length must be >= 1 (or null), got {b.text_length}")
+    if b.text_length is not None and int(b.text_length) < 0:
+        problems.append(f"bench.text_length must be >= 0 (0: the data's own reports; or null), got {b.text_length}")
     measures = {BenchMeasure(m) for m in b.measure}
     if BenchMeasure.ddp in measures and any(int(n) < 1 for n in b.ddp_workers):
         problems.append(f"bench.ddp_workers must list process counts >= 1, got {list(b.ddp_workers)}")

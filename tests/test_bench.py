@@ -206,6 +206,7 @@ BAD_BENCHMARKS = [
         ["bench.text_length=256"],
         "bench.text_length=256 is longer than the text encoder takes (model.text.max_length 128)",
     ),
+    (["bench.text_length=-1"], "bench.text_length must be >= 0 (0: the data's own reports; or null), got -1"),
 ]
 
 
@@ -318,3 +319,36 @@ def test_the_report_token_measurement_alone_prints_no_step_table(tmp_path):
     assert not any(line.startswith(("measurement", "data loading", "(peak memory")) for line in lines)
     saved = json.loads(out.read_text())
     assert saved["by_image_size"] == {} and saved["text_tokens"]["reports"] > 0
+
+
+@pytest.mark.parametrize("size", ["tiny", "real"])
+def test_the_datas_own_reports_are_padded_to_the_bucket_as_training_pads_them(tmp_path, size):
+    """`bench.text_length=0`: the data's own reports at any size, padded to the bucket (a mask in every
+    batch, as the trainer's); the bucket's length gives reports of that many real tokens (no padding)."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    from mdfnet_hydra.benchmarks.workload import Setup, bench_config, text_length
+    from mdfnet_hydra.runtime import Runtime
+
+    bucket = 128 if size == "tiny" else 256
+    for length, padded in ((0, True), (bucket, False)):
+        with initialize_config_dir(config_dir=str(CONF)):
+            cfg = compose(
+                "bench",
+                overrides=[
+                    f"paths.root={tmp_path}",
+                    f"bench.size={size}",
+                    f"bench.text_length={length}",
+                    "bench.samples=40",
+                    f"model.text.length_buckets=[{bucket}]",
+                ],
+            )
+        assert text_length(cfg.bench) == (None if padded else bucket)
+        if size == "real":  # (the real encoders' set-up costs minutes on this CPU: the resolved length suffices)
+            continue
+        run = bench_config(cfg, 32)
+        (batch,) = Setup(run, ["text"], Runtime.from_config(run.trainer), text_length(cfg.bench)).batches(1)
+        mask = batch["attention_mask"]
+        assert mask.shape[1] == bucket
+        assert bool((mask == 0).any()) is padded, "the data's reports are shorter than the bucket"

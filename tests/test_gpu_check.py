@@ -38,7 +38,7 @@ def test_dry_run_composes_every_gpu_command_and_runs_every_step(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     steps = summary["steps"]
     assert list(steps) == ["environment", "nccl", "default", "real_arch", "compile", "graphs_accum", "bench16",
-                           "bench64", "compiled16", "compiled16_warm", "compiled16_accum1", "compiled64", "compiled128", "compiled256",
+                           "bench64", "compiled16", "compiled16_warm", "compiled16_accum1", "compiled16_data", "compiled64", "compiled128", "compiled256",
                            "trainer16", "stage1_4096", "stage1_loss_eager", "stage1_compiled", "stage1_pooled"]  # fmt: skip
     assert all(s["verdict"] == "PASS" for s in steps.values())
     probes = ("environment", "nccl", "graphs_accum")  # Python snippets, not Hydra commands
@@ -59,6 +59,8 @@ def test_dry_run_composes_every_gpu_command_and_runs_every_step(tmp_path):
     # the trainer's own compiled loop, set against the benchmark's compiled step of this check
     trainer = steps["trainer16"]["details"]
     assert trainer["compile_note"] == "compiled graphs 1, graph breaks 0" and trainer["trainer_over_bench"] > 0
+    assert trainer["trainer_over_bench_256_real"] > 0  # and against reports of 256 real tokens
+    assert steps["compiled16_data"]["details"]["over_compiled16"] > 0
     stage1 = steps["stage1_4096"]["details"]
     assert stage1["stage1_recompute_samples_per_s"] > 0 and stage1["cache_build_samples"] > 0
     assert "cache_build_over_recompute" in stage1["ratios"] and stage1["held_batch_matches_mapped"] is True

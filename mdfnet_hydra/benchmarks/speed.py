@@ -222,6 +222,8 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         "compile_mode": str(getattr(cfg.trainer.compile_mode, "value", cfg.trainer.compile_mode)),
         "compile_loss": bool(cfg.trainer.compile_loss),
         "length_buckets": list(cfg.model.text.length_buckets),
+        # token ids per report, all real; null: the data's own reports, padded to the buckets
+        "text_length": text_length(b),
         "memory": PeakMemory(runtime.device).kind,
         "by_image_size": {},
     }

@@ -56,9 +56,16 @@ def bench_config(cfg: DictConfig, image_size: int) -> DictConfig:
 
 
 def text_length(b: DictConfig) -> Optional[int]:
+    """Token ids per report, each report made that long from its own ids (a real size's stand-in for
+    long reports); None: the data's own reports, padded as training pads them (`bench.text_length=0`,
+    or null at tiny size). The two differ beyond the lengths: ModernBERT's global layers attend
+    without a mask where no report is padded (on a GPU, SDPA's flash kernel) and with one where any
+    is (the memory-efficient kernel), as its sliding-window layers always do."""
     from mdfnet_hydra.config import BenchSize
 
-    return b.text_length if b.text_length is not None else (256 if b.size == BenchSize.real else None)
+    if b.text_length is not None:
+        return int(b.text_length) or None
+    return 256 if b.size == BenchSize.real else None
 
 
 class Setup:
