@@ -957,6 +957,19 @@ def evaluation_problems(options: DictConfig) -> list[str]:
     return problems
 
 
+def global_batch_problem(global_batch_size: Optional[int], world_size: int) -> Optional[str]:
+    """`trainer.global_batch_size` that does not split into equal per-device batches of >= 1 over
+    `world_size` workers: the one wording of the launcher, torchrun's ranks and SLURM's tasks."""
+    if global_batch_size is None or world_size < 1 or int(global_batch_size) % world_size == 0:
+        return None
+    below = int(global_batch_size) // world_size * world_size
+    nearest = " or ".join(str(n) for n in (below, below + world_size) if n >= 1)
+    return (
+        f"trainer.global_batch_size={global_batch_size} does not split over {world_size} workers "
+        f"(world size): use a multiple of {world_size} ({nearest})"
+    )
+
+
 def refuse(problems: list[str]) -> None:
     """End a start that found problems: one ConfigError listing them all (cli.py prints it)."""
     if problems:

@@ -19,7 +19,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from mdfnet_hydra.config import ConfigError, validate_config
+from mdfnet_hydra.config import ConfigError, global_batch_problem, refuse, validate_config
 from mdfnet_hydra.distributed import worker_env
 from mdfnet_hydra.pruning import PruningTarget, TrialReporter, pruning_target
 from mdfnet_hydra.run_directory import RunDirectoryBusy, RunDirectoryConflict, claim
@@ -36,6 +36,7 @@ def run_job(cfg: DictConfig) -> Objective:
     multirun = in_multirun()
     try:
         validate_config(cfg)
+        refuse(world_size_problems(cfg))
         refused: Optional[ConfigError] = None
     except ConfigError as err:
         if not multirun:
@@ -69,6 +70,24 @@ def run_job(cfg: DictConfig) -> Objective:
     except (RunDirectoryBusy, RunDirectoryConflict) as err:  # the directory is another job's: write nothing there
         log.error("trial not run: %s", err)
         return objective_value(cfg, {})
+
+
+def world_size(cfg: DictConfig, environ=os.environ) -> int:
+    """The job's workers over all nodes, known before any starts: torchrun's / SLURM's WORLD_SIZE in
+    a worker, else the launcher's trainer.nproc_per_node x nodes (SLURM's nodes with one task per node)."""
+    tc = cfg.trainer
+    env = worker_env(environ, nproc_per_node=tc.nproc_per_node)
+    if env is not None:
+        return env.world_size
+    topology = slurm_topology(environ)
+    return int(tc.nproc_per_node) * (topology[0] if topology is not None else int(tc.nnodes))
+
+
+def world_size_problems(cfg: DictConfig, environ=os.environ) -> list[str]:
+    """What the world size rules out, refused before any worker starts (a worker's refusal is a crash
+    to the elastic agent, which restarts the group trainer.max_restarts times)."""
+    problem = global_batch_problem(cfg.trainer.global_batch_size, world_size(cfg, environ))
+    return [problem] if problem else []
 
 
 def mark_pruned(pruning: PruningTarget) -> None:

@@ -12,7 +12,7 @@ from typing import ContextManager, Optional
 import numpy as np
 import torch
 
-from mdfnet_hydra.config import ConfigError, Precision, TrainerConfig
+from mdfnet_hydra.config import ConfigError, Precision, TrainerConfig, global_batch_problem, refuse
 from mdfnet_hydra.distributed import WorkerEnv, default_backend
 from mdfnet_hydra.machine import Machine, gpus_hidden_by_submitit_local, set_compute_threads
 
@@ -78,10 +78,9 @@ class Runtime:
         """`batch_size` per device, or `global_batch_size` split evenly over the world."""
         if cfg.global_batch_size is None:
             return int(cfg.batch_size)
-        if cfg.global_batch_size % self.world_size:
-            raise ConfigError(
-                f"trainer.global_batch_size={cfg.global_batch_size} does not split over {self.world_size} workers"
-            )
+        problem = global_batch_problem(cfg.global_batch_size, self.world_size)
+        if problem:  # the launcher refuses it before starting workers (launch.py); torchrun's ranks here
+            refuse([problem])
         return int(cfg.global_batch_size) // self.world_size
 
     def autocast(self) -> ContextManager:

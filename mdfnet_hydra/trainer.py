@@ -168,15 +168,8 @@ class PhaseTrainer:
         )
         self.loss_fn = MultiLabelLoss(cfg.loss)
         self.loaders = self._loaders(collate)
-        n_batches = len(self.loaders["train"])
-        if self.trainer_cfg.limit_train_batches:
-            n_batches = min(n_batches, int(self.trainer_cfg.limit_train_batches))
-        if n_batches == 0:
-            raise ConfigError(
-                f"the training split ({len(datasets['train'])} samples) is smaller than one batch "
-                f"({self.trainer_cfg.batch_size}); lower trainer.batch_size"
-            )
-        self.accum = max(1, min(int(self.trainer_cfg.grad_accum), n_batches))
+        n_batches = self._train_batches_per_epoch()
+        self.accum = int(self.trainer_cfg.grad_accum)
         self.steps_per_epoch = n_batches // self.accum
         self.batches_per_epoch = self.steps_per_epoch * self.accum
         self.optimizer = build_optimizer(self.model, self.phase, cfg.optimizer, fused=runtime.fused_optimizer)
@@ -224,6 +217,34 @@ class PhaseTrainer:
         )
 
     # ------------------------------------------------------------------ setup
+    def _train_batches_per_epoch(self) -> int:
+        """Each worker's training batches per epoch. Refused: none (the split is smaller than the
+        batch in force), or fewer than trainer.grad_accum (a shorter window would step with a
+        smaller effective batch than the job states)."""
+        tc, world, per_device = self.trainer_cfg, self.runtime.world_size, self.per_device_batch
+        samples, n_batches = len(self.datasets["train"]), len(self.loaders["train"])
+        batch = f"{per_device * world} = {per_device} per device x {world} workers" if world > 1 else f"{per_device}"
+        if tc.global_batch_size is not None:
+            smaller = "lower trainer.global_batch_size"
+        else:
+            smaller = "lower trainer.batch_size (per device)" + (" or use fewer workers" if world > 1 else "")
+        if n_batches == 0:
+            raise ConfigError(f"the training split ({samples} samples) is smaller than one batch ({batch}); {smaller}")
+        limit = tc.limit_train_batches
+        if limit and int(limit) < n_batches:
+            n_batches, source = int(limit), f"trainer.limit_train_batches={limit}"
+        else:
+            source = f"the training split ({samples} samples) in batches of {batch}"
+        accum = int(tc.grad_accum)
+        if n_batches < accum:
+            raise ConfigError(
+                f"trainer.grad_accum={accum} needs {accum} batches per epoch, but {source} gives {n_batches} "
+                f"per worker: the effective batch would be {per_device * world * n_batches}, not "
+                f"{per_device * world * accum}; lower trainer.grad_accum to {n_batches} or "
+                + ("raise trainer.limit_train_batches" if source.startswith("trainer.") else smaller)
+            )
+        return n_batches
+
     def _log_compile_plan(self) -> None:
         """How the step compiled itself (step.py)."""
         plan = self.compile_plan

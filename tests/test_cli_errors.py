@@ -83,6 +83,64 @@ def test_mistakes_found_once_the_job_knows_its_machine_are_one_line_too(tmp_path
     assert "lower trainer.batch_size" in (run / "logs" / "train.log").read_text()
 
 
+def test_a_global_batch_the_workers_cannot_split_is_refused_before_they_start(tmp_path):
+    """It was found inside each worker, which the elastic agent restarted trainer.max_restarts
+    times: about 80 s and 190 traceback lines for a one-line mistake."""
+    for batch, nearest in ((10, "9 or 12"), (2, "3")):
+        result = run_cli("trainer.nproc_per_node=3", f"trainer.global_batch_size={batch}", f"paths.root={tmp_path}")
+        assert result.returncode == 1
+        assert result.stderr.strip() == (
+            f"mdfnet_hydra.train: error: invalid configuration: trainer.global_batch_size={batch} does not split "
+            f"over 3 workers (world size): use a multiple of 3 ({nearest})"
+        )
+        assert not list((tmp_path / "runs").glob("*")), "no run directory"
+
+
+def test_a_training_split_smaller_than_the_global_batch_names_that_batch(tmp_path):
+    """2 workers with a global batch of 12 on a 10-sample split: the batch in force is 12 (6 per
+    device x 2), set by trainer.global_batch_size; trainer.batch_size (16) plays no part."""
+    result = run_cli(
+        "debug=fast",
+        "modality=clinical",
+        "stage=stage1",
+        "data.small_sample=10",
+        "trainer.nproc_per_node=2",
+        "trainer.global_batch_size=12",
+        "trainer.max_restarts=0",
+        f"paths.root={tmp_path}",
+        *SMALL_DATA,
+    )
+    assert result.returncode == 1
+    message = (
+        "the training split (10 samples) is smaller than one batch (12 = 6 per device x 2 workers); "
+        "lower trainer.global_batch_size"
+    )
+    assert message in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
+    (run,) = tmp_path.glob("runs/*/*")
+    assert message in (run / "logs" / "train.log").read_text()
+
+
+def test_fewer_batches_per_epoch_than_grad_accum_are_refused_naming_the_effective_batch(tmp_path):
+    """The window was cut to the epoch's batches without a word: effective batch 16 where the job's
+    first lines said 32."""
+    common = ["debug=fast", "modality=clinical", "stage=stage1", f"paths.root={tmp_path}", *SMALL_DATA]
+    result = run_cli(*common, "data.small_sample=20")  # 1 batch of 16, trainer.grad_accum=2
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "mdfnet_hydra.train: error: trainer.grad_accum=2 needs 2 batches per epoch, but the training split "
+        "(20 samples) in batches of 16 gives 1 per worker: the effective batch would be 16, not 32; lower "
+        "trainer.grad_accum to 1 or lower trainer.batch_size (per device)"
+    )
+    limited = run_cli(*common, "trainer.limit_train_batches=1", f"hydra.run.dir={tmp_path / 'limited'}")
+    assert limited.returncode == 1 and "Traceback" not in limited.stderr, limited.stderr[-2000:]
+    last = limited.stderr.strip().splitlines()[-1]
+    assert last.endswith(
+        "trainer.limit_train_batches=1 gives 1 per worker: the effective batch would be 16, not 32; lower "
+        "trainer.grad_accum to 1 or raise trainer.limit_train_batches"
+    ), last
+    assert not list(tmp_path.glob("runs/*/*/stage1/checkpoints/*.pth")), "nothing trained"
+
+
 def test_a_trained_vocabulary_smaller_than_the_text_needs_is_one_line(tmp_path):
     """It trained a larger, characters-only vocabulary than asked for, silently."""
     result = run_cli("debug=fast", "modality=text", "model.text.tokenizer_vocab_size=20", f"paths.root={tmp_path}")

@@ -312,3 +312,32 @@ def test_a_sweeps_own_process_leaves_the_machine_checks_to_its_trials(cfg_factor
     validate_config(cfg, host=False)
     with pytest.raises(ConfigError, match="no such checkpoint file"):
         validate_config(cfg)
+
+
+def test_a_global_batch_the_world_size_cannot_split_is_one_wording_everywhere(cfg_factory):
+    """The launcher (nproc_per_node x nnodes, known before any worker starts), torchrun's ranks
+    (WORLD_SIZE) and a worker's runtime refuse it with the same words."""
+    from mdfnet_hydra.launch import world_size_problems
+    from mdfnet_hydra.runtime import Runtime
+
+    expected = "trainer.global_batch_size=10 does not split over 3 workers (world size): use a multiple of 3 (9 or 12)"
+    launcher = cfg_factory("trainer.nproc_per_node=3", "trainer.global_batch_size=10")
+    assert world_size_problems(launcher, environ={}) == [expected]
+    two_nodes = cfg_factory("trainer.nproc_per_node=2", "trainer.nnodes=2", "trainer.global_batch_size=6")
+    assert world_size_problems(two_nodes, environ={}) == [
+        "trainer.global_batch_size=6 does not split over 4 workers (world size): use a multiple of 4 (4 or 8)"
+    ]
+    torchrun = cfg_factory("trainer.global_batch_size=10")
+    assert world_size_problems(torchrun, environ={"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "3"}) == [expected]
+    assert world_size_problems(torchrun, environ={}) == [], "one process takes any global batch"
+    import torch
+
+    from mdfnet_hydra.config import Precision
+
+    with pytest.raises(ConfigError) as refused:
+        Runtime(device=torch.device("cpu"), precision=Precision.fp32, world_size=3).per_device_batch(torchrun.trainer)
+    assert str(refused.value) == f"invalid configuration:\n  - {expected}"
+    tiny = cfg_factory("trainer.nproc_per_node=3", "trainer.global_batch_size=2")  # a per-device batch of 0
+    assert world_size_problems(tiny, environ={}) == [
+        "trainer.global_batch_size=2 does not split over 3 workers (world size): use a multiple of 3 (3)"
+    ]
