@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Callable, Mapping, Optional, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 
 @dataclass(frozen=True)
@@ -174,3 +175,106 @@ def _store_agreed_time() -> datetime:
     mine = datetime.now().isoformat()
     agreed = store.compare_set(key, "", mine)
     return datetime.fromisoformat(agreed.decode() if isinstance(agreed, bytes) else agreed)
+
+
+# ---------------------------------------------------------------- what every rank must agree on
+# Config keys that may differ between the ranks of one job: the node's own index (each node's
+# launcher is told its own), and the run directory, which every rank takes from rank 0
+# (pipeline.run: broadcast_from_main) and which srun tasks resolve from their own clocks.
+PER_NODE_KEYS = ("trainer.node_rank", "paths.run_dir")
+
+
+def node_index(config: Mapping) -> int:
+    """This process's node as its user numbered it: `trainer.node_rank` of a launcher started on
+    each node, else the elastic agent's node (GROUP_RANK: torchrun, SLURM one task per node), else
+    SLURM's node of the task."""
+    trainer = config.get("trainer") or {}
+    if int(trainer.get("nnodes") or 1) > 1 and "SLURM_NODEID" not in os.environ:
+        return int(trainer.get("node_rank") or 0)
+    return int(os.environ.get("GROUP_RANK", os.environ.get("SLURM_NODEID", "0")))
+
+
+def _ranks(ranks: list[int]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    consecutive = ranks == list(range(ranks[0], ranks[-1] + 1))
+    return f"ranks {ranks[0]}-{ranks[-1]}" if consecutive else "ranks " + ", ".join(map(str, ranks))
+
+
+def config_differences(configs: list[tuple[int, dict]]) -> str:
+    """'' when every rank's flat config equals rank 0's, else one message naming the nodes (ranks)
+    that differ and each differing key with both values. `configs`: (node, flat config) by rank."""
+    node0, reference = configs[0]
+    by_node: dict[int, tuple[list[int], dict[str, Any]]] = {}
+    for rank, (node, flat) in enumerate(configs):
+        keys = sorted(k for k in set(reference) | set(flat) if reference.get(k, _ABSENT) != flat.get(k, _ABSENT))
+        if keys:
+            ranks, differing = by_node.setdefault(node, ([], {}))
+            ranks.append(rank)
+            for key in keys:
+                differing.setdefault(key, flat.get(key, _ABSENT))
+    if not by_node:
+        return ""
+    parts = []
+    for node, (ranks, differing) in sorted(by_node.items()):
+        values = ", ".join(
+            f"{key} ({_shown(reference.get(key, _ABSENT))} on node {node0}, {_shown(value)} on node {node})"
+            for key, value in differing.items()
+        )
+        who = f"node {node} ({_ranks(ranks)})" if node != node0 else f"{_ranks(ranks)} on node {node0}"
+        parts.append(f"{who} was started with another config than node {node0}: {values}")
+    return "; ".join(parts) + "; start every node with the same overrides (only trainer.node_rank differs)"
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "not set"
+
+
+_ABSENT = _Absent()
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if isinstance(value, _Absent) else str(value)
+
+
+def refuse_differing_configs(config: dict) -> None:
+    """Every rank's resolved config against rank 0's, once the process group is up and before any
+    work: a node started with other overrides would otherwise train with other settings (or look
+    for files rank 0 never made). All ranks learn every config, so all raise the same ConfigError
+    together and none is left waiting in a collective."""
+    import torch.distributed as dist
+
+    from mdfnet_hydra.config import ConfigError
+    from mdfnet_hydra.identity import flatten
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flat = {k: v for k, v in flatten(config).items() if not any(k == p or k.startswith(p + ".") for p in PER_NODE_KEYS)}
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (node_index(config), flat))
+    message = config_differences(gathered)
+    if message:
+        raise ConfigError(message)
+
+
+def refuse_unseen(path: Path, what: str, fix: str, node: Optional[int] = None) -> None:
+    """After rank 0 made `path` for every rank to read (a cache it built, then a barrier): each
+    rank says whether it sees it, and all ranks fail together, naming rank 0's path and the ranks
+    that do not see it, when any does not (a node-local disk where a shared file system was
+    needed). `node`: this rank's node as node_index numbers it (default: the agent's / SLURM's)."""
+    import torch.distributed as dist
+
+    from mdfnet_hydra.config import ConfigError
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    if node is None:
+        node = int(os.environ.get("GROUP_RANK", os.environ.get("SLURM_NODEID", "0")))
+    seen: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (path.exists(), node, str(path)))
+    blind = [rank for rank, (exists, _, _) in enumerate(seen) if not exists]
+    if blind:
+        nodes = sorted({seen[rank][1] for rank in blind})
+        where = ", ".join(f"node {n} ({_ranks([r for r in blind if seen[r][1] == n])})" for n in nodes)
+        raise ConfigError(f"{what} {seen[0][2]}, built by rank 0, is not visible on {where}: {fix}")

@@ -189,6 +189,14 @@ def launch_workers(
         endpoint,
         tc.max_restarts,
     )
+    if nnodes > 1:
+        log.info(
+            "waiting for %d nodes at %s (rendezvous %s; torch gives up after %d s)",
+            nnodes,
+            endpoint,
+            run_id,
+            rendezvous_timeout(config),
+        )
     payload = OmegaConf.to_yaml(cfg, resolve=True)
     # the workers' share of the CPUs, for the workers only (torch reads it at their start); this
     # process's next job (a sweep's next trial) chooses its own threads again
@@ -201,6 +209,18 @@ def launch_workers(
             os.environ.pop("OMP_NUM_THREADS", None)
     rank = min(results)  # global rank 0 on node 0; the lowest local worker elsewhere
     return results[rank]
+
+
+def rendezvous_timeout(config) -> int:
+    """Seconds torch's agent waits for every node to join: the static rendezvous's `timeout`
+    (LaunchConfig sets 900), c10d's `join_timeout` (600 unless rdzv_configs sets it)."""
+    if config.rdzv_backend == "static":
+        return int(config.rdzv_configs["timeout"])
+    if "join_timeout" in config.rdzv_configs:
+        return int(config.rdzv_configs["join_timeout"])
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import RendezvousTimeout
+
+    return int(RendezvousTimeout().join.total_seconds())
 
 
 def worker(payload: str, evaluate_at_end: bool = True, pruning: Optional[PruningTarget] = None) -> dict:

@@ -25,6 +25,7 @@ from mdfnet_hydra.distributed import (
     destroy_process_group,
     init_process_group,
     main_first,
+    refuse_differing_configs,
     worker_env,
 )
 from mdfnet_hydra.evaluation import evaluate_quietly
@@ -77,6 +78,7 @@ def run(
                 _claim_for_all_ranks(cfg, runtime, run_dir, held)
             handler = attach_log_file(run_dir / "logs" / "train.log") if runtime.is_main else None
             try:
+                refuse_differing_configs(to_plain(cfg))  # before any work: nodes started alike
                 return _run(cfg, runtime, run_dir, evaluate_at_end, pruning)
             except BaseException as err:
                 log_failure(handler, err)  # the console has Hydra's traceback; the run's own log gets it too

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import REPO, run_cli
 from mdfnet_hydra.checkpoint import load_checkpoint
-from mdfnet_hydra.distributed import WorkerEnv, worker_env
+from mdfnet_hydra.distributed import WorkerEnv, config_differences, worker_env
 from mdfnet_hydra.labels import CHEXPERT_LABELS
 
 SMALL = ("data.synthetic.num_samples=300", "data.synthetic.image_size=32")
@@ -323,3 +324,148 @@ def test_data_parallel_jobs_inside_a_multirun(tmp_path):
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("evaluation")) == ["sweep/evaluation"]
     with (tmp_path / "sweep" / "evaluation" / "results_summary.csv").open() as handle:
         assert len(list(handle)) == 1 + 4, "both stages of both jobs"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_nodes(tmp_path: Path, node1_extra: tuple[str, ...] = ()) -> list[tuple[int, str]]:
+    """One job on two "nodes" of this machine, as docs/distributed.md starts it: a launcher per
+    node with its own command line (node 1's with `node1_extra` added), one worker each, one
+    rendezvous and one shared run directory. (exit status, console) per node."""
+    port = _free_port()
+    common = (
+        "debug=fast",
+        *SMALL,
+        f"paths.root={tmp_path}",
+        "stage=stage1",
+        "modality=vision_clinical",
+        "evaluation.on_finish=false",
+        "trainer.nproc_per_node=1",
+        "trainer.nnodes=2",
+        "trainer.max_restarts=0",
+        f"trainer.rdzv_endpoint=127.0.0.1:{port}",
+        f"trainer.rdzv_id=two-nodes-{port}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    consoles = [tmp_path / f"node{k}.out" for k in (0, 1)]
+    procs = []
+    for k, console in enumerate(consoles):
+        args = (*common, f"trainer.node_rank={k}", *(node1_extra if k else ()))
+        with console.open("w") as out:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "mdfnet_hydra.train", *args], cwd=REPO, env=env, stdout=out, stderr=out
+                )
+            )
+    try:
+        codes = [proc.wait(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [(code, console.read_text()) for code, console in zip(codes, consoles)]
+
+
+@pytest.mark.slow  # two launchers and their workers on 2 cores: tens of seconds
+def test_two_nodes_with_the_same_config_train_one_job(tmp_path):
+    results = two_nodes(tmp_path)
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert "waiting for 2 nodes at 127.0.0.1:" in results[0][1]
+    log = (tmp_path / "run" / "logs" / "train.log").read_text()
+    assert log.count("world size 2 (backend gloo") == 1, log[-3000:]
+    assert (tmp_path / "run" / "stage1" / "checkpoints" / "best_mean.pth").is_file()
+
+
+def test_two_nodes_started_with_different_overrides_both_fail_naming_the_keys(tmp_path):
+    results = two_nodes(tmp_path, node1_extra=("phases.stage1.lr=0.01",))
+    expected = (
+        "node 1 (rank 1) was started with another config than node 0: phases.stage1.lr (0.001 on node 0, "
+        "0.01 on node 1); start every node with the same overrides"
+    )
+    for node, (code, console) in enumerate(results):
+        assert code != 0, f"node {node}:\n{console[-3000:]}"
+        assert expected in console, f"node {node}:\n{console[-3000:]}"
+    log = (tmp_path / "run" / "logs" / "train.log").read_text()
+    assert f"job failed: ConfigError: {expected}" in log, log[-3000:]
+    assert not (tmp_path / "run" / "stage1").exists(), "no work before the check"
+
+
+# each rank: a gloo group of 2, a cache every rank sees, then one rank 1 does not see
+CACHE_CHECK = """
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from mdfnet_hydra.config import ConfigError
+from mdfnet_hydra.data.feature_cache import SHARED_CACHE
+from mdfnet_hydra.distributed import refuse_unseen
+
+shared, local = Path(sys.argv[1]), Path(sys.argv[2])
+dist.init_process_group("gloo", init_method="env://")
+refuse_unseen(shared, "the feature cache", SHARED_CACHE)
+print("shared: seen")
+try:
+    refuse_unseen(local, "the feature cache", SHARED_CACHE)
+    print("local: seen")
+except ConfigError as err:
+    print(f"local: {err}")
+dist.destroy_process_group()
+"""
+
+
+def test_a_cache_some_node_cannot_see_fails_every_rank_naming_it(tmp_path):
+    """Node-local `paths.cache_dir` (the same path on each node, another disk): rank 0 built the
+    cache in its directory, which does not exist for rank 1 ("node 1"). Two real gloo ranks; both
+    must raise the same error instead of rank 1 failing alone with a FileNotFoundError."""
+    shared = tmp_path / "cache" / "vision" / "abc"
+    shared.mkdir(parents=True)
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        local = shared if rank == 0 else tmp_path / "node1" / "cache" / "vision" / "abc"
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": "0",
+            "GROUP_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", CACHE_CHECK, str(shared), str(local)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    expected = (
+        f"local: the feature cache {shared}, built by rank 0, is not visible on node 1 (rank 1): "
+        "paths.cache_dir must be on a file system every node shares, or data.feature_cache=false"
+    )
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank}:\n{output[-3000:]}"
+        assert output.splitlines()[-2:] == ["shared: seen", expected], f"rank {rank}:\n{output[-3000:]}"
+
+
+def test_config_differences_name_each_node_its_ranks_and_both_values():
+    same = {"seed": 42, "phases.stage1.lr": 0.001}
+    other = {"seed": 7, "phases.stage1.lr": 0.001, "extra": 1}
+    assert config_differences([(0, same), (0, same), (1, same), (1, same)]) == ""
+    message = config_differences([(0, same), (0, same), (1, other), (1, other), (2, same), (2, same)])
+    assert message == (
+        "node 1 (ranks 2-3) was started with another config than node 0: extra (not set on node 0, 1 on node 1), "
+        "seed (42 on node 0, 7 on node 1); start every node with the same overrides (only trainer.node_rank differs)"
+    )
+    assert config_differences([(0, same), (0, other)]).startswith("rank 1 on node 0 was started with another config")

@@ -44,6 +44,8 @@ CACHED_MODALITIES = ("vision", "text")  # the pre-trained encoders; the clinical
 DTYPES = {"float16": np.float16, "float32": np.float32}
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 DEVICE_SHARE = 0.25  # auto: cached splits held on a CUDA device while they fit in this share of its memory
+# what to do when ranks on other nodes do not see the cache rank 0 built
+SHARED_CACHE = "paths.cache_dir must be on a file system every node shares, or data.feature_cache=false"
 HOLD_CHUNK_BYTES = 64 * 2**20  # per host-to-device copy when a cache is moved onto the device
 
 
@@ -359,7 +361,7 @@ def cached_datasets(
 
 def _cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime, pad_id: int) -> dict[str, Dataset]:
     from mdfnet_hydra.config import CacheDtype, to_plain
-    from mdfnet_hydra.distributed import barrier
+    from mdfnet_hydra.distributed import barrier, node_index, refuse_unseen
 
     root = Path(cfg.paths.cache_dir).expanduser().resolve()
     dtype = CacheDtype(cfg.data.feature_cache_dtype).value
@@ -388,6 +390,7 @@ def _cached_datasets(model, datasets: dict[str, MultimodalDataset], cfg, runtime
                     time.perf_counter() - started,
                 )
             barrier()  # the other ranks read what rank 0 found or built
+            refuse_unseen(root / modality / key, "the feature cache", SHARED_CACHE, node_index(cfg))
             if not runtime.is_main:
                 caches[modality] = FeatureArrays(root / modality / key)
         buckets = cfg.model.text.length_buckets if split == "train" else ()  # evaluation runs eagerly
