@@ -14,7 +14,8 @@ whose failures trial.run_trial records in the trial's directory and the sweep go
   but that record (and the run-directory record and lock of run_directory.py) is removed, unless
   another job holds it or the error is a run-directory refusal (the directory is another job's).
 - Ctrl-C prints one line (where the run stands and, for training, the command that resumes it) and
-  exits with status 130.
+  exits with status 130; SIGTERM (scancel, a SLURM time limit or preemption) the same line with
+  status 143.
 
 Imports stay light: an error class is looked up only in modules already imported (an exception of
 a class whose module was never imported cannot have been raised).
@@ -55,6 +56,9 @@ REFUSALS: tuple[tuple[str, str], ...] = (
     ("mdfnet_hydra.run_directory", "RunDirectoryConflict"),
 )
 INTERRUPTED_STATUS = 128 + signal.SIGINT
+TERMINATED_STATUS = 128 + signal.SIGTERM
+
+
 _SAFE_OVERRIDE_VALUE = re.compile(r"^[\w./-]+$")
 
 
@@ -68,6 +72,11 @@ def reported(prog: str, interrupted: Optional[Callable[[], str]] = None) -> Iter
         yield
     except BaseException as err:  # noqa: BLE001 - sorted below; everything else is re-raised as it was
         if in_multirun():
+            raise
+        if is_terminated(err):
+            print(f"{prog}: terminated (SIGTERM){_describe(interrupted)}", file=sys.stderr, flush=True)
+            if not _full_error():
+                raise SystemExit(TERMINATED_STATUS) from None
             raise
         if is_interrupt(err):
             print(f"{prog}: interrupted (Ctrl-C){_describe(interrupted)}", file=sys.stderr, flush=True)
@@ -147,6 +156,19 @@ def is_interrupt(err: BaseException) -> bool:
     return any(
         isinstance(e, KeyboardInterrupt)
         or (type(e).__name__ == "SignalException" and getattr(e, "sigval", None) == signal.SIGINT)
+        for e in error_chain(err)
+    )
+
+
+def is_terminated(err: BaseException) -> bool:
+    """SIGTERM: `Terminated` (sigterm_unwinds), or torch's elastic agent's SignalException for it
+    (the launcher of data-parallel workers, which passes the signal on to them)."""
+    from mdfnet_hydra.files import error_chain
+    from mdfnet_hydra.signals import Terminated
+
+    return any(
+        isinstance(e, Terminated)
+        or (type(e).__name__ == "SignalException" and getattr(e, "sigval", None) == signal.SIGTERM)
         for e in error_chain(err)
     )
 

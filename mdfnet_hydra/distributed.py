@@ -124,6 +124,18 @@ def process_rank(environ: Mapping[str, str] = os.environ) -> int:
     return env.rank if env is not None else 0
 
 
+def mean_over_ranks(tensor):
+    """The element-wise mean of a tensor over all ranks (itself when alone): a metric of every
+    rank's samples, not rank 0's share (gloo has no average, so a sum divided by the ranks)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / dist.get_world_size()
+
+
 def all_gather_rows(tensor):
     """Concatenate equally shaped per-rank tensors along dim 0 in rank order (identity when alone)."""
     import torch

@@ -40,6 +40,7 @@ from mdfnet_hydra.pruning import PruningTarget
 from mdfnet_hydra.report import format_summary
 from mdfnet_hydra.run_directory import RunDirectoryBusy, RunDirectoryConflict, claim
 from mdfnet_hydra.runtime import Runtime, resolve_device, seed_everything
+from mdfnet_hydra.signals import sigterm_unwinds
 from mdfnet_hydra.tracking import attach_log_file, detach_log_file, log_failure
 from mdfnet_hydra.trainer import PhaseTrainer
 
@@ -59,6 +60,13 @@ def run(
     (its caller decides: a multirun evaluates its runs once, at its end). `pruning`: the sweep's
     trial this job reports its epochs to (pruning.py).
     """
+    with sigterm_unwinds():  # SIGTERM ends the job as Ctrl-C does: a line in its log, files whole
+        return _run_process(cfg, claim_run_dir, evaluate_at_end, pruning)
+
+
+def _run_process(
+    cfg: DictConfig, claim_run_dir: bool, evaluate_at_end: bool, pruning: PruningTarget | None
+) -> dict[str, Any]:
     env = worker_env(nproc_per_node=int(cfg.trainer.nproc_per_node))
     runtime = Runtime.from_config(cfg.trainer, env)
     if evaluate_at_end and cfg.evaluation.on_finish:  # a device the end-of-run evaluation cannot use: now, not then

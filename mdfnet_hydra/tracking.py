@@ -47,7 +47,11 @@ def log_failure(handler: Optional[logging.Handler], err: BaseException) -> None:
     already shows it); Ctrl-C as one line."""
     if handler is None:
         return
-    if isinstance(err, KeyboardInterrupt):
+    from mdfnet_hydra.signals import Terminated
+
+    if isinstance(err, Terminated):
+        message = "terminated (SIGTERM: scancel, a time limit or preemption); rerun the same command to resume"
+    elif isinstance(err, KeyboardInterrupt):
         message = "interrupted (Ctrl-C / SIGINT); rerun the same command to resume"
     else:
         message = f"job failed: {type(err).__name__}: {public_message(err)}\n{public_traceback(err)}"

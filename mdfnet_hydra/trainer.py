@@ -27,7 +27,7 @@ from mdfnet_hydra.compiling import CompilePlan, compile_counts
 from mdfnet_hydra.config import CheckpointName, ConfigError, PhaseConfig
 from mdfnet_hydra.data.dataset import MultimodalDataset
 from mdfnet_hydra.data.loading import describe_loader, loader_settings
-from mdfnet_hydra.distributed import all_gather_rows, barrier, broadcast_from_main
+from mdfnet_hydra.distributed import all_gather_rows, barrier, broadcast_from_main, mean_over_ranks
 from mdfnet_hydra.files import DamagedFileError, write_text
 from mdfnet_hydra.labels import CHEXPERT_LABELS, tag_name
 from mdfnet_hydra.losses import MultiLabelLoss
@@ -646,7 +646,8 @@ class PhaseTrainer:
                 continue
             self.state.global_step = step
             if logging_step:
-                loss = float(terms.total.detach())  # host sync only at logging intervals
+                # every rank's micro-batch, not rank 0's share; host sync only at logging intervals
+                loss = float(mean_over_ranks(terms.total.detach().float()))
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"{self.name}: non-finite loss ({loss}) at epoch {epoch}, step {step}")
                 elapsed = time.perf_counter() - interval_start
@@ -680,7 +681,8 @@ class PhaseTrainer:
                 100 * self.data_wait_share,
                 describe_loader(self.loaders["train"]),
             )
-        means = (totals / max(batches, 1)).tolist() if totals is not None else []
+        # over every rank's batches (each rank steps through as many): the epoch's training loss
+        means = mean_over_ranks(totals / max(batches, 1)).tolist() if totals is not None else []
         if not all(math.isfinite(v) for v in means):
             raise FloatingPointError(f"{self.name}: non-finite training loss in epoch {epoch}: {means}")
         return dict(zip(names, means))

@@ -106,9 +106,12 @@ def run_cli(
     )
 
 
-def interrupted_cli(*args: str, when: Callable[[], bool], timeout: float = 300) -> tuple[int, str]:
+def interrupted_cli(
+    *args: str, when: Callable[[], bool], timeout: float = 300, sig: int = signal.SIGINT
+) -> tuple[int, str]:
     """The real entry point as a terminal's foreground job (its own process group, SIGINT not
-    ignored), sent what Ctrl-C sends once `when()` holds: (exit status, stderr)."""
+    ignored), sent what Ctrl-C sends (or `sig`: SIGTERM is what scancel and SLURM's time limit send
+    every process of a job) once `when()` holds: (exit status, stderr)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "mdfnet_hydra.train", *args],
         cwd=REPO,
@@ -123,7 +126,7 @@ def interrupted_cli(*args: str, when: Callable[[], bool], timeout: float = 300) 
     while not when() and time.time() < deadline:
         assert process.poll() is None, process.communicate()[1][-3000:]
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGINT)
+    os.killpg(process.pid, sig)
     _, stderr = process.communicate(timeout=120)
     return process.returncode, stderr
 

@@ -7,9 +7,12 @@ import fcntl
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO, SMALL_DATA, interrupted_cli, run_cli
 
@@ -278,6 +281,35 @@ def test_ctrl_c_prints_where_the_run_stands_and_the_command_that_resumes_it(tmp_
     assert (run_dir / "metrics.json").is_file() and list(tmp_path.glob("runs/*/*")) == [run_dir], (
         "in the same directory"
     )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_ends_the_job_with_a_line_in_its_log_and_the_resume_command(tmp_path, output_root, workers):
+    """What scancel, a SLURM time limit or preemption send every process of the job: the run's log
+    says so (Python's default ended the process without a word), the console gives the Ctrl-C line
+    with SIGTERM's status, 143; with two workers the launcher says it, not torch's traceback."""
+    args = [
+        "debug=fast",
+        "modality=clinical",
+        "stage=stage1",
+        "phases.stage1.epochs=4",
+        *SMALL_DATA,
+        f"paths.root={tmp_path}",
+        f"paths.data_dir={output_root}/data",
+        f"paths.cache_dir={output_root}/cache",
+        "evaluation.on_finish=false",
+        f"trainer.nproc_per_node={workers}",
+    ]
+    status, stderr = interrupted_cli(
+        *args, when=lambda: bool(list(tmp_path.glob("runs/*/*/stage1/checkpoints/last.pth"))), sig=signal.SIGTERM
+    )
+    (run_dir,) = tmp_path.glob("runs/*/*")
+    assert status == 143, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"mdfnet_hydra.train: terminated (SIGTERM); run directory {run_dir}: stage1 "), line
+    assert "Resume with: python -m mdfnet_hydra.train " in line and "Traceback" not in stderr, stderr[-3000:]
+    log = (run_dir / "logs" / "train.log").read_text().strip().splitlines()  # the job's log, as for Ctrl-C
+    assert "terminated (SIGTERM: scancel, a time limit or preemption); rerun the same command to resume" in log[-1]
 
 
 def test_evaluate_on_a_device_the_machine_lacks_is_one_line_before_any_run_is_read(tmp_path):

@@ -109,6 +109,12 @@ def test_two_workers_match_one_worker(one_and_two_workers):
         assert sum(mb["positives"].values()) + sum(mb["negatives"].values()) == sum(ma["positives"].values()) + sum(
             ma["negatives"].values()
         )
+        # the logged training loss too: every rank's batches (it was rank 0's half), per epoch and per step
+        logs = [(run / stage / "logs" / "train.log").read_text() for run in (one, two)]
+        for pattern in (r"train loss ([0-9.]+)", r"step \d+/\d+ \| loss ([0-9.]+)"):
+            single, double = ([float(v) for v in re.findall(pattern, log)] for log in logs)
+            assert single and len(single) == len(double), pattern
+            assert double == pytest.approx(single, abs=2e-4), pattern
 
 
 @pytest.mark.slow  # two ranks compile each stage's step with inductor: about a minute on 2 cores

@@ -319,7 +319,7 @@ def test_cli_and_end_of_run_evaluation(tmp_path):
 def doubtful(tmp_path_factory):
     """Runs a careless reading would pair or count: a multimodal run scored against other labels
     than the vision runs (uncertain findings counted positive, blanks negative, where the vision
-    runs mask them), a vision run copied under a second name, and two seeds of a text run drawn on
+    runs mask them), a vision run copied under a second name, a vision seed trained twice, and two seeds of a text run drawn on
     different test cases (data.small_sample). Evaluated once, without bootstrap or figures."""
     root = tmp_path_factory.mktemp("doubtful") / "experiments"
     targets, _, groups = ground_truth(seed=3)
@@ -327,6 +327,8 @@ def doubtful(tmp_path_factory):
     fake_run(root, "vision_s1", ["vision"], 1, 0.5, targets, holes, groups)
     shutil.copytree(root / "vision_s1", root / "vision_s1_copy")
     fake_run(root, "vision_s2", ["vision"], 2, 0.5, targets, holes, groups)
+    # seed 2 trained again (say on 4 GPUs): another checkpoint, not another seed
+    fake_run(root, "vision_s2_4gpu", ["vision"], 2, 0.5, targets, holes, groups)
     ones = np.where(holes > 0, targets, 1.0).astype(np.float32)
     fake_run(root, "all_ones", ["vision", "text", "clinical"], 1, 1.0, ones, np.ones_like(holes), groups)
     fake_run(root, "text_s1", ["text"], 1, 0.3, targets, holes, groups)
@@ -364,8 +366,24 @@ def test_a_copied_run_is_one_seed_not_two(doubtful):
     """A run directory copied under a second name holds the same checkpoint: counted once."""
     _, markdown, seeds = doubtful
     configuration, runs, seed_list, n = seeds["vision/stage2"][:4]
-    assert (runs, seed_list, n) == ("vision_s1/stage2, vision_s2/stage2", "1, 2", "2")
+    assert (runs, seed_list, n) == ("vision_s1/stage2, vision_s2/stage2, vision_s2_4gpu/stage2", "1, 2", "2")
     assert "- vision_s1_copy/stage2 is a copy of vision_s1/stage2 (the same checkpoint" in markdown
+
+
+def test_a_seed_trained_twice_is_one_seed_at_its_mean(doubtful):
+    """Two runs of seed 2 (another checkpoint each: a rerun, another device count) are not two seeds:
+    the spread is over seeds 1 and 2, seed 2 at the mean of its two runs (it reported n = 3 before)."""
+    _, markdown, seeds = doubtful
+    assert "- vision_s2/stage2, vision_s2_4gpu/stage2 share seed 2 (trained again" in markdown
+    runs = {}  # each run's test mean AUROC, from the per-run table (3 decimals)
+    for line in markdown.split("## Per-label test AUROC")[0].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in ("vision_s1/stage2", "vision_s2/stage2", "vision_s2_4gpu/stage2"):
+            runs[cells[0]] = float(cells[4].split()[0])
+    per_seed = [runs["vision_s1/stage2"], (runs["vision_s2/stage2"] + runs["vision_s2_4gpu/stage2"]) / 2]
+    mean, std = float(seeds["vision/stage2"][4]), float(seeds["vision/stage2"][5])
+    assert mean == pytest.approx(np.mean(per_seed), abs=1e-3)
+    assert std == pytest.approx(np.std(per_seed, ddof=1), abs=1.5e-3)
 
 
 def test_seeds_on_different_test_cases_are_marked(doubtful):

@@ -235,7 +235,9 @@ def aggregate_seeds(results: list[RunResult]) -> list[dict[str, Any]]:
     """Runs whose configurations differ in the seed alone (`Run.signature`): mean and standard
     deviation of the test mean AUROC. Groups that share a modality and stage are told apart by the
     config keys in which they differ. A copy of a run (the same checkpoint digest) is counted once;
-    a group whose runs were scored on different test cases is marked. Each row's `notes` say so."""
+    runs of the same seed trained again (another device count, a rerun: not a copy, but no other
+    seed either) count as one seed, their mean; a group whose runs were scored on different test
+    cases is marked. Each row's `notes` say so."""
     groups: dict[str, list[RunResult]] = {}
     for result in results:
         groups.setdefault(result.run.signature(), []).append(result)
@@ -243,7 +245,17 @@ def aggregate_seeds(results: list[RunResult]) -> list[dict[str, Any]]:
     rows = []
     for label, members in zip(labels, groups.values()):
         members, notes = _without_copies(members)
-        values = [m.mean_auroc for m in members if m.mean_auroc is not None]
+        by_seed: dict[int, list[RunResult]] = {}
+        for member in members:
+            by_seed.setdefault(member.run.seed, []).append(member)
+        for seed, repeats in by_seed.items():
+            if len(repeats) > 1:
+                notes.append(
+                    f"{', '.join(m.run.name for m in repeats)} share seed {seed} (trained again, e.g. on another "
+                    "number of devices): one seed in the spread, their mean AUROC"
+                )
+        per_seed = [[m.mean_auroc for m in repeats if m.mean_auroc is not None] for repeats in by_seed.values()]
+        values = [float(np.mean(v)) for v in per_seed if v]
         case_sets = {frozenset(m.test.sample_id.tolist()) for m in members}
         if len(case_sets) > 1:
             notes.append(
@@ -254,7 +266,7 @@ def aggregate_seeds(results: list[RunResult]) -> list[dict[str, Any]]:
             {
                 "configuration": label,
                 "runs": ", ".join(m.run.name for m in members),
-                "seeds": ", ".join(str(m.run.seed) for m in members),
+                "seeds": ", ".join(str(seed) for seed in by_seed),
                 "n": len(values),
                 "mean": float(np.mean(values)) if values else None,
                 "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,

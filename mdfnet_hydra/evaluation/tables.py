@@ -191,8 +191,8 @@ def markdown(
         "",
         "Runs whose stored configurations differ in the seed alone (paths, logging, loader "
         "workers, time limit and evaluation settings aside; batch settings compared as the effective batch). "
-        "A copy of a run (the same checkpoint) counts once; `test cases` says whether the runs were scored "
-        "on the same ones.",
+        "A copy of a run (the same checkpoint) counts once, and runs of one seed trained again count as "
+        "that seed once (their mean); `test cases` says whether the runs were scored on the same ones.",
         "",
         "| configuration | runs | seeds | n | mean AUROC mean | std | test cases |",
         "| --- | --- | --- | --- | --- | --- | --- |",
