@@ -99,6 +99,7 @@ def test_a_global_batch_the_workers_cannot_split_is_refused_before_they_start(tm
         assert not list((tmp_path / "runs").glob("*")), "no run directory"
 
 
+@pytest.mark.slow  # two workers started to open the data: about 30 s on 2 cores
 def test_a_training_split_smaller_than_the_global_batch_names_that_batch(tmp_path):
     """2 workers with a global batch of 12 on a 10-sample split: the batch in force is 12 (6 per
     device x 2), set by trainer.global_batch_size; trainer.batch_size (16) plays no part."""
