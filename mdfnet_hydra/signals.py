@@ -18,10 +18,15 @@ class Terminated(KeyboardInterrupt):
 @contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     """Within the block SIGTERM raises `Terminated` in the main thread (Python's default ends the
-    process at once, leaving the run's log without a line on why); outside it, as before."""
+    process at once, leaving the run's log without a line on why); outside it, as before. Only
+    where SIGTERM has Python's default: a handler someone installed stays (submitit's job
+    environment ignores the SIGTERM that comes with its own timeout requeue, which it handles on
+    SIGUSR2; raising there broke the requeue)."""
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not (
+        signal.SIG_DFL
+    ):
         yield
         return
 

@@ -284,6 +284,28 @@ def test_ctrl_c_prints_where_the_run_stands_and_the_command_that_resumes_it(tmp_
     )
 
 
+def test_sigterm_raises_only_where_no_one_else_handles_it():
+    """Python's default SIGTERM becomes `Terminated` within the block and comes back after it; a
+    handler already installed (submitit's job environment, which handles its own requeue) stays."""
+    from mdfnet_hydra.signals import Terminated, sigterm_unwinds
+
+    def bypass(signum, frame):
+        bypass.seen = signum
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (whatever the test runner set)
+    try:
+        with sigterm_unwinds():
+            with pytest.raises(Terminated):
+                signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        signal.signal(signal.SIGTERM, bypass)
+        with sigterm_unwinds():
+            signal.raise_signal(signal.SIGTERM)
+        assert bypass.seen == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is bypass
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_ends_the_job_with_a_line_in_its_log_and_the_resume_command(tmp_path, output_root, workers):
     """What scancel, a SLURM time limit or preemption send every process of the job: the run's log
