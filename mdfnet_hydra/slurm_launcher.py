@@ -14,6 +14,11 @@ failed:
   sweep died with "has not produced any output (state: FAILED)" while its job went on to finish
   (CI, 2026-11-28). `launch` now believes a job over without a result only when `squeue` has lost
   it on two polls `REQUEUE_POLL_S` apart.
+
+A job that is really over without a result (killed: the host out of memory, a node failure, scancel;
+or timed out more than `max_num_timeout` times) no longer ends the wait for the others: its return
+is a failed JobReturn holding `JobLost`. Hydra's basic sweeper raises it once every job of the
+batch is over (the summary is written first); the Optuna sweep records it as a failed trial.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
@@ -72,6 +77,10 @@ def still_queued(job_id: str) -> bool | None:
     return any(state in ACTIVE_STATES for state in probe.stdout.split())
 
 
+class JobLost(RuntimeError):
+    """A SLURM job that ended without a result."""
+
+
 def settled_result(job: Any, poll_s: float = REQUEUE_POLL_S) -> JobReturn:
     """The job's return once it is over. submitit's verdict that a job without a result file has
     ended is trusted only once `squeue` has not had it on two polls `poll_s` apart, so a job that
@@ -96,6 +105,22 @@ def settled_result(job: Any, poll_s: float = REQUEUE_POLL_S) -> JobReturn:
     return job.results()[0]
 
 
+def job_return(job: Any, overrides: Sequence[str], poll_s: float = REQUEUE_POLL_S) -> JobReturn:
+    """`settled_result`, with a job over without a result as a failed JobReturn holding `JobLost`."""
+    from submitit.core.utils import UncompletedJobError
+
+    try:
+        return settled_result(job, poll_s)
+    except UncompletedJobError:
+        lost = JobLost(
+            f"SLURM job {job.job_id} ended without a result (state {job.state}): killed (the host out of "
+            f"memory, a node failure, scancel) or timed out more than max_num_timeout times; its log: "
+            f"{job.paths.stderr}"
+        )
+        log.error(str(lost))
+        return JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=lost)
+
+
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     """hydra-submitit-launcher's SlurmLauncher, with the same settings, whose jobs survive a requeue."""
 
@@ -106,8 +131,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         return super().checkpoint(*args, **kwargs)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        """Submits the jobs as one array, as the upstream launcher does, and waits for each with
-        `settled_result`."""
+        """Submits the jobs as one array, as the upstream launcher does, and waits for every one
+        (`job_return`)."""
         import submitit
 
         assert self.config is not None and len(job_overrides) > 0
@@ -141,7 +166,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             [f"job_id_for_{n}" for n in numbers],
             [state] * len(job_overrides),
         )
-        return [settled_result(job) for job in jobs]
+        return [job_return(job, overrides) for job, overrides in zip(jobs, job_overrides)]
 
 
 def register_launcher() -> None:

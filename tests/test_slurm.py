@@ -306,3 +306,42 @@ def test_the_launcher_waits_for_a_job_requeued_after_accounting_called_it_failed
     with pytest.raises(UncompletedJobError, match="has not produced any output"):
         settled_result(lost, poll_s=2)
     assert time.monotonic() - started < 120
+
+
+@pytest.mark.slow
+def test_a_killed_trial_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
+    """One trial of a two-job array is killed mid-training (SIGKILL, as the kernel's out-of-memory
+    killer does): the sweep waits for the other, records the killed one as a failed trial with the
+    reason in its failure.json and the summary, and ends normally (1 failure of 2 allowed)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    sweep_dir = tmp_path / "sweeps" / "killed"
+    command = [sys.executable, "-m", "mdfnet_hydra.train", "--multirun", "hparams=random", "hparams/space=none",
+               "loss.focal_gamma=interval(1.0,3.0)", "hparams.study_name=killed", "hparams.n_trials=2",
+               "hparams.max_failure_rate=0.5", "hydra.sweeper.n_jobs=2", "modality=clinical", "stage=stage1",
+               *TINY, *SMALL_JOBS, "phases.stage1.epochs=30", "trainer.limit_train_batches=null",
+               "data.small_sample=null", "trainer.global_batch_size=8", f"paths.root={tmp_path}"]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    killed = False
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not killed:
+            if next(sweep_dir.glob("0_*/stage1/checkpoints/last.pth"), None) is not None:
+                task = next(t for t in submitted(sweep_dir) if t.endswith("_0"))
+                subprocess.run(["scancel", "--signal=KILL", "--full", task], check=True)
+                killed = True
+            time.sleep(0.5)
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", *submitted(sweep_dir)])
+    assert killed and proc.returncode == 0, output[-4000:]
+    trials = optuna.load_study(study_name="killed", storage=f"sqlite:///{sweep_dir / 'optuna.db'}").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    (job,) = sweep_dir.glob("0_*")
+    assert "ended without a result" in json.loads((job / "failure.json").read_text())["reason"]
+    with (sweep_dir / SUMMARY_FILE).open() as handle:
+        assert {r["job"]: r["status"] for r in csv.DictReader(handle)}[job.name] == "failed"
