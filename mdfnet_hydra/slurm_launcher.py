@@ -6,11 +6,11 @@ both reproduced on the local SLURM cluster of the tests (2026-11-28), made a req
 failed:
 
 - In the job: the requeue sends SIGTERM to every process of the job step, `scontrol` included, which
-  can die of it before it returns (4 of 12 requeues of a sleeping job): submitit then reports an
+  can die of it before it returns (6 of 16 requeues of a sleeping job): submitit then reports an
   error and SLURM does not requeue. `checkpoint` now sets SIGTERM to ignored, which the `scontrol`
-  child inherits (0 of 8 lost). The job's own process ignored it already, through submitit's handler.
+  child inherits (0 of 16 lost). The job's own process ignored it already, through submitit's handler.
 - In the process that waits for the jobs: for a moment `sacct` reports the requeued job FAILED while
-  `squeue` has it PENDING (2 of 8 requeues). submitit's watcher takes that for the end, and the
+  `squeue` has it PENDING (6 of 26 requeues). submitit's watcher takes that for the end, and the
   sweep died with "has not produced any output (state: FAILED)" while its job went on to finish
   (CI, 2026-11-28). `launch` now believes a job over without a result only when `squeue` has lost
   it on two polls `REQUEUE_POLL_S` apart.
