@@ -56,7 +56,9 @@ from mdfnet_hydra.config import ConfigError, hparams_problems, refuse, validate_
 from mdfnet_hydra.files import write_text
 from mdfnet_hydra.identity import irrelevant, outcome_identity
 from mdfnet_hydra.pruning import PRUNED_AT_ATTR
+from mdfnet_hydra.slurm_launcher import JobLost
 from mdfnet_hydra.study_storage import open_storage, sqlite_path
+from mdfnet_hydra.trial import abort_if_too_many_failures, record_lost_job
 
 log = logging.getLogger(__name__)
 
@@ -492,7 +494,7 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
     ) -> None:
         trials = [trial for trial, _ in run]
         returns = self.launcher.launch([list(o) for _, o in run], initial_job_idx=trials[0].number)
-        failures = []
+        failures, lost = [], []
         for trial, ret in zip(trials, returns):
             heartbeat.discard(trial._trial_id)
             stored = study._storage.get_trial(trial._trial_id)
@@ -508,10 +510,18 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
                 except RuntimeError as err:  # GridSampler stops the study once the grid is exhausted
                     if "`Study.stop` is supposed to be invoked" not in str(err):
                         raise
+            except JobLost as err:  # killed: a failed trial, as if the job had recorded its own failure
+                study.tell(trial=trial, state=TrialState.FAIL, values=None, skip_if_finished=True)
+                log.warning(f"Failed experiment: trial {trial.number}: {err}")
+                lost.append(str(err))
+                for job_dir in Path(str(self.config.hydra.sweep.dir)).glob(f"{trial.number}_*"):
+                    record_lost_job(job_dir, str(err))
             except Exception as err:  # noqa: BLE001 - recorded as a failed trial, as the plugin does
                 study.tell(trial=trial, state=TrialState.FAIL, values=None, skip_if_finished=True)
                 log.warning(f"Failed experiment: {err}")
                 failures.append(err)
+        if lost:  # the sweep's failure budget (hparams.max_failure_rate), which the job did not reach
+            abort_if_too_many_failures(self.config, Path(str(self.config.hydra.sweep.dir)), lost[-1])
         if len(failures) / len(returns) > self.max_failure_rate:
             log.error(f"Failed {failures} times out of {len(returns)} with max_failure_rate={self.max_failure_rate}.")
             for ret in returns:

@@ -15,11 +15,13 @@ from omegaconf import DictConfig
 from mdfnet_hydra.config import EXECUTION_WHITELIST, register_configs
 from mdfnet_hydra.distributed import process_rank
 from mdfnet_hydra.resolvers import register_resolvers
+from mdfnet_hydra.slurm_launcher import register_launcher
 from mdfnet_hydra.sweeper import register_sweeper
 
 register_configs()
 register_resolvers()
 register_sweeper()
+register_launcher()
 
 
 @hydra.main(config_path="pkg://mdfnet_hydra.conf", config_name="train", execution_whitelist=EXECUTION_WHITELIST)

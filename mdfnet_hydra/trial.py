@@ -66,7 +66,7 @@ def run_trial(cfg: DictConfig, run_dir: Path, train: Callable[[], dict], is_writ
         reason = f"{type(err).__name__}: {_first_line(public_message(err))}"
         log.error("job failed: %s", reason)
         _record_failure(failure, reason, public_traceback(err), is_writer)
-        _abort_if_too_many_failures(cfg, run_dir.parent, reason)
+        abort_if_too_many_failures(cfg, run_dir.parent, reason)
         return objective_value(cfg, {})
 
 
@@ -85,7 +85,13 @@ def _record_failure(path: Path, reason: str, trace: Optional[str], is_writer: bo
         write_text(path, json.dumps({"status": "failed", "reason": reason, "traceback": trace}, indent=2))
 
 
-def _abort_if_too_many_failures(cfg: DictConfig, sweep_dir: Path, reason: str) -> None:
+def record_lost_job(job_dir: Path, reason: str) -> None:
+    """A trial whose job ended without a result (killed), recorded by the sweep as the job would have
+    recorded its own failure."""
+    _record_failure(job_dir / FAILURE_FILE, reason, None, is_writer=True)
+
+
+def abort_if_too_many_failures(cfg: DictConfig, sweep_dir: Path, reason: str) -> None:
     if cfg.get("hparams") is None:
         return  # plain multiruns (ablations) run every job and report failures in the summary
     failed = len(list(sweep_dir.glob(f"*/{FAILURE_FILE}")))

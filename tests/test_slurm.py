@@ -259,3 +259,89 @@ def test_a_requeued_trial_keeps_reporting_to_its_trial(tmp_path):
     assert re.search(r"stage1: resumed from .*last\.pth after epoch \d+", log), log[-3000:]
     assert "stage1: pruned after epoch 6 (step 6)" in log
     assert "Requeued job" in "".join(p.read_text() for p in (sweep_dir / ".submitit").rglob("*_log.*"))
+
+
+def _killed_at_first_run(marker: Path) -> list[str]:
+    """A job command that, at its first run, kills its own submitit process (no result file: sacct
+    says FAILED) and at a later run prints "second run"."""
+    script = f'if [ -e "{marker}" ]; then echo second run; else touch "{marker}"; kill -9 $PPID; fi'
+    return ["sh", "-c", script]
+
+
+def _job_over(job_id: str, wait_s: float = 60) -> str:
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        state = final_states(job_id.split("_")[0], wait_s=0)
+        if state and state[0] not in ("RUNNING", "PENDING", "COMPLETING", "REQUEUED"):
+            return state[0]
+        time.sleep(0.5)
+    raise AssertionError(f"SLURM job {job_id} did not end in {wait_s} s")
+
+
+@pytest.mark.slow
+def test_the_launcher_waits_for_a_job_requeued_after_accounting_called_it_failed(tmp_path):
+    """Around a requeue, sacct can report a job FAILED while squeue has it pending again (CI lost a
+    sweep that way): submitit's own watcher takes that for the end; the launcher's wait does not, and
+    returns the requeued run's result. A job that is over without a result still fails the wait."""
+    import submitit
+    from submitit.core.utils import UncompletedJobError
+
+    from mdfnet_hydra.slurm_launcher import settled_result, still_queued
+
+    executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm")
+    executor.update_parameters(timeout_min=5, cpus_per_task=1, mem_gb=1)
+    job = executor.submit(submitit.helpers.CommandFunction(_killed_at_first_run(tmp_path / "marker")))
+    assert _job_over(job.job_id) == "FAILED"
+    assert job.done(force_check=True) and not job.paths.result_pickle.exists(), "submitit alone gives up here"
+    assert still_queued(job.job_id) is False
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    subprocess.run(["scontrol", "update", f"jobid={job.job_id}", "starttime=now"], check=True)  # not in 2 min
+    assert still_queued(job.job_id) is True
+    started = time.monotonic()
+    assert settled_result(job, poll_s=2).strip() == "second run"
+    assert time.monotonic() - started < 120
+
+    lost = executor.submit(submitit.helpers.CommandFunction(["sh", "-c", "kill -9 $PPID"]))
+    started = time.monotonic()
+    with pytest.raises(UncompletedJobError, match="has not produced any output"):
+        settled_result(lost, poll_s=2)
+    assert time.monotonic() - started < 120
+
+
+@pytest.mark.slow
+def test_a_killed_trial_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
+    """One trial of a two-job array is killed mid-training (SIGKILL, as the kernel's out-of-memory
+    killer does): the sweep waits for the other, records the killed one as a failed trial with the
+    reason in its failure.json and the summary, and ends normally (1 failure of 2 allowed)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    sweep_dir = tmp_path / "sweeps" / "killed"
+    command = [sys.executable, "-m", "mdfnet_hydra.train", "--multirun", "hparams=random", "hparams/space=none",
+               "loss.focal_gamma=interval(1.0,3.0)", "hparams.study_name=killed", "hparams.n_trials=2",
+               "hparams.max_failure_rate=0.5", "hydra.sweeper.n_jobs=2", "modality=clinical", "stage=stage1",
+               *TINY, *SMALL_JOBS, "phases.stage1.epochs=30", "trainer.limit_train_batches=null",
+               "data.small_sample=null", "trainer.global_batch_size=8", f"paths.root={tmp_path}"]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    killed = False
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not killed:
+            if next(sweep_dir.glob("0_*/stage1/checkpoints/last.pth"), None) is not None:
+                task = next(t for t in submitted(sweep_dir) if t.endswith("_0"))
+                subprocess.run(["scancel", "--signal=KILL", "--full", task], check=True)
+                killed = True
+            time.sleep(0.5)
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", *submitted(sweep_dir)])
+    assert killed and proc.returncode == 0, output[-4000:]
+    trials = optuna.load_study(study_name="killed", storage=f"sqlite:///{sweep_dir / 'optuna.db'}").trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    (job,) = sweep_dir.glob("0_*")
+    assert "ended without a result" in json.loads((job / "failure.json").read_text())["reason"]
+    with (sweep_dir / SUMMARY_FILE).open() as handle:
+        assert {r["job"]: r["status"] for r in csv.DictReader(handle)}[job.name] == "failed"
