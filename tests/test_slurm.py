@@ -60,14 +60,23 @@ def timeout_signal_after_epoch_2(proc: subprocess.Popen, sweep_dir: Path, job: s
     """Once the job directory matching `job` has checkpointed its second epoch, send its SLURM job
     what SLURM sends signal_delay_s before the time limit; wait for the sweep. Returns the epoch it
     was signalled at (None: never) and the sweep's output."""
+    return signal_after_epoch(proc, sweep_dir, job, "USR2", 2)
+
+
+def signal_after_epoch(
+    proc: subprocess.Popen, sweep_dir: Path, job: str, signal: str, epoch: int
+) -> tuple[int | None, str]:
+    """Once the job directory matching `job` has checkpointed `epoch`, send `signal` to every process
+    of the first SLURM job (or array task) of the sweep; wait for the sweep. Returns the epoch it was
+    signalled at (None: never) and the sweep's output."""
     signalled_at = None
     deadline = time.time() + 600
     try:
         while time.time() < deadline and proc.poll() is None and signalled_at is None:
             last = next(sweep_dir.glob(f"{job}/stage1/checkpoints/last.pth"), None)
-            if last is not None and load_checkpoint(last)["epoch"] >= 2 and submitted(sweep_dir):
+            if last is not None and load_checkpoint(last)["epoch"] >= epoch and submitted(sweep_dir):
                 signalled_at = load_checkpoint(last)["epoch"]
-                subprocess.run(["scancel", "--signal=USR2", "--full", submitted(sweep_dir)[0]], check=True)
+                subprocess.run(["scancel", f"--signal={signal}", "--full", submitted(sweep_dir)[0]], check=True)
             time.sleep(0.5)
         output, _ = proc.communicate(timeout=900)
     finally:
@@ -324,21 +333,8 @@ def test_a_killed_trial_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
                "data.small_sample=null", "trainer.global_batch_size=8", f"paths.root={tmp_path}"]  # fmt: skip
     proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    killed = False
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None and not killed:
-            if next(sweep_dir.glob("0_*/stage1/checkpoints/last.pth"), None) is not None:
-                task = next(t for t in submitted(sweep_dir) if t.endswith("_0"))
-                subprocess.run(["scancel", "--signal=KILL", "--full", task], check=True)
-                killed = True
-            time.sleep(0.5)
-        output, _ = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            subprocess.run(["scancel", *submitted(sweep_dir)])
-    assert killed and proc.returncode == 0, output[-4000:]
+    killed_at, output = signal_after_epoch(proc, sweep_dir, "0_*", "KILL", 1)  # trial 0: the array's first task
+    assert killed_at is not None and killed_at < 30 and proc.returncode == 0, output[-4000:]
     trials = optuna.load_study(study_name="killed", storage=f"sqlite:///{sweep_dir / 'optuna.db'}").trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     (job,) = sweep_dir.glob("0_*")
