@@ -20,7 +20,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from mdfnet_hydra.config import ConfigError, global_batch_problem, refuse, validate_config
+from mdfnet_hydra.config import ConfigError, RefusedOnEveryTry, global_batch_problem, refuse, validate_config
 from mdfnet_hydra.distributed import worker_env
 from mdfnet_hydra.files import write_text
 from mdfnet_hydra.pruning import PruningTarget, TrialReporter, pruning_target
@@ -213,9 +213,16 @@ def launch_workers(
         refusal = Path(scratch) / REFUSAL_FILE
         try:
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, real_cpus() // nproc)))
-            results = elastic_launch(config, entrypoint=worker)(payload, evaluate_at_end, pruning, str(refusal))
-        except ChildFailedError:  # (after the restarts)
+            # restarted workers stop at a recorded refusal on one node only: on several, another
+            # node's workers, stopped before they met it, would start again and wait for this one's
+            shortcut = str(refusal) if nnodes == 1 else ""
+            results = elastic_launch(config, entrypoint=worker)(
+                payload, evaluate_at_end, pruning, str(refusal), shortcut
+            )
+        except ChildFailedError as err:  # (after the restarts)
             if refusal.is_file():  # one line, as the same refusal in a single process gives
+                failed = (f"rank {r} on {f.hostname} (exit code {f.exitcode})" for r, f in err.failures.items())
+                log.warning("workers stopped at a refused config: %s", ", ".join(failed))
                 raise WorkersRefused(refusal.read_text()) from None
             raise
         finally:
@@ -238,27 +245,39 @@ def rendezvous_timeout(config) -> int:
 
 
 def worker(
-    payload: str, evaluate_at_end: bool = True, pruning: Optional[PruningTarget] = None, refusal: str = ""
+    payload: str,
+    evaluate_at_end: bool = True,
+    pruning: Optional[PruningTarget] = None,
+    refusal: str = "",
+    stop_at: str = "",
 ) -> dict:
     """Entry point of a spawned worker: the launcher's resolved config, then the pipeline."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(_worker)(payload, evaluate_at_end, pruning, Path(refusal) if refusal else None)
+    paths = [Path(p) if p else None for p in (refusal, stop_at)]
+    return record(_worker)(payload, evaluate_at_end, pruning, *paths)
 
 
-def _worker(payload: str, evaluate_at_end: bool, pruning: Optional[PruningTarget], refusal: Optional[Path]) -> dict:
-    """A refused config (ConfigError: a batch the data cannot fill, nodes started with other
-    settings...) is the same at every try: the first worker to meet it writes its message to
-    `refusal` (a file of the launcher's on this node), and the workers that the agent restarts
-    (trainer.max_restarts) fail with it at once, before any work. (Config refusals name settings,
-    never patients: other errors, which may name files, are not written.)"""
+def _worker(
+    payload: str,
+    evaluate_at_end: bool,
+    pruning: Optional[PruningTarget],
+    refusal: Optional[Path],
+    stop_at: Optional[Path],
+) -> dict:
+    """A refusal that follows from the config and the data alone (RefusedOnEveryTry: a batch the
+    data cannot fill, nodes started with other settings) is met again at every try: the first
+    worker to meet it writes its message to `refusal` (a file of the launcher's on this node), which
+    the launcher raises once the agent gives up, and workers that find it at `stop_at` (the agent's
+    restarts, trainer.max_restarts) fail with it at once, before any work. (Config refusals name
+    settings, never patients: other errors, which may name files, are not written.)"""
     from mdfnet_hydra.config import load_train_config
 
-    if refusal is not None and refusal.is_file():
-        raise WorkersRefused(refusal.read_text())
+    if stop_at is not None and stop_at.is_file():
+        raise WorkersRefused(stop_at.read_text())
     try:
         return _run_worker(load_train_config(OmegaConf.create(payload)), evaluate_at_end, pruning)
-    except ConfigError as err:
+    except RefusedOnEveryTry as err:
         if refusal is not None and not refusal.is_file():
             from mdfnet_hydra.cli import one_message
 

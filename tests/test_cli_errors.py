@@ -104,7 +104,7 @@ def test_a_training_split_smaller_than_the_global_batch_names_that_batch(tmp_pat
     """2 workers with a global batch of 12 on a 10-sample split: the batch in force is 12 (6 per
     device x 2), set by trainer.global_batch_size; trainer.batch_size (16) plays no part. The
     refusal is the job's last line, as in a single process; the workers the agent restarts
-    (trainer.max_restarts=2) stop at it before starting the job again (they started it 3 times)."""
+    (trainer.max_restarts=2) stop at it before starting the job again (before: 3 starts)."""
     result = run_cli(
         "debug=fast",
         "modality=clinical",
