@@ -221,7 +221,7 @@ def launch_workers(
             )
         except ChildFailedError as err:  # (after the restarts)
             if refusal.is_file():  # one line, as the same refusal in a single process gives
-                failed = (f"rank {r} on {f.hostname} (exit code {f.exitcode})" for r, f in err.failures.items())
+                failed = (f"rank {r} (exit code {f.exitcode}, {f.error_file})" for r, f in err.failures.items())
                 log.warning("workers stopped at a refused config: %s", ", ".join(failed))
                 raise WorkersRefused(refusal.read_text()) from None
             raise

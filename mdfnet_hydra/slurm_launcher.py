@@ -92,27 +92,37 @@ class JobLost(RuntimeError):
 
 
 def settled_result(job: Any, poll_s: float = REQUEUE_POLL_S) -> JobReturn:
-    """The job's return once it is over. submitit's verdict that a job without a result file has
-    ended is trusted only once `squeue` has not had it on two polls `poll_s` apart, so a job that
-    SLURM requeued is waited for. Raises submitit's UncompletedJobError for a job that is over
-    without a result, as submitit does."""
+    """The job's return once it is over. A job without a result file is over only once `squeue`
+    has not had it on two polls `poll_s` apart: asked when submitit's watcher says it ended (sacct
+    can say FAILED while SLURM has requeued it) and every `poll_s` in any case (sacct never lists an
+    array task cancelled while it waited, which submitit then waits for forever). Raises submitit's
+    UncompletedJobError for a job that is over without a result, as submitit does."""
     result_file = Path(job.paths.result_pickle)
-    misses, told = 0, False
-    while misses < 2 and not result_file.exists():
-        if not job.done():
+    misses, told, next_poll = 0, False, time.monotonic() + poll_s
+    while not result_file.exists():
+        ended = job.done()
+        if not ended and time.monotonic() < next_poll:
             time.sleep(1.0)
             continue
         queued = still_queued(job.job_id)
         if queued:
-            if not told:
+            if ended and not told:
                 log.info(f"SLURM job {job.job_id} is queued again (requeued): waiting for it")
-            misses, told = 0, True
+                told = True
+            misses = 0
         elif queued is False:
             misses += 1
-        deadline = time.monotonic() + poll_s
-        while misses < 2 and time.monotonic() < deadline and not result_file.exists():
+            if misses == 2:
+                break
+        next_poll = time.monotonic() + poll_s
+        while time.monotonic() < next_poll and not result_file.exists():
             time.sleep(1.0)
-    return job.results()[0]
+    if result_file.exists():
+        return job.results()[0]
+    from submitit.core.utils import UncompletedJobError
+
+    # (submitit's own results() would wait on for a job its watcher never saw end)
+    raise UncompletedJobError(f"SLURM job {job.job_id} has not produced any output (state: {job.state})")
 
 
 def job_return(job: Any, overrides: Sequence[str], poll_s: float = REQUEUE_POLL_S) -> JobReturn:
