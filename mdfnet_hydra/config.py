@@ -709,6 +709,12 @@ class ConfigError(ValueError):
     """A composed config that is well-typed but cannot run; raised before any work starts."""
 
 
+class RefusedOnEveryTry(ConfigError):
+    """A refusal that follows from the config and the data alone, which restarted data-parallel
+    workers would meet again (launch.py stops them at their start). Not for what another try can
+    change: a file another node does not see yet, a device."""
+
+
 def validate_config(cfg: DictConfig, host: bool = True) -> None:
     """Checks the schema cannot express. Fails at start, naming the key and what to pass instead.
     `host=False` leaves out what depends on the machine the job runs on (`host_problems`)."""

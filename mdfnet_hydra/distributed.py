@@ -257,7 +257,7 @@ def refuse_differing_configs(config: dict) -> None:
     together and none is left waiting in a collective."""
     import torch.distributed as dist
 
-    from mdfnet_hydra.config import ConfigError
+    from mdfnet_hydra.config import RefusedOnEveryTry
     from mdfnet_hydra.identity import flatten
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -267,7 +267,7 @@ def refuse_differing_configs(config: dict) -> None:
     dist.all_gather_object(gathered, (node_index(config), flat))
     message = config_differences(gathered)
     if message:
-        raise ConfigError(message)
+        raise RefusedOnEveryTry(message)
 
 
 def refuse_unseen(path: Path, what: str, fix: str, node: Optional[int] = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import uuid
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,13 +20,19 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from mdfnet_hydra.config import ConfigError, global_batch_problem, refuse, validate_config
+from mdfnet_hydra.config import ConfigError, RefusedOnEveryTry, global_batch_problem, refuse, validate_config
 from mdfnet_hydra.distributed import worker_env
+from mdfnet_hydra.files import write_text
 from mdfnet_hydra.pruning import PruningTarget, TrialReporter, pruning_target
 from mdfnet_hydra.run_directory import RunDirectoryBusy, RunDirectoryConflict, claim
 from mdfnet_hydra.trial import Objective, in_multirun, objective_value, run_trial
 
 log = logging.getLogger(__name__)
+REFUSAL_FILE = "refusal.txt"
+
+
+class WorkersRefused(ConfigError):
+    """The data-parallel workers stopped at a user error (its message), which no restart can change."""
 
 
 def run_job(cfg: DictConfig) -> Objective:
@@ -151,6 +158,7 @@ def launch_workers(
     evaluate_at_end: bool = True,
     pruning: Optional[PruningTarget] = None,
 ) -> dict:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     tc = cfg.trainer
@@ -201,12 +209,25 @@ def launch_workers(
     # the workers' share of the CPUs, for the workers only (torch reads it at their start); this
     # process's next job (a sweep's next trial) chooses its own threads again
     threads_set_here = "OMP_NUM_THREADS" not in os.environ
-    try:
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, real_cpus() // nproc)))
-        results = elastic_launch(config, entrypoint=worker)(payload, evaluate_at_end, pruning)
-    finally:
-        if threads_set_here:
-            os.environ.pop("OMP_NUM_THREADS", None)
+    with tempfile.TemporaryDirectory(prefix="mdfnet-workers-") as scratch:
+        refusal = Path(scratch) / REFUSAL_FILE
+        try:
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, real_cpus() // nproc)))
+            # restarted workers stop at a recorded refusal on one node only: on several, another
+            # node's workers, stopped before they met it, would start again and wait for this one's
+            shortcut = str(refusal) if nnodes == 1 else ""
+            results = elastic_launch(config, entrypoint=worker)(
+                payload, evaluate_at_end, pruning, str(refusal), shortcut
+            )
+        except ChildFailedError as err:  # (after the restarts)
+            if refusal.is_file():  # one line, as the same refusal in a single process gives
+                failed = (f"rank {r} (exit code {f.exitcode}, {f.error_file})" for r, f in err.failures.items())
+                log.warning("workers stopped at a refused config: %s", ", ".join(failed))
+                raise WorkersRefused(refusal.read_text()) from None
+            raise
+        finally:
+            if threads_set_here:
+                os.environ.pop("OMP_NUM_THREADS", None)
     rank = min(results)  # global rank 0 on node 0; the lowest local worker elsewhere
     return results[rank]
 
@@ -223,17 +244,48 @@ def rendezvous_timeout(config) -> int:
     return int(RendezvousTimeout().join.total_seconds())
 
 
-def worker(payload: str, evaluate_at_end: bool = True, pruning: Optional[PruningTarget] = None) -> dict:
+def worker(
+    payload: str,
+    evaluate_at_end: bool = True,
+    pruning: Optional[PruningTarget] = None,
+    refusal: str = "",
+    stop_at: str = "",
+) -> dict:
     """Entry point of a spawned worker: the launcher's resolved config, then the pipeline."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(_worker)(payload, evaluate_at_end, pruning)
+    paths = [Path(p) if p else None for p in (refusal, stop_at)]
+    return record(_worker)(payload, evaluate_at_end, pruning, *paths)
 
 
-def _worker(payload: str, evaluate_at_end: bool, pruning: Optional[PruningTarget]) -> dict:
+def _worker(
+    payload: str,
+    evaluate_at_end: bool,
+    pruning: Optional[PruningTarget],
+    refusal: Optional[Path],
+    stop_at: Optional[Path],
+) -> dict:
+    """A refusal that follows from the config and the data alone (RefusedOnEveryTry: a batch the
+    data cannot fill, nodes started with other settings) is met again at every try: the first
+    worker to meet it writes its message to `refusal` (a file of the launcher's on this node), which
+    the launcher raises once the agent gives up, and workers that find it at `stop_at` (the agent's
+    restarts, trainer.max_restarts) fail with it at once, before any work. (Config refusals name
+    settings, never patients: other errors, which may name files, are not written.)"""
     from mdfnet_hydra.config import load_train_config
 
-    cfg = load_train_config(OmegaConf.create(payload))
+    if stop_at is not None and stop_at.is_file():
+        raise WorkersRefused(stop_at.read_text())
+    try:
+        return _run_worker(load_train_config(OmegaConf.create(payload)), evaluate_at_end, pruning)
+    except RefusedOnEveryTry as err:
+        if refusal is not None and not refusal.is_file():
+            from mdfnet_hydra.cli import one_message
+
+            write_text(refusal, one_message(err))
+        raise
+
+
+def _run_worker(cfg: DictConfig, evaluate_at_end: bool, pruning: Optional[PruningTarget]) -> dict:
     if not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s", "%H:%M:%S"))

@@ -16,9 +16,10 @@ failed:
   it on two polls `REQUEUE_POLL_S` apart.
 
 A job that is really over without a result (killed: the host out of memory, a node failure, scancel;
-or timed out more than `max_num_timeout` times) no longer ends the wait for the others: its return
-is a failed JobReturn holding `JobLost`. Hydra's basic sweeper raises it once every job of the
-batch is over (the summary is written first); the Optuna sweep records it as a failed trial.
+held by SLURM after a failed launch), or whose submitit wrapper failed outside the training, no
+longer ends the wait for the others: its return is a failed JobReturn holding `JobLost`. Hydra's
+basic sweeper raises it once every job of the batch is over (the summary is written first); the
+Optuna sweep records it as a failed trial.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
-# squeue states of a job SLURM will still run (or is running): a requeued job passes through them
+# squeue states of a job SLURM will still run (or is running): a requeued job passes through them.
+# A held job (REQUEUE_HOLD, SPECIAL_EXIT, or pending with a reason naming a hold, as after a failed
+# launch) waits for a person: not counted as still queued.
 ACTIVE_STATES = frozenset(
     {
         "PENDING",
@@ -47,7 +50,6 @@ ACTIVE_STATES = frozenset(
         "RUNNING",
         "COMPLETING",
         "REQUEUED",
-        "REQUEUE_HOLD",
         "REQUEUE_FED",
         "RESIZING",
         "SUSPENDED",
@@ -57,6 +59,8 @@ ACTIVE_STATES = frozenset(
     }
 )
 REQUEUE_POLL_S = 30.0
+# the job's SIGTERM handler that `checkpoint` replaced (not on the launcher: it is pickled to the job)
+_SIGTERM_BEFORE_CHECKPOINT: list[Any] = []
 # submitit's executor options that it takes at construction, named with the executor's prefix
 _INIT_KEYS = ("max_num_timeout", "python")
 
@@ -66,7 +70,9 @@ def still_queued(job_id: str) -> bool | None:
     the controller did not answer, which proves nothing either way. Without squeue, False: submitit's
     verdict stands, as before."""
     try:
-        probe = subprocess.run(["squeue", "-h", "-o", "%T", "-j", job_id], capture_output=True, text=True, timeout=60)
+        probe = subprocess.run(
+            ["squeue", "-h", "-o", "%T|%r", "-j", job_id], capture_output=True, text=True, timeout=60
+        )
     except OSError:
         return False
     except subprocess.TimeoutExpired:
@@ -74,7 +80,11 @@ def still_queued(job_id: str) -> bool | None:
     if probe.returncode != 0:
         # a job the controller has forgotten is an invalid id: that is an answer
         return False if "invalid job id" in probe.stderr.lower() else None
-    return any(state in ACTIVE_STATES for state in probe.stdout.split())
+    for line in probe.stdout.splitlines():
+        state, _, reason = line.partition("|")
+        if state.strip() in ACTIVE_STATES and "held" not in reason.lower():
+            return True
+    return False
 
 
 class JobLost(RuntimeError):
@@ -82,52 +92,75 @@ class JobLost(RuntimeError):
 
 
 def settled_result(job: Any, poll_s: float = REQUEUE_POLL_S) -> JobReturn:
-    """The job's return once it is over. submitit's verdict that a job without a result file has
-    ended is trusted only once `squeue` has not had it on two polls `poll_s` apart, so a job that
-    SLURM requeued is waited for. Raises submitit's UncompletedJobError for a job that is over
-    without a result, as submitit does."""
+    """The job's return once it is over. A job without a result file is over only once `squeue`
+    has not had it on two polls `poll_s` apart: asked when submitit's watcher says it ended (sacct
+    can say FAILED while SLURM has requeued it) and every `poll_s` in any case (sacct never lists an
+    array task cancelled while it waited, which submitit then waits for forever). Raises submitit's
+    UncompletedJobError for a job that is over without a result, as submitit does."""
     result_file = Path(job.paths.result_pickle)
-    misses = 0
-    while misses < 2 and not result_file.exists():
-        if not job.done():
+    misses, told, next_poll = 0, False, time.monotonic() + poll_s
+    while not result_file.exists():
+        ended = job.done()
+        if not ended and time.monotonic() < next_poll:
             time.sleep(1.0)
             continue
         queued = still_queued(job.job_id)
         if queued:
-            if misses == 0:
+            if ended and not told:
                 log.info(f"SLURM job {job.job_id} is queued again (requeued): waiting for it")
+                told = True
             misses = 0
         elif queued is False:
             misses += 1
-        deadline = time.monotonic() + poll_s
-        while misses < 2 and time.monotonic() < deadline and not result_file.exists():
+            if misses == 2:
+                break
+        next_poll = time.monotonic() + poll_s
+        while time.monotonic() < next_poll and not result_file.exists():
             time.sleep(1.0)
-    return job.results()[0]
+    if result_file.exists():
+        return job.results()[0]
+    from submitit.core.utils import UncompletedJobError
+
+    # (submitit's own results() would wait on for a job its watcher never saw end)
+    raise UncompletedJobError(f"SLURM job {job.job_id} has not produced any output (state: {job.state})")
 
 
 def job_return(job: Any, overrides: Sequence[str], poll_s: float = REQUEUE_POLL_S) -> JobReturn:
-    """`settled_result`, with a job over without a result as a failed JobReturn holding `JobLost`."""
-    from submitit.core.utils import UncompletedJobError
+    """`settled_result`, with a job over without a result, or whose submitit wrapper failed outside
+    the training (Hydra's job returns the training's own failures), as a failed JobReturn holding
+    `JobLost`. Its message names the job and its log, never the job's traceback."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
 
     try:
         return settled_result(job, poll_s)
     except UncompletedJobError:
         lost = JobLost(
             f"SLURM job {job.job_id} ended without a result (state {job.state}): killed (the host out of "
-            f"memory, a node failure, scancel) or timed out more than max_num_timeout times; its log: "
-            f"{job.paths.stderr}"
+            f"memory, a node failure, scancel) or held; its log: {job.paths.stderr}"
         )
-        log.error(str(lost))
-        return JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=lost)
+    except FailedJobError:
+        lost = JobLost(f"SLURM job {job.job_id} failed outside its training; its log: {job.paths.stderr}")
+    log.error(str(lost))
+    return JobReturn(overrides=list(overrides), status=JobStatus.FAILED, _return_value=lost)
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     """hydra-submitit-launcher's SlurmLauncher, with the same settings, whose jobs survive a requeue."""
 
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        """Runs the Hydra job in the SLURM job; a job that goes on after `checkpoint` (its requeue
+        refused or failed, which ends its training) gets SIGTERM's handler back at its end."""
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            if _SIGTERM_BEFORE_CHECKPOINT and (before := _SIGTERM_BEFORE_CHECKPOINT.pop()) is not None:
+                signal.signal(signal.SIGTERM, before)
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Runs in the job, in submitit's signal handler, just before it calls `scontrol requeue`:
         from here on SIGTERM is ignored, by this process and by that `scontrol`."""
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if not _SIGTERM_BEFORE_CHECKPOINT:
+            _SIGTERM_BEFORE_CHECKPOINT.append(signal.signal(signal.SIGTERM, signal.SIG_IGN))
         return super().checkpoint(*args, **kwargs)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:

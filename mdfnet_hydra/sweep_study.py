@@ -514,7 +514,10 @@ class SharedStudySweeperImpl(OptunaSweeperImpl):
                 study.tell(trial=trial, state=TrialState.FAIL, values=None, skip_if_finished=True)
                 log.warning(f"Failed experiment: trial {trial.number}: {err}")
                 lost.append(str(err))
-                for job_dir in Path(str(self.config.hydra.sweep.dir)).glob(f"{trial.number}_*"):
+                # in its directory; a job killed before Hydra made one gets one named for the trial,
+                # so that the failure budget (which counts failure.json files) counts it
+                sweep_dir = Path(str(self.config.hydra.sweep.dir))
+                for job_dir in list(sweep_dir.glob(f"{trial.number}_*")) or [sweep_dir / f"{trial.number}_lost"]:
                     record_lost_job(job_dir, str(err))
             except Exception as err:  # noqa: BLE001 - recorded as a failed trial, as the plugin does
                 study.tell(trial=trial, state=TrialState.FAIL, values=None, skip_if_finished=True)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from mdfnet_hydra.checkpoint import CheckpointManager, load_checkpoint, move_aside
 from mdfnet_hydra.compiling import CompilePlan, compile_counts
-from mdfnet_hydra.config import CheckpointName, ConfigError, PhaseConfig
+from mdfnet_hydra.config import CheckpointName, PhaseConfig, RefusedOnEveryTry
 from mdfnet_hydra.data.dataset import MultimodalDataset
 from mdfnet_hydra.data.loading import describe_loader, loader_settings
 from mdfnet_hydra.distributed import all_gather_rows, barrier, broadcast_from_main, mean_over_ranks
@@ -229,7 +229,9 @@ class PhaseTrainer:
         else:
             smaller = "lower trainer.batch_size (per device)" + (" or use fewer workers" if world > 1 else "")
         if n_batches == 0:
-            raise ConfigError(f"the training split ({samples} samples) is smaller than one batch ({batch}); {smaller}")
+            raise RefusedOnEveryTry(
+                f"the training split ({samples} samples) is smaller than one batch ({batch}); {smaller}"
+            )
         limit = tc.limit_train_batches
         if limit and int(limit) < n_batches:
             n_batches, source = int(limit), f"trainer.limit_train_batches={limit}"
@@ -237,7 +239,7 @@ class PhaseTrainer:
             source = f"the training split ({samples} samples) in batches of {batch}"
         accum = int(tc.grad_accum)
         if n_batches < accum:
-            raise ConfigError(
+            raise RefusedOnEveryTry(
                 f"trainer.grad_accum={accum} needs {accum} batches per epoch, but {source} gives {n_batches} "
                 f"per worker: the effective batch would be {per_device * world * n_batches}, not "
                 f"{per_device * world * accum}; lower trainer.grad_accum to {n_batches} or "

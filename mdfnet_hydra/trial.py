@@ -88,6 +88,7 @@ def _record_failure(path: Path, reason: str, trace: Optional[str], is_writer: bo
 def record_lost_job(job_dir: Path, reason: str) -> None:
     """A trial whose job ended without a result (killed), recorded by the sweep as the job would have
     recorded its own failure."""
+    job_dir.mkdir(parents=True, exist_ok=True)
     _record_failure(job_dir / FAILURE_FILE, reason, None, is_writer=True)
 
 

@@ -99,10 +99,12 @@ def test_a_global_batch_the_workers_cannot_split_is_refused_before_they_start(tm
         assert not list((tmp_path / "runs").glob("*")), "no run directory"
 
 
-@pytest.mark.slow  # two workers started to open the data: about 30 s on 2 cores
+@pytest.mark.slow  # two workers started to open the data, then twice restarted: about 60 s on 2 cores
 def test_a_training_split_smaller_than_the_global_batch_names_that_batch(tmp_path):
     """2 workers with a global batch of 12 on a 10-sample split: the batch in force is 12 (6 per
-    device x 2), set by trainer.global_batch_size; trainer.batch_size (16) plays no part."""
+    device x 2), set by trainer.global_batch_size; trainer.batch_size (16) plays no part. The
+    refusal is the job's last line, as in a single process; the workers the agent restarts
+    (trainer.max_restarts=2) stop at it before starting the job again (before: 3 starts)."""
     result = run_cli(
         "debug=fast",
         "modality=clinical",
@@ -110,7 +112,7 @@ def test_a_training_split_smaller_than_the_global_batch_names_that_batch(tmp_pat
         "data.small_sample=10",
         "trainer.nproc_per_node=2",
         "trainer.global_batch_size=12",
-        "trainer.max_restarts=0",
+        "trainer.max_restarts=2",
         f"paths.root={tmp_path}",
         *SMALL_DATA,
     )
@@ -119,9 +121,10 @@ def test_a_training_split_smaller_than_the_global_batch_names_that_batch(tmp_pat
         "the training split (10 samples) is smaller than one batch (12 = 6 per device x 2 workers); "
         "lower trainer.global_batch_size"
     )
-    assert message in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == f"mdfnet_hydra.train: error: {message}", result.stderr[-3000:]
     (run,) = tmp_path.glob("runs/*/*")
-    assert message in (run / "logs" / "train.log").read_text()
+    log = (run / "logs" / "train.log").read_text()
+    assert message in log and log.count("mdfnet-hydra: modality") == 1, log
 
 
 def test_fewer_batches_per_epoch_than_grad_accum_are_refused_naming_the_effective_batch(tmp_path):

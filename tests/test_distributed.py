@@ -398,7 +398,7 @@ def test_two_nodes_started_with_different_overrides_both_fail_naming_the_keys(tm
         assert code != 0, f"node {node}:\n{console[-3000:]}"
         assert expected in console, f"node {node}:\n{console[-3000:]}"
     log = (tmp_path / "run" / "logs" / "train.log").read_text()
-    assert f"job failed: ConfigError: {expected}" in log, log[-3000:]
+    assert f"job failed: RefusedOnEveryTry: {expected}" in log, log[-3000:]
     assert not (tmp_path / "run" / "stage1").exists(), "no work before the check"
 
 

@@ -316,28 +316,44 @@ def test_the_launcher_waits_for_a_job_requeued_after_accounting_called_it_failed
         settled_result(lost, poll_s=2)
     assert time.monotonic() - started < 120
 
+    executor.update_parameters(slurm_additional_parameters={"hold": True})  # pending until a person releases it
+    held = executor.submit(submitit.helpers.CommandFunction(["true"]))
+    try:
+        state = subprocess.run(["squeue", "-h", "-o", "%T %r", "-j", held.job_id], capture_output=True, text=True)
+        assert state.stdout.split()[0] == "PENDING" and "Held" in state.stdout, state.stdout
+        assert still_queued(held.job_id) is False, "a held job is not waited for"
+    finally:
+        subprocess.run(["scancel", held.job_id])
+
 
 @pytest.mark.slow
-def test_a_killed_trial_is_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
-    """One trial of a two-job array is killed mid-training (SIGKILL, as the kernel's out-of-memory
-    killer does): the sweep waits for the other, records the killed one as a failed trial with the
-    reason in its failure.json and the summary, and ends normally (1 failure of 2 allowed)."""
+def test_killed_trials_are_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
+    """Of a three-job array (two at a time), trial 0 is killed mid-training (SIGKILL, as the kernel's
+    out-of-memory killer does) and trial 2 is cancelled while it waits, before it has a directory:
+    the sweep waits for trial 1, records the other two as failed trials with the reason in their
+    failure.json (and the summary), and ends normally (2 failures of 3 allowed)."""
     import optuna
     from optuna.trial import TrialState
 
     sweep_dir = tmp_path / "sweeps" / "killed"
     command = [sys.executable, "-m", "mdfnet_hydra.train", "--multirun", "hparams=random", "hparams/space=none",
-               "loss.focal_gamma=interval(1.0,3.0)", "hparams.study_name=killed", "hparams.n_trials=2",
-               "hparams.max_failure_rate=0.5", "hydra.sweeper.n_jobs=2", "modality=clinical", "stage=stage1",
+               "loss.focal_gamma=interval(1.0,3.0)", "hparams.study_name=killed", "hparams.n_trials=3",
+               "hparams.max_failure_rate=0.7", "hydra.sweeper.n_jobs=3", "modality=clinical", "stage=stage1",
                *TINY, *SMALL_JOBS, "phases.stage1.epochs=30", "trainer.limit_train_batches=null",
                "data.small_sample=null", "trainer.global_batch_size=8", f"paths.root={tmp_path}"]  # fmt: skip
     proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while len(submitted(sweep_dir)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    if len(submitted(sweep_dir)) == 3:  # the array's third task, held back by array_parallelism=2
+        subprocess.run(["scancel", submitted(sweep_dir)[2]], check=True)
     killed_at, output = signal_after_epoch(proc, sweep_dir, "0_*", "KILL", 1)  # trial 0: the array's first task
     assert killed_at is not None and killed_at < 30 and proc.returncode == 0, output[-4000:]
     trials = optuna.load_study(study_name="killed", storage=f"sqlite:///{sweep_dir / 'optuna.db'}").trials
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.FAIL]
     (job,) = sweep_dir.glob("0_*")
     assert "ended without a result" in json.loads((job / "failure.json").read_text())["reason"]
+    assert "ended without a result" in json.loads((sweep_dir / "2_lost" / "failure.json").read_text())["reason"]
     with (sweep_dir / SUMMARY_FILE).open() as handle:
         assert {r["job"]: r["status"] for r in csv.DictReader(handle)}[job.name] == "failed"

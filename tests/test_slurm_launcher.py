@@ -49,3 +49,31 @@ def test_the_slurm_launcher_preset_runs_the_requeue_safe_launcher():
     launcher = Plugins.instance()._instantiate(cfg.hydra.launcher)
     assert type(launcher).__module__ == "mdfnet_hydra.slurm_launcher"
     assert launcher.params["max_num_timeout"] == cfg.hydra.launcher.max_num_timeout
+
+
+RESTORED_AFTER_THE_JOB = """
+import signal
+from mdfnet_hydra.slurm_launcher import SlurmLauncher
+def bypass(signum, frame):  # as submitit's job environment installs
+    pass
+signal.signal(signal.SIGTERM, bypass)
+launcher = SlurmLauncher()
+launcher.checkpoint()
+assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+try:
+    launcher([], "hydra.sweep.dir", 0, "job_id_for_0", {})  # no Hydra context here: fails at once
+except AssertionError:
+    pass
+print(signal.getsignal(signal.SIGTERM) is bypass)
+"""
+
+
+def test_a_job_that_goes_on_after_the_checkpoint_gets_its_sigterm_handler_back():
+    """Where submitit then refuses the requeue (too many timeouts) or `scontrol` fails, the training
+    ends with that error and the job goes on to its end: SIGTERM must not stay ignored there, nor
+    in what the job starts afterwards."""
+    result = subprocess.run(
+        [sys.executable, "-c", RESTORED_AFTER_THE_JOB], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "True"
