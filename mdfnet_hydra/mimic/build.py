@@ -9,20 +9,24 @@ Wrong input never yields a dataset: every input table and folder is located befo
 error names all that are missing), rows with the wrong number of fields stop the run, every table's
 ids, keys and values are checked as it is read (before any report or image is touched: an id names
 the files read and written), a dataset without train or val studies is refused, and a source that
-yields fewer than `checks.*` of what it must hold (reports, images, patients, ED stays) stops it with
-the path and what was expected there.
+yields fewer than `checks.*` of what it must hold (reports, images, patients, ED stays, label rows,
+split rows, triage rows) stops it with the path and what was expected there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shlex
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from mdfnet_hydra.config import MIN_IMAGE_SIZE, outside_ranges
 from mdfnet_hydra.data.manifest import SPLITS, write_manifest
@@ -40,6 +44,7 @@ from mdfnet_hydra.mimic.tables import (
     read_table,
     unique_key,
 )
+from mdfnet_hydra.tracking import private
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,9 @@ def prepare(cfg) -> dict[str, Any]:
     wanted_sections = _check_text_config(cfg)
     _check_split_config(cfg)
     inputs = _locate_inputs(cfg, wanted_sections)
+    problem = output_dir_problem(cfg)
+    if problem:
+        raise PrepareError(problem)
     out = Path(cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)  # half-written images and reports of a killed run
@@ -84,7 +92,7 @@ def prepare(cfg) -> dict[str, Any]:
         report.warnings.append(message)
 
     studies = _frontal_studies(inputs["metadata"], cfg, report)
-    studies = _with_labels(inputs["chexpert"], studies, report)
+    studies = _with_labels(inputs["chexpert"], studies, cfg, report)
     studies = _with_split(inputs.get("split"), studies, cfg, report)
     _check_train_and_val(studies, cfg, inputs.get("split"), "with the split")
     studies = _with_ed_stay(studies, inputs["edstays"], inputs["triage"], cfg, report)
@@ -98,6 +106,8 @@ def prepare(cfg) -> dict[str, Any]:
     manifest = _manifest(studies)
     write_manifest(manifest, out / "manifest.parquet")
     report.step("written to manifest.parquet", studies)
+    report.sections["config"] = OmegaConf.to_container(cfg, resolve=True)
+    report.sections["manifest_sha256"] = _sha256(out / "manifest.parquet")
     report.sections["label_prevalence"] = _prevalence(manifest)
     report.sections["clinical_missingness"] = _missingness(manifest)
     report.sections["implausible_values"] = _implausible(manifest)
@@ -106,8 +116,43 @@ def prepare(cfg) -> dict[str, Any]:
     markdown = _markdown(report)
     write_text(out / "prepare_report.md", markdown)
     log.info("\n%s", markdown)
-    log.info("prepared dataset: %s (train with: python -m mdfnet_hydra.train data=processed data.root=%s)", out, out)
+    log.info(
+        "prepared dataset: %s (train with: python -m mdfnet_hydra.train data=processed %s)",
+        out,
+        shlex.quote(f"data.root={out}"),
+    )
     return report.to_dict()
+
+
+def _sha256(path: Path) -> str:
+    """The manifest's checksum in the report beside the config it was made with: a report left by an
+    earlier run (one killed between writing the two) shows as not the manifest's."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def output_dir_problem(cfg) -> Optional[str]:
+    """Why output_dir cannot take the prepared dataset, or None. Checked before Hydra writes its .hydra/
+    record there (prepare.py), where a file in the way or a read-only folder ended in a traceback."""
+    out = Path(str(cfg.output_dir)).expanduser().resolve()
+    for option in ("cxr_jpg", "reports", "ed", "hosp"):
+        source = Path(str(cfg.mimic[option])).expanduser().resolve()
+        if out == source or source in out.parents:
+            return (
+                f"output_dir {out} is {'mimic.' + option if out == source else 'inside mimic.' + option} "
+                f"({source}): the preparation writes images/ and its tables there; choose an output_dir outside "
+                "the MIMIC folders"
+            )
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"is under the file {existing}"
+        return f"output_dir {out} {where}: choose a folder (new or existing) for the prepared dataset"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"output_dir {out} cannot be written: {existing} is not writable by this user; choose another output_dir"
+    return None
 
 
 def _check_text_config(cfg) -> list[str]:
@@ -236,13 +281,17 @@ def _study_time(date: Any, time: Any, path: Path, row: int) -> pd.Timestamp:
         t = float(time)
     except (TypeError, ValueError) as err:
         raise PrepareError(f"{path}: row {row + 2}: StudyDate {date!r} / StudyTime {time!r} unreadable") from err
-    if not 0 <= t < 240000:  # HHMMSS.fff; an empty StudyTime (NaN) fails this too
-        raise PrepareError(f"{path}: row {row + 2}: StudyDate {date!r} / StudyTime {time!r} unreadable")
-    hours, minutes, seconds = int(t // 10000), int(t % 10000 // 100), t % 100
+    hours, minutes, seconds = (int(t // 10000), int(t % 10000 // 100), t % 100) if t >= 0 else (-1, 0, 0.0)
+    if not (0 <= hours < 24 and minutes < 60 and seconds < 60):  # HHMMSS.fff; an empty one (NaN) fails too
+        raise PrepareError(
+            f"{path}: row {row + 2}: StudyDate {date!r} / StudyTime {time!r} unreadable (StudyTime is HHMMSS)"
+        )
     return day + timedelta(hours=hours, minutes=minutes, seconds=seconds)
 
 
-def _with_labels(path: Path, studies: pd.DataFrame, report: Report) -> pd.DataFrame:
+def _with_labels(path: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
+    """Labels by (subject_id, study_id). A study without a row, or whose row names another subject,
+    is left out, counted, and stops the run below checks.min_labels_found (tables of two releases)."""
     labels = read_table(path, ["subject_id", "study_id", *CHEXPERT_LABELS], dtype={"subject_id": str, "study_id": str})
     for column in ("subject_id", "study_id"):
         labels[column] = id_column(labels, column, path)
@@ -257,8 +306,36 @@ def _with_labels(path: Path, studies: pd.DataFrame, report: Report) -> pd.DataFr
             )
         labels[name] = values
     merged = studies.merge(
-        labels[["subject_id", "study_id", *CHEXPERT_LABELS]], on=["subject_id", "study_id"], how="inner"
+        labels[["subject_id", "study_id", *CHEXPERT_LABELS]],
+        on=["subject_id", "study_id"],
+        how="left",
+        indicator="labelled",
     )
+    found = (merged.pop("labelled") == "both").to_numpy()
+    other_subject = ~found & merged["study_id"].isin(labels["study_id"]).to_numpy()
+    report.sections["labels"] = {
+        "studies with a chexpert row": int(found.sum()),
+        "without a row (left out)": int((~found & ~other_subject).sum()),
+        "row under another subject_id (left out)": int(other_subject.sum()),
+    }
+    if other_subject.any():
+        example = merged["study_id"][other_subject].iloc[0]
+        _warn(
+            report,
+            f"{int(other_subject.sum())} chosen studies have their row in {path} under another subject_id than "
+            f"in the metadata table (e.g. study {private(str(example))}); they are left out as unlabelled. "
+            "The two tables must come from the same MIMIC-CXR-JPG release.",
+        )
+    _check_found(
+        int(found.sum()),
+        len(merged),
+        "min_labels_found",
+        cfg,
+        f"chosen studies with a row of the same subject_id in {path}",
+        "expected a row per study of the metadata table",
+        "point mimic.cxr_jpg at one MIMIC-CXR-JPG release whose metadata and chexpert tables belong together",
+    )
+    merged = merged[found]
     report.step("with CheXpert labels", merged)
     _require_studies(
         merged,
@@ -279,7 +356,20 @@ def _with_split(path: Path | None, studies: pd.DataFrame, cfg, report: Report) -
             raise PrepareError(
                 f"{path}: row {row + 2}: split {split['split'][row]!r} is not one of {list(OFFICIAL_SPLIT_NAMES)}"
             )
-        studies = studies.merge(split[["dicom_id", "split"]], on="dicom_id", how="inner")
+        studies = studies.merge(split[["dicom_id", "split"]], on="dicom_id", how="left", indicator="listed")
+        listed = (studies.pop("listed") == "both").to_numpy()
+        _check_found(
+            int(listed.sum()),
+            len(studies),
+            "min_split_found",
+            cfg,
+            f"chosen images listed in {path}",
+            "expected a row per dicom_id of the metadata table",
+            "point mimic.cxr_jpg at one MIMIC-CXR-JPG release whose metadata and split tables belong together "
+            "(or use split.kind=random)",
+        )
+        report.sections["official_split"] = {"listed": int(listed.sum()), "not listed (left out)": int((~listed).sum())}
+        studies = studies[listed].reset_index(drop=True)
         studies["split"] = studies["split"].map(OFFICIAL_SPLIT_NAMES)
         report.step("with an official split", studies)
         _require_studies(
@@ -288,10 +378,9 @@ def _with_split(path: Path | None, studies: pd.DataFrame, cfg, report: Report) -
             "mimic.cxr_jpg must come from the same MIMIC-CXR-JPG release.",
         )
     else:
-        fractions = np.asarray(cfg.split.fractions, dtype=float)
-        patients = np.sort(studies["subject_id"].unique())
-        draw = np.random.default_rng(cfg.split.seed).random(len(patients))
-        cut = np.cumsum(fractions)
+        cut = np.cumsum(np.asarray(cfg.split.fractions, dtype=float))
+        patients = studies["subject_id"].unique()
+        draw = np.array([patient_draw(int(cfg.split.seed), int(p)) for p in patients])
         names = np.where(draw < cut[0], "train", np.where(draw < cut[1], "val", "test"))
         studies = studies.assign(split=studies["subject_id"].map(dict(zip(patients, names))))
         report.step(f"random patient-level split (seed {cfg.split.seed})", studies)
@@ -302,6 +391,14 @@ def _with_split(path: Path | None, studies: pd.DataFrame, cfg, report: Report) -
             f"(e.g. subject {per_patient[per_patient > 1].index[0]}); the split must be by patient"
         )
     return studies
+
+
+def patient_draw(seed: int, subject_id: int) -> float:
+    """A patient's number in [0, 1) for the random split, from the seed and the subject_id alone: adding
+    or removing other patients (a partial download, another release) never moves a patient to another
+    split, as one draw per patient in list order did."""
+    digest = hashlib.sha256(f"mdfnet-hydra split {seed} {subject_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def _check_train_and_val(studies: pd.DataFrame, cfg, split_path: Path | None, step: str) -> None:
@@ -374,10 +471,12 @@ def _with_ed_stay(studies: pd.DataFrame, stays_path: Path, triage_path: Path, cf
         )
     else:
         report.step("kept, unlinked ones with missing triage (link.keep_unlinked=true)", linked)
-    return _with_triage(linked.drop(columns=["inside"]), triage_path, report)
+    return _with_triage(linked.drop(columns=["inside"]), triage_path, cfg, report)
 
 
-def _with_triage(studies: pd.DataFrame, path: Path, report: Report) -> pd.DataFrame:
+def _with_triage(studies: pd.DataFrame, path: Path, cfg, report: Report) -> pd.DataFrame:
+    """Triage values of each linked stay. A table that holds no row for most linked stays (empty,
+    or of another release) would leave every vital missing: checks.min_triage_found stops it."""
     triage = read_table(path, ["stay_id", *VITALS, "pain", "chiefcomplaint"], dtype={"stay_id": str})
     triage["stay_id"] = id_column(triage, "stay_id", path)
     unique_key(triage, ["stay_id"], path, "ED stay")
@@ -386,7 +485,25 @@ def _with_triage(studies: pd.DataFrame, path: Path, report: Report) -> pd.DataFr
     pain = numeric_column(triage, "pain", path, allow_text=True)
     report.sections["pain_not_numeric"] = int((pain.isna() & triage["pain"].notna()).sum())
     triage["pain"] = pain
-    return studies.merge(triage[["stay_id", *VITALS, "pain", "chiefcomplaint"]], on="stay_id", how="left")
+    merged = studies.merge(
+        triage[["stay_id", *VITALS, "pain", "chiefcomplaint"]], on="stay_id", how="left", indicator="triaged"
+    )
+    triaged = (merged.pop("triaged") == "both").to_numpy()
+    linked = int(merged["stay_id"].notna().sum())
+    report.sections["triage"] = {
+        "linked studies with a triage row": int(triaged.sum()),
+        "without": linked - int(triaged.sum()),
+    }
+    _check_found(
+        int(triaged.sum()),
+        linked,
+        "min_triage_found",
+        cfg,
+        f"ED-linked studies whose stay has a row in {path}",
+        "expected a row per stay_id of the edstays table",
+        "point mimic.ed at one MIMIC-IV-ED release whose edstays and triage tables belong together",
+    )
+    return merged
 
 
 def _with_demographics(studies: pd.DataFrame, path: Path, cfg, report: Report) -> pd.DataFrame:
@@ -410,12 +527,46 @@ def _with_demographics(studies: pd.DataFrame, path: Path, cfg, report: Report) -
         "point mimic.hosp at the MIMIC-IV release (hosp/patients) of these MIMIC-CXR patients",
     )
     merged["age"] = merged["anchor_age"] + (merged["study_time"].dt.year - merged["anchor_year"])
-    sex = merged["patient_gender"]
-    if "gender" in merged:
-        sex = sex.fillna(merged["gender"])  # the ED stay's record when MIMIC-IV has no patients row
-    merged["sex"] = sex.where(sex.isin(["M", "F"]))
+    sex, unrecognised = _sex(merged["patient_gender"])
+    if "gender" in merged:  # the ED stay's record where MIMIC-IV has none (no row, blank or unrecognised)
+        ed_sex, ed_unrecognised = _sex(merged["gender"])
+        sex, unrecognised = sex.fillna(ed_sex), unrecognised | ed_unrecognised
+    merged["sex"] = sex
     report.sections["patients_without_demographics"] = int(merged["anchor_age"].isna().sum())
+    report.sections["sex"] = {"missing": int(sex.isna().sum()), "unrecognised gender values": int(unrecognised.sum())}
+    if unrecognised.any():
+        values = sorted(
+            {
+                str(v)
+                for column in ("patient_gender", "gender")
+                if column in merged
+                for v in merged[column][_sex(merged[column])[1]]
+            }
+        )
+        _warn(
+            report,
+            f"{int(unrecognised.sum())} studies have a gender other than M / F / male / female (any case) in {path} "
+            f"or their ED stay ({', '.join(repr(v) for v in values[:SHOWN_VALUES])}): read as missing",
+        )
     return merged
+
+
+SEX_WORDS = {"m": "M", "male": "M", "f": "F", "female": "F"}
+SHOWN_VALUES = 5  # unrecognised values named in a warning
+
+
+def _sex(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """('M' / 'F' or missing, whether a non-blank value was not recognised): MIMIC writes M / F, other
+    exports m, male or Female; anything else becomes missing, counted, rather than a third category."""
+    sex = values.map(lambda v: SEX_WORDS.get(v.strip().lower()) if isinstance(v, str) else None).astype(object)
+    blank = values.isna() | (values.astype(str).str.strip() == "")
+    return sex, ~blank & sex.isna()
+
+
+def _warn(report: Report, message: str) -> None:
+    """A problem the run goes on with: on the console and in the report (json and markdown)."""
+    log.warning(message)
+    report.warnings.append(message)
 
 
 def _with_text(
@@ -568,7 +719,7 @@ def _markdown(report: Report) -> str:
         count = step.get("studies", step.get("images"))
         unit = "images" if "images" in step else "studies"
         lines.append(f"| {step['step']} | {count} {unit} | {step['patients']} |")
-    for key in ("ed_link", "text", "images", "split_sizes"):
+    for key in ("labels", "official_split", "ed_link", "triage", "sex", "text", "images", "split_sizes"):
         if key in report.sections:
             lines += ["", f"{key.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in report.sections[key].items())]
     lines += [
