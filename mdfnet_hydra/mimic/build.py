@@ -44,7 +44,6 @@ from mdfnet_hydra.mimic.tables import (
     read_table,
     unique_key,
 )
-from mdfnet_hydra.tracking import private
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +266,13 @@ def _frontal_studies(path: Path, cfg, report: Report) -> pd.DataFrame:
         "check views (MIMIC-CXR-JPG uses PA, AP, LATERAL, LL, ...).",
     )
     if cfg.one_image_per_study:
-        meta = meta.sort_values(["study_id", "view_rank", "dicom_id"]).drop_duplicates("study_id", keep="first")
+        meta = meta.sort_values(["study_id", "view_rank", "dicom_id"])
+        others = meta.groupby("study_id", sort=False)["dicom_id"].agg(lambda ids: list(ids)[1:])
+        meta = meta.drop_duplicates("study_id", keep="first")
+        meta = meta.assign(other_frontal=meta["study_id"].map(others))  # taken if the chosen image is unusable
         report.step("one image per study (view preference, then dicom_id)", meta)
+    else:
+        meta = meta.assign(other_frontal=[[] for _ in range(len(meta))])
     meta = meta.assign(
         study_time=[_study_time(d, t, path, i) for i, d, t in zip(meta.index, meta["StudyDate"], meta["StudyTime"])]
     )
@@ -319,11 +323,14 @@ def _with_labels(path: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.D
         "row under another subject_id (left out)": int(other_subject.sum()),
     }
     if other_subject.any():
-        example = merged["study_id"][other_subject].iloc[0]
+        report.problems["chexpert row under another subject_id (studies left out)"] = [
+            f"subject {s}, study {st}"
+            for s, st in zip(merged["subject_id"][other_subject], merged["study_id"][other_subject])
+        ]
         _warn(
             report,
             f"{int(other_subject.sum())} chosen studies have their row in {path} under another subject_id than "
-            f"in the metadata table (e.g. study {private(str(example))}); they are left out as unlabelled. "
+            "in the metadata table (listed in prepare_report.json); they are left out as unlabelled. "
             "The two tables must come from the same MIMIC-CXR-JPG release.",
         )
     _check_found(
@@ -608,16 +615,48 @@ def _complaint(complaint: Any, cfg) -> str | None:
     return complaint if cfg.text.chief_complaint and isinstance(complaint, str) else None
 
 
-def _with_images(images: Path, out: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
+USABLE = ("done", "remade", "reused")
+
+
+def _image_tasks(studies: pd.DataFrame, dicoms: list[str], images: Path, out: Path, cfg) -> tuple[list, list]:
+    """(paths relative to output_dir, resize tasks) of one image per study."""
     relative = [
-        f"images/p{str(s)[:2]}/p{s}/s{st}/{d}.jpg"
-        for s, st, d in zip(studies.subject_id, studies.study_id, studies.dicom_id)
+        f"images/p{str(s)[:2]}/p{s}/s{st}/{d}.jpg" for s, st, d in zip(studies.subject_id, studies.study_id, dicoms)
     ]
-    sources = [images / r[len("images/") :] for r in relative]
-    tasks = [
-        (str(src), str(out / r), int(cfg.images.size), int(cfg.images.quality)) for src, r in zip(sources, relative)
-    ]
+    size, quality = int(cfg.images.size), int(cfg.images.quality)
+    return relative, [(str(images / r[len("images/") :]), str(out / r), size, quality) for r in relative]
+
+
+def _other_frontal(images: Path, out: Path, studies: pd.DataFrame, results: list, cfg, report: Report):
+    """A study whose preferred image is missing or unreadable takes its next frontal one (its AP for a
+    lost PA), in view preference order, rather than leaving the study out."""
+    studies, results, taken = studies.copy(), list(results), 0
+    for turn in range(max((len(o) for o in studies["other_frontal"]), default=0)):
+        rows = [
+            i
+            for i, (state, _) in enumerate(results)
+            if state not in USABLE and len(studies["other_frontal"].iat[i]) > turn
+        ]
+        if not rows:
+            break
+        dicoms = [studies["other_frontal"].iat[i][turn] for i in rows]
+        _, tasks = _image_tasks(studies.iloc[rows], dicoms, images, out, cfg)
+        for i, dicom, result in zip(rows, dicoms, resize_all(tasks, int(cfg.images.workers))):
+            if result[0] in USABLE:
+                studies.iat[i, studies.columns.get_loc("dicom_id")] = dicom
+                results[i], taken = result, taken + 1
+    report.sections["other_frontal_image_used"] = taken
+    if taken:
+        log.info("%d studies whose preferred image is missing or unreadable use another frontal image", taken)
+    return studies, results
+
+
+def _with_images(images: Path, out: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
+    _, tasks = _image_tasks(studies, list(studies.dicom_id), images, out, cfg)
     results = resize_all(tasks, int(cfg.images.workers))
+    first_sources = [Path(t[0]) for t in tasks]
+    studies, results = _other_frontal(images, out, studies, results, cfg, report)
+    relative, _ = _image_tasks(studies, list(studies.dicom_id), images, out, cfg)
     status = pd.Series([s for s, _ in results], index=studies.index)
     counts = status.value_counts().to_dict()
     report.sections["images"] = {k: int(counts.get(k, 0)) for k in STATUSES}
@@ -638,8 +677,8 @@ def _with_images(images: Path, out: Path, studies: pd.DataFrame, cfg, report: Re
         if rows:
             report.problems[f"{kind} images (studies left out)"] = rows
             log.warning("%d studies left out: %s image; listed in prepare_report.json", len(rows), kind)
-    usable = status.isin(["done", "remade", "reused"]).to_numpy()
-    example = next((src for src, (state, _) in zip(sources, results) if state in ("missing", "unreadable")), "")
+    usable = status.isin(USABLE).to_numpy()
+    example = next((src for src, (state, _) in zip(first_sources, results) if state in ("missing", "unreadable")), "")
     _check_found(
         int(usable.sum()),
         len(studies),
@@ -650,7 +689,7 @@ def _with_images(images: Path, out: Path, studies: pd.DataFrame, cfg, report: Re
         f"missing, {counts.get('unreadable', 0)} unreadable, e.g. {example})",
         "point mimic.cxr_jpg at the MIMIC-CXR-JPG release folder whose files/ holds the JPEGs",
     )
-    kept = studies.assign(image_path=relative)[usable]
+    kept = studies.assign(image_path=relative)[usable].drop(columns=["other_frontal"])
     report.step("with a readable image", kept)
     _require_studies(kept, f"no chosen study has a readable image under {images}: check mimic.cxr_jpg.")
     return kept
@@ -748,6 +787,12 @@ def _markdown(report: Report) -> str:
         )
     implausible_counts = ", ".join(f"{k} {v}" for k, v in report.sections["implausible_values"].items() if v)
     lines += ["", f"implausible values (outside labels.PLAUSIBLE_RANGES): {implausible_counts or 'none'}"]
+    if report.sections.get("other_frontal_image_used"):
+        lines += [
+            "",
+            f"other frontal image used (preferred one missing or unreadable): "
+            f"{report.sections['other_frontal_image_used']} studies",
+        ]
     for name, rows in report.problems.items():
         lines += ["", f"{name}: {len(rows)} (listed in prepare_report.json)"]
     for warning in report.warnings:
