@@ -19,10 +19,9 @@ def prepare_output_dir(_root_: Any) -> str:
     from mdfnet_hydra.mimic.build import output_dir_problem
 
     output_dir = required("output_dir", _root_)
-    if not any(OmegaConf.is_missing(_root_.mimic, key) for key in ("cxr_jpg", "reports", "ed", "hosp")):
-        problem = output_dir_problem(_root_)
-        if problem:
-            stop_at_start(problem)
+    problem = output_dir_problem(_root_)
+    if problem:
+        stop_at_start(problem)
     return output_dir
 
 

@@ -138,6 +138,8 @@ def output_dir_problem(cfg) -> Optional[str]:
     record there (prepare.py), where a file in the way or a read-only folder ended in a traceback."""
     out = Path(str(cfg.output_dir)).expanduser().resolve()
     for option in ("cxr_jpg", "reports", "ed", "hosp"):
+        if OmegaConf.is_missing(cfg.mimic, option):  # mimic.reports is not needed without text.sections
+            continue
         source = Path(str(cfg.mimic[option])).expanduser().resolve()
         if out == source or source in out.parents:
             return (
