@@ -587,6 +587,9 @@ class PrepareChecksConfig:
     min_images_found: float = 0.5  # chosen images found and readable under mimic.cxr_jpg/files
     min_patients_found: float = 0.5  # studies whose patient is in MIMIC-IV patients
     min_ed_linked: float = 0.01  # studies linked to a MIMIC-IV-ED stay
+    min_labels_found: float = 0.9  # chosen studies with a row of the same subject in the chexpert table
+    min_split_found: float = 0.9  # chosen images listed in the split table (split.kind=official)
+    min_triage_found: float = 0.5  # studies linked to an ED stay whose stay has a triage row
 
 
 @dataclass

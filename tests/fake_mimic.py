@@ -281,3 +281,12 @@ def build(root: Path, studies: list[Study] = STUDIES) -> dict[str, Path]:
         anchor_year_group="2008 - 2010", dod=None
     ).to_csv(hosp / "hosp" / "patients.csv.gz", index=False)
     return {"cxr_jpg": cxr, "reports": reports, "ed": ed, "hosp": hosp}
+
+
+def many_studies(patients: int, first_subject: int = 11000000) -> list[Study]:
+    """One PA study per patient, all in the official train split (for the random split, image workers
+    and other tests that need more than a handful of patients; they have no ED stay or patients row)."""
+    return [
+        Study(first_subject + i, 56000000 + i, "train", 21800101, 120000.0, [(f"d-many-{i}", "PA")], {"Edema": 1.0})
+        for i in range(patients)
+    ]

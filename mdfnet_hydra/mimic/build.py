@@ -9,20 +9,24 @@ Wrong input never yields a dataset: every input table and folder is located befo
 error names all that are missing), rows with the wrong number of fields stop the run, every table's
 ids, keys and values are checked as it is read (before any report or image is touched: an id names
 the files read and written), a dataset without train or val studies is refused, and a source that
-yields fewer than `checks.*` of what it must hold (reports, images, patients, ED stays) stops it with
-the path and what was expected there.
+yields fewer than `checks.*` of what it must hold (reports, images, patients, ED stays, label rows,
+split rows, triage rows) stops it with the path and what was expected there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shlex
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from mdfnet_hydra.config import MIN_IMAGE_SIZE, outside_ranges
 from mdfnet_hydra.data.manifest import SPLITS, write_manifest
@@ -70,6 +74,9 @@ def prepare(cfg) -> dict[str, Any]:
     wanted_sections = _check_text_config(cfg)
     _check_split_config(cfg)
     inputs = _locate_inputs(cfg, wanted_sections)
+    problem = output_dir_problem(cfg)
+    if problem:
+        raise PrepareError(problem)
     out = Path(cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)  # half-written images and reports of a killed run
@@ -84,7 +91,7 @@ def prepare(cfg) -> dict[str, Any]:
         report.warnings.append(message)
 
     studies = _frontal_studies(inputs["metadata"], cfg, report)
-    studies = _with_labels(inputs["chexpert"], studies, report)
+    studies = _with_labels(inputs["chexpert"], studies, cfg, report)
     studies = _with_split(inputs.get("split"), studies, cfg, report)
     _check_train_and_val(studies, cfg, inputs.get("split"), "with the split")
     studies = _with_ed_stay(studies, inputs["edstays"], inputs["triage"], cfg, report)
@@ -98,6 +105,8 @@ def prepare(cfg) -> dict[str, Any]:
     manifest = _manifest(studies)
     write_manifest(manifest, out / "manifest.parquet")
     report.step("written to manifest.parquet", studies)
+    report.sections["config"] = OmegaConf.to_container(cfg, resolve=True)
+    report.sections["manifest_sha256"] = _sha256(out / "manifest.parquet")
     report.sections["label_prevalence"] = _prevalence(manifest)
     report.sections["clinical_missingness"] = _missingness(manifest)
     report.sections["implausible_values"] = _implausible(manifest)
@@ -106,8 +115,45 @@ def prepare(cfg) -> dict[str, Any]:
     markdown = _markdown(report)
     write_text(out / "prepare_report.md", markdown)
     log.info("\n%s", markdown)
-    log.info("prepared dataset: %s (train with: python -m mdfnet_hydra.train data=processed data.root=%s)", out, out)
+    log.info(
+        "prepared dataset: %s (train with: python -m mdfnet_hydra.train data=processed %s)",
+        out,
+        shlex.quote(f"data.root={out}"),
+    )
     return report.to_dict()
+
+
+def _sha256(path: Path) -> str:
+    """The manifest's checksum in the report beside the config it was made with: a report left by an
+    earlier run (one killed between writing the two) shows as not the manifest's."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def output_dir_problem(cfg) -> Optional[str]:
+    """Why output_dir cannot take the prepared dataset, or None. Checked before Hydra writes its .hydra/
+    record there (prepare.py), where a file in the way or a read-only folder ended in a traceback."""
+    out = Path(str(cfg.output_dir)).expanduser().resolve()
+    for option in ("cxr_jpg", "reports", "ed", "hosp"):
+        if OmegaConf.is_missing(cfg.mimic, option):  # mimic.reports is not needed without text.sections
+            continue
+        source = Path(str(cfg.mimic[option])).expanduser().resolve()
+        if out == source or source in out.parents:
+            return (
+                f"output_dir {out} is {'mimic.' + option if out == source else 'inside mimic.' + option} "
+                f"({source}): the preparation writes images/ and its tables there; choose an output_dir outside "
+                "the MIMIC folders"
+            )
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"is under the file {existing}"
+        return f"output_dir {out} {where}: choose a folder (new or existing) for the prepared dataset"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"output_dir {out} cannot be written: {existing} is not writable by this user; choose another output_dir"
+    return None
 
 
 def _check_text_config(cfg) -> list[str]:
@@ -222,8 +268,13 @@ def _frontal_studies(path: Path, cfg, report: Report) -> pd.DataFrame:
         "check views (MIMIC-CXR-JPG uses PA, AP, LATERAL, LL, ...).",
     )
     if cfg.one_image_per_study:
-        meta = meta.sort_values(["study_id", "view_rank", "dicom_id"]).drop_duplicates("study_id", keep="first")
+        meta = meta.sort_values(["study_id", "view_rank", "dicom_id"])
+        others = meta.groupby("study_id", sort=False)["dicom_id"].agg(lambda ids: list(ids)[1:])
+        meta = meta.drop_duplicates("study_id", keep="first")
+        meta = meta.assign(other_frontal=meta["study_id"].map(others))  # taken if the chosen image is unusable
         report.step("one image per study (view preference, then dicom_id)", meta)
+    else:
+        meta = meta.assign(other_frontal=[[] for _ in range(len(meta))])
     meta = meta.assign(
         study_time=[_study_time(d, t, path, i) for i, d, t in zip(meta.index, meta["StudyDate"], meta["StudyTime"])]
     )
@@ -236,13 +287,17 @@ def _study_time(date: Any, time: Any, path: Path, row: int) -> pd.Timestamp:
         t = float(time)
     except (TypeError, ValueError) as err:
         raise PrepareError(f"{path}: row {row + 2}: StudyDate {date!r} / StudyTime {time!r} unreadable") from err
-    if not 0 <= t < 240000:  # HHMMSS.fff; an empty StudyTime (NaN) fails this too
-        raise PrepareError(f"{path}: row {row + 2}: StudyDate {date!r} / StudyTime {time!r} unreadable")
-    hours, minutes, seconds = int(t // 10000), int(t % 10000 // 100), t % 100
+    hours, minutes, seconds = (int(t // 10000), int(t % 10000 // 100), t % 100) if t >= 0 else (-1, 0, 0.0)
+    if not (0 <= hours < 24 and minutes < 60 and seconds < 60):  # HHMMSS.fff; an empty one (NaN) fails too
+        raise PrepareError(
+            f"{path}: row {row + 2}: StudyDate {date!r} / StudyTime {time!r} unreadable (StudyTime is HHMMSS)"
+        )
     return day + timedelta(hours=hours, minutes=minutes, seconds=seconds)
 
 
-def _with_labels(path: Path, studies: pd.DataFrame, report: Report) -> pd.DataFrame:
+def _with_labels(path: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
+    """Labels by (subject_id, study_id). A study without a row, or whose row names another subject,
+    is left out, counted, and stops the run below checks.min_labels_found (tables of two releases)."""
     labels = read_table(path, ["subject_id", "study_id", *CHEXPERT_LABELS], dtype={"subject_id": str, "study_id": str})
     for column in ("subject_id", "study_id"):
         labels[column] = id_column(labels, column, path)
@@ -257,8 +312,39 @@ def _with_labels(path: Path, studies: pd.DataFrame, report: Report) -> pd.DataFr
             )
         labels[name] = values
     merged = studies.merge(
-        labels[["subject_id", "study_id", *CHEXPERT_LABELS]], on=["subject_id", "study_id"], how="inner"
+        labels[["subject_id", "study_id", *CHEXPERT_LABELS]],
+        on=["subject_id", "study_id"],
+        how="left",
+        indicator="labelled",
     )
+    found = (merged.pop("labelled") == "both").to_numpy()
+    other_subject = ~found & merged["study_id"].isin(labels["study_id"]).to_numpy()
+    report.sections["labels"] = {
+        "studies with a chexpert row": int(found.sum()),
+        "without a row (left out)": int((~found & ~other_subject).sum()),
+        "row under another subject_id (left out)": int(other_subject.sum()),
+    }
+    if other_subject.any():
+        report.problems["chexpert row under another subject_id (studies left out)"] = [
+            f"subject {s}, study {st}"
+            for s, st in zip(merged["subject_id"][other_subject], merged["study_id"][other_subject])
+        ]
+        _warn(
+            report,
+            f"{int(other_subject.sum())} chosen studies have their row in {path} under another subject_id than "
+            "in the metadata table (listed in prepare_report.json); they are left out as unlabelled. "
+            "The two tables must come from the same MIMIC-CXR-JPG release.",
+        )
+    _check_found(
+        int(found.sum()),
+        len(merged),
+        "min_labels_found",
+        cfg,
+        f"chosen studies with a row of the same subject_id in {path}",
+        "expected a row per study of the metadata table",
+        "point mimic.cxr_jpg at one MIMIC-CXR-JPG release whose metadata and chexpert tables belong together",
+    )
+    merged = merged[found]
     report.step("with CheXpert labels", merged)
     _require_studies(
         merged,
@@ -279,7 +365,20 @@ def _with_split(path: Path | None, studies: pd.DataFrame, cfg, report: Report) -
             raise PrepareError(
                 f"{path}: row {row + 2}: split {split['split'][row]!r} is not one of {list(OFFICIAL_SPLIT_NAMES)}"
             )
-        studies = studies.merge(split[["dicom_id", "split"]], on="dicom_id", how="inner")
+        studies = studies.merge(split[["dicom_id", "split"]], on="dicom_id", how="left", indicator="listed")
+        listed = (studies.pop("listed") == "both").to_numpy()
+        _check_found(
+            int(listed.sum()),
+            len(studies),
+            "min_split_found",
+            cfg,
+            f"chosen images listed in {path}",
+            "expected a row per dicom_id of the metadata table",
+            "point mimic.cxr_jpg at one MIMIC-CXR-JPG release whose metadata and split tables belong together "
+            "(or use split.kind=random)",
+        )
+        report.sections["official_split"] = {"listed": int(listed.sum()), "not listed (left out)": int((~listed).sum())}
+        studies = studies[listed].reset_index(drop=True)
         studies["split"] = studies["split"].map(OFFICIAL_SPLIT_NAMES)
         report.step("with an official split", studies)
         _require_studies(
@@ -288,10 +387,9 @@ def _with_split(path: Path | None, studies: pd.DataFrame, cfg, report: Report) -
             "mimic.cxr_jpg must come from the same MIMIC-CXR-JPG release.",
         )
     else:
-        fractions = np.asarray(cfg.split.fractions, dtype=float)
-        patients = np.sort(studies["subject_id"].unique())
-        draw = np.random.default_rng(cfg.split.seed).random(len(patients))
-        cut = np.cumsum(fractions)
+        cut = np.cumsum(np.asarray(cfg.split.fractions, dtype=float))
+        patients = studies["subject_id"].unique()
+        draw = np.array([patient_draw(int(cfg.split.seed), int(p)) for p in patients])
         names = np.where(draw < cut[0], "train", np.where(draw < cut[1], "val", "test"))
         studies = studies.assign(split=studies["subject_id"].map(dict(zip(patients, names))))
         report.step(f"random patient-level split (seed {cfg.split.seed})", studies)
@@ -302,6 +400,14 @@ def _with_split(path: Path | None, studies: pd.DataFrame, cfg, report: Report) -
             f"(e.g. subject {per_patient[per_patient > 1].index[0]}); the split must be by patient"
         )
     return studies
+
+
+def patient_draw(seed: int, subject_id: int) -> float:
+    """A patient's number in [0, 1) for the random split, from the seed and the subject_id alone: adding
+    or removing other patients (a partial download, another release) never moves a patient to another
+    split, as one draw per patient in list order did."""
+    digest = hashlib.sha256(f"mdfnet-hydra split {seed} {subject_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def _check_train_and_val(studies: pd.DataFrame, cfg, split_path: Path | None, step: str) -> None:
@@ -374,10 +480,12 @@ def _with_ed_stay(studies: pd.DataFrame, stays_path: Path, triage_path: Path, cf
         )
     else:
         report.step("kept, unlinked ones with missing triage (link.keep_unlinked=true)", linked)
-    return _with_triage(linked.drop(columns=["inside"]), triage_path, report)
+    return _with_triage(linked.drop(columns=["inside"]), triage_path, cfg, report)
 
 
-def _with_triage(studies: pd.DataFrame, path: Path, report: Report) -> pd.DataFrame:
+def _with_triage(studies: pd.DataFrame, path: Path, cfg, report: Report) -> pd.DataFrame:
+    """Triage values of each linked stay. A table that holds no row for most linked stays (empty,
+    or of another release) would leave every vital missing: checks.min_triage_found stops it."""
     triage = read_table(path, ["stay_id", *VITALS, "pain", "chiefcomplaint"], dtype={"stay_id": str})
     triage["stay_id"] = id_column(triage, "stay_id", path)
     unique_key(triage, ["stay_id"], path, "ED stay")
@@ -386,7 +494,25 @@ def _with_triage(studies: pd.DataFrame, path: Path, report: Report) -> pd.DataFr
     pain = numeric_column(triage, "pain", path, allow_text=True)
     report.sections["pain_not_numeric"] = int((pain.isna() & triage["pain"].notna()).sum())
     triage["pain"] = pain
-    return studies.merge(triage[["stay_id", *VITALS, "pain", "chiefcomplaint"]], on="stay_id", how="left")
+    merged = studies.merge(
+        triage[["stay_id", *VITALS, "pain", "chiefcomplaint"]], on="stay_id", how="left", indicator="triaged"
+    )
+    triaged = (merged.pop("triaged") == "both").to_numpy()
+    linked = int(merged["stay_id"].notna().sum())
+    report.sections["triage"] = {
+        "linked studies with a triage row": int(triaged.sum()),
+        "without": linked - int(triaged.sum()),
+    }
+    _check_found(
+        int(triaged.sum()),
+        linked,
+        "min_triage_found",
+        cfg,
+        f"ED-linked studies whose stay has a row in {path}",
+        "expected a row per stay_id of the edstays table",
+        "point mimic.ed at one MIMIC-IV-ED release whose edstays and triage tables belong together",
+    )
+    return merged
 
 
 def _with_demographics(studies: pd.DataFrame, path: Path, cfg, report: Report) -> pd.DataFrame:
@@ -410,12 +536,46 @@ def _with_demographics(studies: pd.DataFrame, path: Path, cfg, report: Report) -
         "point mimic.hosp at the MIMIC-IV release (hosp/patients) of these MIMIC-CXR patients",
     )
     merged["age"] = merged["anchor_age"] + (merged["study_time"].dt.year - merged["anchor_year"])
-    sex = merged["patient_gender"]
-    if "gender" in merged:
-        sex = sex.fillna(merged["gender"])  # the ED stay's record when MIMIC-IV has no patients row
-    merged["sex"] = sex.where(sex.isin(["M", "F"]))
+    sex, unrecognised = _sex(merged["patient_gender"])
+    if "gender" in merged:  # the ED stay's record where MIMIC-IV has none (no row, blank or unrecognised)
+        ed_sex, ed_unrecognised = _sex(merged["gender"])
+        sex, unrecognised = sex.fillna(ed_sex), unrecognised | ed_unrecognised
+    merged["sex"] = sex
     report.sections["patients_without_demographics"] = int(merged["anchor_age"].isna().sum())
+    report.sections["sex"] = {"missing": int(sex.isna().sum()), "unrecognised gender values": int(unrecognised.sum())}
+    if unrecognised.any():
+        values = sorted(
+            {
+                str(v)
+                for column in ("patient_gender", "gender")
+                if column in merged
+                for v in merged[column][_sex(merged[column])[1]]
+            }
+        )
+        _warn(
+            report,
+            f"{int(unrecognised.sum())} studies have a gender other than M / F / male / female (any case) in {path} "
+            f"or their ED stay ({', '.join(repr(v) for v in values[:SHOWN_VALUES])}): read as missing",
+        )
     return merged
+
+
+SEX_WORDS = {"m": "M", "male": "M", "f": "F", "female": "F"}
+SHOWN_VALUES = 5  # unrecognised values named in a warning
+
+
+def _sex(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """('M' / 'F' or missing, whether a non-blank value was not recognised): MIMIC writes M / F, other
+    exports m, male or Female; anything else becomes missing, counted, rather than a third category."""
+    sex = values.map(lambda v: SEX_WORDS.get(v.strip().lower()) if isinstance(v, str) else None).astype(object)
+    blank = values.isna() | (values.astype(str).str.strip() == "")
+    return sex, ~blank & sex.isna()
+
+
+def _warn(report: Report, message: str) -> None:
+    """A problem the run goes on with: on the console and in the report (json and markdown)."""
+    log.warning(message)
+    report.warnings.append(message)
 
 
 def _with_text(
@@ -457,16 +617,48 @@ def _complaint(complaint: Any, cfg) -> str | None:
     return complaint if cfg.text.chief_complaint and isinstance(complaint, str) else None
 
 
-def _with_images(images: Path, out: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
+USABLE = ("done", "remade", "reused")
+
+
+def _image_tasks(studies: pd.DataFrame, dicoms: list[str], images: Path, out: Path, cfg) -> tuple[list, list]:
+    """(paths relative to output_dir, resize tasks) of one image per study."""
     relative = [
-        f"images/p{str(s)[:2]}/p{s}/s{st}/{d}.jpg"
-        for s, st, d in zip(studies.subject_id, studies.study_id, studies.dicom_id)
+        f"images/p{str(s)[:2]}/p{s}/s{st}/{d}.jpg" for s, st, d in zip(studies.subject_id, studies.study_id, dicoms)
     ]
-    sources = [images / r[len("images/") :] for r in relative]
-    tasks = [
-        (str(src), str(out / r), int(cfg.images.size), int(cfg.images.quality)) for src, r in zip(sources, relative)
-    ]
+    size, quality = int(cfg.images.size), int(cfg.images.quality)
+    return relative, [(str(images / r[len("images/") :]), str(out / r), size, quality) for r in relative]
+
+
+def _other_frontal(images: Path, out: Path, studies: pd.DataFrame, results: list, cfg, report: Report):
+    """A study whose preferred image is missing or unreadable takes its next frontal one (its AP for a
+    lost PA), in view preference order, rather than leaving the study out."""
+    studies, results, taken = studies.copy(), list(results), 0
+    for turn in range(max((len(o) for o in studies["other_frontal"]), default=0)):
+        rows = [
+            i
+            for i, (state, _) in enumerate(results)
+            if state not in USABLE and len(studies["other_frontal"].iat[i]) > turn
+        ]
+        if not rows:
+            break
+        dicoms = [studies["other_frontal"].iat[i][turn] for i in rows]
+        _, tasks = _image_tasks(studies.iloc[rows], dicoms, images, out, cfg)
+        for i, dicom, result in zip(rows, dicoms, resize_all(tasks, int(cfg.images.workers))):
+            if result[0] in USABLE:
+                studies.iat[i, studies.columns.get_loc("dicom_id")] = dicom
+                results[i], taken = result, taken + 1
+    report.sections["other_frontal_image_used"] = taken
+    if taken:
+        log.info("%d studies whose preferred image is missing or unreadable use another frontal image", taken)
+    return studies, results
+
+
+def _with_images(images: Path, out: Path, studies: pd.DataFrame, cfg, report: Report) -> pd.DataFrame:
+    _, tasks = _image_tasks(studies, list(studies.dicom_id), images, out, cfg)
     results = resize_all(tasks, int(cfg.images.workers))
+    first_sources = [Path(t[0]) for t in tasks]
+    studies, results = _other_frontal(images, out, studies, results, cfg, report)
+    relative, _ = _image_tasks(studies, list(studies.dicom_id), images, out, cfg)
     status = pd.Series([s for s, _ in results], index=studies.index)
     counts = status.value_counts().to_dict()
     report.sections["images"] = {k: int(counts.get(k, 0)) for k in STATUSES}
@@ -487,8 +679,8 @@ def _with_images(images: Path, out: Path, studies: pd.DataFrame, cfg, report: Re
         if rows:
             report.problems[f"{kind} images (studies left out)"] = rows
             log.warning("%d studies left out: %s image; listed in prepare_report.json", len(rows), kind)
-    usable = status.isin(["done", "remade", "reused"]).to_numpy()
-    example = next((src for src, (state, _) in zip(sources, results) if state in ("missing", "unreadable")), "")
+    usable = status.isin(USABLE).to_numpy()
+    example = next((src for src, (state, _) in zip(first_sources, results) if state in ("missing", "unreadable")), "")
     _check_found(
         int(usable.sum()),
         len(studies),
@@ -499,7 +691,7 @@ def _with_images(images: Path, out: Path, studies: pd.DataFrame, cfg, report: Re
         f"missing, {counts.get('unreadable', 0)} unreadable, e.g. {example})",
         "point mimic.cxr_jpg at the MIMIC-CXR-JPG release folder whose files/ holds the JPEGs",
     )
-    kept = studies.assign(image_path=relative)[usable]
+    kept = studies.assign(image_path=relative)[usable].drop(columns=["other_frontal"])
     report.step("with a readable image", kept)
     _require_studies(kept, f"no chosen study has a readable image under {images}: check mimic.cxr_jpg.")
     return kept
@@ -568,7 +760,7 @@ def _markdown(report: Report) -> str:
         count = step.get("studies", step.get("images"))
         unit = "images" if "images" in step else "studies"
         lines.append(f"| {step['step']} | {count} {unit} | {step['patients']} |")
-    for key in ("ed_link", "text", "images", "split_sizes"):
+    for key in ("labels", "official_split", "ed_link", "triage", "sex", "text", "images", "split_sizes"):
         if key in report.sections:
             lines += ["", f"{key.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in report.sections[key].items())]
     lines += [
@@ -597,6 +789,12 @@ def _markdown(report: Report) -> str:
         )
     implausible_counts = ", ".join(f"{k} {v}" for k, v in report.sections["implausible_values"].items() if v)
     lines += ["", f"implausible values (outside labels.PLAUSIBLE_RANGES): {implausible_counts or 'none'}"]
+    if report.sections.get("other_frontal_image_used"):
+        lines += [
+            "",
+            f"other frontal image used (preferred one missing or unreadable): "
+            f"{report.sections['other_frontal_image_used']} studies",
+        ]
     for name, rows in report.problems.items():
         lines += ["", f"{name}: {len(rows)} (listed in prepare_report.json)"]
     for warning in report.warnings:

@@ -44,13 +44,19 @@ def locate_inputs(
     """
     found: dict[str, Path] = {}
     missing: list[str] = []
+    ambiguous = False
     for key, (option, root, stem, subdirs) in tables.items():
         tried = table_candidates(root, stem, subdirs)
-        hit = next((path for path in tried if path.is_file()), None)
-        if hit is None:
+        hits = [path for path in tried if path.is_file()]
+        if not hits:
             missing.append(f"the {stem} table ({option}={root}; looked for {', '.join(map(str, tried))})")
+        elif len(hits) > 1:  # an unpacked copy beside the download, perhaps of another release
+            ambiguous = True
+            missing.append(
+                f"one {stem} table, not {len(hits)} ({option}: {', '.join(map(str, hits))}; remove all but one)"
+            )
         else:
-            found[key] = hit
+            found[key] = hits[0]
     for key, (option, path, what) in folders.items():
         if path.is_dir():
             found[key] = path
@@ -58,7 +64,8 @@ def locate_inputs(
             missing.append(f"the folder {path} ({option}; it holds {what})")
     if missing:
         raise PrepareError(
-            f"{len(missing)} input(s) missing: {'; '.join(missing)}. Point the mimic.* options at "
+            f"{len(missing)} input(s) {'missing or ambiguous' if ambiguous else 'missing'}: {'; '.join(missing)}. "
+            "Point the mimic.* options at "
             "the release folders that hold them and rerun."
         )
     return found
