@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mdfnet_hydra.checkpoint import is_readable, load_checkpoint, move_aside
 from mdfnet_hydra.config import ConfigError, parse_duration, to_plain
-from mdfnet_hydra.data.dataset import SplitData, resolve_root
+from mdfnet_hydra.data.dataset import SplitData, label_warnings, resolve_root
 from mdfnet_hydra.data.preprocessing import Preprocessing
 from mdfnet_hydra.distributed import (
     barrier,
@@ -124,6 +124,9 @@ def _run(
     init = _initial_checkpoint(cfg, modality_names(cfg))
     job = open_job(cfg, state=init["preprocessing"] if init else None, first=main_first(runtime.is_main))
     log.info("data %s: %s", job.root, ", ".join(f"{k} {len(v)}" for k, v in job.splits.items()))
+    for text in label_warnings(job.splits):
+        log.warning("%s", text)
+        warnings.append(text)
     results = _train_phases(job, runtime, run_dir, init, _reporter(pruning, runtime))
     summary = summarise_job(results)
     if runtime.is_main:

@@ -12,6 +12,7 @@ from typing import Mapping, Optional
 
 LOG_FORMAT = "[%(asctime)s][%(levelname)s] %(message)s"
 _PRIVATE = re.compile("\u2039[^\u203a]*\u203a")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".dcm", ".bmp", ".webp")
 
 
 def attach_log_file(path: Path) -> logging.Handler:
@@ -30,16 +31,44 @@ def private(text: str) -> str:
     return f"\u2039{text}\u203a"
 
 
+def _chain(err: BaseException) -> list[BaseException]:
+    """The error and every error it was raised from or while handling."""
+    seen: list[BaseException] = []
+    while err is not None and not any(err is e for e in seen):
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
+
+
+def _withheld(text: str, err: BaseException) -> str:
+    """`text` without what names patients: every part of the error chain's messages marked
+    `private`, wherever else it occurs (a cause's own message, a DataLoader worker's traceback copied
+    into the message), and the file names that OSErrors of the chain carry where the chain is about
+    patient data or the file is an image (a missing image's `FileNotFoundError`, raised by `open` or
+    `os.stat` before our code could name it privately); a checkpoint's or log's name stays."""
+    chain = _chain(err)
+    secrets = {m.group(0)[1:-1] for e in chain for m in _PRIVATE.finditer(str(e))}
+    for e in chain:
+        if isinstance(e, OSError):
+            names = [str(name) for name in (e.filename, e.filename2) if name not in (None, "")]
+            # about patient data (something is marked), or an image file (its path holds patient ids)
+            secrets.update(n for n in names if secrets or n.lower().endswith(_IMAGE_SUFFIXES))
+    text = _PRIVATE.sub("\u2039withheld\u203a", text)
+    for secret in sorted((s for s in secrets if s.strip()), key=len, reverse=True):
+        for form in (secret, repr(secret)[1:-1]):
+            text = text.replace(form, "\u2039withheld\u203a")
+    return text
+
+
 def public_message(err: BaseException) -> str:
     """The error's message as logs, failure.json and sweep summaries may hold it."""
-    return _PRIVATE.sub("\u2039withheld\u203a", str(err))
+    return _withheld(str(err), err)
 
 
 def public_traceback(err: BaseException) -> str:
     import traceback
 
-    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-    return _PRIVATE.sub("\u2039withheld\u203a", text)
+    return _withheld("".join(traceback.format_exception(type(err), err, err.__traceback__)), err)
 
 
 def log_failure(handler: Optional[logging.Handler], err: BaseException) -> None:

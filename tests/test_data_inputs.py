@@ -63,7 +63,7 @@ def test_truncated_image_names_file_and_sample_mid_epoch(prepared):
     sample_id, path = train.frame.sample_id[bad], str(root / train.frame.image_path[bad])
     with pytest.raises(OSError, match=re.escape(path)) as err:
         dataset[bad]
-    assert f"sample_id '{sample_id}'" in str(err.value) and "image file is truncated" in str(err.value)
+    assert f"sample_id {private(repr(sample_id))}" in str(err.value) and "image file is truncated" in str(err.value)
     assert "data.verify_images=true" in str(err.value)
     # what logs, failure.json and sweep summaries get: neither the file (it names the patient) nor the sample
     public = public_message(err.value)
@@ -76,6 +76,56 @@ def test_truncated_image_names_file_and_sample_mid_epoch(prepared):
     assert path not in public_message(err.value) and path not in public_traceback(err.value)
 
 
+def test_a_deleted_image_is_named_on_the_console_and_withheld_from_files(prepared):
+    """An image deleted after `prepare` with data.verify_images off (the setting for full MIMIC):
+    the OS's own error carries the path (it names the patient), raised by `open` and, for the
+    feature cache's key, by `os.stat`. What files get (public_*) holds neither path nor sample id,
+    also where a DataLoader worker copies the whole traceback into its message."""
+    from mdfnet_hydra.data.feature_cache import _rows_digest
+
+    root, frame = prepared
+    _, splits = load_splits(data_config(root, verify_images=False), seed=0)
+    train = splits["train"]
+    bad = 2
+    sample_id, path = train.frame.sample_id[bad], str(root / train.frame.image_path[bad])
+    os.remove(path)
+    dataset = MultimodalDataset(train, root, image_transform=to_tensor)
+    failures = []
+    for read in (
+        lambda: dataset[bad],
+        lambda: list(DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=Collator())),
+        lambda: _rows_digest(dataset, "vision"),
+    ):
+        with pytest.raises(OSError) as err:
+            read()
+        failures.append(err.value)
+    for err in failures:
+        assert path in str(err) and f"sample_id {private(repr(sample_id))}" in str(err), "the console names it"
+        assert "FileNotFoundError" in str(err) and "of the train split" in str(err)
+        for public in (public_message(err), public_traceback(err)):
+            assert path not in public and train.frame.image_path[bad] not in public and sample_id not in public
+            assert "of the train split" in public
+    assert "FileNotFoundError" in public_traceback(failures[0]), "the cause stays, without its path"
+
+
+def test_a_job_whose_image_was_deleted_keeps_it_out_of_its_log(prepared, tmp_path):
+    """Through the entry point, stage 1 (the cache key stats every image): one line naming the
+    image on the console; `train.log` gets the error and traceback without the path or sample id."""
+    root, frame = prepared
+    row = int(np.flatnonzero(frame.split == "train")[1])
+    os.remove(root / frame.image_path[row])
+    result = run_cli(
+        "data=processed", f"data.root={root}", "data.verify_images=false", f"paths.root={tmp_path}", "debug=fast"
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("mdfnet_hydra.train: error: cannot read image ") and frame.image_path[row] in last
+    (log,) = (tmp_path / "runs").glob("*/*/logs/train.log")
+    text = log.read_text()
+    assert "cannot read image \u2039withheld\u203a" in text and "FileNotFoundError" in text
+    assert frame.image_path[row] not in text and frame.sample_id[row] not in text
+
+
 def test_verification_lists_every_unreadable_image(prepared, monkeypatch):
     root, frame = prepared
     truncate(root / frame.image_path[2])
@@ -86,7 +136,8 @@ def test_verification_lists_every_unreadable_image(prepared, monkeypatch):
     message = str(err.value)
     assert message.startswith("3 of the 80 images of ")
     for row in (2, 5, 7):
-        assert f"row {row}, {private(f'sample_id {frame.sample_id[row]!r}: {root / frame.image_path[row]}')}" in message
+        sample, path = frame.sample_id[row], root / frame.image_path[row]
+        assert f"row {row}, sample_id {private(repr(sample))}: {private(str(path))}" in message
         assert str(root / frame.image_path[row]) not in public_message(err.value)
     assert "image file is truncated" in message and "data.verify_images=false" in message
     assert not list(root.glob(".*verified*.json")), "a failed check is not recorded"
@@ -237,6 +288,42 @@ def test_an_empty_val_split_ends_training_in_one_line(prepared, tmp_path):
     (run,) = (tmp_path / "runs").glob("*/*")
     assert {p.name for p in run.iterdir()} == {".hydra", ".mdfnet", "logs"}, "nothing trained or written"
     assert message in (run / "logs" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_split_without_one_usable_label_is_refused(prepared, split):
+    """Every label empty (masked by data.labels.blank=mask, the default) in the training split would
+    train on nothing (loss 0, exit 0); in the validation split nothing selects checkpoints."""
+    from mdfnet_hydra.labels import CHEXPERT_LABELS
+
+    root, frame = prepared
+    labels = list(CHEXPERT_LABELS)
+    blanked = frame.copy()
+    blanked.loc[blanked.split == split, labels] = np.nan
+    write_raw_manifest(blanked, root)
+    rows = int((frame.split == split).sum())
+    with pytest.raises(
+        ManifestError, match=rf"the {split} split has no usable label: every CheXpert label of its {rows} rows"
+    ):
+        load_splits(data_config(root), seed=0)
+    load_splits(data_config(root, labels={"blank": "zeros"}), seed=0)  # blanks read as negatives: labels
+
+
+def test_labels_that_cannot_train_and_an_empty_test_split_are_warned_in_the_log_and_summary(prepared, tmp_path):
+    """A label without one usable training target still gets a validation AUROC that counts in the
+    mean, and a run without test rows reports no test metrics: both said at start and in the summary."""
+    root, frame = prepared
+    edited = frame.copy()
+    edited.loc[edited.split == "train", ["Edema", "Pneumonia"]] = np.nan
+    edited["split"] = edited.split.replace("test", "val")
+    write_raw_manifest(edited, root)
+    result = run_cli("data=processed", f"data.root={root}", f"paths.root={tmp_path}", "debug=fast", "stage=stage1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    untrained = "2 label(s) have no usable target in the train split (empty or masked): Edema, Pneumonia;"
+    (log,) = (tmp_path / "runs").glob("*/*/logs/train.log")
+    text = log.read_text()
+    for warning in (untrained, "the test split is empty: this run reports no test metrics"):
+        assert text.count(warning) == 2, f"at start and in the summary: {warning}"
 
 
 @pytest.mark.parametrize("missing", [None, "", "  "])

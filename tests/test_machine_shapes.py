@@ -381,23 +381,34 @@ JOBS = {
 }
 
 
+class Jobs:
+    """The JOBS, each run on first use and kept for the module: the default suite runs only the
+    two that reproduce the stage-2 crash; the GPU nodes' four run with the slow tests."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.done: dict[str, Path] = {}
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self.done:
+            machine, overrides = JOBS[name]
+            result = run_cli(
+                "debug=fast",
+                *SMALL,
+                *EVALUATION,
+                f"paths.root={self.root}",
+                f"hydra.run.dir={self.root / name}",
+                *overrides,
+                env_extra={"MDFNET_MACHINE": machine},
+            )
+            assert result.returncode == 0, f"{name}: {result.stderr[-4000:]}"
+            self.done[name] = self.root / name
+        return self.done[name]
+
+
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("shapes")
-    out = {}
-    for name, (machine, overrides) in JOBS.items():
-        result = run_cli(
-            "debug=fast",
-            *SMALL,
-            *EVALUATION,
-            f"paths.root={root}",
-            f"hydra.run.dir={root / name}",
-            *overrides,
-            env_extra={"MDFNET_MACHINE": machine},
-        )
-        assert result.returncode == 0, f"{name}: {result.stderr[-4000:]}"
-        out[name] = root / name
-    return out
+def jobs(tmp_path_factory) -> Jobs:
+    return Jobs(tmp_path_factory.mktemp("shapes"))
 
 
 def assert_same_metrics(a: Path, b: Path, tol: float = 1e-6) -> None:
@@ -435,6 +446,7 @@ def test_two_workers_reproduce_zero_workers(jobs):
     assert_same_metrics(jobs["cpu"], jobs["cpu_2_workers"])
 
 
+@pytest.mark.slow  # with the module's other GPU-node jobs: about 2 minutes together
 def test_gpu_node_choices_reproduce_zero_workers_in_bf16(jobs):
     head = (jobs["gpu"] / "logs" / "train.log").read_text()
     assert "precision bf16; machine: 16 CPUs, CUDA (bf16)" in head
@@ -450,6 +462,7 @@ def test_gpu_node_choices_reproduce_zero_workers_in_bf16(jobs):
     assert_same_metrics(jobs["gpu_0_workers"], jobs["gpu"])
 
 
+@pytest.mark.slow  # with the module's other GPU-node jobs: about 2 minutes together
 def test_older_gpu_choices_reproduce_zero_workers_in_fp16_with_the_scaler(jobs):
     from mdfnet_hydra.checkpoint import load_checkpoint
 
@@ -459,6 +472,7 @@ def test_older_gpu_choices_reproduce_zero_workers_in_fp16_with_the_scaler(jobs):
     assert_same_metrics(jobs["old_gpu_0_workers"], jobs["old_gpu"])
 
 
+@pytest.mark.slow  # with the module's other GPU-node jobs: about 2 minutes together
 def test_the_mixed_precisions_took_effect(jobs):
     """bf16 and fp16 runs differ from the fp32 run (the same-precision comparisons above are shown
     able to fail in the README: without the per-loader generator the validation loss differs by 6e-3)."""
@@ -467,6 +481,7 @@ def test_the_mixed_precisions_took_effect(jobs):
         assert json.loads((jobs[shape] / "stage2" / "metrics.json").read_text())["val"]["loss"] != a, shape
 
 
+@pytest.mark.slow  # with the module's other GPU-node jobs: about 2 minutes together
 def test_evaluation_command_with_workers_matches_zero_workers(jobs, tmp_path):
     """`python -m mdfnet_hydra.evaluate` recomputing predictions (data_root given) with the GPU node's
     8 loader workers, against the same command with evaluation.num_workers=0."""

@@ -27,6 +27,7 @@ from mdfnet_hydra.data.synthetic import ensure_synthetic
 from mdfnet_hydra.data.targets import encode_targets
 from mdfnet_hydra.data.token_cache import TokenIds
 from mdfnet_hydra.files import write_text
+from mdfnet_hydra.labels import CHEXPERT_LABELS
 from mdfnet_hydra.machine import real_cpus
 from mdfnet_hydra.tracking import private
 
@@ -87,7 +88,34 @@ def load_splits(data: DataConfig, seed: int) -> tuple[Path, dict[str, SplitData]
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
         sizes = ", ".join(f"{name} {len(split)}" for name, split in splits.items())
         raise ManifestError(f"{root / data.manifest}: the train and val splits must not be empty (rows: {sizes})")
+    for name in ("train", "val"):  # nothing to learn from, or nothing to select checkpoints on
+        if not splits[name].mask.any():
+            raise ManifestError(
+                f"{root / data.manifest}: the {name} split has no usable label: every CheXpert label of its "
+                f"{len(splits[name])} rows is empty or masked (data.labels.blank={_value(data.labels.blank)}, "
+                f"data.labels.uncertain={_value(data.labels.uncertain)})"
+            )
     return root, splits
+
+
+def _value(option) -> str:
+    return str(getattr(option, "value", option))
+
+
+def label_warnings(splits: dict[str, SplitData]) -> list[str]:
+    """What the splits' labels leave out that a run's mean AUROC would hide: labels without one
+    usable training target (their outputs never train, yet count in the validation and test mean
+    where those splits have them) and an empty test split (no test metrics)."""
+    warnings = []
+    untrained = [label for label, used in zip(CHEXPERT_LABELS, splits["train"].mask.any(axis=0)) if not used]
+    if untrained:
+        warnings.append(
+            f"{len(untrained)} label(s) have no usable target in the train split (empty or masked): "
+            f"{', '.join(untrained)}; their outputs do not train, yet count in the validation and test mean AUROC"
+        )
+    if len(splits["test"]) == 0:
+        warnings.append("the test split is empty: this run reports no test metrics")
+    return warnings
 
 
 # ---------------------------------------------------------------- one-time image check
@@ -183,6 +211,17 @@ def decode_error(path: Path) -> Optional[str]:
     return None
 
 
+def unreadable_image(split: SplitData, index: int, path: Path, err: BaseException) -> UnreadableImageError:
+    """The error for an image of `split` that cannot be read: its path and sample id marked private
+    (the console shows them, files never get them), Pillow's or the OS's reason without the path."""
+    sample_id = split.frame["sample_id"].iat[index]
+    return UnreadableImageError(
+        f"cannot read image {private(str(path))} (sample_id {private(repr(sample_id))}) of the {split.name} "
+        f"split: {error_text(err, path)}; {REDO_HINT}. data.verify_images=true decodes every image at start "
+        f"and lists all that fail"
+    )
+
+
 def error_text(err: BaseException, path: Path) -> str:
     """`Type: message` without the file's path (it names the patient; callers mark it private)."""
     return f"{type(err).__name__}: {str(err).replace(str(path), 'the file')}"
@@ -203,7 +242,7 @@ def decode_all(root: Path, manifest: Path, images: pd.DataFrame) -> None:
     ]
     if failed:
         lines = [
-            f"  row {row}, {private(f'sample_id {sid!r}: {path}')}: {err}"
+            f"  row {row}, sample_id {private(repr(sid))}: {private(str(path))}: {err}"
             for row, sid, path, err in failed[:SHOWN_FAILURES]
         ]
         if len(failed) > SHOWN_FAILURES:
@@ -264,12 +303,7 @@ class MultimodalDataset(Dataset):
             with Image.open(path) as image:
                 return self.image_transform(image)
         except OSError as err:
-            sample_id = self.split.frame["sample_id"].iat[index]
-            raise UnreadableImageError(
-                f"cannot read image {private(f'{path} (sample_id {sample_id!r})')} of the {self.split.name} split: "
-                f"{error_text(err, path)}; {REDO_HINT}. data.verify_images=true decodes every image "
-                f"at start and lists all that fail"
-            ) from err
+            raise unreadable_image(self.split, index, path, err) from err
 
 
 def padded_length(longest: int, buckets: Sequence[int] = ()) -> int:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mdfnet_hydra.config import TEXT_RUNTIME_KEYS
 from mdfnet_hydra.data import cache_store
-from mdfnet_hydra.data.dataset import Collator, MultimodalDataset, padded_length
+from mdfnet_hydra.data.dataset import Collator, MultimodalDataset, padded_length, unreadable_image
 from mdfnet_hydra.data.loading import loader_settings
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,15 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _image_stat(dataset: MultimodalDataset, index: int, path: Path) -> os.stat_result:
+    """The image's size and time for the key; a missing image (deleted after `prepare`, with
+    data.verify_images off) fails naming itself privately, as reading it would."""
+    try:
+        return os.stat(path)
+    except OSError as err:
+        raise unreadable_image(dataset.split, index, path, err) from err
+
+
 def _rows_digest(dataset: MultimodalDataset, modality: str) -> str:
     """The split's inputs for one encoder: rows and image files, or the token ids."""
     h = hashlib.sha256()
@@ -72,8 +81,8 @@ def _rows_digest(dataset: MultimodalDataset, modality: str) -> str:
     if modality == "vision":
         # the transform's repr names every step and parameter (addresses of plain functions removed)
         h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(dataset.image_transform)).encode())
-        for path in dataset.image_paths:
-            stat = os.stat(path)
+        for index, path in enumerate(dataset.image_paths):
+            stat = _image_stat(dataset, index, path)
             h.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     else:
         h.update(dataset.token_ids.digest().encode())

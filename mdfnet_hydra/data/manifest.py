@@ -68,7 +68,7 @@ def validate_manifest(frame: pd.DataFrame, source: str = "manifest") -> None:
         raise ManifestError(f"{source}: missing columns {missing}")
     if frame["sample_id"].duplicated().any():
         dup = frame.loc[frame["sample_id"].duplicated(), "sample_id"].head(3).tolist()
-        raise ManifestError(f"{source}: duplicate sample_id values, e.g. {dup}")
+        raise ManifestError(f"{source}: duplicate sample_id values, e.g. {private(str(dup))}")
     bad_split = ~frame["split"].isin(SPLITS)
     if bad_split.any():
         rows = frame.index[bad_split][:3].tolist()
@@ -199,13 +199,13 @@ def _check_image_paths(frame: pd.DataFrame, source: str) -> None:
     if not_text.any():
         raise ManifestError(
             f"{source}: column 'image_path' is empty or not a string at rows {_rows(frame, not_text)}: "
-            f"{paths[not_text].head(SHOWN_ROWS).tolist()}; give every row its image's path relative to data.root"
+            f"{private(str(paths[not_text].head(SHOWN_ROWS).tolist()))}; give every row its image's path relative to data.root"
         )
     outside = _flags(paths, lambda v: bool(_OUTSIDE.search(v)))
     if outside.any():
         raise ManifestError(
             f"{source}: column 'image_path' holds absolute or '..' paths at rows {_rows(frame, outside)}: "
-            f"{paths[outside].head(SHOWN_ROWS).tolist()}; images are read from data.root only, so write "
+            f"{private(str(paths[outside].head(SHOWN_ROWS).tolist()))}; images are read from data.root only, so write "
             f"paths relative to it (copy or link the images under data.root)"
         )
 
@@ -219,7 +219,7 @@ def _check_text(frame: pd.DataFrame, source: str) -> None:
         raise ManifestError(
             f"{source}: column 'text' must hold strings (or null for no text) but holds "
             f"{sorted({type(v).__name__ for v in text[bad]})} at rows {_rows(frame, bad)}: "
-            f"{text[bad].head(SHOWN_ROWS).tolist()}; write the clinical text as a string column"
+            f"{private(str(text[bad].head(SHOWN_ROWS).tolist()))}; write the clinical text as a string column"
         )
 
 
