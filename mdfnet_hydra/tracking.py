@@ -32,29 +32,34 @@ def private(text: str) -> str:
 
 
 def _chain(err: BaseException) -> list[BaseException]:
-    """The error and every error it was raised from or while handling."""
+    """The error, every error it was raised from or while handling, and those an ExceptionGroup holds."""
     seen: list[BaseException] = []
-    while err is not None and not any(err is e for e in seen):
-        seen.append(err)
-        err = err.__cause__ or err.__context__
+    pending: list[Optional[BaseException]] = [err]
+    while pending:
+        e = pending.pop()
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        pending += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
     return seen
 
 
-def _withheld(text: str, err: BaseException) -> str:
-    """`text` without what names patients: every part of the error chain's messages marked
-    `private`, wherever else it occurs (a cause's own message, a DataLoader worker's traceback copied
-    into the message), and the file names that OSErrors of the chain carry where the chain is about
-    patient data or the file is an image (a missing image's `FileNotFoundError`, raised by `open` or
-    `os.stat` before our code could name it privately); a checkpoint's or log's name stays."""
+def public_text(text: str, err: BaseException) -> str:
+    """`text` (an error's message or traceback, or a message built from them) without what names
+    patients: every part of the error chain's messages marked `private`, wherever else it occurs (a
+    cause's own message, a DataLoader worker's traceback copied into the message), and the file
+    names its OSErrors carry where the chain is about patient data (something in it is marked) or the
+    file is an image (a missing image's `FileNotFoundError`, raised by `open` or `os.stat` before our
+    code could name it privately). A marked part under 3 characters is withheld only where marked:
+    replaced everywhere it would garble the rest."""
     chain = _chain(err)
     secrets = {m.group(0)[1:-1] for e in chain for m in _PRIVATE.finditer(str(e))}
     for e in chain:
         if isinstance(e, OSError):
             names = [str(name) for name in (e.filename, e.filename2) if name not in (None, "")]
-            # about patient data (something is marked), or an image file (its path holds patient ids)
             secrets.update(n for n in names if secrets or n.lower().endswith(_IMAGE_SUFFIXES))
     text = _PRIVATE.sub("\u2039withheld\u203a", text)
-    for secret in sorted((s for s in secrets if s.strip()), key=len, reverse=True):
+    for secret in sorted((s for s in secrets if len(s.strip()) >= 3), key=len, reverse=True):
         for form in (secret, repr(secret)[1:-1]):
             text = text.replace(form, "\u2039withheld\u203a")
     return text
@@ -62,13 +67,13 @@ def _withheld(text: str, err: BaseException) -> str:
 
 def public_message(err: BaseException) -> str:
     """The error's message as logs, failure.json and sweep summaries may hold it."""
-    return _withheld(str(err), err)
+    return public_text(str(err), err)
 
 
 def public_traceback(err: BaseException) -> str:
     import traceback
 
-    return _withheld("".join(traceback.format_exception(type(err), err, err.__traceback__)), err)
+    return public_text("".join(traceback.format_exception(type(err), err, err.__traceback__)), err)
 
 
 def log_failure(handler: Optional[logging.Handler], err: BaseException) -> None:

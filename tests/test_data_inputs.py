@@ -3,6 +3,7 @@ root, non-string text, a triage feature never recorded in training, a patient in
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import re
@@ -108,6 +109,94 @@ def test_a_deleted_image_is_named_on_the_console_and_withheld_from_files(prepare
     assert "FileNotFoundError" in public_traceback(failures[0]), "the cause stays, without its path"
 
 
+def test_a_duplicate_sample_id_is_withheld_from_files(prepared):
+    root, frame = prepared
+    bad = frame.copy()
+    bad.loc[5, "sample_id"] = frame.sample_id[4]
+    with pytest.raises(ManifestError, match="duplicate sample_id values") as err:
+        validate_manifest(bad)
+    assert frame.sample_id[4] in str(err.value) and frame.sample_id[4] not in public_message(err.value)
+
+
+def test_what_files_get_of_an_error_chain_nothing_marked():
+    """An image's path carried only by the OS's error (nothing marked) is withheld; a checkpoint's
+    stays; an id of one character is withheld where marked, not in every line number; errors held by
+    an ExceptionGroup are read too."""
+    image = "/mimic/files/p10/p10000032/s50414267/0a1b.jpg"
+    try:
+        open(image)
+    except FileNotFoundError as err:
+        assert image in str(err) and image not in public_message(err) and image not in public_traceback(err)
+    checkpoint = "/runs/x/stage1/checkpoints/last.pth"
+    try:
+        open(checkpoint)
+    except FileNotFoundError as err:
+        assert checkpoint in public_message(err), "not patient data: kept"
+    try:
+        raise ValueError(f"cannot read image {private('/d/a.png')} (sample_id {private(repr(str(1)))})")
+    except ValueError as err:
+        short = err
+    assert "'1'" not in public_message(short) and "\u2039withheld\u203a" in public_message(short)
+    frames = public_traceback(short).split("ValueError:")[0]
+    assert re.search(r", line \d+, in test_what_files_get", frames), f"line numbers intact: {frames}"
+    group = getattr(builtins, "ExceptionGroup", None)  # Python 3.11 on
+    if group is not None:
+        grouped = group("two", [FileNotFoundError(2, "No such file or directory", image), ValueError("x")])
+        assert image not in public_traceback(grouped)
+
+
+def test_an_evaluation_that_fails_on_an_image_logs_it_withheld(prepared, caplog, monkeypatch, tmp_path):
+    """The end-of-run evaluation logs its failure into the run's log file (it never fails the job):
+    an unreadable image there, as in the job's own failure, is named on no file."""
+    from mdfnet_hydra.data.dataset import unreadable_image
+    from mdfnet_hydra.evaluation import evaluate_quietly
+    from mdfnet_hydra.evaluation import report as report_module
+    from mdfnet_hydra.evaluation.runs import LeftOutError, leave_out
+
+    root, frame = prepared
+    _, splits = load_splits(data_config(root), seed=0)
+    test = splits["test"]
+    path = root / test.frame.image_path[1]
+
+    def unreadable(*args):
+        try:
+            open(path / "gone")
+        except OSError as err:
+            raise unreadable_image(test, 1, path, err) from err
+
+    monkeypatch.setattr(report_module, "evaluate", unreadable)
+    with caplog.at_level(logging.WARNING):
+        assert evaluate_quietly(tmp_path, tmp_path / "evaluation", None) is None
+    assert "evaluation of" in caplog.text and "UnreadableImageError" in caplog.text
+    assert str(path) not in caplog.text and test.frame.sample_id[1] not in caplog.text
+    left_out = []
+    try:
+        unreadable()
+    except OSError as err:
+        try:
+            raise LeftOutError(root, f"its data cannot be loaded ({err})") from err
+        except LeftOutError as left:
+            leave_out(left_out, "run", left)
+    assert "its data cannot be loaded" in left_out[0].reason and str(path) not in left_out[0].reason
+
+
+def test_labels_without_a_defined_auroc_in_val_or_test_are_warned(prepared):
+    from mdfnet_hydra.data.dataset import label_warnings
+    from mdfnet_hydra.labels import CHEXPERT_LABELS
+
+    root, frame = prepared
+    _, splits = load_splits(data_config(root), seed=0)
+    assert label_warnings(splits) == []
+    one_class = frame.copy()
+    one_class.loc[one_class.split == "val", list(CHEXPERT_LABELS)] = 1.0
+    one_class.loc[one_class.split == "test", list(CHEXPERT_LABELS)] = np.nan
+    write_raw_manifest(one_class, root)
+    _, splits = load_splits(data_config(root), seed=0)
+    warned = label_warnings(splits)
+    assert warned[0].startswith("no label of the val split has both a positive and a negative usable target")
+    assert warned[1] == "the test split has no usable label (empty or masked): this run reports no test AUROC"
+
+
 def test_a_job_whose_image_was_deleted_keeps_it_out_of_its_log(prepared, tmp_path):
     """Through the entry point, stage 1 (the cache key stats every image): one line naming the
     image on the console; `train.log` gets the error and traceback without the path or sample id."""
@@ -189,8 +278,11 @@ def test_image_paths_outside_the_root_are_refused(prepared, bad_path):
     bad = frame.copy()
     bad.loc[[4, 11], "image_path"] = bad_path
     write_raw_manifest(bad, root)
-    with pytest.raises(ManifestError, match=r"column 'image_path' holds absolute or '\.\.' paths at rows \[4, 11\]"):
+    with pytest.raises(
+        ManifestError, match=r"column 'image_path' holds absolute or '\.\.' paths at rows \[4, 11\]"
+    ) as err:
         read_manifest(root / "manifest.parquet")
+    assert repr(bad_path) in str(err.value) and repr(bad_path) not in public_message(err.value)
     ok = frame.copy()
     ok.loc[4, "image_path"] = "images/syn..000004.png"  # dots in a name are not a step up
     validate_manifest(ok)
@@ -216,8 +308,11 @@ def test_text_that_is_not_a_string_is_refused(prepared):
     bad = frame.astype({"text": object})
     bad.at[2, "text"] = 17.5
     bad.at[8, "text"] = ["a", "list"]
-    with pytest.raises(ManifestError, match=r"column 'text' must hold strings .* \['float', 'list'\] at rows \[2, 8\]"):
+    with pytest.raises(
+        ManifestError, match=r"column 'text' must hold strings .* \['float', 'list'\] at rows \[2, 8\]"
+    ) as err:
         validate_manifest(bad)
+    assert "['a', 'list']" in str(err.value) and "['a', 'list']" not in public_message(err.value), "text withheld"
     write_raw_manifest(frame.assign(text=np.arange(len(frame))), root)
     with pytest.raises(ManifestError, match=r"'text'.*\['int'\] at rows \[0, 1, 2\] \(80 in all\)"):
         read_manifest(root / "manifest.parquet")
@@ -350,9 +445,10 @@ def test_a_word_in_a_numeric_column_is_refused_and_blanks_stay_missing(prepared)
     with pytest.raises(
         ManifestError,
         match=r"column 'temperature' must hold numbers \(empty if missing\) but holds "
-        r"\['hot'\] at rows \[7\]",
-    ):
+        r"‹\['hot'\]› at rows \[7\]",
+    ) as err:
         read_manifest(root / "manifest.parquet")
+    assert "hot" not in public_message(err.value), "a cell's value is withheld from files"
     text.loc[7, "temperature"] = "98.6"
     write_raw_manifest(text, root)
     read = read_manifest(root / "manifest.parquet")
@@ -374,6 +470,6 @@ def test_blank_cells_of_a_string_label_column_are_empty(prepared):
     with pytest.raises(
         ManifestError,
         match=r"label column 'Edema' holds values other than 1, 0, -1 or empty "
-        r"at rows \[6\]: \['x'\]$",
+        r"at rows \[6\]: ‹\['x'\]›$",
     ):
         read_manifest(root / "manifest.parquet")

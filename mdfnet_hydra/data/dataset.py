@@ -93,7 +93,9 @@ def load_splits(data: DataConfig, seed: int) -> tuple[Path, dict[str, SplitData]
             raise ManifestError(
                 f"{root / data.manifest}: the {name} split has no usable label: every CheXpert label of its "
                 f"{len(splits[name])} rows is empty or masked (data.labels.blank={_value(data.labels.blank)}, "
-                f"data.labels.uncertain={_value(data.labels.uncertain)})"
+                f"data.labels.uncertain={_value(data.labels.uncertain)}"
+                + (f", after data.small_sample={data.small_sample}" if data.small_sample is not None else "")
+                + ")"
             )
     return root, splits
 
@@ -105,7 +107,8 @@ def _value(option) -> str:
 def label_warnings(splits: dict[str, SplitData]) -> list[str]:
     """What the splits' labels leave out that a run's mean AUROC would hide: labels without one
     usable training target (their outputs never train, yet count in the validation and test mean
-    where those splits have them) and an empty test split (no test metrics)."""
+    where those splits have them), a validation split on which no AUROC is defined (nothing selects
+    the best epoch) and a test split without labels (no test metrics)."""
     warnings = []
     untrained = [label for label, used in zip(CHEXPERT_LABELS, splits["train"].mask.any(axis=0)) if not used]
     if untrained:
@@ -113,9 +116,24 @@ def label_warnings(splits: dict[str, SplitData]) -> list[str]:
             f"{len(untrained)} label(s) have no usable target in the train split (empty or masked): "
             f"{', '.join(untrained)}; their outputs do not train, yet count in the validation and test mean AUROC"
         )
+    if not _both_classes(splits["val"]).any():
+        warnings.append(
+            "no label of the val split has both a positive and a negative usable target: every validation AUROC "
+            "is undefined, so no epoch is best by it (the last epoch's checkpoint is taken)"
+        )
     if len(splits["test"]) == 0:
         warnings.append("the test split is empty: this run reports no test metrics")
+    elif not splits["test"].mask.any():
+        warnings.append("the test split has no usable label (empty or masked): this run reports no test AUROC")
     return warnings
+
+
+def _both_classes(split: SplitData) -> np.ndarray:
+    """Per label: whether the split's usable targets hold both classes (an AUROC is defined)."""
+    used = split.mask > 0
+    positive = (used & (split.targets > 0.5)).any(axis=0)
+    negative = (used & (split.targets <= 0.5)).any(axis=0)
+    return positive & negative
 
 
 # ---------------------------------------------------------------- one-time image check
@@ -216,7 +234,7 @@ def unreadable_image(split: SplitData, index: int, path: Path, err: BaseExceptio
     (the console shows them, files never get them), Pillow's or the OS's reason without the path."""
     sample_id = split.frame["sample_id"].iat[index]
     return UnreadableImageError(
-        f"cannot read image {private(str(path))} (sample_id {private(repr(sample_id))}) of the {split.name} "
+        f"cannot read image {private(str(path))} (sample_id {private(repr(str(sample_id)))}) of the {split.name} "
         f"split: {error_text(err, path)}; {REDO_HINT}. data.verify_images=true decodes every image at start "
         f"and lists all that fail"
     )
@@ -242,7 +260,7 @@ def decode_all(root: Path, manifest: Path, images: pd.DataFrame) -> None:
     ]
     if failed:
         lines = [
-            f"  row {row}, sample_id {private(repr(sid))}: {private(str(path))}: {err}"
+            f"  row {row}, sample_id {private(repr(str(sid)))}: {private(str(path))}: {err}"
             for row, sid, path, err in failed[:SHOWN_FAILURES]
         ]
         if len(failed) > SHOWN_FAILURES:

@@ -85,7 +85,7 @@ def validate_manifest(frame: pd.DataFrame, source: str = "manifest") -> None:
         if bad.any():
             raise ManifestError(
                 f"{source}: label column '{label}' holds values other than 1, 0, -1 or empty "
-                f"at rows {_rows(frame, bad)}: {frame.loc[bad, label].head(SHOWN_ROWS).tolist()}"
+                f"at rows {_rows(frame, bad)}: {private(str(frame.loc[bad, label].head(SHOWN_ROWS).tolist()))}"
             )
     sex = frame["sex"][~_empty(frame["sex"])]
     if not sex.isin(["M", "F"]).all():
@@ -132,7 +132,7 @@ def _check_numeric(frame: pd.DataFrame, source: str) -> None:
         if bad.any():
             raise ManifestError(
                 f"{source}: column '{name}' must hold numbers (empty if missing) but holds "
-                f"{column[bad].head(SHOWN_ROWS).tolist()} at rows {_rows(frame, bad)}"
+                f"{private(str(column[bad].head(SHOWN_ROWS).tolist()))} at rows {_rows(frame, bad)}"
             )
 
 

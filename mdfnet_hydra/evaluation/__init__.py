@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from mdfnet_hydra.evaluation.inputs import EvaluationInputError
+from mdfnet_hydra.tracking import public_message
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +21,13 @@ def evaluate_quietly(experiments_dir: Path, output_dir: Path, options) -> Option
         if evaluate(experiments_dir, output_dir, options)["runs"]:
             return output_dir
     except EvaluationInputError as err:  # nothing finished to evaluate: said, not a failure
-        log.warning("no evaluation written: %s", err)
-    except Exception as err:  # noqa: BLE001
+        log.warning("no evaluation written: %s", public_message(err))
+    except Exception as err:  # noqa: BLE001 - into the run's log file: nothing naming patients
         log.warning(
             "evaluation of %s failed (%s: %s); run python -m mdfnet_hydra.evaluate experiments_dir=%s to retry",
             experiments_dir,
             type(err).__name__,
-            err,
+            public_message(err),
             experiments_dir,
         )
     return None

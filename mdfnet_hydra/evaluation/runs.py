@@ -32,6 +32,7 @@ from mdfnet_hydra.evaluation.inputs import stage_directories
 from mdfnet_hydra.files import DamagedFileError
 from mdfnet_hydra.identity import outcome_identity
 from mdfnet_hydra.predictions import DamagedPredictionsError, Predictions, file_digest, load_predictions
+from mdfnet_hydra.tracking import public_text
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +159,10 @@ INCOMPLETE = "incomplete: no metrics.json, training did not finish (killed, fail
 
 
 def leave_out(left_out: Optional[list[LeftOut]], name: str, err: LeftOutError, root: Optional[Path] = None) -> None:
-    log.warning("%s: left out of the evaluation: %s: %s", name, shown_path(err.file, root), err.reason)
+    reason = public_text(err.reason, err)  # (from a data error: its patients withheld, as in every file)
+    log.warning("%s: left out of the evaluation: %s: %s", name, shown_path(err.file, root), reason)
     if left_out is not None:
-        left_out.append(LeftOut(name, err.file, err.reason))
+        left_out.append(LeftOut(name, err.file, reason))
 
 
 def _read_run(directory: Path, name: str) -> Optional[Run]:

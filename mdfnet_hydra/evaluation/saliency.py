@@ -51,7 +51,7 @@ def saliency_maps(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mdfnet_hydra.data.dataset import Collator
+    from mdfnet_hydra.data.dataset import Collator, unreadable_image
 
     split = dataset.split
     written = []
@@ -67,8 +67,11 @@ def saliency_maps(
         size = batch["image"].shape[-1]
         fig, axes = plt.subplots(len(chosen), 2, figsize=(8, 4 * len(chosen)), squeeze=False)
         for row, (index, cam) in enumerate(zip(chosen, maps)):
-            with Image.open(dataset.image_paths[index]) as image:
-                original = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BICUBIC))
+            try:
+                with Image.open(dataset.image_paths[index]) as image:
+                    original = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BICUBIC))
+            except OSError as err:
+                raise unreadable_image(split, int(index), dataset.image_paths[index], err) from err
             heat = (
                 np.asarray(
                     Image.fromarray((cam * 255).astype(np.uint8)).resize(
