@@ -93,8 +93,10 @@ def project_command(command: str) -> tuple[str, list[str]] | None:
     if words[0] == "sbatch":
         wrapped = [w for i, w in enumerate(words) if i and words[i - 1] == "--wrap"]
         return project_command(wrapped[0]) if wrapped else None
-    if words[0] == "srun":
+    if words[0] == "srun":  # and its own options
         words = words[1:]
+        while words and words[0].startswith("-"):
+            words = words[1:]
     if words[0] in ("python", "torchrun") and "-m" in words:
         module = words[words.index("-m") + 1]
         if module.startswith("mdfnet_hydra."):

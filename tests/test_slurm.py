@@ -357,3 +357,55 @@ def test_killed_trials_are_recorded_as_failed_and_the_sweep_goes_on(tmp_path):
     assert "ended without a result" in json.loads((sweep_dir / "2_lost" / "failure.json").read_text())["reason"]
     with (sweep_dir / SUMMARY_FILE).open() as handle:
         assert {r["job"]: r["status"] for r in csv.DictReader(handle)}[job.name] == "failed"
+
+
+def task_processes(sweep_dir: Path, procid: int) -> list[int]:
+    """PIDs of the local cluster's task `procid` of the sweep's jobs (its python runs submitit on a
+    folder under the sweep directory)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # not a process, gone, or not ours to read
+            continue
+        if (
+            str(sweep_dir).encode() in command
+            and b"submitit" in command
+            and f"SLURM_PROCID={procid}".encode() in environ
+        ):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_task_that_dies_ends_its_jobs_other_tasks_at_once(tmp_path):
+    """Task 1 of a two-task job is killed (SIGKILL, as the out-of-memory killer does) as soon as it
+    starts, before it joins the process group. Without srun's --kill-on-bad-exit (SLURM's default)
+    task 0 would wait for it in the rendezvous for the process group's timeout (30 minutes) holding
+    its allocation; with it (the launcher's default) SLURM ends task 0 at once and the sweep records
+    the job as lost."""
+    sweep_dir = tmp_path / "dies"
+    command = [sys.executable, "-m", "mdfnet_hydra.train", "--multirun", "modality=clinical", "stage=stage1",
+               *TINY, *SMALL_JOBS, "hydra.launcher.tasks_per_node=2", f"paths.root={tmp_path}",
+               f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline, killed = time.time() + 300, None
+        while killed is None and time.time() < deadline and proc.poll() is None:
+            for pid in task_processes(sweep_dir, 1):
+                os.kill(pid, 9)
+                killed = time.time()
+            time.sleep(0.05)
+        assert killed is not None, "task 1 never started"
+        output, _ = proc.communicate(timeout=240)  # 30 minutes without the option
+        ended_after = time.time() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", *submitted(sweep_dir)])
+    assert proc.returncode != 0 and "ended without a result" in output, output[-4000:]
+    (script,) = (sweep_dir / ".submitit").glob("*/*_submission.sh")
+    assert "--kill-on-bad-exit=1" in script.read_text()
+    assert ended_after < 200, f"the job's other task ended {ended_after:.0f} s after task 1 died"
