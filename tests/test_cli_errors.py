@@ -309,7 +309,7 @@ def test_sigterm_raises_only_where_no_one_else_handles_it():
         signal.signal(signal.SIGTERM, before)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2 workers: about 40 s
 def test_sigterm_ends_the_job_with_a_line_in_its_log_and_the_resume_command(tmp_path, output_root, workers):
     """What scancel, a SLURM time limit or preemption send every process of the job: the run's log
     says so (Python's default ended the process without a word), the console gives the Ctrl-C line

@@ -103,6 +103,7 @@ def test_a_deleted_last_checkpoint_without_a_resumable_one_is_refused_not_traine
     assert [e.step for e in curves.Scalars("val/auroc_mean")] == [1, 2], "one training's curve, not two"
 
 
+@pytest.mark.slow  # about 55 s: two jobs and a restart
 def test_a_restarted_job_resumes_though_it_was_started_with_resume_false(copy_of, reference, output_root):
     """`trainer.resume=false` restarts a stage once per job: the job's SLURM requeue (or torchrun's
     restart of its workers) continues it instead of moving its progress aside again; a new job

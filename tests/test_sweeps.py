@@ -234,6 +234,7 @@ def test_time_budget_stops_cleanly_with_the_best_so_far(cfg_factory, tmp_path):
     assert nothing["objective"] is None and nothing["stages"] == {}
 
 
+@pytest.mark.slow  # the SLURM tests run the same launcher family on a real cluster
 def test_submitit_local_launcher_runs_the_same_jobs(tmp_path):
     sweep_dir = tmp_path / "local"
     sweep(
