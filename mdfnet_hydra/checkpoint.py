@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from mdfnet_hydra.files import DamagedFileError, atomic_target
+from mdfnet_hydra.signals import signals_held
 
 FORMAT_VERSION = 1
 SUFFIX = ".pth"
@@ -28,8 +29,9 @@ RESUME_KEYS = ("optimizer", "scheduler", "scaler", "trainer_state", "torch_rng")
 
 def save_atomic(state: dict[str, Any], path: Path) -> Path:
     # through a Python file, so a full disk or quota surfaces as OSError(ENOSPC / EDQUOT), which a
-    # path given to torch's C++ writer reduces to "enforce fail at inline_container.cc"
-    with atomic_target(path) as tmp, tmp.open("wb") as handle:
+    # path given to torch's C++ writer reduces to "enforce fail at inline_container.cc". A requeue
+    # or stop signal waits for the write to end (`signals_held`).
+    with signals_held(), atomic_target(path) as tmp, tmp.open("wb") as handle:
         torch.save(state, handle)
     return path
 

@@ -5,8 +5,13 @@ never says why it stopped; raised instead, the job unwinds as it does on Ctrl-C.
 from __future__ import annotations
 
 import signal
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
+
+# signals whose Python handler may end the job from wherever it lands: Ctrl-C, `Terminated`,
+# submitit's requeue on SIGUSR2 (it calls sys.exit in the handler) and a user's SIGUSR1 handler
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Terminated(KeyboardInterrupt):
@@ -22,8 +27,6 @@ def sigterm_unwinds() -> Iterator[None]:
     where SIGTERM has Python's default: a handler someone installed stays (submitit's job
     environment ignores the SIGTERM that comes with its own timeout requeue, which it handles on
     SIGUSR2; raising there broke the requeue)."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not (
         signal.SIG_DFL
     ):
@@ -38,3 +41,32 @@ def sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Within the block, `HELD_SIGNALS` that have a Python handler are held and handled, once each,
+    when it ends. For writes that an exception must not cut short: torch.save's zip writer, cut by
+    submitit's exit on the requeue signal, reports the broken write as its own RuntimeError ("unexpected
+    pos"), which replaced the exit and failed the requeued trial (CI, 2026-11-28). Signals with the
+    default or ignore disposition are left alone (the atomic write survives a kill). Only in the main
+    thread, where Python runs handlers and can set them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        arrived.append(signum)
+
+    before = {}
+    try:
+        for signum in HELD_SIGNALS:
+            if callable(signal.getsignal(signum)):
+                before[signum] = signal.signal(signum, hold)
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)

@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -307,6 +308,56 @@ def test_sigterm_raises_only_where_no_one_else_handles_it():
         assert bypass.seen == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is bypass
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_requeue_signal_during_a_checkpoint_write_lands_after_it(tmp_path):
+    """submitit's requeue handler calls sys.exit wherever SIGUSR2 lands; inside torch.save the zip
+    writer turned that exit into its own RuntimeError ("unexpected pos"), and the requeued trial was
+    recorded as failed (CI, 2026-11-28). The signal now waits for the write: the checkpoint is whole,
+    then the exit comes. The signal is sent from a thread once the temporary file has data."""
+    import threading
+
+    import torch
+
+    from mdfnet_hydra.checkpoint import load_checkpoint, save_atomic
+    from mdfnet_hydra.files import temporary_name
+    from mdfnet_hydra.signals import signals_held
+
+    def requeue_and_exit(signum, frame):  # what submitit's handler does once it has requeued the job
+        requeue_and_exit.calls += 1
+        sys.exit(-1)
+
+    requeue_and_exit.calls = 0
+    path = tmp_path / "last.pth"
+    state = {"model": {f"w{i}": torch.full((1_000_000,), float(i)) for i in range(48)}}  # 192 MB: ~0.3 s
+    writing = temporary_name(path)
+
+    def signal_mid_write():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if writing.exists() and writing.stat().st_size > 0:
+                os.kill(os.getpid(), signal.SIGUSR2)
+                return
+            time.sleep(0.0005)
+
+    before = signal.signal(signal.SIGUSR2, requeue_and_exit)
+    try:
+        sender = threading.Thread(target=signal_mid_write)
+        sender.start()
+        with pytest.raises(SystemExit):
+            save_atomic(state, path)
+        sender.join()
+        assert requeue_and_exit.calls == 1 and signal.getsignal(signal.SIGUSR2) is requeue_and_exit
+        loaded = load_checkpoint(path)["model"]
+        assert all(torch.equal(loaded[k], v) for k, v in state["model"].items())
+        with pytest.raises(SystemExit):  # signals that arrive in the block are handled once it ends, once each
+            with signals_held():
+                signal.raise_signal(signal.SIGUSR2)
+                signal.raise_signal(signal.SIGUSR2)
+                assert requeue_and_exit.calls == 1
+        assert requeue_and_exit.calls == 2
+    finally:
+        signal.signal(signal.SIGUSR2, before)
 
 
 @pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2 workers: about 40 s
