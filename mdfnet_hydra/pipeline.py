@@ -125,7 +125,8 @@ def _run(
     job = open_job(cfg, state=init["preprocessing"] if init else None, first=main_first(runtime.is_main))
     log.info("data %s: %s", job.root, ", ".join(f"{k} {len(v)}" for k, v in job.splits.items()))
     for text in label_warnings(job.splits):
-        log.warning("%s", text)
+        if runtime.is_main:  # the same on every rank: said once
+            log.warning("%s", text)
         warnings.append(text)
     results = _train_phases(job, runtime, run_dir, init, _reporter(pruning, runtime))
     summary = summarise_job(results)
@@ -159,7 +160,7 @@ def _announce(cfg: DictConfig, runtime: Runtime) -> list[str]:
     )
     log.info("%s", describe_training(cfg, runtime))
     warnings = start_warnings(cfg)
-    for text in warnings:
+    for text in warnings if runtime.is_main else ():  # the same on every rank: said once
         log.warning("%s", text)
     return warnings
 

@@ -475,3 +475,24 @@ def test_config_differences_name_each_node_its_ranks_and_both_values():
         "seed (42 on node 0, 7 on node 1); start every node with the same overrides (only trainer.node_rank differs)"
     )
     assert config_differences([(0, same), (0, other)]).startswith("rank 1 on node 0 was started with another config")
+
+
+@pytest.mark.slow  # two workers on 2 cores: about 20 s
+def test_a_jobs_warnings_are_said_once_by_two_workers(tmp_path):
+    """A job-wide warning (here: stage 2 from an untrained fusion) is the same on every rank: the
+    console shows it once at the start, not once per worker (the summary repeats it once)."""
+    result = run_cli(
+        "debug=fast",
+        *SMALL,
+        "modality=clinical",
+        "stage=stage2",
+        "phases.stage2.epochs=1",
+        "trainer.nproc_per_node=2",
+        "evaluation.on_finish=false",
+        f"paths.root={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = "stage 2 starts from an untrained fusion and head"
+    console = (result.stdout + result.stderr).splitlines()
+    assert len([line for line in console if warning in line and "[WARNING]" in line]) == 1, console
+    assert len([line for line in console if line.startswith(f"WARNING: {warning}")]) == 1, "the summary's" 
