@@ -495,4 +495,4 @@ def test_a_jobs_warnings_are_said_once_by_two_workers(tmp_path):
     warning = "stage 2 starts from an untrained fusion and head"
     console = (result.stdout + result.stderr).splitlines()
     assert len([line for line in console if warning in line and "[WARNING]" in line]) == 1, console
-    assert len([line for line in console if line.startswith(f"WARNING: {warning}")]) == 1, "the summary's" 
+    assert len([line for line in console if line.startswith(f"WARNING: {warning}")]) == 1, "the summary's"
