@@ -3,6 +3,8 @@
 A label whose evaluated entries hold no positive or no negative has no AUROC: it is reported as
 undefined (None) and left out of every mean, never counted as 0 or NaN (torchmetrics' multilabel
 AUROC would give it 0). Per-label values use torchmetrics' binary functions on the valid entries.
+Probabilities that are NaN or infinite (a diverged model) are refused: torchmetrics would turn them
+into an arbitrary AUROC (about 0.5 for all-NaN scores) that reads like a result.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ def compute_metrics(
     labels: Sequence[str] = CHEXPERT_LABELS,
 ) -> dict:
     p = torch.as_tensor(probs, dtype=torch.float64)
+    bad = int((~torch.isfinite(p)).sum())
+    if bad:
+        raise ValueError(
+            f"compute_metrics: {bad} of {p.numel()} probabilities are NaN or infinite (a diverged model's "
+            "predictions); no metric is defined on them"
+        )
     t = torch.as_tensor(targets).round().long()
     valid = torch.as_tensor(mask) > 0
     auroc: dict[str, Optional[float]] = {}

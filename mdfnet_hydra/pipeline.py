@@ -131,7 +131,7 @@ def _run(
     results = _train_phases(job, runtime, run_dir, init, _reporter(pruning, runtime))
     summary = summarise_job(results)
     if runtime.is_main:
-        write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))
+        write_text(run_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=False))  # undefined: null
         evaluation = None
         if len(results) > 1 and cfg.evaluation.on_finish and evaluate_at_end:
             evaluation = evaluate_quietly(run_dir, run_dir / "evaluation", cfg.evaluation)
@@ -345,7 +345,7 @@ def completed_phase(directory: Path) -> dict[str, Any] | None:
     if not done.is_file():
         return None
     try:
-        result = json.loads(done.read_text())
+        result = json.loads(done.read_text(), parse_constant=_not_a_number)
         missing = [k for k in PHASE_RESULT_KEYS if k not in result]
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
@@ -361,6 +361,12 @@ def completed_phase(directory: Path) -> dict[str, Any] | None:
         )
         return None
     return result
+
+
+def _not_a_number(name: str) -> None:
+    """A NaN / Infinity in a stage's result: a diverged stage that an older version recorded as
+    complete. Finishing it again stops at its non-finite predictions (trainer.TrainingDiverged)."""
+    raise ValueError(f"it holds {name}, not a result")
 
 
 def _phase_files(directory: Path, result: dict[str, Any]) -> list[Path]:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from mdfnet_hydra.checkpoint import CheckpointManager, load_checkpoint, move_aside
 from mdfnet_hydra.compiling import CompilePlan, compile_counts
-from mdfnet_hydra.config import CheckpointName, PhaseConfig, RefusedOnEveryTry
+from mdfnet_hydra.config import CheckpointName, PhaseConfig, Precision, RefusedOnEveryTry
 from mdfnet_hydra.data.dataset import MultimodalDataset
 from mdfnet_hydra.data.loading import describe_loader, loader_settings
 from mdfnet_hydra.distributed import all_gather_rows, barrier, broadcast_from_main, mean_over_ranks
@@ -52,6 +52,14 @@ BEST_MONITORS = {
 }
 # an epoch whose training loop waited for batches longer than this share says the input pipeline is slow
 DATA_WAIT_WARN = 0.25
+
+
+class TrainingDiverged(RefusedOnEveryTry, FloatingPointError):
+    """The training loss or the predictions became NaN or infinite (a learning rate too high, no
+    gradient clipping, fp16 overflow). The same config and seed diverge again on every try, so the
+    CLI prints its one line and restarted data-parallel workers stop at once (launch.py); a sweep
+    records the trial as failed with it. Raised on every rank alike (the values checked are
+    all-reduced or gathered), before anything of the diverged epoch is saved."""
 
 
 @dataclass
@@ -119,6 +127,7 @@ class Prediction:
     probs: np.ndarray
     loss: float
     indices: np.ndarray
+    non_finite: int = 0  # logits that are NaN or infinite (a diverged model)
 
 
 class PhaseTrainer:
@@ -539,6 +548,10 @@ class PhaseTrainer:
             epoch = self.state.epoch + 1
             train_loss = self._train_epoch(epoch, tracker, start)
             val = self.predict("val", limit=self.trainer_cfg.limit_val_batches)
+            # before any checkpoint of the epoch: a diverged epoch never becomes `last` or a best
+            self._refuse_non_finite_predictions(
+                val, "val", of=f"after epoch {epoch}", so=f"no checkpoint of epoch {epoch} is saved"
+            )
             metrics = self._metrics("val", val)
             self.state.epoch = epoch
             improved = self._update_best(metrics)
@@ -627,6 +640,10 @@ class PhaseTrainer:
         self.loaders["train"].generator.manual_seed(int(self.cfg.seed) * 100_003 + epoch)
         device = self.runtime.device
         totals: Optional[torch.Tensor] = None  # the optimised loss and its named terms, summed on the device
+        # each batch's terms since the last logging step (device tensors, no sync) and its step in the epoch:
+        # the logging step reads them all back at once, naming the first non-finite one
+        recent: list[torch.Tensor] = []
+        recent_steps: list[int] = []
         names: list[str] = []
         batches = 0
         interval_samples, interval_start = 0, time.perf_counter()
@@ -642,16 +659,19 @@ class PhaseTrainer:
             names = ["combined", *terms.parts]
             current = torch.stack([terms.total.detach(), *(t.detach() for t in terms.parts.values())])
             totals = current if totals is None else totals + current
+            recent.append(current)
+            recent_steps.append(i // self.accum + 1)
             batches += 1
             interval_samples += batch["targets"].shape[0] * self.runtime.world_size
             if not result.stepped:
                 continue
             self.state.global_step = step
             if logging_step:
-                # every rank's micro-batch, not rank 0's share; host sync only at logging intervals
-                loss = float(mean_over_ranks(terms.total.detach().float()))
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"{self.name}: non-finite loss ({loss}) at epoch {epoch}, step {step}")
+                # every rank's micro-batches, not rank 0's share; host sync only at logging intervals
+                losses = mean_over_ranks(torch.stack(recent)[:, 0].float()).tolist()
+                self._refuse_non_finite_loss(losses, recent_steps, epoch)
+                recent, recent_steps = [], []
+                loss = losses[-1]  # this step's batch
                 elapsed = time.perf_counter() - interval_start
                 throughput = interval_samples / max(elapsed, 1e-9)
                 tracker.scalar("batch/loss", loss, step)
@@ -686,7 +706,10 @@ class PhaseTrainer:
         # over every rank's batches (each rank steps through as many): the epoch's training loss
         means = mean_over_ranks(totals / max(batches, 1)).tolist() if totals is not None else []
         if not all(math.isfinite(v) for v in means):
-            raise FloatingPointError(f"{self.name}: non-finite training loss in epoch {epoch}: {means}")
+            raise TrainingDiverged(
+                f"{self.name}: training diverged: non-finite training loss in epoch {epoch} ({means}); "
+                + self._divergence_advice()
+            )
         return dict(zip(names, means))
 
     @torch.no_grad()
@@ -708,7 +731,44 @@ class PhaseTrainer:
         data = self.datasets[split]
         idx = torch.from_numpy(indices_unique)
         loss = self.loss_fn(all_logits, data.targets[idx], data.mask[idx]).total.item()
-        return Prediction(torch.sigmoid(all_logits).numpy(), loss, indices_unique)
+        non_finite = int((~torch.isfinite(all_logits)).sum())
+        return Prediction(torch.sigmoid(all_logits).numpy(), loss, indices_unique, non_finite)
+
+    def _refuse_non_finite_loss(self, losses: list[float], steps: list[int], epoch: int) -> None:
+        """The first of a logging interval's batch losses that is NaN or infinite, named by its step."""
+        first = next((k for k, v in enumerate(losses) if not math.isfinite(v)), None)
+        if first is not None:
+            raise TrainingDiverged(
+                f"{self.name}: training diverged: the loss was first non-finite ({losses[first]}) at epoch {epoch}, "
+                f"step {steps[first]}/{self.steps_per_epoch}; " + self._divergence_advice()
+            )
+
+    def _refuse_non_finite_predictions(self, pred: Prediction, split: str, of: str, so: str) -> None:
+        """Predictions of a diverged model are no result: no AUROC is computed from them, nothing saved."""
+        if pred.non_finite == 0 and math.isfinite(pred.loss):
+            return
+        raise TrainingDiverged(
+            f"{self.name}: training diverged: {pred.non_finite} of {pred.probs.size} {split} predictions {of} are "
+            f"NaN or infinite (loss {pred.loss}), so {so}; " + self._divergence_advice()
+        )
+
+    def _divergence_advice(self) -> str:
+        """The settings that most often stop a divergence, with their values in this job."""
+        phase, key = self.phase, f"phases.{self.name}"
+        rates = [f"{key}.lr={phase.lr:g}"]
+        rates += [f"{key}.{k}={phase[k]:g}" for k in ("lr_fusion", "lr_head") if phase[k] is not None]
+        if not phase.freeze_encoders:
+            rates.append(f"{key}.lr_encoders={phase.lr_encoders:g}")
+        clip = self.trainer_cfg.max_grad_norm
+        tips = [
+            f"a lower learning rate (now {', '.join(rates)})",
+            "trainer.max_grad_norm=1.0 (gradient clipping)"
+            if clip is None
+            else f"a lower trainer.max_grad_norm (now {clip:g})",
+        ]
+        if self.runtime.precision is not Precision.fp32:
+            tips.append(f"trainer.precision=fp32 (now {self.runtime.precision.value})")
+        return f"try {', '.join(tips[:-1])} or {tips[-1]}"
 
     def _metrics(self, split: str, pred: Prediction) -> dict:
         data = self.datasets[split].split
@@ -840,6 +900,12 @@ class PhaseTrainer:
                 result[split] = None
                 continue
             pred = self.predict(split)
+            self._refuse_non_finite_predictions(
+                pred,
+                split,
+                of=f"of the selected checkpoint {selected}",
+                so="the stage has no result (trainer.resume=false trains it again)",
+            )
             result[split] = {"loss": pred.loss, **self._metrics(split, pred)}
             if self.runtime.is_main:
                 self._save_predictions(split, pred, selected)
@@ -848,7 +914,8 @@ class PhaseTrainer:
 
     def _write_result(self, result: dict[str, Any]) -> None:
         if self.runtime.is_main:
-            write_text(self.directory / "metrics.json", json.dumps(result, indent=2))
+            # strict JSON: an undefined metric is null; a NaN here would be a bug
+            write_text(self.directory / "metrics.json", json.dumps(result, indent=2, allow_nan=False))
         barrier()
 
     def _save_predictions(self, split: str, pred: Prediction, checkpoint: Path) -> None:

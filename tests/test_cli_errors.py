@@ -402,3 +402,79 @@ def test_evaluate_on_a_device_the_machine_lacks_is_one_line_before_any_run_is_re
     ), result.stderr[-2000:]
     assert result.stderr.strip().endswith("use evaluation.device=cpu")
     assert not (tmp_path / "results").exists()
+
+
+DIVERGING = [  # a learning rate that turns the weights NaN in the second epoch (warmup from 1e-33 x 1e30 in the first)
+    "debug=fast",
+    "modality=clinical",
+    "stage=stage1",
+    "data.small_sample=null",
+    "trainer.limit_val_batches=null",
+    "trainer.limit_train_batches=2",
+    "phases.stage1.lr=1e30",
+    "phases.stage1.epochs=2",
+    "phases.stage1.warmup_epochs=1",
+    "scheduler.warmup_start_factor=1e-33",
+]
+
+
+def test_a_diverged_epoch_is_one_line_and_never_replaces_the_best_checkpoint(tmp_path, output_root):
+    """Its NaN predictions were scored (torchmetrics gave an AUROC of about 0.5), became the best
+    checkpoint, the test predictions and metrics.json (with bare NaN), and the job succeeded."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        *DIVERGING,
+        f"paths.root={tmp_path}",
+        f"paths.data_dir={output_root}/data",
+        f"hydra.run.dir={run_dir}",
+        *SMALL_DATA,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.fullmatch(
+        r"mdfnet_hydra\.train: error: stage1: training diverged: (\d+) of \1 val predictions after epoch 2 are NaN "
+        r"or infinite \(loss nan\), so no checkpoint of epoch 2 is saved; try a lower learning rate \(now "
+        r"phases\.stage1\.lr=1e\+30\) or trainer\.max_grad_norm=1\.0 \(gradient clipping\)",
+        result.stderr.strip(),
+    ), result.stderr[-3000:]
+    checkpoints = run_dir / "stage1" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "best_auroc.pth",
+        "best_mean.pth",
+        "best_rare.pth",
+        "epoch_001.pth",
+        "last.pth",
+    ]
+    from mdfnet_hydra.checkpoint import load_checkpoint
+
+    assert {load_checkpoint(p)["epoch"] for p in checkpoints.iterdir()} == {1}, "epoch 1's bests and state stay"
+    assert not (run_dir / "stage1" / "metrics.json").exists() and not (run_dir / "stage1" / "predictions").exists()
+    assert "job failed: TrainingDiverged: stage1: training diverged" in (run_dir / "logs" / "train.log").read_text()
+
+
+@pytest.mark.slow  # two workers, then two restarts that stop at once: about 40 s on 2 busy cores
+def test_a_diverged_data_parallel_job_is_one_line_and_not_trained_again(tmp_path, output_root):
+    """torch's elastic agent restarted the workers trainer.max_restarts=2 times, each training into the
+    same NaN (about 28 s and 261 lines ending in ChildFailedError); now the restarted workers stop at
+    the recorded divergence before any work (launch.py) and the job ends with its one line."""
+    result = run_cli(
+        "debug=fast",
+        "modality=clinical",
+        "stage=stage1",
+        "trainer.nproc_per_node=2",
+        "trainer.max_restarts=2",
+        "phases.stage1.lr=1e8",
+        "phases.stage1.epochs=3",
+        f"paths.root={tmp_path}",
+        f"paths.data_dir={output_root}/data",
+        *SMALL_DATA,
+        env_extra={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("mdfnet_hydra.train: error: stage1: training diverged: ") and "phases.stage1.lr=1e+08" in last
+    )
+    (run,) = tmp_path.glob("runs/*/*")
+    log = (run / "logs" / "train.log").read_text()
+    assert log.count("mdfnet-hydra: modality") == 1, "trained once, not again at each restart"
+    assert log.count("job failed: TrainingDiverged") == 1, log[-3000:]

@@ -70,3 +70,15 @@ def test_rare_mean_and_rarest_labels():
     assert sorted(counts[rare]) == sorted(np.sort(counts)[:3])
     m = compute_metrics(probs, targets, mask, rare=rare)
     assert m["auroc_rare"] == pytest.approx(np.mean([m["auroc"][CHEXPERT_LABELS[j]] for j in rare]))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_probabilities_are_refused_not_scored(bad):
+    """torchmetrics turns NaN scores into an arbitrary AUROC (0.472 for all-NaN ones), which read as a
+    result; the evaluation package computes its metrics here too."""
+    probs, targets, mask = random_predictions(2)
+    probs[5, 3] = bad
+    with pytest.raises(ValueError, match=r"1 of 2800 probabilities are NaN or infinite"):
+        compute_metrics(probs, targets, mask)
+    with pytest.raises(ValueError, match=r"2800 of 2800 probabilities are NaN or infinite"):
+        compute_metrics(np.full_like(probs, np.nan), targets, mask)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from mdfnet_hydra.labels import CHEXPERT_LABELS, tag_name
 from mdfnet_hydra.models.mdfnet import build_model
 from mdfnet_hydra.pipeline import run
 from mdfnet_hydra.runtime import seed_everything
-from mdfnet_hydra.trainer import PhaseTrainer
+from mdfnet_hydra.trainer import PhaseTrainer, TrainingDiverged
 
 SMALL_RUN = ["debug=fast", "data.small_sample=null", "trainer.limit_val_batches=null", "trainer.limit_train_batches=6"]
 CHECKPOINTS = {"best_auroc.pth", "best_mean.pth", "best_rare.pth", "last.pth", "epoch_001.pth", "epoch_002.pth"}
@@ -374,3 +375,22 @@ def test_a_step_starved_by_its_input_pipeline_says_so(tmp_path, output_root, mon
     acc = EventAccumulator(str(run_dir / "stage2" / "tensorboard"))
     acc.Reload()
     assert acc.Scalars("train/data_wait_share")[0].value == pytest.approx(share / 100, abs=0.006)
+
+
+def test_a_diverging_loss_names_its_first_non_finite_step_not_the_logging_step(cfg_factory):
+    """The loss is read back every trainer.log_every_n_steps (no host sync per step); the error named
+    that logging step (here the epoch's last, 11), up to log_every_n_steps - 1 steps after the NaN."""
+    cfg = cfg_factory(
+        "debug=fast",
+        "modality=clinical",
+        "stage=stage1",
+        "data.small_sample=null",
+        "trainer.limit_train_batches=null",
+        "trainer.log_every_n_steps=50",
+        "phases.stage1.lr=1e8",
+    )
+    with pytest.raises(TrainingDiverged) as raised:
+        run(cfg)
+    found = re.search(r"the loss was first non-finite \(nan\) at epoch 1, step (\d+)/(\d+); try ", str(raised.value))
+    assert found and int(found.group(1)) < int(found.group(2)) == 11, str(raised.value)
+    assert not list(Path(cfg.paths.run_dir).glob("stage1/checkpoints/*.pth")), "no epoch finished"
