@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from mdfnet_hydra.config import ConfigError
 from mdfnet_hydra.files import DamagedFileError, atomic_target
 from mdfnet_hydra.signals import signals_held
 
@@ -56,6 +57,55 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state:
         raise DamagedFileError(f"checkpoint {path} holds no model weights (not a checkpoint of this project)")
     return state
+
+
+def load_weights(
+    model: torch.nn.Module, state: dict[str, Any], source: str | Path, model_config: Optional[dict] = None
+) -> None:
+    """Load `state`'s weights into `model`. Weights of another architecture are refused in one line
+    naming the parameters and the `model.*` settings (`model_config`: this job's) that differ, where
+    torch's error lists every mismatched parameter (dozens of lines)."""
+    differences = weight_differences(model.state_dict(), state["model"])
+    if differences:
+        settings = model_settings_differences(state.get("config"), model_config) if model_config else []
+        raise ConfigError(
+            f"{source} holds the weights of another model ({'; '.join(differences)})"
+            + (f"; it was trained with {', '.join(settings)}" if settings else "")
+            + ": pass the model settings it was trained with"
+        )
+    model.load_state_dict(state["model"])
+
+
+def weight_differences(current: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], shown: int = 3) -> list[str]:
+    """The parameters (and buffers) whose names or shapes differ, the first `shown` and a count."""
+    found = [
+        f"{name}: {_shape(saved[name])} in the checkpoint, {_shape(tensor)} now"
+        for name, tensor in current.items()
+        if name in saved and tuple(saved[name].shape) != tuple(tensor.shape)
+    ]
+    found += [f"{name} not in the checkpoint" for name in current if name not in saved]
+    found += [f"{name} not in this model" for name in saved if name not in current]
+    return found[:shown] + ([f"{len(found) - shown} more"] if len(found) > shown else [])
+
+
+def model_settings_differences(
+    saved: Optional[dict], current: dict, keys: Optional[tuple[str, ...]] = None
+) -> list[str]:
+    """`model.<key>=<saved> (<now> now)` for each model setting (of `keys`, prefixes; None: all)
+    that differs between a checkpoint's recorded config and `current` (this job's `model`)."""
+    from mdfnet_hydra.identity import flatten
+
+    before = flatten((saved or {}).get("model") or {}, "model.")
+    now = flatten(current, "model.")
+    return [
+        f"{key}={before.get(key)} ({now.get(key)} now)"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key) and (keys is None or any(key == k or key.startswith(k + ".") for k in keys))
+    ]
+
+
+def _shape(tensor: torch.Tensor) -> str:
+    return "x".join(str(n) for n in tensor.shape) or "scalar"
 
 
 def is_readable(path: Path) -> bool:
@@ -130,6 +180,23 @@ class CheckpointManager:
         periodic = self.periodic()
         for old in periodic[: max(0, len(periodic) - self.keep_last)]:
             old.unlink(missing_ok=True)
+
+    def rebuild_best(self, name: str, epoch: int, last_name: str) -> Optional[Path]:
+        """Write the best checkpoint `name` of `epoch` again from a full state of that epoch (its
+        `epoch_NNN`, else `last`), which holds the same weights, metrics and records besides the
+        training state: the same bytes as the lost file, so a stage 2 started from it stays valid.
+        Returns the state's file, or None where no full state of that epoch is left."""
+        for source in (self.path(f"epoch_{epoch:03d}"), self.path(last_name)):
+            if not source.is_file():
+                continue
+            try:
+                state = load_checkpoint(source)
+            except DamagedFileError:
+                continue
+            if is_resumable(state) and state.get("epoch") == epoch:
+                self.save(name, {k: v for k, v in state.items() if k not in RESUME_KEYS})
+                return source
+        return None
 
     def existing(self) -> list[Path]:
         return sorted(self.directory.glob(f"*{SUFFIX}")) if self.directory.is_dir() else []

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from mdfnet_hydra.checkpoint import is_readable, load_checkpoint, move_aside
+from mdfnet_hydra.checkpoint import is_readable, load_checkpoint, load_weights, model_settings_differences, move_aside
 from mdfnet_hydra.config import ConfigError, parse_duration, to_plain
 from mdfnet_hydra.data.dataset import SplitData, label_warnings, resolve_root
 from mdfnet_hydra.data.preprocessing import Preprocessing
@@ -259,7 +259,8 @@ def _train_phase(
     model = job.build_model()
     if start_from is not None:
         ckpt = load_checkpoint(start_from) if isinstance(start_from, Path) else start_from
-        model.load_state_dict(ckpt["model"])
+        source = start_from if isinstance(start_from, Path) else f"stage.init_from={cfg.stage.init_from}"
+        load_weights(model, ckpt, source, to_plain(cfg.model))
     datasets = _phase_datasets(cfg, name, job.modalities, model, job.datasets, runtime, job.prep)
     trainer = PhaseTrainer(
         cfg,
@@ -424,8 +425,25 @@ def _initial_checkpoint(cfg: DictConfig, modalities: list[str]) -> dict | None:
             f"stage.init_from={cfg.stage.init_from} was trained with modalities {ckpt.get('modalities')}, "
             f"but modality={cfg.modality.name} uses {modalities}"
         )
+    differing = model_settings_differences(ckpt.get("config"), to_plain(cfg.model), _weight_settings(modalities))
+    if differing:
+        raise ConfigError(
+            f"stage.init_from={cfg.stage.init_from} was trained with {', '.join(differing)}: its weights do not "
+            f"fit this model; pass the model settings it was trained with"
+        )
     log.info("initialising from %s (stage %s, epoch %s)", cfg.stage.init_from, ckpt.get("stage"), ckpt.get("epoch"))
     return ckpt
+
+
+def _weight_settings(modalities: list[str]) -> tuple[str, ...]:
+    """The model settings of the project's own layers that decide which weights a model holds and
+    their shapes; a checkpoint that differs in one cannot start this job's model. Others may differ
+    from stage 1's (dropouts, how the text encoder runs); the encoders' own architecture is checked
+    against their weights when they load (`load_weights`: `biomedclip` and `biomedclip_arch` fit)."""
+    keys = ["fusion.kind", "fusion.dim", "fusion.layers", "head.hidden_dim"]
+    keys += ["clinical.hidden_dims"] if "clinical" in modalities else []
+    keys += [f"{m}.output" for m in ("vision", "text") if m in modalities]  # a pooling layer or none
+    return tuple(f"model.{key}" for key in keys)
 
 
 def _rare_labels(cfg: DictConfig, train: SplitData) -> list[int]:

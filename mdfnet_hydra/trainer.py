@@ -22,9 +22,9 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from mdfnet_hydra.checkpoint import CheckpointManager, load_checkpoint, move_aside
+from mdfnet_hydra.checkpoint import CheckpointManager, is_readable, load_checkpoint, load_weights, move_aside
 from mdfnet_hydra.compiling import CompilePlan, compile_counts
-from mdfnet_hydra.config import CheckpointName, PhaseConfig, Precision, RefusedOnEveryTry
+from mdfnet_hydra.config import CheckpointName, PhaseConfig, Precision, RefusedOnEveryTry, to_plain
 from mdfnet_hydra.data.dataset import MultimodalDataset
 from mdfnet_hydra.data.loading import describe_loader, loader_settings
 from mdfnet_hydra.distributed import all_gather_rows, barrier, broadcast_from_main, mean_over_ranks
@@ -167,6 +167,7 @@ class PhaseTrainer:
         # its gradient buckets: no all-reduce traffic for weights that do not train.
         self.forward = self._wrap_ddp() if runtime.distributed else self.model
         self.data_wait_share = 0.0  # of the last epoch's training loop (TimedBatches)
+        self.epoch_lrs: dict[str, float] = {}  # each group's learning rate at the last epoch's last step
         self.compiled_from: Optional[dict[str, int]] = None  # torch's compile counters when compiling began
         self.compile_plan = (
             CompilePlan.of(
@@ -177,7 +178,7 @@ class PhaseTrainer:
         )
         self.loss_fn = MultiLabelLoss(cfg.loss)
         self.loaders = self._loaders(collate)
-        n_batches = self._train_batches_per_epoch()
+        n_batches = self.batches_available = self._train_batches_per_epoch()
         self.accum = int(self.trainer_cfg.grad_accum)
         self.steps_per_epoch = n_batches // self.accum
         self.batches_per_epoch = self.steps_per_epoch * self.accum
@@ -247,6 +248,7 @@ class PhaseTrainer:
         else:
             source = f"the training split ({samples} samples) in batches of {batch}"
         accum = int(tc.grad_accum)
+        self.batches_source = source  # what set the batch count (the start lines name it)
         if n_batches < accum:
             raise RefusedOnEveryTry(
                 f"trainer.grad_accum={accum} needs {accum} batches per epoch, but {source} gives {n_batches} "
@@ -371,7 +373,7 @@ class PhaseTrainer:
         path = Path(decision["path"])
         ckpt = self._resume_state if self.runtime.is_main else load_checkpoint(path)
         self._resume_state = None
-        self.model.load_state_dict(ckpt["model"])
+        load_weights(self.model, ckpt, path, to_plain(self.cfg.model))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -536,6 +538,19 @@ class PhaseTrainer:
             self._describe_accumulation(),
             describe_loader(self.loaders["train"]),
         )
+        left_out = self.batches_available - self.batches_per_epoch
+        if left_out:
+            log.warning(
+                "%s: trains on %d of %d batches per epoch%s (%s): each optimizer step takes trainer.grad_accum=%d "
+                "batches, leaving %d out every epoch (a shorter window would step with a smaller batch)",
+                self.name,
+                self.batches_per_epoch,
+                self.batches_available,
+                " per worker" if self.runtime.world_size > 1 else "",
+                self.batches_source,
+                self.accum,
+                left_out,
+            )
         stop = self._report_resumed_epoch()
         while (
             not stop
@@ -651,6 +666,8 @@ class PhaseTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         batches_in = TimedBatches(self.loaders["train"], self.batches_per_epoch)
         for i, batch in enumerate(batches_in):
+            if i % self.accum == 0:  # the rates the window's optimizer step will use (Python floats: no sync)
+                window_lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
             step = self.state.global_step + 1
             logging_step = step % log_every == 0 or (i + 1) == self.batches_per_epoch
             batch = self._to_device(batch)
@@ -666,6 +683,7 @@ class PhaseTrainer:
             if not result.stepped:
                 continue
             self.state.global_step = step
+            self.epoch_lrs = window_lrs
             if logging_step:
                 # every rank's micro-batches, not rank 0's share; host sync only at logging intervals
                 losses = mean_over_ranks(torch.stack(recent)[:, 0].float()).tolist()
@@ -817,11 +835,8 @@ class PhaseTrainer:
             epoch,
         )
         tracker.scalars("val/auroc", {tag_name(k): v for k, v in m["auroc"].items()}, epoch)
-        seen: set[str] = set()
-        for group in self.optimizer.param_groups:
-            if group["name"] not in seen:
-                seen.add(group["name"])
-                tracker.scalar(f"lr/{group['name']}", group["lr"], epoch)
+        for name, lr in self.epoch_lrs.items():  # the rate of the epoch's last step, not the next epoch's first
+            tracker.scalar(f"lr/{name}", lr, epoch)
         best = self.state.best[CheckpointName.best_mean.value]
         remaining = (epochs - epoch) * self.state.elapsed_s / max(epoch, 1)
         val = self._val_label()
@@ -882,12 +897,13 @@ class PhaseTrainer:
         if self.state.best[select].epoch is None:
             select = CheckpointName.last.value  # no defined metric ever (tiny debug splits)
         selected = self.checkpoints.path(select)
+        unrepaired = self._repair_best(select) if self.runtime.is_main and select in self.state.best else ""
         barrier()  # rank 0 has written the checkpoint every rank now loads
         try:
-            self.model.load_state_dict(load_checkpoint(selected)["model"])
-        except DamagedFileError as err:
+            load_weights(self.model, load_checkpoint(selected), selected, to_plain(self.cfg.model))
+        except (DamagedFileError, FileNotFoundError) as err:  # FileNotFoundError: deleted
             raise DamagedFileError(
-                f"{err}. It is {self.name}'s selected checkpoint ({select}); set "
+                f"{err}. It is {self.name}'s selected checkpoint ({select}){unrepaired}; set "
                 f"trainer.resume=false to train the stage again"
             ) from err
         result.update(
@@ -911,6 +927,20 @@ class PhaseTrainer:
                 self._save_predictions(split, pred, selected)
         self._write_result(result)
         return result
+
+    def _repair_best(self, select: str) -> str:
+        """A selected best checkpoint deleted or damaged after the stage finished (the rerun that
+        finishes the stage again, pipeline.completed_phase) is written again from the full state of
+        its epoch where one is kept (`epoch_NNN`, `last`). Returns why it could not be ("" if it was
+        or needed not be)."""
+        path, epoch = self.checkpoints.path(select), int(self.state.best[select].epoch)
+        if is_readable(path):
+            return ""
+        source = self.checkpoints.rebuild_best(select, epoch, CheckpointName.last.value)
+        if source is None:
+            return f", and no full state of its epoch {epoch} is left to write it again from"
+        log.warning("%s: %s written again from %s (the same epoch's weights)", self.name, path.name, source.name)
+        return ""
 
     def _write_result(self, result: dict[str, Any]) -> None:
         if self.runtime.is_main:

@@ -103,6 +103,36 @@ def test_a_deleted_last_checkpoint_without_a_resumable_one_is_refused_not_traine
     assert [e.step for e in curves.Scalars("val/auroc_mean")] == [1, 2], "one training's curve, not two"
 
 
+def test_a_deleted_selected_best_is_written_again_from_its_epochs_full_state(copy_of, reference, output_root):
+    """The rerun promised to finish the stage again, then failed on every try with a traceback
+    (FileNotFoundError), though epoch_002.pth held the best epoch's weights."""
+    best = copy_of / "stage1" / "checkpoints" / "best_mean.pth"
+    best.unlink()
+    result = ok(job(copy_of, output_root))
+    assert "stage1: best_mean.pth written again from epoch_002.pth" in result.stdout + result.stderr
+    assert best.read_bytes() == (reference / "stage1" / "checkpoints" / "best_mean.pth").read_bytes()
+    assert not list((copy_of / "stage2").glob("replaced-*")), "stage 2 started from these very bytes: kept"
+    assert final_metrics(copy_of) == final_metrics(reference)
+
+
+def test_a_deleted_best_whose_epoch_no_full_state_holds_is_one_line(tmp_path, output_root):
+    """keep_last=1 keeps epoch 2's state only; the learning rate too small to change a weight keeps
+    the bests at epoch 1 (a later epoch must beat them)."""
+    run_dir = tmp_path / "run"
+    settings = ["stage=stage1", "trainer.checkpoint.keep_last=1", "phases.stage1.lr=1e-12"]
+    ok(job(run_dir, output_root, *settings))
+    best = run_dir / "stage1" / "checkpoints" / "best_mean.pth"
+    assert load_checkpoint(best, mmap=True)["epoch"] == 1
+    best.unlink()
+    result = job(run_dir, output_root, *settings)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"mdfnet_hydra.train: error: checkpoint not found: {best}. It is stage1's selected checkpoint (best_mean), "
+        "and no full state of its epoch 1 is left to write it again from; set trainer.resume=false to train the "
+        "stage again"
+    )
+
+
 @pytest.mark.slow  # about 55 s: two jobs and a restart
 def test_a_restarted_job_resumes_though_it_was_started_with_resume_false(copy_of, reference, output_root):
     """`trainer.resume=false` restarts a stage once per job: the job's SLURM requeue (or torchrun's

@@ -264,6 +264,70 @@ def test_a_callback_outside_the_execution_whitelist_is_refused(tmp_path):
     assert not (tmp_path / "runs").exists(), "refused before any work"
 
 
+def test_another_fusion_than_the_init_checkpoints_is_refused_up_front_naming_the_setting(
+    two_stage, cfg_factory, tmp_path
+):
+    """It failed in the phase, after the data, with torch's load_state_dict error (dozens of lines)."""
+    _, run_dir, _ = two_stage
+    best = run_dir / "stage1" / "checkpoints" / "best_mean.pth"
+    with pytest.raises(ConfigError) as refused:
+        run(cfg_factory("debug=fast", "stage=stage2", f"stage.init_from={best}", "model.fusion.dim=128"))
+    assert str(refused.value) == (
+        f"stage.init_from={best} was trained with model.fusion.dim=256 (128 now): its weights do not fit this "
+        "model; pass the model settings it was trained with"
+    )
+    assert not (tmp_path / "run" / "stage2").exists(), "refused before any phase began"
+    with pytest.raises(ConfigError) as refused:  # an encoder's own architecture: once its weights are built
+        run(
+            cfg_factory(
+                "debug=fast",
+                "stage=stage2",
+                f"stage.init_from={best}",
+                "model.text.model_config.num_hidden_layers=1",
+                run_dir=tmp_path / "other",
+            )
+        )
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"stage.init_from={best} holds the weights of another model (")
+    assert "encoders.text.backbone.layers.1.attn.Wqkv.weight not in this model" in message
+    assert "it was trained with model.text.model_config.num_hidden_layers=2 (1 now)" in message
+
+
+def test_the_logged_learning_rate_of_an_epoch_is_the_one_its_last_step_used(cfg_factory, tmp_path):
+    """It was the next epoch's first rate: epoch 1 of a warmup epoch read the peak, the last epoch a
+    rate no step used. 2 steps per epoch, 1 warmup epoch of 6 steps: factor 0.01 + 0.99 x step / 2
+    during warmup, then a cosine from 1 to 0.01 over steps 2..6."""
+    run(
+        cfg_factory(
+            "debug=fast", "stage=stage1", "modality=clinical", "phases.stage1.epochs=3", "phases.stage1.warmup_epochs=1"
+        )
+    )
+    acc = EventAccumulator(str(tmp_path / "run" / "stage1" / "tensorboard"))
+    acc.Reload()
+    last_steps = (1, 3, 5)  # each epoch's last step (counted from 0)
+    factors = [0.01 + 0.99 * 1 / 2] + [
+        0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in last_steps[1:]
+    ]
+    assert [e.step for e in acc.Scalars("lr/fusion")] == [1, 2, 3]
+    assert [e.value for e in acc.Scalars("lr/fusion")] == pytest.approx([1e-3 * f for f in factors], rel=1e-5)
+
+
+def test_batches_a_step_window_cannot_use_are_named_at_the_start(cfg_factory, tmp_path):
+    """5 batches with trainer.grad_accum=2 train 4: the fifth was never loaded, without a word."""
+    run(
+        cfg_factory(
+            "debug=fast", "stage=stage1", "modality=clinical", "data.small_sample=null", "trainer.limit_train_batches=5"
+        )
+    )
+    log = (tmp_path / "run" / "logs" / "train.log").read_text()
+    line = (
+        "stage1: trains on 4 of 5 batches per epoch (trainer.limit_train_batches=5): each optimizer step takes "
+        "trainer.grad_accum=2 batches, leaving 1 out every epoch"
+    )
+    assert log.count(line) == 1, log
+    assert "stage1 epoch 1 step 2/2" in log
+
+
 def test_phase_start_logs_the_scheduled_peak_learning_rates(cfg_factory, tmp_path):
     """Not the warmup's first rates (1% of the peak), which the optimizer holds at that point."""
     run(
