@@ -194,19 +194,28 @@ def _train_phases(
     start_from: Path | dict | None = init  # the checkpoint (or its path) the next phase starts from
     start_file = Path(cfg.stage.init_from) if init else None  # ... and the file it came from
     budget = parse_duration(cfg.trainer.max_time)
+    has_test = len(job.datasets.get("test", ())) > 0
     results: dict[str, dict[str, Any]] = {}
     phases = [s.value for s in cfg.stage.run]
     for index, name in enumerate(phases):
         directory = run_dir / name
         step_offset = sum(int(cfg.phases[p].epochs) for p in phases[:index])
         spent = sum(r["wall_time_s"] for r in results.values())
+        phase_budget = None if budget is None else budget - spent
         digest = file_digest(start_file) if start_file is not None and runtime.is_main else None
         # rank 0 looks at the files and decides; every rank follows
         finished = json.loads(
             broadcast_from_main(json.dumps(phase_status(directory, digest) if runtime.is_main else None))
         )
-        if finished is not None:
+        reopen = _reopen(cfg, name, finished, phase_budget, has_test) if finished is not None else None
+        # a phase that trainer.max_time stopped spent the job's budget: no later phase
+        out_of_time = budget is not None and (
+            spent >= budget or any(_time_stopped(cfg, n, r) for n, r in results.items())
+        )
+        if finished is not None and reopen is None:
             log.info("%s: already complete in %s, skipping", name, directory)
+            if _time_stopped(cfg, name, finished):
+                log.warning("%s", _time_stop_note(cfg, name, finished))
             if not cfg.trainer.resume:
                 log.warning(
                     "%s: trainer.resume=false restarts an unfinished stage only; this one is complete and kept "
@@ -215,10 +224,12 @@ def _train_phases(
                     directory,
                 )
             results[name] = finished
-        elif budget is not None and spent >= budget:
-            log.info("%s: skipped, trainer.max_time (%.0fs) is spent", name, budget)
+        elif out_of_time and (reopen is None or reopen[0] != "test"):
+            log.info("%s: skipped, trainer.max_time (%gs) is spent", name, budget)
             break
         else:
+            if reopen is not None:
+                log.info("%s", reopen[1])
             results[name] = _train_phase(
                 job,
                 name,
@@ -227,9 +238,10 @@ def _train_phases(
                 start_from,
                 rare,
                 {**extras, "started_from_sha256": digest},
-                None if budget is None else budget - spent,
+                phase_budget,
                 report,
                 step_offset,
+                test_for=finished if reopen is not None and reopen[0] == "test" else None,
             )
         if results[name]["selected_checkpoint"] is None:
             break  # no epoch finished within the time budget
@@ -250,7 +262,9 @@ def _train_phase(
     time_budget_s: float | None,
     report: Callable[[float | None, int], bool] | None = None,
     step_offset: int = 0,
+    test_for: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Train the phase, or (`test_for`: its recorded result) only evaluate its test split."""
     cfg = job.cfg
     if runtime.is_main:
         directory.mkdir(parents=True, exist_ok=True)
@@ -276,7 +290,50 @@ def _train_phase(
         report=report,
         step_offset=step_offset,
     )
-    return trainer.fit()
+    return trainer.fit(test_for=test_for)
+
+
+def _reopen(
+    cfg: DictConfig, name: str, result: dict[str, Any], budget_s: float | None, has_test: bool
+) -> tuple[str, str] | None:
+    """Why a complete phase runs again, ("train" | "test", the log line), or None (kept as it is).
+
+    A phase that trainer.max_time stopped before its last epoch continues, from its last checkpoint,
+    when this job gives it more time than it had (its recorded budget); one finished with
+    trainer.eval_test=false has its test split evaluated from its selected checkpoint when this job
+    asks for it."""
+    if _time_stopped(cfg, name, result):
+        had = result.get("time_budget_s")
+        had = float(result.get("wall_time_s") or 0.0) if had is None else float(had)
+        if budget_s is None or budget_s > had:
+            now = "no time limit" if budget_s is None else f"{budget_s:g}s"
+            return "train", (
+                f"{name}: stopped by trainer.max_time ({had:g}s) after {result.get('epochs_run')} of "
+                f"{int(cfg.phases[name].epochs)} epochs in an earlier job: continuing it"
+                f"{' from its last checkpoint' if result.get('epochs_run') else ''} with {now}"
+            )
+    if cfg.trainer.eval_test and has_test and result.get("test") is None and result.get("selected_checkpoint"):
+        return "test", (
+            f"{name}: complete, but its test split was not evaluated (trainer.eval_test=false when it finished): "
+            f"evaluating its {result['selected_checkpoint']} checkpoint on it now"
+        )
+    return None
+
+
+def _time_stopped(cfg: DictConfig, name: str, result: dict[str, Any]) -> bool:
+    """Whether trainer.max_time stopped the phase before its last epoch."""
+    return result.get("stopped_by") == "max_time" and int(result.get("epochs_run") or 0) < int(cfg.phases[name].epochs)
+
+
+def _time_stop_note(cfg: DictConfig, name: str, result: dict[str, Any]) -> str:
+    """Why a rerun left a time-stopped phase as it was, and how to continue it."""
+    had = result.get("time_budget_s")
+    return (
+        f"{name}: stopped by trainer.max_time{'' if had is None else f' ({float(had):g}s)'} after "
+        f"{result.get('epochs_run')} of {int(cfg.phases[name].epochs)} epochs, and this job gives it no more time: "
+        f"kept as it is. Rerun with a larger trainer.max_time (or trainer.max_time=null) to train its remaining "
+        f"epochs{' from its last checkpoint' if result.get('epochs_run') else ''}"
+    )
 
 
 def describe_training(cfg: DictConfig, runtime: Runtime) -> str:

@@ -15,6 +15,15 @@ def _cell(value: Optional[float]) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
 
 
+def _cut(result: dict[str, Any]) -> str:
+    """The epoch trainer.max_time cut short, whose steps were discarded, and how to continue."""
+    if result.get("stopped_by") != "max_time":
+        return ""
+    cut = result.get("unfinished_epoch")
+    part = f"; epoch {cut['epoch']}'s first {cut['steps_done']} of {cut['steps']} steps discarded" if cut else ""
+    return f"{part}; a larger trainer.max_time continues it"
+
+
 def _mean_label(val: dict[str, Any], test: Optional[dict[str, Any]]) -> str:
     """`mean (14 defined labels)`, with each split's count where the test split defines fewer or
     more labels than validation: each mean is over its own split's defined labels."""
@@ -35,7 +44,8 @@ def format_summary(
         return "\n".join(
             [
                 *head,
-                f"No epoch finished (trainer.max_time spent before the first one); nothing to report. Run: {run_dir}",
+                f"No epoch finished (trainer.max_time spent before the first one ended); nothing to report. A rerun "
+                f"with a larger trainer.max_time (or trainer.max_time=null) trains it. Run: {run_dir}",
             ]
         )
     final_name = evaluated[-1]
@@ -75,7 +85,7 @@ def format_summary(
         mean = result["val"]["auroc_mean"]
         lines.append(
             f"  {name}: val mean AUROC {_cell(mean).strip()} at epoch {result['best_epoch']} of {result['epochs_run']}"
-            f"{' (stopped by ' + STOPPED_BY.get(result['stopped_by'], result['stopped_by']) + ')' if result.get('stopped_by') else ''}, {result['wall_time_s']:.0f}s"
+            f"{' (stopped by ' + STOPPED_BY.get(result['stopped_by'], result['stopped_by']) + _cut(result) + ')' if result.get('stopped_by') else ''}, {result['wall_time_s']:.0f}s"
         )
     lines.append("Wrote:")
     lines.append(f"  run        {run_dir}  (config: .hydra/, log: logs/train.log, summary: metrics.json)")

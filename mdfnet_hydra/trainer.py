@@ -156,6 +156,8 @@ class PhaseTrainer:
         self.extras = checkpoint_extras
         self.time_budget_s = time_budget_s  # what is left of trainer.max_time for this phase
         self.out_of_time = False
+        # the epoch the time budget cut short, {epoch, steps_done, steps, seconds}: its steps are discarded
+        self.unfinished: Optional[dict[str, Any]] = None
         # a sweep trial's pruning (pruning.py): report(val mean AUROC, step) -> stop; called on every
         # rank (rank 0 reports), epochs numbered from step_offset + 1 (the earlier stages' epochs)
         self.report, self.step_offset, self.pruned = report, int(step_offset), False
@@ -493,9 +495,13 @@ class PhaseTrainer:
         return adopted
 
     # ------------------------------------------------------------------ loop
-    def fit(self) -> dict[str, Any]:
+    def fit(self, test_for: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Train (resuming where the stage stopped) and finish. `test_for`: the recorded result of a
+        complete stage that has no test metrics: only the test split is evaluated and added to it."""
         tracker = Tracker(self.directory, enabled=self.runtime.is_main)
         try:
+            if test_for is not None:
+                return self._add_test(test_for)
             self._try_resume()
             tracker.open_events(self.state.global_step)
             self._train(tracker)
@@ -562,6 +568,8 @@ class PhaseTrainer:
                 break
             epoch = self.state.epoch + 1
             train_loss = self._train_epoch(epoch, tracker, start)
+            if self.unfinished is not None:
+                break  # its steps are discarded: the stage ends on the previous epoch's checkpoints
             val = self.predict("val", limit=self.trainer_cfg.limit_val_batches)
             # before any checkpoint of the epoch: a diverged epoch never becomes `last` or a best
             self._refuse_non_finite_predictions(
@@ -577,27 +585,52 @@ class PhaseTrainer:
             pruned = self._pruned_now(metrics, epoch)  # the epoch that spends the time budget is reported too
             if self.out_of_time or pruned:
                 break
-        if self.pruned:
+        stopped_by = self._stopped_by()
+        if stopped_by == "pruned":
             log.info(
                 "%s: pruned after epoch %d (step %d): the sweep's pruner stops this trial; keeping its best checkpoint",
                 self.name,
                 self.state.epoch,
                 self.step_offset + self.state.epoch,
             )
-        elif self.out_of_time:
-            log.info(
-                "%s: trainer.max_time reached after %.0fs in epoch %d; keeping the best checkpoint so far",
-                self.name,
-                self.state.elapsed_s,
-                self.state.epoch + (0 if self.state.epoch else 1),
-            )
-        elif self.state.epoch < epochs:
+        elif stopped_by == "max_time":
+            self._log_time_stop(epochs)
+        elif stopped_by == "early_stopping":
             log.info(
                 "%s: early stop after epoch %d (no val mean AUROC gain for %d epochs)",
                 self.name,
                 self.state.epoch,
                 patience,
             )
+
+    def _stopped_by(self) -> Optional[str]:
+        """What ended the phase before its configured epochs (None: it ran them all)."""
+        if self.pruned:
+            return "pruned"
+        if self.state.epoch >= int(self.phase.epochs):
+            return None
+        patience = self.phase.early_stopping_patience
+        if self.out_of_time and not (patience is not None and self.state.bad_epochs >= int(patience)):
+            return "max_time"
+        return "early_stopping"
+
+    def _log_time_stop(self, epochs: int) -> None:
+        """The time budget's stop: the epochs kept, the cut epoch's discarded steps, how to continue."""
+        cut = self.unfinished
+        log.info(
+            "%s: stopped by trainer.max_time (%gs for this stage) after %d of %d epochs%s; %s. A rerun with a "
+            "larger trainer.max_time (or trainer.max_time=null) %s",
+            self.name,
+            self.time_budget_s,
+            self.state.epoch,
+            epochs,
+            f" (epoch {cut['epoch']} stopped after {cut['steps_done']} of {cut['steps']} steps: those steps are "
+            "discarded, not counted as an epoch)"
+            if cut
+            else "",
+            "keeping the best checkpoint so far" if self.state.epoch else "no checkpoint to keep",
+            f"continues from epoch {self.state.epoch}'s checkpoint" if self.state.epoch else "trains it",
+        )
 
     def _describe_accumulation(self) -> str:
         """How a window's gradients add up (trainer.grad_accum_foreach), where there are windows."""
@@ -709,6 +742,13 @@ class PhaseTrainer:
                 )
                 interval_samples, interval_start = 0, time.perf_counter()
                 if self._time_is_up(epoch_start):
+                    if i + 1 < self.batches_per_epoch:  # steps left: the epoch is not finished
+                        self.unfinished = {
+                            "epoch": epoch,
+                            "steps_done": (i + 1) // self.accum,
+                            "steps": self.steps_per_epoch,
+                            "seconds": round(time.perf_counter() - epoch_start, 3),
+                        }
                     break
         self.data_wait_share = batches_in.share()
         if self.data_wait_share > DATA_WAIT_WARN and batches >= 4 and self.runtime.is_main:
@@ -871,22 +911,23 @@ class PhaseTrainer:
 
     # ------------------------------------------------------------------ end of phase
     def _finish(self) -> dict[str, Any]:
+        stopped_by = self._stopped_by()
         result: dict[str, Any] = {
             "stage": self.name,
             "modalities": list(self.extras["modalities"]),
-            "epochs_run": self.state.epoch,
-            "stopped_early": self.state.epoch < int(self.phase.epochs) and not self.out_of_time,
-            "stopped_by": "pruned"
-            if self.pruned
-            else "max_time"
-            if self.out_of_time
-            else ("early_stopping" if self.state.epoch < int(self.phase.epochs) else None),
+            "epochs_run": self.state.epoch,  # finished epochs only (a cut one is in `unfinished_epoch`)
+            "stopped_early": stopped_by in ("pruned", "early_stopping"),
+            "stopped_by": stopped_by,
+            # trainer.max_time: this stage's budget when it stopped (a rerun with more time continues it) and
+            # the epoch it cut short, whose steps were discarded
+            "time_budget_s": self.time_budget_s if stopped_by == "max_time" else None,
+            "unfinished_epoch": self.unfinished,
             "step_offset": self.step_offset,  # the phase's epochs as steps of the job (pruning.py)
             "best": {k: asdict(v) for k, v in self.state.best.items()},
             "rare_labels": [CHEXPERT_LABELS[j] for j in self.rare],
             "effective_batch_size": self.effective_batch_size,
             "train_samples": len(self.datasets["train"]),
-            "wall_time_s": self.state.elapsed_s,
+            "wall_time_s": self.state.elapsed_s + (self.unfinished["seconds"] if self.unfinished else 0.0),
             "started_from_sha256": self.extras.get("started_from_sha256"),  # the checkpoint this phase started from
         }
         if self.state.epoch == 0:  # the time budget ran out before the first epoch
@@ -896,6 +937,19 @@ class PhaseTrainer:
         select = CheckpointName(self.trainer_cfg.checkpoint.select).value
         if self.state.best[select].epoch is None:
             select = CheckpointName.last.value  # no defined metric ever (tiny debug splits)
+        selected = self._load_selected(select)
+        result.update(
+            selected_checkpoint=select,
+            checkpoint_path=str(selected),
+            best_epoch=self.state.best[select].epoch if select in self.state.best else self.state.epoch,
+        )
+        for split in ("val", "test"):
+            result[split] = self._evaluate(split, selected)
+        self._write_result(result)
+        return result
+
+    def _load_selected(self, select: str) -> Path:
+        """Load the selected checkpoint's weights into the model (every rank); its path."""
         selected = self.checkpoints.path(select)
         unrepaired = self._repair_best(select) if self.runtime.is_main and select in self.state.best else ""
         barrier()  # rank 0 has written the checkpoint every rank now loads
@@ -906,25 +960,28 @@ class PhaseTrainer:
                 f"{err}. It is {self.name}'s selected checkpoint ({select}){unrepaired}; set "
                 f"trainer.resume=false to train the stage again"
             ) from err
-        result.update(
-            selected_checkpoint=select,
-            checkpoint_path=str(selected),
-            best_epoch=self.state.best[select].epoch if select in self.state.best else self.state.epoch,
+        return selected
+
+    def _evaluate(self, split: str, selected: Path) -> Optional[dict[str, Any]]:
+        """The loaded checkpoint's metrics on `split` (its predictions saved); None for a split not evaluated."""
+        if split not in self.loaders or (split == "test" and not self.trainer_cfg.eval_test):
+            return None
+        pred = self.predict(split)
+        self._refuse_non_finite_predictions(
+            pred,
+            split,
+            of=f"of the selected checkpoint {selected}",
+            so="the stage has no result (trainer.resume=false trains it again)",
         )
-        for split in ("val", "test"):
-            if split not in self.loaders or (split == "test" and not self.trainer_cfg.eval_test):
-                result[split] = None
-                continue
-            pred = self.predict(split)
-            self._refuse_non_finite_predictions(
-                pred,
-                split,
-                of=f"of the selected checkpoint {selected}",
-                so="the stage has no result (trainer.resume=false trains it again)",
-            )
-            result[split] = {"loss": pred.loss, **self._metrics(split, pred)}
-            if self.runtime.is_main:
-                self._save_predictions(split, pred, selected)
+        if self.runtime.is_main:
+            self._save_predictions(split, pred, selected)
+        return {"loss": pred.loss, **self._metrics(split, pred)}
+
+    def _add_test(self, recorded: dict[str, Any]) -> dict[str, Any]:
+        """A complete stage's result with its test split evaluated from its selected checkpoint, as
+        its finish would have with trainer.eval_test=true; the rest of the result stays as recorded."""
+        selected = self._load_selected(str(recorded["selected_checkpoint"]))
+        result = {**recorded, "test": self._evaluate("test", selected)}
         self._write_result(result)
         return result
 
@@ -933,8 +990,8 @@ class PhaseTrainer:
         finishes the stage again, pipeline.completed_phase) is written again from the full state of
         its epoch where one is kept (`epoch_NNN`, `last`). Returns why it could not be ("" if it was
         or needed not be)."""
-        path, epoch = self.checkpoints.path(select), int(self.state.best[select].epoch)
-        if is_readable(path):
+        path, epoch = self.checkpoints.path(select), self.state.best[select].epoch
+        if epoch is None or is_readable(path):  # (None: a test split evaluated later knows no epochs)
             return ""
         source = self.checkpoints.rebuild_best(select, epoch, CheckpointName.last.value)
         if source is None:

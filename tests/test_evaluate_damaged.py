@@ -352,15 +352,16 @@ def test_damaged_predictions_name_the_file(tmp_path, damage, reason):
 # --- seed groups ---------------------------------------------------------------------------------
 
 
-def fake_stage2(root, name, config, targets, groups):
-    """A stage-2 directory with `config` and saved predictions matching its (fake) checkpoint."""
+def fake_stage2(root, name, config, targets, groups, **metrics):
+    """A stage-2 directory with `config` and saved predictions matching its (fake) checkpoint
+    (`metrics`: more of its metrics.json)."""
     directory = root / name / "stage2"
     (directory / "checkpoints").mkdir(parents=True)
     ckpt = directory / "checkpoints" / "best_mean.pth"
     ckpt.write_bytes(name.encode())
     OmegaConf.save(OmegaConf.create(config), directory / "config.yaml")
     (directory / "metrics.json").write_text(
-        json.dumps({"stage": "stage2", "modalities": ["vision"], "val": {"auroc_mean": 0.5}})
+        json.dumps({"stage": "stage2", "modalities": ["vision"], "val": {"auroc_mean": 0.5}, **metrics})
     )
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     n = len(targets)
@@ -441,6 +442,26 @@ def test_seed_groups_differ_in_the_seed_alone(trained, tmp_path):
     assert by_runs["seed1/stage2, seed2/stage2, seed3_bookkeeping/stage2, seed4_ddp/stage2"][2] == "1, 2, 3, 4"
     assert "stage.init_from=/runs/b/stage1/checkpoints/best_mean.pth" in by_runs["other_init/stage2"][0]
     assert "(effective batch)=64" in by_runs["bigger_batch/stage2"][0]
+
+
+def test_a_run_stopped_by_its_time_budget_is_no_seed_of_runs_that_trained_every_epoch(trained, tmp_path):
+    config = OmegaConf.to_container(OmegaConf.load(trained / "config.yaml"))
+    config["stage"] = {"name": "stage2", "run": ["stage2"], "init_from": None}
+    config["phases"]["stage2"]["epochs"] = 3
+    rng = np.random.default_rng(0)
+    targets = (rng.random((40, 14)) < 0.4).astype(np.float32)
+    root = tmp_path / "experiments"
+    for seed in (1, 2, 3):
+        stopped = {"stopped_by": "max_time", "epochs_run": 1} if seed == 3 else {"epochs_run": 3}
+        fake_stage2(root, f"seed{seed}", {**config, "seed": seed}, targets, np.arange(40) // 2, **stopped)
+    evaluate(root, tmp_path / "results", options())
+    seeds = (tmp_path / "results" / "results.md").read_text().split("## Seeds")[1]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")] for line in seeds.splitlines() if line.startswith("| vision/")
+    ]
+    by_runs = {row[1]: row[0] for row in rows}
+    assert set(by_runs) == {"seed1/stage2, seed2/stage2", "seed3/stage2"}, rows
+    assert "(stopped by trainer.max_time)=after 1 of 3 epochs" in by_runs["seed3/stage2"]
 
 
 def test_runs_behind_symbolic_links_are_found_once_and_keep_their_link_names(trained, tmp_path):

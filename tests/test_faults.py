@@ -21,7 +21,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SMALL_DATA, run_cli
+from conftest import SMALL_DATA, make_cfg, run_cli
 from mdfnet_hydra.checkpoint import load_checkpoint
 
 # two stages of the clinical-only model (fastest), stage 1 with two epochs and a periodic
@@ -553,3 +553,62 @@ def test_scalars_a_killed_job_logged_past_its_checkpoint_show_once_after_the_res
         (s, 1.0 if s <= 5 else 2.0) for s in range(1, 11)
     ]
     assert [(e.step, round(e.value, 6)) for e in curves.Scalars("val/auroc_mean")] == [(1, 0.6), (2, 0.7)]
+
+
+# --- a rerun after trainer.max_time or trainer.eval_test=false (in-process: three jobs each) -----------
+
+STAGE1 = ["debug=fast", "modality=clinical", "stage=stage1", "phases.stage1.epochs=2"]  # 2 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def stage1_reference(tmp_path_factory, output_root) -> dict:
+    """The result of a stage-1 job that had no time limit and evaluated the test split."""
+    from mdfnet_hydra.pipeline import run
+
+    return run(make_cfg(STAGE1, tmp_path_factory.mktemp("faults") / "stage1", output_root))["stages"]["stage1"]
+
+
+def test_an_epoch_cut_by_the_time_budget_is_not_counted_and_a_rerun_with_more_time_trains_on(
+    tmp_path, output_root, stage1_reference
+):
+    from mdfnet_hydra.pipeline import run
+
+    run_dir, log = tmp_path / "run", tmp_path / "run" / "logs" / "train.log"
+    # the budget runs out at epoch 1's first step of 2: no epoch is counted, no state of a half epoch saved
+    stage = run(make_cfg([*STAGE1, "trainer.max_time=0.01s"], run_dir, output_root))["stages"]["stage1"]
+    assert stage["stopped_by"] == "max_time" and stage["epochs_run"] == 0 and stage["selected_checkpoint"] is None
+    assert {k: stage["unfinished_epoch"][k] for k in ("epoch", "steps_done", "steps")} == {
+        "epoch": 1,
+        "steps_done": 1,
+        "steps": 2,
+    }
+    assert not (run_dir / "stage1" / "checkpoints" / "last.pth").exists()
+    assert "epoch 1 stopped after 1 of 2 steps: those steps are discarded" in log.read_text()
+    # the same budget again: kept as it is, and the log says how to go on
+    again = run(make_cfg([*STAGE1, "trainer.max_time=0.01s"], run_dir, output_root))["stages"]["stage1"]
+    assert again == stage
+    assert "gives it no more time: kept as it is. Rerun with a larger trainer.max_time" in log.read_text()
+    # no limit: it trains its epochs, to what a job without a limit trained
+    done = run(make_cfg(STAGE1, run_dir, output_root))["stages"]["stage1"]
+    assert "stopped by trainer.max_time (0.01s) after 0 of 2 epochs in an earlier job: continuing it" in log.read_text()
+    assert done["stopped_by"] is None and done["epochs_run"] == 2 and done["unfinished_epoch"] is None
+    assert done["val"] == stage1_reference["val"] and done["test"] == stage1_reference["test"]
+
+
+def test_a_rerun_with_eval_test_evaluates_the_test_split_of_a_stage_finished_without_it(
+    tmp_path, output_root, stage1_reference
+):
+    from mdfnet_hydra.pipeline import run
+
+    run_dir = tmp_path / "run"
+    first = run(make_cfg([*STAGE1, "trainer.eval_test=false"], run_dir, output_root))["stages"]["stage1"]
+    test_file = run_dir / "stage1" / "predictions" / "test.npz"
+    assert first["test"] is None and not test_file.exists()
+    checkpoints = {p.name: p.read_bytes() for p in (run_dir / "stage1" / "checkpoints").iterdir()}
+    summary = run(make_cfg(STAGE1, run_dir, output_root))
+    second = summary["stages"]["stage1"]
+    assert "its test split was not evaluated" in (run_dir / "logs" / "train.log").read_text()
+    assert second["test"] == stage1_reference["test"] and test_file.is_file()
+    assert {k: v for k, v in second.items() if k != "test"} == {k: v for k, v in first.items() if k != "test"}
+    assert {p.name: p.read_bytes() for p in (run_dir / "stage1" / "checkpoints").iterdir()} == checkpoints
+    assert json.loads((run_dir / "metrics.json").read_text())["stages"]["stage1"]["test"] == second["test"]

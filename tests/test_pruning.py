@@ -176,7 +176,9 @@ def test_the_epoch_that_spends_the_time_budget_is_reported_too(tmp_path, output_
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
     finished_trials(study, 3, 0.5, steps=3)
     target = PruningTarget(storage, "s", study.ask().number, MEDIAN, last_step=3)
+    # one step per epoch: the budget runs out on an epoch's last step, so the epoch is whole and counts
     overrides = ["modality=clinical", "stage=stage1", "debug=fast", "phases.stage1.epochs=3", "trainer.max_time=0.01s"]
+    overrides += ["trainer.limit_train_batches=1", "trainer.grad_accum=1"]
     summary = run(make_cfg(overrides, tmp_path / "run", output_root), pruning=target)
     stage = summary["stages"]["stage1"]
     assert stage["stopped_by"] == "max_time" and stage["epochs_run"] == 1

@@ -105,6 +105,9 @@ class Run:
     source: dict[str, str] = field(default_factory=dict)  # split -> "saved" | "recomputed"
     effective_batch: Optional[int] = None  # metrics.json's effective_batch_size (else from the config)
     notes: list[str] = field(default_factory=list)  # damaged files worked around (recomputed predictions)
+    # "after E of N epochs" when trainer.max_time stopped the stage early: not a seed of runs that trained
+    # all their epochs (nor of runs stopped elsewhere)
+    stopped_by_max_time: Optional[str] = None
 
     @property
     def modality(self) -> str:
@@ -129,6 +132,8 @@ class Run:
         flat = outcome_identity(self.config, self.effective_batch)
         flat.pop("seed", None)
         flat["(stage directory)"] = self.stage
+        if self.stopped_by_max_time:
+            flat["(stopped by trainer.max_time)"] = self.stopped_by_max_time
         return flat
 
     def signature(self) -> str:
@@ -198,7 +203,20 @@ def _read_run(directory: Path, name: str) -> Optional[Run]:
         config=config,
         seed=seed,
         effective_batch=batch if isinstance(batch, int) else None,
+        stopped_by_max_time=_time_stop(result, config),
     )
+
+
+def _time_stop(result: dict[str, Any], config: dict[str, Any]) -> Optional[str]:
+    """`after E of N epochs` for a stage that trainer.max_time stopped before its last epoch, else None."""
+    if result.get("stopped_by") != "max_time":
+        return None
+    phases = config.get("phases")
+    phase = phases.get(str(result["stage"])) if isinstance(phases, dict) else None
+    epochs = phase.get("epochs") if isinstance(phase, dict) else None
+    if epochs is not None and result.get("epochs_run") == epochs:
+        return None  # (an older job's record: it had run every epoch)
+    return f"after {result.get('epochs_run')} of {epochs} epochs"
 
 
 def read_json(path: Path) -> Any:
