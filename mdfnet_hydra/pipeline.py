@@ -129,7 +129,7 @@ def _run(
             log.warning("%s", text)
         warnings.append(text)
     results = _train_phases(job, runtime, run_dir, init, _reporter(pruning, runtime))
-    summary = summarise_job(results)
+    summary = summarise_job(results, [s.value for s in cfg.stage.run])
     if runtime.is_main:
         write_text(run_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=False))  # undefined: null
         evaluation = None
@@ -214,7 +214,7 @@ def _train_phases(
         )
         if finished is not None and reopen is None:
             log.info("%s: already complete in %s, skipping", name, directory)
-            if _time_stopped(cfg, name, finished):
+            if _time_stopped(cfg, name, finished) and runtime.is_main:
                 log.warning("%s", _time_stop_note(cfg, name, finished))
             if not cfg.trainer.resume:
                 log.warning(
@@ -230,6 +230,12 @@ def _train_phases(
         else:
             if reopen is not None:
                 log.info("%s", reopen[1])
+            if reopen is not None and reopen[0] == "train" and runtime.is_main:
+                # no longer complete while it trains on: a continuation that dies is resumed, not taken
+                # for the earlier result beside newer best checkpoints
+                done = directory / "metrics.json"
+                if done.is_file():
+                    done.replace(directory / "metrics.before-continuing.json")
             results[name] = _train_phase(
                 job,
                 name,
@@ -309,8 +315,12 @@ def _reopen(
             now = "no time limit" if budget_s is None else f"{budget_s:g}s"
             return "train", (
                 f"{name}: stopped by trainer.max_time ({had:g}s) after {result.get('epochs_run')} of "
-                f"{int(cfg.phases[name].epochs)} epochs in an earlier job: continuing it"
-                f"{' from its last checkpoint' if result.get('epochs_run') else ''} with {now}"
+                f"{int(cfg.phases[name].epochs)} epochs in an earlier job: "
+                + (
+                    f"continuing it{' from its last checkpoint' if result.get('epochs_run') else ''} with {now}"
+                    if cfg.trainer.resume
+                    else f"training it again from the start with {now} (trainer.resume=false)"
+                )
             )
     if cfg.trainer.eval_test and has_test and result.get("test") is None and result.get("selected_checkpoint"):
         return "test", (
@@ -450,8 +460,11 @@ def _phase_datasets(
     return cached_datasets(model, datasets, cfg, runtime, prep.pad_id)
 
 
-def summarise_job(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The job's result: the last stage that produced validation metrics (NaN objective if none)."""
+def summarise_job(results: dict[str, dict[str, Any]], planned: list[str] | None = None) -> dict[str, Any]:
+    """The job's result: the last stage that produced validation metrics. Its objective (a sweep's)
+    is None where the last `planned` stage has none (no epoch of it within trainer.max_time): an
+    earlier stage's AUROC is not comparable with other trials' last stage. A pruned trial keeps the
+    value its pruner saw."""
     evaluated = [name for name, r in results.items() if r.get("val")]
     final = evaluated[-1] if evaluated else None
     val = results[final]["val"] if final else {}
@@ -463,10 +476,11 @@ def summarise_job(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         ),
         None,
     )
+    short = bool(planned) and final != planned[-1] and pruned is None
     return {
-        "objective": val.get("auroc_mean"),
+        "objective": None if short else val.get("auroc_mean"),
         "objective_name": "val auroc_mean",
-        "auroc_min": val.get("auroc_min"),
+        "auroc_min": None if short else val.get("auroc_min"),
         "final_stage": final,
         "pruned": pruned,  # where the sweep's pruner stopped the trial (pruning.py), or None
         "stages": results,
@@ -482,7 +496,9 @@ def _initial_checkpoint(cfg: DictConfig, modalities: list[str]) -> dict | None:
             f"stage.init_from={cfg.stage.init_from} was trained with modalities {ckpt.get('modalities')}, "
             f"but modality={cfg.modality.name} uses {modalities}"
         )
-    differing = model_settings_differences(ckpt.get("config"), to_plain(cfg.model), _weight_settings(modalities))
+    differing = model_settings_differences(
+        ckpt.get("config"), to_plain(cfg.model), _weight_settings(cfg.model, modalities)
+    )
     if differing:
         raise ConfigError(
             f"stage.init_from={cfg.stage.init_from} was trained with {', '.join(differing)}: its weights do not "
@@ -492,12 +508,13 @@ def _initial_checkpoint(cfg: DictConfig, modalities: list[str]) -> dict | None:
     return ckpt
 
 
-def _weight_settings(modalities: list[str]) -> tuple[str, ...]:
+def _weight_settings(cfg_model: DictConfig, modalities: list[str]) -> tuple[str, ...]:
     """The model settings of the project's own layers that decide which weights a model holds and
     their shapes; a checkpoint that differs in one cannot start this job's model. Others may differ
     from stage 1's (dropouts, how the text encoder runs); the encoders' own architecture is checked
     against their weights when they load (`load_weights`: `biomedclip` and `biomedclip_arch` fit)."""
-    keys = ["fusion.kind", "fusion.dim", "fusion.layers", "head.hidden_dim"]
+    keys = ["fusion.kind", "fusion.dim", "head.hidden_dim"]
+    keys += ["fusion.layers"] if cfg_model.fusion.kind == "attention" else []  # concat has no layers
     keys += ["clinical.hidden_dims"] if "clinical" in modalities else []
     keys += [f"{m}.output" for m in ("vision", "text") if m in modalities]  # a pooling layer or none
     return tuple(f"model.{key}" for key in keys)

@@ -545,7 +545,7 @@ class PhaseTrainer:
             describe_loader(self.loaders["train"]),
         )
         left_out = self.batches_available - self.batches_per_epoch
-        if left_out:
+        if left_out and self.runtime.is_main:  # the same on every rank: said once
             log.warning(
                 "%s: trains on %d of %d batches per epoch%s (%s): each optimizer step takes trainer.grad_accum=%d "
                 "batches, leaving %d out every epoch (a shorter window would step with a smaller batch)",
@@ -962,17 +962,15 @@ class PhaseTrainer:
             ) from err
         return selected
 
-    def _evaluate(self, split: str, selected: Path) -> Optional[dict[str, Any]]:
-        """The loaded checkpoint's metrics on `split` (its predictions saved); None for a split not evaluated."""
+    def _evaluate(
+        self, split: str, selected: Path, so: str = "the stage has no result (trainer.resume=false trains it again)"
+    ) -> Optional[dict[str, Any]]:
+        """The loaded checkpoint's metrics on `split` (its predictions saved); None for a split not
+        evaluated. `so`: what a diverged checkpoint's predictions leave, for the error."""
         if split not in self.loaders or (split == "test" and not self.trainer_cfg.eval_test):
             return None
         pred = self.predict(split)
-        self._refuse_non_finite_predictions(
-            pred,
-            split,
-            of=f"of the selected checkpoint {selected}",
-            so="the stage has no result (trainer.resume=false trains it again)",
-        )
+        self._refuse_non_finite_predictions(pred, split, of=f"of the selected checkpoint {selected}", so=so)
         if self.runtime.is_main:
             self._save_predictions(split, pred, selected)
         return {"loss": pred.loss, **self._metrics(split, pred)}
@@ -981,7 +979,7 @@ class PhaseTrainer:
         """A complete stage's result with its test split evaluated from its selected checkpoint, as
         its finish would have with trainer.eval_test=true; the rest of the result stays as recorded."""
         selected = self._load_selected(str(recorded["selected_checkpoint"]))
-        result = {**recorded, "test": self._evaluate("test", selected)}
+        result = {**recorded, "test": self._evaluate("test", selected, so="its test split has no result")}
         self._write_result(result)
         return result
 

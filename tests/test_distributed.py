@@ -488,6 +488,8 @@ def test_a_jobs_warnings_are_said_once_by_two_workers(tmp_path):
         "stage=stage2",
         "phases.stage2.epochs=1",
         "trainer.nproc_per_node=2",
+        "data.small_sample=null",
+        "trainer.limit_train_batches=3",  # grad_accum 2: a window leaves one out
         "evaluation.on_finish=false",
         f"paths.root={tmp_path}",
     )
@@ -495,4 +497,5 @@ def test_a_jobs_warnings_are_said_once_by_two_workers(tmp_path):
     warning = "stage 2 starts from an untrained fusion and head"
     console = (result.stdout + result.stderr).splitlines()
     assert len([line for line in console if warning in line and "[WARNING]" in line]) == 1, console
+    assert len([line for line in console if "stage2: trains on 2 of 3 batches per epoch" in line]) == 1, console
     assert len([line for line in console if line.startswith(f"WARNING: {warning}")]) == 1, "the summary's"

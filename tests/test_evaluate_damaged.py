@@ -202,6 +202,23 @@ def test_a_run_whose_data_cannot_be_loaded_is_left_out(trained, tmp_path):
     assert "good/stage1" not in reasons
 
 
+def test_a_diverged_checkpoint_is_left_out_not_scored(trained, tmp_path):
+    """An older version kept a diverged model (NaN weights) as a run's best: its recomputed
+    predictions are NaN, and that run is left out, named, where the whole evaluation used to stop
+    with compute_metrics' error."""
+    root = tmp_path / "experiments"
+    copy_run(trained, root, "good")
+    diverged = copy_run(trained, root, "diverged")
+    checkpoint = diverged / "checkpoints" / "best_mean.pth"
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, checkpoint)  # its saved predictions are of other weights: recomputed
+    result = evaluate(root, tmp_path / "results", options())
+    reasons = {item["run"]: item["reason"] for item in result["left_out"]}
+    assert "predictions are NaN or infinite (a diverged model)" in reasons["diverged/stage1"], reasons
+    assert "good/stage1" not in reasons
+
+
 def test_every_run_broken_fails_with_one_line(trained, tmp_path):
     root = tmp_path / "experiments"
     truncate(copy_run(trained, root, "half_written") / "metrics.json")

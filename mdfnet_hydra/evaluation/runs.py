@@ -277,6 +277,11 @@ def run_predictions(run: Run, split: str, checkpoint: str, data_root: Optional[s
             f"predictions/{split}.npz damaged ({damaged.reason}): recomputed from checkpoints/{ckpt_path.name}"
         )
     preds = predict(model, datasets[split], prep.pad_id, options, digest)
+    bad = int((~np.isfinite(preds.probs)).sum())
+    if bad:  # a diverged model's checkpoint (an older version kept one as the best): no AUROC is defined
+        raise LeftOutError(
+            ckpt_path, f"{bad} of {preds.probs.size} of its {split} predictions are NaN or infinite (a diverged model)"
+        )
     if data_root is not None and damaged is None and saved.is_file():
         _note_other_cases(run, split, saved, preds, data_root)
     return preds
