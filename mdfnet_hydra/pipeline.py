@@ -129,7 +129,7 @@ def _run(
             log.warning("%s", text)
         warnings.append(text)
     results = _train_phases(job, runtime, run_dir, init, _reporter(pruning, runtime))
-    summary = summarise_job(results, [s.value for s in cfg.stage.run])
+    summary = summarise_job(results)
     if runtime.is_main:
         write_text(run_dir / "metrics.json", json.dumps(summary, indent=2, allow_nan=False))  # undefined: null
         evaluation = None
@@ -460,11 +460,9 @@ def _phase_datasets(
     return cached_datasets(model, datasets, cfg, runtime, prep.pad_id)
 
 
-def summarise_job(results: dict[str, dict[str, Any]], planned: list[str] | None = None) -> dict[str, Any]:
-    """The job's result: the last stage that produced validation metrics. Its objective (a sweep's)
-    is None where the last `planned` stage has none (no epoch of it within trainer.max_time): an
-    earlier stage's AUROC is not comparable with other trials' last stage. A pruned trial keeps the
-    value its pruner saw."""
+def summarise_job(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The job's result: the last stage that produced validation metrics (NaN objective if none);
+    under trainer.max_time the best so far, `final_stage` naming its stage (docs/sweeps.md)."""
     evaluated = [name for name, r in results.items() if r.get("val")]
     final = evaluated[-1] if evaluated else None
     val = results[final]["val"] if final else {}
@@ -476,11 +474,10 @@ def summarise_job(results: dict[str, dict[str, Any]], planned: list[str] | None 
         ),
         None,
     )
-    short = bool(planned) and final != planned[-1] and pruned is None
     return {
-        "objective": None if short else val.get("auroc_mean"),
+        "objective": val.get("auroc_mean"),
         "objective_name": "val auroc_mean",
-        "auroc_min": None if short else val.get("auroc_min"),
+        "auroc_min": val.get("auroc_min"),
         "final_stage": final,
         "pruned": pruned,  # where the sweep's pruner stopped the trial (pruning.py), or None
         "stages": results,

@@ -57,7 +57,7 @@ def run_trial(cfg: DictConfig, run_dir: Path, train: Callable[[], dict], is_writ
         if any(math.isnan(v) for v in _as_list(value)):
             _record_failure(
                 failure,
-                "objective undefined (no epoch of the last stage finished, or no label with both classes in val)",
+                "objective undefined (no epoch finished, or no label with both classes in val)",
                 None,
                 is_writer,
             )

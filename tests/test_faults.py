@@ -597,23 +597,6 @@ def test_an_epoch_cut_by_the_time_budget_is_not_counted_and_a_rerun_with_more_ti
     assert json.loads((run_dir / "stage1" / "metrics.before-continuing.json").read_text()) == stage
 
 
-def test_a_sweeps_objective_is_its_last_stages():
-    """A two-stage trial whose stage 2 finished no epoch within trainer.max_time has no objective (a
-    failed trial), not stage 1's AUROC beside other trials' stage-2 values; a trial pruned in stage 1
-    keeps the value its pruner saw."""
-    from mdfnet_hydra.pipeline import summarise_job
-
-    stage1 = {"val": {"auroc_mean": 0.7, "auroc_min": 0.5}, "stopped_by": None, "epochs_run": 2}
-    stage2 = {"val": None, "stopped_by": "max_time", "epochs_run": 0}
-    planned = ["stage1", "stage2"]
-    short = summarise_job({"stage1": stage1, "stage2": stage2}, planned)
-    assert short["objective"] is None and short["auroc_min"] is None and short["final_stage"] == "stage1"
-    assert summarise_job({"stage1": stage1}, planned)["objective"] is None  # stage 2 skipped: budget spent
-    pruned = summarise_job({"stage1": {**stage1, "stopped_by": "pruned"}}, planned)
-    assert pruned["objective"] == 0.7 and pruned["pruned"]["stage"] == "stage1"
-    assert summarise_job({"stage1": stage1}, ["stage1"])["objective"] == 0.7
-
-
 def test_a_rerun_with_eval_test_evaluates_the_test_split_of_a_stage_finished_without_it(
     tmp_path, output_root, stage1_reference
 ):

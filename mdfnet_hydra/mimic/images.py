@@ -13,6 +13,7 @@ others; an image of an older preparation without the stamp is re-made too.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mdfnet_hydra.files import atomic_target
+from mdfnet_hydra.signals import signals_held
 
 STATUSES = ("done", "remade", "reused", "missing", "unreadable")
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # more than 8 bits per pixel
@@ -93,11 +95,22 @@ def resize_all(tasks: Iterable[tuple[str, str, int, int]], workers: int) -> list
         return [resize_one(t) for t in tasks]
     pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
     try:
-        return list(pool.map(resize_one, tasks, chunksize=64))
+        # the workers start (fork) at the first submit, and map submits every chunk at once: a stop
+        # signal there left a forked worker the pool had not yet recorded, which the process then
+        # waited for at exit, forever (or broke the pool's pipes: EBADF), so it waits for the starts
+        with signals_held():
+            results = pool.map(resize_one, tasks, chunksize=64)
+        return list(results)
     except BaseException:
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
+        recorded = list((getattr(pool, "_processes", None) or {}).values())
+        for process in {*recorded, *multiprocessing.active_children()}:
             process.kill()  # queued work would otherwise run to its end before shutdown returns
+        manager = getattr(pool, "_executor_manager_thread", None)  # (shutdown forgets it)
         pool.shutdown(wait=False, cancel_futures=True)
+        if manager is not None:
+            # its clean-up closes the pool's wake-up pipe; running on into the interpreter's exit, it
+            # raced Python 3.11's exit hook writing to that pipe (EBADF on stderr after our last line)
+            manager.join(timeout=30)
         raise
     finally:
         pool.shutdown(wait=True)
