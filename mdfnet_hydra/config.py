@@ -107,6 +107,13 @@ class TextAttention(str, Enum):
     flash_attention_2 = "flash_attention_2"
 
 
+class TextPooling(str, Enum):
+    """How `output=pooled` makes one vector of a report's tokens: an Enum, so a typo is Hydra's error."""
+
+    cls = "cls"  # the first ([CLS]) token's state
+    mean = "mean"  # the mean of the real tokens' states (padding left out)
+
+
 class CompileMode(str, Enum):
     """torch.compile's modes (compiling.py maps them to torch's names)."""
 
@@ -233,7 +240,7 @@ class TextConfig:
     # (needs the flash-attn package); the same outputs up to rounding
     attention: TextAttention = TextAttention.sdpa
     output: TokenOutput = TokenOutput.tokens
-    pooling: str = "cls"  # for output=pooled: "cls" or "mean"
+    pooling: TextPooling = TextPooling.cls  # for output=pooled: cls | mean
 
 
 # TextConfig's settings of how the encoder runs (batch shapes, attention kernel), not what it
@@ -758,6 +765,7 @@ def validate_config(cfg: DictConfig, host: bool = True) -> None:
         if value is not None and int(value) < MIN_IMAGE_SIZE
     ]
     problems += length_bucket_problems(cfg.model.text)
+    problems += normalisation_problems(cfg.model.vision)
     problems += text_runtime_problems(cfg)
     if str(cfg.data.get("verify_images", "auto")).lower() not in ("auto", "true", "false"):
         problems.append(f"data.verify_images must be auto, true or false, got {cfg.data.verify_images!r}")
@@ -788,6 +796,10 @@ def validate_config(cfg: DictConfig, host: bool = True) -> None:
     refuse(problems)
 
 
+# the shortest model.text.max_length that keeps a word: the tokenizer adds [CLS] and [SEP] to each
+# report, and cannot fit them in 1 (it returns the whole report, untruncated)
+MIN_TEXT_LENGTH = 3
+
 # Ranges the schema's types cannot hold: (key, lowest, highest, whether each bound is allowed, what
 # the value means). A value outside trains nonsense without an error (a negative learning rate or
 # clipping norm is gradient ascent, a focal gamma below 0 weights the easy labels most) or fails
@@ -803,7 +815,8 @@ RANGES: tuple[tuple[str, Optional[float], Optional[float], bool, bool, str], ...
     ("model.fusion.heads", 1, None, True, True, "attention heads"),
     ("model.fusion.layers", 1, None, True, True, "attention layers"),
     ("model.head.hidden_dim", 1, None, True, True, "the head's width"),
-    ("model.text.max_length", 1, None, True, True, "report tokens"),
+    ("model.text.max_length", MIN_TEXT_LENGTH, None, True, True,
+     "report tokens: [CLS], [SEP] and one word; 1 turns truncation off, 2 keeps no word"),
     ("model.text.tokenizer_vocab_size", 1, None, True, True, "tokens in a trained WordPiece vocabulary"),
     ("loss.focal_alpha", None, 1, True, True, "the positives' weight; below 0 turns weighting off"),
     ("loss.focal_gamma", 0, None, True, True, "0 is plain BCE; below 0 would weight the easy labels most"),
@@ -1092,6 +1105,21 @@ def length_bucket_problems(text: TextConfig) -> list[str]:
 MIN_IMAGE_SIZE = 16
 
 
+def normalisation_problems(vision: VisionConfig) -> list[str]:
+    """`model.vision.mean` / `std` torchvision's Normalize can use on RGB images: three values each,
+    finite, std > 0. Otherwise torchvision fails (or divides by zero) while the feature cache is built."""
+    problems = []
+    for key in ("mean", "std"):
+        values = [float(v) for v in vision[key]]
+        positive = key == "std"
+        if len(values) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+            problems.append(
+                f"model.vision.{key} must be 3 {'positive ' if positive else ''}values (one per RGB channel), "
+                f"got {values}"
+            )
+    return problems
+
+
 def bench_problems(cfg: DictConfig) -> list[str]:
     """`bench.*` values the benchmark cannot measure with, named at start."""
     b = cfg.bench
@@ -1136,9 +1164,17 @@ def text_runtime_problems(cfg: DictConfig) -> list[str]:
 
 
 def text_host_problems(cfg: DictConfig) -> list[str]:
-    """The packages the text encoder's kernel needs on the machine that runs the job."""
+    """The packages and device the text encoder's kernel needs on the machine that runs the job."""
     uses_text = Modality.text in [Modality(m) for m in cfg.modality.inputs]
-    if not uses_text or TextAttention(cfg.model.text.attention) is not TextAttention.flash_attention_2:
+    attention = TextAttention(cfg.model.text.attention)
+    if uses_text and attention is TextAttention.flex_attention and computes_on_cpu(str(cfg.trainer.device)):
+        # inductor's CPU flex-attention kernel fails on the padded report batches ('index out of
+        # bounds ... cur_qSplitSize') while the feature cache is built, after minutes of compiling
+        return [
+            "model.text.attention=flex_attention runs on CUDA only, and this job computes on the CPU "
+            f"(trainer.device={cfg.trainer.device}); use model.text.attention=sdpa"
+        ]
+    if not uses_text or attention is not TextAttention.flash_attention_2:
         return []
     import importlib.util
 
@@ -1148,6 +1184,14 @@ def text_host_problems(cfg: DictConfig) -> list[str]:
             "on a CUDA machine); model.text.attention=sdpa needs nothing"
         ]
     return []
+
+
+def computes_on_cpu(device: str) -> bool:
+    """Whether `trainer.device` computes on this machine's CPU: `cpu`, or no usable CUDA (`auto`
+    picks the CPU; a machine MDFNET_MACHINE describes as CUDA computes on the CPU here)."""
+    import torch
+
+    return device == "cpu" or not torch.cuda.is_available()
 
 
 def loader_problems(data: DataConfig) -> list[str]:

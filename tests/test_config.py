@@ -237,7 +237,7 @@ def test_an_optimizer_option_not_built_on_its_schema_is_refused(cfg_factory, tmp
         (["phases.stage2.early_stopping_patience=0"], "phases.stage2.early_stopping_patience must be >= 1"),
         (["trainer.max_time=-5"], "trainer.max_time must be a positive duration (or null: no limit), got '-5'"),
         (["trainer.limit_train_batches=0"], "trainer.limit_train_batches must be >= 1"),
-        (["model.text.max_length=0", "model.text.length_buckets=[]"], "model.text.max_length must be >= 1"),
+        (["model.text.max_length=0", "model.text.length_buckets=[]"], "model.text.max_length must be >= 3"),
         (["model.text.tokenizer_vocab_size=0"], "model.text.tokenizer_vocab_size must be >= 1"),
         (["phases.stage1.epochs=2", "phases.stage1.warmup_epochs=3"], "phases.stage1.warmup_epochs (3) must be <= "),
         (["trainer.nnodes=2", "trainer.node_rank=2"], "trainer.node_rank (2) must be < trainer.nnodes (2)"),

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from mdfnet_hydra.config import ConfigError, TextAttention, TextConfig, TextSource, TokenOutput, to_plain
+from mdfnet_hydra.config import ConfigError, TextAttention, TextConfig, TextPooling, TextSource, TokenOutput, to_plain
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -16,11 +16,11 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 class TextEncoder(nn.Module):
     """(input_ids, attention_mask) -> (tokens (B, L, H), padding mask (B, L), True = padding)."""
 
-    def __init__(self, backbone: nn.Module, output: TokenOutput, pooling: str = "cls") -> None:
+    def __init__(self, backbone: nn.Module, output: TokenOutput, pooling: TextPooling = TextPooling.cls) -> None:
         super().__init__()
         self.backbone = backbone
         self.output = TokenOutput(output)
-        self.pooling = pooling
+        self.pooling = TextPooling(pooling)
         self.out_dim = backbone.config.hidden_size
 
     def forward(
@@ -29,7 +29,7 @@ class TextEncoder(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.output is TokenOutput.tokens:
             return hidden, attention_mask == 0
-        if self.pooling == "mean":
+        if self.pooling is TextPooling.mean:
             weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         else:

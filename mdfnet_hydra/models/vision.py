@@ -5,13 +5,16 @@ second hub model we do not use."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from mdfnet_hydra.config import TokenOutput, VisionConfig, VisionSource, to_plain
+from mdfnet_hydra.config import ConfigError, TokenOutput, VisionConfig, VisionSource, to_plain
+
+log = logging.getLogger(__name__)
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -65,6 +68,8 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
         if not tower:
             raise ValueError(f"{cfg.name_or_path}: the weights hold no 'visual.*' (image tower) keys")
         visual.load_state_dict(tower, strict=True)
+        warn_resized_positions(cfg, model_cfg)
+    check_patch_size(visual, cfg.image_size)
     _set_input_size(visual, cfg.image_size)
     return VisionEncoder(visual, cfg.output)
 
@@ -79,6 +84,7 @@ def build_image_transform(cfg: VisionConfig, train: bool = False) -> Callable:
     preprocess: dict[str, Any] = {}
     if cfg.source is VisionSource.pretrained:
         preprocess = dict(load_open_clip_config(cfg.name_or_path).get("preprocess_cfg") or {})
+        check_normalisation(cfg, preprocess)
     return image_transform(
         cfg.image_size,
         is_train=train,
@@ -157,3 +163,60 @@ def _set_input_size(visual: nn.Module, image_size: int) -> None:
         current = getattr(patch_embed, "img_size", None)
         if current is not None and tuple(current) != (image_size, image_size):
             trunk.set_input_size(img_size=image_size)
+
+
+def check_normalisation(cfg: VisionConfig, preprocess: dict[str, Any]) -> None:
+    """A pretrained directory normalises with its own preprocess_cfg (the statistics its weights were
+    trained with). An explicit `model.vision.mean` / `std` would be ignored while it still changed the
+    run's identity and the feature cache key, so one that differs from the schema's default and from
+    the directory's is refused; so is a preprocess_cfg torchvision cannot normalise RGB images with."""
+    defaults = VisionConfig(name="default")
+    for key in ("mean", "std"):
+        own = preprocess.get(key)
+        if own is None:
+            continue
+        if len(own) != 3 or (key == "std" and not all(float(v) > 0 for v in own)):
+            raise ConfigError(
+                f"{cfg.name_or_path}: {OPEN_CLIP_CONFIG}'s preprocess_cfg.{key} must be 3 "
+                f"{'positive ' if key == 'std' else ''}values (one per RGB channel), got {list(own)}"
+            )
+        given = [float(v) for v in getattr(cfg, key)]
+        if given != [float(v) for v in getattr(defaults, key)] and given != [float(v) for v in own]:
+            raise ConfigError(
+                f"model.vision.{key}={given} is not used: the pretrained {cfg.name_or_path} normalises with its "
+                f"{OPEN_CLIP_CONFIG}'s preprocess_cfg.{key} {list(own)}; leave model.vision.{key} unset"
+            )
+
+
+def check_patch_size(visual: nn.Module, image_size: int) -> None:
+    """An image side the ViT's patches do not tile: timm would fail at the first forward pass (an
+    AssertionError, while the feature cache is built); refused at build with the sizes that work."""
+    patch_embed = getattr(getattr(visual, "trunk", None), "patch_embed", None)
+    patch = getattr(patch_embed, "patch_size", None)
+    if patch is None:
+        return
+    side = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    if side < 1 or image_size % side == 0:
+        return
+    below = image_size // side * side
+    nearest = " or ".join(str(n) for n in (below, below + side) if n >= side)
+    raise ConfigError(
+        f"model.vision.image_size={image_size} is not a multiple of the ViT's patch size ({side}): use {nearest}"
+    )
+
+
+def warn_resized_positions(cfg: VisionConfig, model_cfg: dict[str, Any]) -> None:
+    """Pretrained weights at another image size than theirs: timm resamples the position embeddings,
+    which works but is not the model as trained, so the log says so once."""
+    trained = model_cfg.get("vision_cfg", {}).get("image_size")
+    if isinstance(trained, (list, tuple)):  # (height, width): this project's images are square
+        trained = trained[0] if len(set(trained)) == 1 else trained
+    if trained is not None and trained != int(cfg.image_size):
+        log.warning(
+            "model.vision.image_size=%d but %s was trained at %s px: its position embeddings are resampled "
+            "to the new size (model.vision.image_size=%s uses them as trained)",
+            cfg.image_size,
+            cfg.name_or_path,
+            trained,
+            trained,
+        )
