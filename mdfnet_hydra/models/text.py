@@ -244,15 +244,24 @@ def _config_class(model_type: Optional[str]):
 
 def _config_keys(config_class) -> set[str]:
     """The keys `config_class` takes: its defaults, its __init__ arguments, and the older names its
-    code still reads (ModernBERT's global_attn_every_n_layers becomes layer_types)."""
+    code still reads (ModernBERT's global_attn_every_n_layers becomes layer_types): the names and
+    one-word strings of its source, not the words of its docstrings."""
+    import ast
     import inspect
-    import re
+    import textwrap
 
     keys = set(config_class().to_dict()) | set(inspect.signature(config_class.__init__).parameters)
     try:
-        keys |= set(re.findall(r"\b[a-z][a-z0-9_]*\b", inspect.getsource(config_class)))
-    except (OSError, TypeError):  # source not shipped: the defaults and arguments only
-        pass
+        tree = ast.parse(textwrap.dedent(inspect.getsource(config_class)))
+    except (OSError, TypeError, SyntaxError):  # source not shipped: the defaults and arguments only
+        return keys
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            keys.add(node.attr)
+        elif isinstance(node, ast.Name):
+            keys.add(node.id)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+            keys.add(node.value)
     return keys
 
 
