@@ -95,14 +95,63 @@ def _wrap(tokenizer):
 
 
 def build_tokenizer(cfg: TextConfig, train_texts: Sequence[str], saved_json: Optional[str] = None):
-    """The tokenizer: loaded with the pretrained model, restored from a checkpoint, or trained."""
+    """The tokenizer: loaded with the pretrained model, restored from a checkpoint, or trained. A
+    pretrained one is checked against its model's config here, before any report is tokenized."""
     if cfg.source is TextSource.pretrained:
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
-        return _from_pretrained(AutoTokenizer, cfg)
+        tokenizer = _from_pretrained(AutoTokenizer, cfg)
+        check_tokenizer(cfg, tokenizer, _from_pretrained(AutoConfig, cfg))
+        return tokenizer
     if saved_json is not None:
         return tokenizer_from_json(saved_json)
     return train_wordpiece(train_texts, cfg.tokenizer_vocab_size)
+
+
+# the files a transformers tokenizer is read from (one of the vocabulary files is needed)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model")
+
+
+def check_tokenizer(cfg: TextConfig, tokenizer, config) -> None:
+    """Refuse a tokenizer that does not fit its model: one that would turn every report into
+    unknown tokens, ids past the embedding table (an IndexError, a device-side assert on a GPU),
+    or batches that cannot be padded.
+
+    The rule for a vocabulary that was not found: transformers builds a tokenizer of only its
+    special tokens (5 for BERT) when a directory lacks the tokenizer files, and trains on all-[UNK]
+    text without a word. A tokenizer with no token beyond its special ones, or with fewer than half
+    the model's vocab_size, is refused (real tokenizers hold all of vocab_size, or all but a
+    padding to a multiple of 64 or 128)."""
+    where = f"model.text.name_or_path={cfg.name_or_path}"
+    size, vocab_size = len(tokenizer), int(getattr(config, "vocab_size", 0) or 0)
+    words = size - len(set(tokenizer.all_special_ids))
+    if words <= 0 or (vocab_size and size < vocab_size // 2):
+        raise ConfigError(
+            f"{where}: its tokenizer holds {size} tokens ({words} beyond the special tokens) for a model of "
+            f"vocab_size {vocab_size}: the vocabulary was not found ({_tokenizer_files(cfg)}), so every report "
+            "would be unknown tokens; copy the tokenizer files saved with the model into its directory"
+        )
+    if vocab_size and size > vocab_size:
+        raise ConfigError(
+            f"{where}: its tokenizer has {size} tokens but the model's vocab_size is {vocab_size} (config.json): "
+            f"ids from {vocab_size} on have no embedding; use the tokenizer saved with this model"
+        )
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(
+            f"{where}: its tokenizer has no pad token (pad_token in tokenizer_config.json), so reports of "
+            'different lengths cannot be batched; add the model\'s pad token (e.g. "pad_token": "[PAD]") there'
+        )
+
+
+def _tokenizer_files(cfg: TextConfig) -> str:
+    """Which tokenizer files a local directory has and lacks (a hub id: its cache's copy)."""
+    from pathlib import Path
+
+    directory = Path(str(cfg.name_or_path)).expanduser()
+    if not directory.is_dir():
+        return "the tokenizer files of the hub copy"
+    missing = [name for name in TOKENIZER_FILES if not (directory / name).exists()]
+    return f"{directory} has no {', '.join(missing)}"
 
 
 def serialise_tokenizer(cfg: TextConfig, tokenizer) -> Optional[str]:
@@ -113,37 +162,231 @@ def serialise_tokenizer(cfg: TextConfig, tokenizer) -> Optional[str]:
 
 
 def build_text_encoder(cfg: TextConfig, tokenizer) -> TextEncoder:
-    from transformers import AutoConfig, AutoModel
+    """The backbone, checked at build time for every entry point: it must take max_length tokens,
+    fit the tokenizer, and be an encoder (each token sees the whole report)."""
+    from transformers import AutoModel
 
+    attention = TextAttention(cfg.attention).value
     if cfg.source is TextSource.pretrained:
-        backbone = _from_pretrained(AutoModel, cfg, attn_implementation=TextAttention(cfg.attention).value)
+        backbone = _from_pretrained(AutoModel, cfg, attn_implementation=attention)
+        check_tokenizer(cfg, tokenizer, backbone.config)
     else:
-        if not cfg.model_config:
-            raise ValueError(f"model.text '{cfg.name}': source=config needs model_config")
-        kwargs: dict[str, Any] = dict(to_plain(cfg.model_config))
-        model_type = kwargs.pop("model_type")
-        special = {
-            f"{n}_token_id": tokenizer.convert_tokens_to_ids(t)
-            for n, t in (("pad", "[PAD]"), ("cls", "[CLS]"), ("sep", "[SEP]"), ("bos", "[CLS]"), ("eos", "[SEP]"))
-        }
-        config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **special, **kwargs)
-        backbone = AutoModel.from_config(config, attn_implementation=TextAttention(cfg.attention).value)
+        config = _model_config(cfg, tokenizer)
+        try:
+            backbone = AutoModel.from_config(config, attn_implementation=attention)
+        except ValueError as err:  # e.g. hidden_size not a multiple of num_attention_heads
+            raise ConfigError(f"model.text.model_config: {_first_line(err)}; change the sizes it names") from err
+    check_positions(cfg, backbone)
+    check_bidirectional(cfg, backbone, tokenizer)
     return TextEncoder(backbone, cfg.output, cfg.pooling)
 
 
-def _from_pretrained(factory, cfg: TextConfig, **kwargs):
-    """A local directory as is; a hub id from the cache, or the hub when it is reachable."""
-    from pathlib import Path
+# set by the code from the tokenizer trained on the training text: not model_config keys
+FROM_TOKENIZER = ("vocab_size", "pad_token_id", "cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id")
 
+
+def _model_config(cfg: TextConfig, tokenizer):
+    """The transformers config of model.text.model_config (source=config). A key the config class
+    does not know would be kept as an unused attribute (a misspelt hidden_size trains at the
+    default size): refused with the closest known key."""
+    from transformers import AutoConfig
+
+    if not cfg.model_config:
+        raise ConfigError(
+            "model.text.model_config is empty: source=config builds the text encoder from it; give its "
+            "model_type and sizes (see conf/model/text/tiny_modernbert.yaml) or use source=pretrained"
+        )
+    kwargs: dict[str, Any] = dict(to_plain(cfg.model_config))
+    config_class = _config_class(kwargs.pop("model_type", None))
+    given = [key for key in FROM_TOKENIZER if key in kwargs]
+    if given:
+        raise ConfigError(
+            f"model.text.model_config.{given[0]} is set from the tokenizer trained on the training text "
+            f"({', '.join(FROM_TOKENIZER)}): remove it (model.text.tokenizer_vocab_size sets the vocabulary's size)"
+        )
+    known = _config_keys(config_class)
+    for key in kwargs:
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {close[0]}?" if close else f"see {config_class.__name__}'s documentation"
+            raise ConfigError(
+                f"model.text.model_config.{key} is not a setting of {config_class.__name__} "
+                f"(model_type={config_class.model_type}), which would ignore it: {hint}"
+            )
+    special = {
+        f"{n}_token_id": tokenizer.convert_tokens_to_ids(t)
+        for n, t in (("pad", "[PAD]"), ("cls", "[CLS]"), ("sep", "[SEP]"), ("bos", "[CLS]"), ("eos", "[SEP]"))
+    }
+    return AutoConfig.for_model(config_class.model_type, vocab_size=len(tokenizer), **special, **kwargs)
+
+
+def _config_class(model_type: Optional[str]):
+    """transformers' config class of `model_type`; a missing or unknown one refused in one line."""
+    from transformers import CONFIG_MAPPING
+
+    if not model_type:
+        raise ConfigError(
+            "model.text.model_config has no model_type: give the transformers architecture, "
+            "e.g. model.text.model_config.model_type=modernbert (or bert, roberta)"
+        )
+    if model_type not in CONFIG_MAPPING:
+        import difflib
+
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+        raise ConfigError(
+            f"model.text.model_config.model_type={model_type} is not a transformers model type"
+            + (f": did you mean {', '.join(close)}?" if close else ": e.g. modernbert, bert, roberta")
+        )
+    return CONFIG_MAPPING[model_type]
+
+
+def _config_keys(config_class) -> set[str]:
+    """The keys `config_class` takes: its defaults, its __init__ arguments, and the older names its
+    code still reads (ModernBERT's global_attn_every_n_layers becomes layer_types): the names and
+    one-word strings of its source, not the words of its docstrings."""
+    import ast
+    import inspect
+    import textwrap
+
+    keys = set(config_class().to_dict()) | set(inspect.signature(config_class.__init__).parameters)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(config_class)))
+    except (OSError, TypeError, SyntaxError):  # source not shipped: the defaults and arguments only
+        return keys
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            keys.add(node.attr)
+        elif isinstance(node, ast.Name):
+            keys.add(node.id)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+            keys.add(node.value)
+    return keys
+
+
+def check_positions(cfg: TextConfig, backbone: nn.Module) -> None:
+    """Refuse a model.text.max_length longer than the model's positions. A RoBERTa-family model
+    numbers its positions from padding_idx + 1 (its embeddings keep `padding_idx`), so it takes
+    max_position_embeddings - padding_idx - 1 tokens (514 - 1 - 1 = 512 for roberta-base)."""
+    positions = getattr(backbone.config, "max_position_embeddings", None)
+    if not positions:
+        return
+    offset = getattr(getattr(backbone, "embeddings", None), "padding_idx", None)
+    limit = int(positions) - (int(offset) + 1 if isinstance(offset, int) else 0)
+    if int(cfg.max_length) > limit:
+        raise ConfigError(
+            f"model.text.max_length={cfg.max_length} is longer than the text encoder takes ({limit} tokens: "
+            f"max_position_embeddings={positions}{f' - padding_idx {offset} - 1' if limit != positions else ''}); "
+            f"give model.text.max_length={limit} or less"
+        )
+
+
+def check_bidirectional(cfg: TextConfig, backbone: nn.Module, tokenizer) -> None:
+    """Refuse a causal (decoder-only) model such as GPT-2: its first token sees no later token, so
+    output=pooled with cls pooling gives every report the same feature, and its token states see
+    only the report's start. transformers' is_decoder is not set for GPT-2, so the model is asked:
+    two 4-token inputs differing in their last token, one forward pass in eval mode without
+    gradients (about 1 ms on a test-size model; measured cost in docs/configuration.md). An
+    encoder's first state changes; a causal model's stays the same."""
+    ids = [i for i in range(min(len(tokenizer), 64)) if i not in set(tokenizer.all_special_ids)][:5]
+    if len(ids) < 5:
+        return  # no ordinary tokens to probe with (refused earlier for pretrained models)
+    input_ids = torch.tensor([ids[:4], ids[:3] + ids[4:5]])
+    first = _first_states(backbone, input_ids)
+    if torch.allclose(first[0], first[1], rtol=0.0, atol=1e-5 * max(1.0, float(first.abs().max()))):
+        what = f"name_or_path={cfg.name_or_path}" if cfg.source is TextSource.pretrained else "model_config"
+        raise ConfigError(
+            f"model.text.{what} is a causal (decoder-only, {backbone.config.model_type}) model: its first token "
+            "does not see the rest of the report, so every report would get the same pooled feature; use a "
+            "bidirectional encoder (BERT, RoBERTa, ModernBERT)"
+        )
+
+
+def _first_states(backbone: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The first token's last hidden state of each row, in eval mode (dropout off), then the mode
+    the backbone was in is restored."""
+    training, kernel = backbone.training, getattr(backbone.config, "_attn_implementation", None)
+    backbone.eval()
+    if kernel not in (None, "eager", "sdpa"):  # flex compiles, flash needs CUDA: not for 4 tokens
+        backbone.set_attn_implementation("sdpa")
+    try:
+        device = next(backbone.parameters()).device
+        with torch.no_grad():
+            out = backbone(input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids, device=device))
+        return out.last_hidden_state[:, 0].float().cpu()
+    finally:
+        backbone.train(training)
+        if kernel not in (None, "eager", "sdpa"):
+            backbone.set_attn_implementation(kernel)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _from_pretrained(factory, cfg: TextConfig, **kwargs):
+    """A local directory as is; a hub id from the cache, or the hub when it is reachable. What a
+    directory lacks or holds damaged is refused in one line naming it."""
     from mdfnet_hydra.models.hub import hub_reachable, unavailable
 
-    if not cfg.name_or_path:
-        raise ValueError("model.text.name_or_path is required for source=pretrained")
-    if Path(cfg.name_or_path).expanduser().is_dir():
-        return factory.from_pretrained(str(Path(cfg.name_or_path).expanduser()), **kwargs)
+    directory = _local_directory(cfg.name_or_path)
+    if directory is not None:
+        return _load_local(factory, directory, **kwargs)
     try:
         return factory.from_pretrained(cfg.name_or_path, local_files_only=not hub_reachable(), **kwargs)
     except OSError as err:
         raise unavailable(
-            "text encoder", cfg.name_or_path, "model.text.name_or_path=<local model directory>", err
+            "text encoder", str(cfg.name_or_path), "model.text.name_or_path=<local model directory>", err
+        ) from err
+
+
+def _local_directory(name_or_path: Optional[str]):
+    """The directory name_or_path names, None for a hub id. A path (/, ./, ../, ~) that is not a
+    directory is refused here: the hub's 'not in the cache' would mislead."""
+    from pathlib import Path
+
+    if not name_or_path:
+        raise ConfigError(
+            "model.text.name_or_path is not set: source=pretrained needs a model directory or hub id "
+            "(or use source=config with model_config)"
+        )
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if not name_or_path.startswith(("/", "./", "../", "~")):
+        return None
+    if path.exists():
+        raise ConfigError(
+            f"model.text.name_or_path={name_or_path} is a file: give the model's directory (the one holding config.json)"
+        )
+    raise ConfigError(f"model.text.name_or_path={name_or_path}: no such directory; give a saved model's directory")
+
+
+def _load_local(factory, directory, **kwargs):
+    """factory.from_pretrained on a local directory; a library error becomes one line."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    where = f"model.text.name_or_path={directory}"
+    if not (directory / "config.json").is_file():
+        hint = " (an open_clip image model goes in model.vision.name_or_path=local-dir:...)"
+        if not (directory / "open_clip_config.json").is_file():
+            hint = ""
+        raise ConfigError(
+            f"{where} has no config.json: not a saved transformers model{hint}; give the model's directory"
+        )
+    try:
+        return factory.from_pretrained(str(directory), **kwargs)
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused code in a pickle
+        raise ConfigError(
+            f"{where}: its pytorch_model.bin is refused: a pickle holding more than tensors (code may run on "
+            "loading); use a model.safetensors copy from a source you trust"
+        ) from err
+    except (OSError, ValueError, SafetensorError) as err:
+        raise ConfigError(
+            f"{where}: cannot load its {factory.__name__[4:].lower() or 'model'} ({_first_line(err)}); "
+            "copy the whole saved model (config.json, weights, tokenizer files) again"
         ) from err

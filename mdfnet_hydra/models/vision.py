@@ -54,24 +54,60 @@ class VisionEncoder(nn.Module):
 
 
 def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
-    from open_clip.model import _build_vision_tower
-
     if cfg.source is VisionSource.config:
         if not cfg.open_clip_config:
-            raise ValueError(f"model.vision '{cfg.name}': source=config needs open_clip_config")
-        model_cfg = to_plain(cfg.open_clip_config)
-        visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"])
+            raise ConfigError(
+                "model.vision.open_clip_config is empty: source=config builds the image tower from it "
+                "({embed_dim, vision_cfg}, see conf/model/vision); give it or use source=pretrained"
+            )
+        visual = _build_visual(to_plain(cfg.open_clip_config), "model.vision.open_clip_config")
     else:
         model_cfg, state = load_open_clip_files(cfg.name_or_path)
-        visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"])
-        tower = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
-        if not tower:
-            raise ValueError(f"{cfg.name_or_path}: the weights hold no 'visual.*' (image tower) keys")
-        visual.load_state_dict(tower, strict=True)
+        visual = _build_visual(
+            model_cfg, f"model.vision.name_or_path={cfg.name_or_path}: its {OPEN_CLIP_CONFIG} model_cfg"
+        )
+        _load_tower(visual, state, str(cfg.name_or_path))
         warn_resized_positions(cfg, model_cfg)
     check_patch_size(visual, cfg.image_size)
     _set_input_size(visual, cfg.image_size)
     return VisionEncoder(visual, cfg.output)
+
+
+def _build_visual(model_cfg: dict[str, Any], where: str) -> nn.Module:
+    """open_clip's image tower of `model_cfg`; a config it cannot build (a missing key, a misspelt
+    vision_cfg key, an unknown timm model, sizes that do not fit) refused in one line naming `where`."""
+    from open_clip.model import _build_vision_tower
+
+    try:
+        return _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"])
+    except KeyError as err:
+        raise ConfigError(f"{where} has no {err}: give embed_dim and vision_cfg") from err
+    except (TypeError, RuntimeError, ValueError, AssertionError) as err:
+        text = str(err).strip()
+        raise ConfigError(
+            f"{where} cannot build the image tower ({type(err).__name__}: {text.splitlines()[0] if text else ''}); "
+            "fix the setting it names"
+        ) from err
+
+
+def _load_tower(visual: nn.Module, state: dict[str, torch.Tensor], name_or_path: str) -> None:
+    """Load the `visual.*` weights; weights of another architecture are refused in one line naming
+    up to 3 parameters (torch's error lists every one)."""
+    from mdfnet_hydra.checkpoint import weight_differences
+
+    tower = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+    if not tower:
+        raise ConfigError(
+            f"model.vision.name_or_path={name_or_path}: the weights hold no 'visual.*' (image tower) keys; "
+            "give an open_clip model's directory"
+        )
+    differences = weight_differences(visual.state_dict(), tower)
+    if differences:
+        raise ConfigError(
+            f"model.vision.name_or_path={name_or_path}: the weights do not fit the image tower its "
+            f"{OPEN_CLIP_CONFIG} describes ({'; '.join(differences)}): give the config saved with these weights"
+        )
+    visual.load_state_dict(tower, strict=True)
 
 
 def build_image_transform(cfg: VisionConfig, train: bool = False) -> Callable:
@@ -97,39 +133,99 @@ def build_image_transform(cfg: VisionConfig, train: bool = False) -> Callable:
 
 def load_open_clip_config(name_or_path: str | None) -> dict[str, Any]:
     """The whole open_clip_config.json ({model_cfg, preprocess_cfg}) of `local-dir:` / `hf-hub:`."""
-    files = _locate(name_or_path)
-    return json.loads(Path(files[OPEN_CLIP_CONFIG]).read_text())
+    return _read_config(_locate(name_or_path)[OPEN_CLIP_CONFIG], name_or_path)
 
 
 def load_open_clip_files(name_or_path: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read open_clip_config.json's model_cfg and the weights from `local-dir:<dir>` or `hf-hub:<id>`."""
     files = _locate(name_or_path)
-    model_cfg = json.loads(Path(files[OPEN_CLIP_CONFIG]).read_text())["model_cfg"]
+    config = _read_config(files[OPEN_CLIP_CONFIG], name_or_path)
+    if not isinstance(config.get("model_cfg"), dict):
+        raise ConfigError(
+            f"model.vision.name_or_path={name_or_path}: its {OPEN_CLIP_CONFIG} has no model_cfg "
+            "({embed_dim, vision_cfg}): give the open_clip_config.json saved with the model"
+        )
     weights = next((files[w] for w in WEIGHT_FILES if w in files), None)
     if weights is None:
-        raise FileNotFoundError(f"{name_or_path}: none of {WEIGHT_FILES} found")
-    if str(weights).endswith(".safetensors"):
-        from safetensors.torch import load_file
+        raise ConfigError(
+            f"model.vision.name_or_path={name_or_path}: no weights (none of {', '.join(WEIGHT_FILES)}); "
+            "copy the model's weights file into the directory"
+        )
+    return config["model_cfg"], _read_weights(Path(weights), name_or_path)
 
-        state = load_file(str(weights))
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    return model_cfg, state
+
+def _read_config(path: Path, name_or_path: str | None) -> dict[str, Any]:
+    """open_clip_config.json as a dict; a damaged file refused in one line naming it."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"model.vision.name_or_path={name_or_path}: {path} is not valid JSON ({err}); copy it again"
+        ) from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"model.vision.name_or_path={name_or_path}: {path} is not a JSON object; copy it again")
+    return config
+
+
+def _read_weights(path: Path, name_or_path: str | None) -> dict[str, torch.Tensor]:
+    """The weights file's tensors. A pickle holding more than tensors stays refused (torch.load
+    weights_only): in one line, as is a truncated or damaged file."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    where = f"model.vision.name_or_path={name_or_path}: {path.name}"
+    try:
+        if path.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(
+            f"{where} is refused: a pickle holding more than tensors (code may run on loading), or not a "
+            "torch file; use open_clip_model.safetensors from a source you trust"
+        ) from err
+    except (SafetensorError, RuntimeError, EOFError, OSError) as err:
+        text = str(err).strip()
+        raise ConfigError(
+            f"{where} cannot be read ({type(err).__name__}: {text.splitlines()[0] if text else ''}); "
+            "the file is truncated or damaged: copy it again"
+        ) from err
 
 
 def _locate(name_or_path: str | None) -> dict[str, Path]:
     if not name_or_path:
-        raise ValueError("model.vision.name_or_path is required for source=pretrained")
+        raise ConfigError(
+            "model.vision.name_or_path is not set: source=pretrained needs local-dir:<dir> or hf-hub:<id> "
+            "(or use source=config with open_clip_config)"
+        )
     if name_or_path.startswith("local-dir:"):
-        directory = Path(name_or_path[len("local-dir:") :]).expanduser()
-        files = {p.name: p for p in directory.iterdir()} if directory.is_dir() else {}
+        files = _local_files(Path(name_or_path[len("local-dir:") :]).expanduser(), name_or_path)
     elif name_or_path.startswith("hf-hub:"):
         files = _hub_files(name_or_path[len("hf-hub:") :])
     else:
-        raise ValueError(f"model.vision.name_or_path must start with 'hf-hub:' or 'local-dir:', got {name_or_path!r}")
+        hint = f"local-dir:{name_or_path}" if Path(name_or_path).expanduser().is_dir() else "local-dir:<dir>"
+        raise ConfigError(
+            f"model.vision.name_or_path={name_or_path} has no prefix: give {hint} (an open_clip directory) "
+            "or hf-hub:<id>"
+        )
     if OPEN_CLIP_CONFIG not in files:
-        raise FileNotFoundError(f"{name_or_path}: no {OPEN_CLIP_CONFIG} found")
+        hint = " (a transformers text model goes in model.text.name_or_path)" if "config.json" in files else ""
+        raise ConfigError(
+            f"model.vision.name_or_path={name_or_path}: no {OPEN_CLIP_CONFIG}{hint}; give the directory of "
+            "an open_clip model (open_clip_config.json + weights)"
+        )
     return files
+
+
+def _local_files(directory: Path, name_or_path: str) -> dict[str, Path]:
+    """The files of a `local-dir:` directory; one that is missing or a file refused in one line."""
+    if not directory.exists():
+        raise ConfigError(f"model.vision.name_or_path={name_or_path}: no such directory")
+    if not directory.is_dir():
+        raise ConfigError(f"model.vision.name_or_path={name_or_path} is a file: give the model's directory")
+    return {p.name: p for p in directory.iterdir()}
 
 
 def _hub_files(repo_id: str) -> dict[str, Path]:
