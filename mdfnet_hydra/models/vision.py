@@ -23,6 +23,8 @@ class VisionEncoder(nn.Module):
     def __init__(self, visual: nn.Module, output: TokenOutput) -> None:
         super().__init__()
         self.output = TokenOutput(output)
+        # the open_clip config ({model_cfg, preprocess_cfg}) the tower was built from (feature_cache.encoder_architecture)
+        self.open_clip_config: dict[str, Any] = {}
         if self.output is TokenOutput.tokens:
             # The CLS + patch tokens of the trunk; the open_clip projection head is not used.
             self.trunk = visual.trunk
@@ -53,6 +55,7 @@ class VisionEncoder(nn.Module):
 def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
     from open_clip.model import _build_vision_tower
 
+    preprocess_cfg = None
     if cfg.source is VisionSource.config:
         if not cfg.open_clip_config:
             raise ValueError(f"model.vision '{cfg.name}': source=config needs open_clip_config")
@@ -60,13 +63,16 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
         visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"])
     else:
         model_cfg, state = load_open_clip_files(cfg.name_or_path)
+        preprocess_cfg = load_open_clip_config(cfg.name_or_path).get("preprocess_cfg")
         visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"])
         tower = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
         if not tower:
             raise ValueError(f"{cfg.name_or_path}: the weights hold no 'visual.*' (image tower) keys")
         visual.load_state_dict(tower, strict=True)
     _set_input_size(visual, cfg.image_size)
-    return VisionEncoder(visual, cfg.output)
+    encoder = VisionEncoder(visual, cfg.output)
+    encoder.open_clip_config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    return encoder
 
 
 def build_image_transform(cfg: VisionConfig, train: bool = False) -> Callable:
