@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,7 @@ from mdfnet_hydra.job import Job, modality_names, open_job
 from mdfnet_hydra.labels import CHEXPERT_LABELS
 from mdfnet_hydra.losses import describe_loss
 from mdfnet_hydra.metrics import rarest_labels
+from mdfnet_hydra.models.sources import DIGEST_KEY, refuse_changed_encoders
 from mdfnet_hydra.optim import describe_optimizer_config
 from mdfnet_hydra.predictions import file_digest
 from mdfnet_hydra.pruning import PruningTarget
@@ -190,6 +192,7 @@ def _train_phases(
         "label_names": list(CHEXPERT_LABELS),
         "preprocessing": job.prep.state(),
         "config": to_plain(cfg),
+        DIGEST_KEY: _encoder_digests(job, runtime),
     }
     start_from: Path | dict | None = init  # the checkpoint (or its path) the next phase starts from
     start_file = Path(cfg.stage.init_from) if init else None  # ... and the file it came from
@@ -204,9 +207,7 @@ def _train_phases(
         phase_budget = None if budget is None else budget - spent
         digest = file_digest(start_file) if start_file is not None and runtime.is_main else None
         # rank 0 looks at the files and decides; every rank follows
-        finished = json.loads(
-            broadcast_from_main(json.dumps(phase_status(directory, digest) if runtime.is_main else None))
-        )
+        finished = _status_for_all_ranks(runtime, directory, digest, extras[DIGEST_KEY], cfg)
         reopen = _reopen(cfg, name, finished, phase_budget, has_test) if finished is not None else None
         # a phase that trainer.max_time stopped spent the job's budget: no later phase
         out_of_time = budget is not None and (
@@ -255,6 +256,22 @@ def _train_phases(
             break  # the sweep's pruner stopped the trial: no later stage
         start_from = start_file = directory / "checkpoints" / f"{results[name]['selected_checkpoint']}.pth"
     return results
+
+
+def _status_for_all_ranks(
+    runtime: Runtime, directory: Path, digest: str | None, encoders: dict[str, str], cfg: DictConfig
+) -> dict[str, Any] | None:
+    """Rank 0's `phase_status`, or its refusal, on every rank (none waits for a rank that stopped)."""
+    status: dict[str, Any] = {}
+    if runtime.is_main:
+        try:
+            status = {"result": phase_status(directory, digest, encoders, cfg)}
+        except ConfigError as err:
+            status = {"refuse": str(err)}
+    status = json.loads(broadcast_from_main(json.dumps(status)))
+    if "refuse" in status:
+        raise ConfigError(status["refuse"])
+    return status["result"]
 
 
 def _train_phase(
@@ -370,11 +387,33 @@ def start_warnings(cfg: DictConfig) -> list[str]:
 PHASE_RESULT_KEYS = ("stage", "selected_checkpoint", "val", "test", "wall_time_s")
 
 
-def phase_status(directory: Path, started_from: str | None) -> dict[str, Any] | None:
+def _encoder_digests(job: Job, runtime: Runtime) -> dict[str, str]:
+    """The content digests of the job's pretrained encoders (models/sources.py), computed by rank 0
+    (every rank records rank 0's); {} at no cost when none is pretrained."""
+    from mdfnet_hydra.models.sources import encoder_digests, pretrained_modalities
+
+    if not pretrained_modalities(job.cfg.model, job.modalities):
+        return {}
+    started = time.perf_counter()
+    digests = encoder_digests(job.cfg.model, job.modalities, job.prep.tokenizer) if runtime.is_main else None
+    if runtime.is_main:
+        log.info(
+            "pretrained encoders: %s (content digests in %.1fs)",
+            ", ".join(f"{m} {d[:12]}" for m, d in digests.items()),
+            time.perf_counter() - started,
+        )
+    return json.loads(broadcast_from_main(json.dumps(digests)))
+
+
+def phase_status(
+    directory: Path, started_from: str | None, encoders: dict[str, str] | None = None, cfg: DictConfig | None = None
+) -> dict[str, Any] | None:
     """The phase's result if it is complete, else None (it runs, resuming where it can).
 
     A phase trained from another start than this job's (stage 1 trained again since stage 2
-    started from its best) is out of date: its results are moved aside and it runs afresh."""
+    started from its best) is out of date: its results are moved aside and it runs afresh. A
+    complete phase trained from other contents of a pretrained encoder directory (`encoders`: this
+    job's digests) is refused: its results are not this job's, and retraining would replace them."""
     recorded = _recorded_start(directory)
     if started_from is not None and recorded is not None and recorded != started_from:
         aside = move_aside(directory)
@@ -387,7 +426,16 @@ def phase_status(directory: Path, started_from: str | None) -> dict[str, Any] | 
             aside,
         )
         return None
-    return completed_phase(directory)
+    result = completed_phase(directory)
+    if result is not None and encoders:
+        refuse_changed_encoders(
+            f"{directory.name} in {directory.parent} is complete, but it",
+            result.get(DIGEST_KEY),
+            encoders,
+            cfg.model,
+            f"give this job another run directory (hydra.run.dir=...), or move {directory} away to train it again",
+        )
+    return result
 
 
 def _recorded_start(directory: Path) -> str | None:

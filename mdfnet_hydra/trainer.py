@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from mdfnet_hydra.checkpoint import CheckpointManager, is_readable, load_checkpoint, load_weights, move_aside
 from mdfnet_hydra.compiling import CompilePlan, compile_counts
-from mdfnet_hydra.config import CheckpointName, PhaseConfig, Precision, RefusedOnEveryTry, to_plain
+from mdfnet_hydra.config import CheckpointName, ConfigError, PhaseConfig, Precision, RefusedOnEveryTry, to_plain
 from mdfnet_hydra.data.dataset import MultimodalDataset
 from mdfnet_hydra.data.loading import describe_loader, loader_settings
 from mdfnet_hydra.distributed import all_gather_rows, barrier, broadcast_from_main, mean_over_ranks
@@ -33,6 +33,7 @@ from mdfnet_hydra.labels import CHEXPERT_LABELS, tag_name
 from mdfnet_hydra.losses import MultiLabelLoss
 from mdfnet_hydra.metrics import compute_metrics
 from mdfnet_hydra.models.mdfnet import MDFNet
+from mdfnet_hydra.models.sources import DIGEST_KEY, refuse_changed_encoders
 from mdfnet_hydra.optim import build_optimizer, build_scheduler
 from mdfnet_hydra.predictions import save_predictions
 from mdfnet_hydra.run_directory import job_identity, job_restart
@@ -369,7 +370,7 @@ class PhaseTrainer:
         its results; `trainer.resume=false` does that deliberately."""
         decision = json.loads(broadcast_from_main(json.dumps(self._resume_decision() if self.runtime.is_main else {})))
         if decision.get("refuse"):
-            raise DamagedFileError(decision["refuse"])
+            raise (ConfigError if decision.get("user") else DamagedFileError)(decision["refuse"])
         if not decision.get("path"):
             return
         path = Path(decision["path"])
@@ -426,6 +427,17 @@ class PhaseTrainer:
         mismatch = self._schedule_mismatch(PhaseState.from_dict(ckpt["trainer_state"]), path)
         if mismatch:
             return {"refuse": mismatch}
+        try:
+            refuse_changed_encoders(
+                f"{self.name}: {path}",
+                ckpt.get(DIGEST_KEY),
+                self.extras.get(DIGEST_KEY) or {},
+                self.cfg.model,
+                "set trainer.resume=false to train the stage again from the start (its checkpoints are moved "
+                "aside), or give this job another run directory (hydra.run.dir=...)",
+            )
+        except ConfigError as err:  # resuming would train on with the old encoder in the new one's features
+            return {"refuse": str(err), "user": True}
         self._resume_state = ckpt
         return {"path": str(path), "best": self._bests_on_disk(int(ckpt["trainer_state"]["epoch"]))}
 
@@ -929,6 +941,8 @@ class PhaseTrainer:
             "train_samples": len(self.datasets["train"]),
             "wall_time_s": self.state.elapsed_s + (self.unfinished["seconds"] if self.unfinished else 0.0),
             "started_from_sha256": self.extras.get("started_from_sha256"),  # the checkpoint this phase started from
+            # the pretrained encoders' contents it was trained from (models/sources.py)
+            DIGEST_KEY: self.extras.get(DIGEST_KEY) or None,
         }
         if self.state.epoch == 0:  # the time budget ran out before the first epoch
             result.update(selected_checkpoint=None, checkpoint_path=None, best_epoch=None, val=None, test=None)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_encoders import save_hf_encoder
 
 from conftest import SMALL_DATA, make_cfg, run_cli
 from mdfnet_hydra.checkpoint import load_checkpoint
@@ -614,3 +615,68 @@ def test_a_rerun_with_eval_test_evaluates_the_test_split_of_a_stage_finished_wit
     assert {k: v for k, v in second.items() if k != "test"} == {k: v for k, v in first.items() if k != "test"}
     assert {p.name: p.read_bytes() for p in (run_dir / "stage1" / "checkpoints").iterdir()} == checkpoints
     assert json.loads((run_dir / "metrics.json").read_text())["stages"]["stage1"]["test"] == second["test"]
+
+
+def _text_job(run_dir: Path, output_root: Path, encoder: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Stage 1 of the text-only model on a tiny local transformers encoder (a pretrained source)."""
+    return run_cli(
+        "debug=fast",
+        "stage=stage1",
+        "modality=text",
+        "model/text=clinical_modernbert",
+        f"model.text.name_or_path={encoder}",
+        "model.text.max_length=64",
+        *SMALL_DATA,
+        f"paths.root={output_root}",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    )
+
+
+def _replace_weights_in_place(encoder: Path) -> None:
+    """What `cp other/model.safetensors <dir>/` does: other weights under the same name and config."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(encoder / "model.safetensors"))
+    name = sorted(state)[0]
+    state[name] = state[name] + 0.5
+    save_file(state, str(encoder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_a_complete_stage_of_an_encoder_directory_changed_since_is_refused_not_kept(tmp_path, output_root):
+    encoder, run_dir = tmp_path / "bert", tmp_path / "run"
+    save_hf_encoder(encoder, "bert")
+    ok(_text_job(run_dir, output_root, encoder))
+    again = ok(_text_job(run_dir, output_root, encoder))  # the directory as it was: complete, kept
+    assert "stage1: already complete" in again.stdout + again.stderr
+    results = (run_dir / "stage1" / "metrics.json").read_bytes()
+    _replace_weights_in_place(encoder)
+    refused = _text_job(run_dir, output_root, encoder)
+    assert refused.returncode == 1
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("mdfnet_hydra.train: error: stage1 in ") and "is complete" in last
+    assert f"model.text.name_or_path={encoder}" in last and "hydra.run.dir=" in last
+    assert "already complete" not in refused.stdout + refused.stderr
+    assert (run_dir / "stage1" / "metrics.json").read_bytes() == results
+    assert json.loads(results)["encoder_sha256"]["text"], "what the refusal compared with"
+
+
+def test_resuming_a_stage_after_its_encoder_directory_changed_is_refused(tmp_path, output_root):
+    encoder, run_dir = tmp_path / "bert", tmp_path / "run"
+    save_hf_encoder(encoder, "bert")
+    ok(_text_job(run_dir, output_root, encoder, "phases.stage1.epochs=2"))
+    stage1 = run_dir / "stage1"
+    shutil.copyfile(stage1 / "checkpoints" / "epoch_001.pth", stage1 / "checkpoints" / "last.pth")
+    for done in (stage1 / "metrics.json", run_dir / "metrics.json"):
+        done.unlink()  # the job was stopped during the second epoch
+    old = load_checkpoint(stage1 / "checkpoints" / "last.pth").get("encoder_sha256")
+    _replace_weights_in_place(encoder)
+    refused = _text_job(run_dir, output_root, encoder, "phases.stage1.epochs=2")
+    assert refused.returncode == 1
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"mdfnet_hydra.train: error: stage1: {stage1 / 'checkpoints' / 'last.pth'} was trained")
+    assert f"model.text.name_or_path={encoder}" in last and "trainer.resume=false" in last
+    assert load_checkpoint(stage1 / "checkpoints" / "last.pth")["epoch"] == 1, "nothing trained on"
+    ok(_text_job(run_dir, output_root, encoder, "phases.stage1.epochs=2", "trainer.resume=false"))  # the fix it names
+    retrained = json.loads((stage1 / "metrics.json").read_text())
+    assert retrained["epochs_run"] == 2 and retrained["encoder_sha256"]["text"] != old["text"]

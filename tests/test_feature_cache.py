@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from test_encoders import open_clip_dir, save_hf_encoder  # noqa: F401 - a fixture used here
 
 from conftest import make_cfg, run_cli
 from mdfnet_hydra.checkpoint import load_checkpoint
@@ -131,8 +133,6 @@ def test_a_changed_input_changes_the_key(tmp_path, output_root):
     data = tmp_path / "data"
     base = make_cfg(STAGE1, tmp_path / "r", output_root)
     root, _ = load_splits(base.data, 0)
-    import shutil
-
     shutil.copytree(root, data)
     cfg = make_cfg(
         [*STAGE1, "data=processed", f"data.root={data}", "data.small_sample=160"], tmp_path / "r", output_root
@@ -179,6 +179,58 @@ def test_a_changed_input_changes_the_key(tmp_path, output_root):
             pixels = 255 - np.asarray(image)
         Image.fromarray(pixels).save(data / path)
     assert _keys(cfg, output_root)["vision"] != edited["vision"], "the image files changed"
+
+
+def _pretrained_key(directory: Path, modality: str, tmp_path: Path, output_root: Path) -> str:
+    """The cache key of a pretrained encoder loaded from `directory` as a job loads it."""
+    from mdfnet_hydra.config import to_plain
+
+    if modality == "text":
+        chosen = ["model/text=clinical_modernbert", f"model.text.name_or_path={directory}", "model.text.max_length=64"]
+    else:
+        chosen = [
+            "model/vision=biomedclip",
+            f"model.vision.name_or_path=local-dir:{directory}",
+            "model.vision.image_size=64",
+            "model.vision.output=pooled",
+        ]
+    cfg = make_cfg(["debug=fast", "stage=stage1", f"modality={modality}", *chosen], tmp_path / "r", output_root)
+    root, splits = load_splits(cfg.data, int(cfg.seed))
+    prep = Preprocessing.create(cfg.model, [modality], splits["train"])
+    model = build_model(cfg.model, [modality], 0, prep.tokenizer)
+    dataset = prep.dataset(splits["val"], root, cfg.model)
+    return cache_key(model.encoders[modality], to_plain(cfg.model[modality]), dataset, modality, "fp32", "float16")
+
+
+def _edit_json(path: Path, edit) -> None:
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+def test_a_text_model_config_edited_in_place_changes_the_key(tmp_path, output_root):
+    """config.json's hidden_act / layer_norm_eps change the outputs, not the weights: another cache."""
+    directory = tmp_path / "bert"
+    save_hf_encoder(directory, "bert")
+    original = _pretrained_key(directory, "text", tmp_path, output_root)
+    assert _pretrained_key(directory, "text", tmp_path, output_root) == original, "the directory as it was"
+    weights = (directory / "model.safetensors").read_bytes()
+    _edit_json(directory / "config.json", lambda c: c.update(hidden_act="relu"))
+    relu = _pretrained_key(directory, "text", tmp_path, output_root)
+    assert relu != original
+    _edit_json(directory / "config.json", lambda c: c.update(layer_norm_eps=10.0))
+    assert _pretrained_key(directory, "text", tmp_path, output_root) not in (original, relu)
+    assert (directory / "model.safetensors").read_bytes() == weights
+
+
+def test_an_open_clip_model_config_edited_in_place_changes_the_key(tmp_path, output_root, open_clip_dir):  # noqa: F811
+    """open_clip_config.json's timm_pool changes the pooled output, not the weights: another cache."""
+    directory = tmp_path / "biomedclip"
+    shutil.copytree(open_clip_dir[0], directory)
+    original = _pretrained_key(directory, "vision", tmp_path, output_root)
+    assert _pretrained_key(directory, "vision", tmp_path, output_root) == original, "the directory as it was"
+    _edit_json(directory / "open_clip_config.json", lambda c: c["model_cfg"]["vision_cfg"].update(timm_pool="avg"))
+    assert _pretrained_key(directory, "vision", tmp_path, output_root) != original
 
 
 def _build_concurrently(root: str, key: str, marker: str, barrier, use_lock: bool) -> str:

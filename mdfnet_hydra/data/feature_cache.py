@@ -5,7 +5,8 @@ augmentation), every epoch would recompute exactly the same image and text featu
 computed once instead, stored in half precision under `paths.cache_dir/<modality>/<key>/`, and the
 fusion layer and head train from them.
 
-The key is a digest of everything that determines the outputs: the encoder's config and weights,
+The key is a digest of everything that determines the outputs: the encoder's config, its own
+architecture config (a transformers config.json, an open_clip model_cfg) and weights,
 the preprocessing (the image transform, the token ids themselves, which cover tokenizer, max length
 and text), the split's rows (sample ids, image paths, and each image file's size and modification
 time), the compute precision and the storage dtype. A changed input gives another key, never a
@@ -64,6 +65,34 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+# config keys of a transformers backbone that do not change its outputs: where it was loaded from,
+# the library version that saved it, the attention kernel (model.text.attention, a runtime key),
+# the storage dtype (the weights' own dtype is hashed with them) and the class names
+IGNORED_BACKBONE_KEYS = (
+    "_name_or_path",
+    "_commit_hash",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "architectures",
+)
+
+
+def encoder_architecture(encoder: torch.nn.Module) -> dict[str, Any]:
+    """The encoder's own architecture config, which changes its outputs without changing its weights
+    (a config.json's `hidden_act` or `layer_norm_eps`, an open_clip_config.json's `timm_pool`): a
+    transformers backbone's `config.to_dict()` without IGNORED_BACKBONE_KEYS, or the open_clip
+    model_cfg and preprocess_cfg the image tower was built from."""
+    backbone_config = getattr(getattr(encoder, "backbone", None), "config", None)
+    if backbone_config is not None:
+        return {
+            k: v
+            for k, v in backbone_config.to_dict().items()
+            if k not in IGNORED_BACKBONE_KEYS and not k.startswith("_attn_implementation")
+        }
+    return dict(getattr(encoder, "open_clip_config", None) or {})
+
+
 def _image_stat(dataset: MultimodalDataset, index: int, path: Path) -> os.stat_result:
     """The image's size and time for the key; a missing image (deleted after `prepare`, with
     data.verify_images off) fails naming itself privately, as reading it would."""
@@ -104,6 +133,7 @@ def cache_key(
                 "compute": compute,
                 "dtype": dtype,
                 "output": str(getattr(encoder, "output", "")),
+                "architecture": encoder_architecture(encoder),
             },
             sort_keys=True,
             default=str,

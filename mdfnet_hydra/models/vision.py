@@ -26,6 +26,8 @@ class VisionEncoder(nn.Module):
     def __init__(self, visual: nn.Module, output: TokenOutput) -> None:
         super().__init__()
         self.output = TokenOutput(output)
+        # the open_clip config ({model_cfg, preprocess_cfg}) the tower was built from (feature_cache.encoder_architecture)
+        self.open_clip_config: dict[str, Any] = {}
         if self.output is TokenOutput.tokens:
             # The CLS + patch tokens of the trunk; the open_clip projection head is not used.
             self.trunk = visual.trunk
@@ -54,15 +56,18 @@ class VisionEncoder(nn.Module):
 
 
 def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
+    preprocess_cfg = None
     if cfg.source is VisionSource.config:
         if not cfg.open_clip_config:
             raise ConfigError(
                 "model.vision.open_clip_config is empty: source=config builds the image tower from it "
                 "({embed_dim, vision_cfg}, see conf/model/vision); give it or use source=pretrained"
             )
-        visual = _build_visual(to_plain(cfg.open_clip_config), "model.vision.open_clip_config")
+        model_cfg = to_plain(cfg.open_clip_config)
+        visual = _build_visual(model_cfg, "model.vision.open_clip_config")
     else:
         model_cfg, state = load_open_clip_files(cfg.name_or_path)
+        preprocess_cfg = load_open_clip_config(cfg.name_or_path).get("preprocess_cfg")
         visual = _build_visual(
             model_cfg, f"model.vision.name_or_path={cfg.name_or_path}: its {OPEN_CLIP_CONFIG} model_cfg"
         )
@@ -70,7 +75,9 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
         warn_resized_positions(cfg, model_cfg)
     check_patch_size(visual, cfg.image_size)
     _set_input_size(visual, cfg.image_size)
-    return VisionEncoder(visual, cfg.output)
+    encoder = VisionEncoder(visual, cfg.output)
+    encoder.open_clip_config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    return encoder
 
 
 def _build_visual(model_cfg: dict[str, Any], where: str) -> nn.Module:
