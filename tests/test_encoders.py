@@ -258,6 +258,13 @@ def test_a_decoder_only_text_model_is_refused(cfg_factory, tmp_path):
     gpt2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2}
     OmegaConf.update(cfg, "model.text.model_config", gpt2, merge=False)
     refused(lambda: build_text_encoder(cfg.model.text, train_wordpiece(TEXTS, 300)), "model_config", "causal")
+    # a BERT configured as a decoder is causal too; a layer-norm epsilon that flattens every state is not
+    directory = tmp_path / "bert_decoder"
+    save_hf_encoder(directory, "bert", is_decoder=True)
+    refused(lambda: load_text(cfg_factory, directory), str(directory), "causal")
+    directory = tmp_path / "bert_flat"
+    save_hf_encoder(directory, "bert", layer_norm_eps=10.0)
+    load_text(cfg_factory, directory)
 
 
 @pytest.mark.parametrize(
@@ -269,6 +276,10 @@ def test_a_decoder_only_text_model_is_refused(cfg_factory, tmp_path):
         ("~model.text.model_config.model_type", ["has no model_type"]),
         ("model.text.model_config.model_type=modernbertt", ["model_type=modernbertt", "did you mean modernbert"]),
         ("model.text.model_config.num_attention_heads=5", ["model.text.model_config", "attention heads (5)"]),
+        # names ModernBERT's config code uses that are not its settings: kept and never read
+        ("+model.text.model_config.rope_theta=1234.0", ["model_config.rope_theta", "would ignore it"]),
+        ("+model.text.model_config.mean=1", ["model_config.mean", "would ignore it"]),
+        ("+model.text.model_config.reference_compile=true", ["model_config.reference_compile", "would ignore it"]),
     ],
 )
 def test_text_model_config_mistakes_are_refused(cfg_factory, override, parts):
@@ -278,6 +289,18 @@ def test_text_model_config_mistakes_are_refused(cfg_factory, override, parts):
 
     cfg = cfg_factory("model/text=tiny_modernbert", override).model.text
     refused(lambda: build_text_encoder(cfg, train_wordpiece(TEXTS, 300)), *parts)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["global_attn_every_n_layers=1", "global_rope_theta=10000.0", "local_attention=16", "sliding_window=16"],
+)
+def test_modernbert_settings_its_config_takes_are_accepted(cfg_factory, setting):
+    """Older names ModernBERT's config reads from its keyword arguments, and a settable property."""
+    from mdfnet_hydra.models.text import build_text_encoder
+
+    cfg = cfg_factory("model/text=tiny_modernbert", f"++model.text.model_config.{setting}").model.text
+    build_text_encoder(cfg, train_wordpiece(TEXTS, 300))
 
 
 @pytest.mark.parametrize("family, positions, limit", [("bert", 16, 16), ("roberta", 18, 17)])

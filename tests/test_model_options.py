@@ -97,9 +97,14 @@ def test_a_pretrained_preprocess_cfg_torchvision_cannot_apply_names_the_file(cfg
     with pytest.raises(ConfigError) as refused:
         build_image_transform(pretrained(cfg_factory, directory))
     assert str(refused.value) == (
-        f"local-dir:{directory}: open_clip_config.json's preprocess_cfg.mean must be 3 values "
-        "(one per RGB channel), got [0.5, 0.5]"
+        f"model.vision.name_or_path=local-dir:{directory}: its open_clip_config.json's preprocess_cfg.mean must "
+        "be 3 values (one per RGB channel), got [0.5, 0.5]"
     )
+    # a scalar (was a TypeError traceback) and a NaN (accepted) alike
+    for n, bad in enumerate(({"mean": 0.5}, {"std": [0.2, float("nan"), 0.2]})):
+        directory = with_preprocess(open_clip_dir[0], tmp_path / f"bad{n}", bad)
+        with pytest.raises(ConfigError, match=f"preprocess_cfg.{next(iter(bad))} must be 3"):
+            build_image_transform(pretrained(cfg_factory, directory))
 
 
 def test_an_image_size_the_patches_do_not_tile_is_refused_at_build(cfg_factory):
@@ -149,6 +154,10 @@ def test_flex_attention_on_the_cpu_is_refused_at_start(cfg_factory):
         with pytest.raises(ConfigError, match=message):
             validate_config(cfg_factory("modality=text", "model.text.attention=flex_attention"))
     validate_config(cfg_factory("modality=vision", "model.text.attention=flex_attention", "trainer.device=cpu"))
+    # a sweep's own process (a login node without a GPU) leaves the machine's checks to its trials' jobs
+    validate_config(
+        cfg_factory("modality=text", "model.text.attention=flex_attention", "trainer.device=cpu"), host=False
+    )
 
 
 def test_a_pooling_typo_is_refused_by_the_schema(cfg_factory):

@@ -177,7 +177,7 @@ def build_text_encoder(cfg: TextConfig, tokenizer) -> TextEncoder:
         except ValueError as err:  # e.g. hidden_size not a multiple of num_attention_heads
             raise ConfigError(f"model.text.model_config: {_first_line(err)}; change the sizes it names") from err
     check_positions(cfg, backbone)
-    check_bidirectional(cfg, backbone, tokenizer)
+    check_bidirectional(cfg, backbone)
     return TextEncoder(backbone, cfg.output, cfg.pooling)
 
 
@@ -243,25 +243,33 @@ def _config_class(model_type: Optional[str]):
 
 
 def _config_keys(config_class) -> set[str]:
-    """The keys `config_class` takes: its defaults, its __init__ arguments, and the older names its
-    code still reads (ModernBERT's global_attn_every_n_layers becomes layer_types): the names and
-    one-word strings of its source, not the words of its docstrings."""
+    """The keys `config_class` takes: its defaults, its __init__ arguments, its settable properties,
+    and the older names its __init__ takes from **kwargs (`kwargs.get("...")` / `kwargs.pop("...")`
+    in its source: ModernBERT's global_attn_every_n_layers becomes layer_types). Any other key
+    would be kept as an attribute the model never reads."""
     import ast
     import inspect
     import textwrap
 
     keys = set(config_class().to_dict()) | set(inspect.signature(config_class.__init__).parameters)
+    keys |= {name for name, value in inspect.getmembers(config_class) if isinstance(value, property) and value.fset}
+    keys -= {"self", "kwargs", "args"}
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(config_class)))
     except (OSError, TypeError, SyntaxError):  # source not shipped: the defaults and arguments only
         return keys
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute):
-            keys.add(node.attr)
-        elif isinstance(node, ast.Name):
-            keys.add(node.id)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
-            keys.add(node.value)
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("get", "pop")
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "kwargs"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            keys.add(node.args[0].value)
     return keys
 
 
@@ -270,8 +278,8 @@ def check_positions(cfg: TextConfig, backbone: nn.Module) -> None:
     numbers its positions from padding_idx + 1 (its embeddings keep `padding_idx`), so it takes
     max_position_embeddings - padding_idx - 1 tokens (514 - 1 - 1 = 512 for roberta-base)."""
     positions = getattr(backbone.config, "max_position_embeddings", None)
-    if not positions:
-        return
+    if not positions or getattr(backbone.config, "position_biased_input", True) is False:
+        return  # (DeBERTa-v2/v3 without absolute positions: relative ones take longer inputs)
     offset = getattr(getattr(backbone, "embeddings", None), "padding_idx", None)
     limit = int(positions) - (int(offset) + 1 if isinstance(offset, int) else 0)
     if int(cfg.max_length) > limit:
@@ -282,43 +290,25 @@ def check_positions(cfg: TextConfig, backbone: nn.Module) -> None:
         )
 
 
-def check_bidirectional(cfg: TextConfig, backbone: nn.Module, tokenizer) -> None:
+def check_bidirectional(cfg: TextConfig, backbone: nn.Module) -> None:
     """Refuse a causal (decoder-only) model such as GPT-2: its first token sees no later token, so
     output=pooled with cls pooling gives every report the same feature, and its token states see
-    only the report's start. transformers' is_decoder is not set for GPT-2, so the model is asked:
-    two 4-token inputs differing in their last token, one forward pass in eval mode without
-    gradients (about 1 ms on a test-size model; measured cost in docs/configuration.md). An
-    encoder's first state changes; a causal model's stays the same."""
-    ids = [i for i in range(min(len(tokenizer), 64)) if i not in set(tokenizer.all_special_ids)][:5]
-    if len(ids) < 5:
-        return  # no ordinary tokens to probe with (refused earlier for pretrained models)
-    input_ids = torch.tensor([ids[:4], ids[:3] + ids[4:5]])
-    first = _first_states(backbone, input_ids)
-    if torch.allclose(first[0], first[1], rtol=0.0, atol=1e-5 * max(1.0, float(first.abs().max()))):
+    only the report's start. transformers' `is_decoder` is not set for GPT-2, so a model type that
+    transformers builds as a causal LM and never as a masked LM counts as causal too (BERT and
+    RoBERTa are both and are encoders unless `is_decoder`; ModernBERT is a masked LM only)."""
+    from transformers.models.auto import modeling_auto
+
+    config = backbone.config
+    model_type = getattr(config, "model_type", None)
+    causal_lm = model_type in getattr(modeling_auto, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", {})
+    masked_lm = model_type in getattr(modeling_auto, "MODEL_FOR_MASKED_LM_MAPPING_NAMES", {})
+    if getattr(config, "is_decoder", False) or (causal_lm and not masked_lm):
         what = f"name_or_path={cfg.name_or_path}" if cfg.source is TextSource.pretrained else "model_config"
         raise ConfigError(
-            f"model.text.{what} is a causal (decoder-only, {backbone.config.model_type}) model: its first token "
-            "does not see the rest of the report, so every report would get the same pooled feature; use a "
+            f"model.text.{what} is a causal (decoder-only, {model_type}) model: its first token does not "
+            "see the rest of the report, so every report would get the same pooled feature; use a "
             "bidirectional encoder (BERT, RoBERTa, ModernBERT)"
         )
-
-
-def _first_states(backbone: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """The first token's last hidden state of each row, in eval mode (dropout off), then the mode
-    the backbone was in is restored."""
-    training, kernel = backbone.training, getattr(backbone.config, "_attn_implementation", None)
-    backbone.eval()
-    if kernel not in (None, "eager", "sdpa"):  # flex compiles, flash needs CUDA: not for 4 tokens
-        backbone.set_attn_implementation("sdpa")
-    try:
-        device = next(backbone.parameters()).device
-        with torch.no_grad():
-            out = backbone(input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids, device=device))
-        return out.last_hidden_state[:, 0].float().cpu()
-    finally:
-        backbone.train(training)
-        if kernel not in (None, "eager", "sdpa"):
-            backbone.set_attn_implementation(kernel)
 
 
 def _first_line(err: BaseException) -> str:

@@ -278,10 +278,10 @@ def check_normalisation(cfg: VisionConfig, preprocess: dict[str, Any]) -> None:
         own = preprocess.get(key)
         if own is None:
             continue
-        if len(own) != 3 or (key == "std" and not all(float(v) > 0 for v in own)):
+        if not _three_channel_values(own, positive=key == "std"):
             raise ConfigError(
-                f"{cfg.name_or_path}: {OPEN_CLIP_CONFIG}'s preprocess_cfg.{key} must be 3 "
-                f"{'positive ' if key == 'std' else ''}values (one per RGB channel), got {list(own)}"
+                f"model.vision.name_or_path={cfg.name_or_path}: its {OPEN_CLIP_CONFIG}'s preprocess_cfg.{key} must be 3 "
+                f"{'positive ' if key == 'std' else ''}values (one per RGB channel), got {own!r}"
             )
         given = [float(v) for v in getattr(cfg, key)]
         if given != [float(v) for v in getattr(defaults, key)] and given != [float(v) for v in own]:
@@ -289,6 +289,17 @@ def check_normalisation(cfg: VisionConfig, preprocess: dict[str, Any]) -> None:
                 f"model.vision.{key}={given} is not used: the pretrained {cfg.name_or_path} normalises with its "
                 f"{OPEN_CLIP_CONFIG}'s preprocess_cfg.{key} {list(own)}; leave model.vision.{key} unset"
             )
+
+
+def _three_channel_values(values: Any, positive: bool) -> bool:
+    """Three finite numbers (one per RGB channel), each > 0 where `positive`."""
+    import math
+
+    if not isinstance(values, (list, tuple)) or len(values) != 3:
+        return False
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        return False
+    return not positive or all(v > 0 for v in values)
 
 
 def check_patch_size(visual: nn.Module, image_size: int) -> None:
