@@ -45,3 +45,10 @@ def unavailable(kind: str, repo_id: str, option: str, cause: BaseException) -> M
         f"and {why}. On a machine with internet: `huggingface-cli download {repo_id} --local-dir <dir>`, copy "
         f"<dir> here and pass {option}. (cause: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"
     )
+
+
+def first_line(err: BaseException) -> str:
+    """`Type: first line of the message`: a library's error in a one-line refusal (the rest of a
+    multi-line message, e.g. every mismatched parameter, stays in the chained exception)."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mdfnet_hydra.config import ConfigError, TextAttention, TextConfig, TextPooling, TextSource, TokenOutput, to_plain
+from mdfnet_hydra.models.hub import first_line
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -175,7 +176,7 @@ def build_text_encoder(cfg: TextConfig, tokenizer) -> TextEncoder:
         try:
             backbone = AutoModel.from_config(config, attn_implementation=attention)
         except ValueError as err:  # e.g. hidden_size not a multiple of num_attention_heads
-            raise ConfigError(f"model.text.model_config: {_first_line(err)}; change the sizes it names") from err
+            raise ConfigError(f"model.text.model_config: {first_line(err)}; change the sizes it names") from err
     check_positions(cfg, backbone)
     check_bidirectional(cfg, backbone)
     return TextEncoder(backbone, cfg.output, cfg.pooling)
@@ -311,11 +312,6 @@ def check_bidirectional(cfg: TextConfig, backbone: nn.Module) -> None:
         )
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def _from_pretrained(factory, cfg: TextConfig, **kwargs):
     """A local directory as is; a hub id from the cache, or the hub when it is reachable. What a
     directory lacks or holds damaged is refused in one line naming it."""
@@ -377,6 +373,6 @@ def _load_local(factory, directory, **kwargs):
         ) from err
     except (OSError, ValueError, SafetensorError) as err:
         raise ConfigError(
-            f"{where}: cannot load its {factory.__name__[4:].lower() or 'model'} ({_first_line(err)}); "
+            f"{where}: cannot load its {factory.__name__[4:].lower() or 'model'} ({first_line(err)}); "
             "copy the whole saved model (config.json, weights, tokenizer files) again"
         ) from err

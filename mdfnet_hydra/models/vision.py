@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mdfnet_hydra.config import ConfigError, TokenOutput, VisionConfig, VisionSource, to_plain
+from mdfnet_hydra.models.hub import first_line
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,8 @@ def _build_visual(model_cfg: dict[str, Any], where: str) -> nn.Module:
     except KeyError as err:
         raise ConfigError(f"{where} has no {err}: give embed_dim and vision_cfg") from err
     except (TypeError, RuntimeError, ValueError, AssertionError) as err:
-        text = str(err).strip()
         raise ConfigError(
-            f"{where} cannot build the image tower ({type(err).__name__}: {text.splitlines()[0] if text else ''}); "
-            "fix the setting it names"
+            f"{where} cannot build the image tower ({first_line(err)}); fix the setting it names"
         ) from err
 
 
@@ -194,10 +193,8 @@ def _read_weights(path: Path, name_or_path: str | None) -> dict[str, torch.Tenso
             "torch file; use open_clip_model.safetensors from a source you trust"
         ) from err
     except (SafetensorError, RuntimeError, EOFError, OSError) as err:
-        text = str(err).strip()
         raise ConfigError(
-            f"{where} cannot be read ({type(err).__name__}: {text.splitlines()[0] if text else ''}); "
-            "the file is truncated or damaged: copy it again"
+            f"{where} cannot be read ({first_line(err)}); the file is truncated or damaged: copy it again"
         ) from err
 
 
