@@ -259,7 +259,7 @@ def _train_phases(
 
 
 def _status_for_all_ranks(
-    runtime: Runtime, directory: Path, digest: str | None, encoders: dict[str, str], cfg: DictConfig
+    runtime: Runtime, directory: Path, digest: str | None, encoders: dict[str, dict[str, str]], cfg: DictConfig
 ) -> dict[str, Any] | None:
     """Rank 0's `phase_status`, or its refusal, on every rank (none waits for a rank that stopped)."""
     status: dict[str, Any] = {}
@@ -387,33 +387,37 @@ def start_warnings(cfg: DictConfig) -> list[str]:
 PHASE_RESULT_KEYS = ("stage", "selected_checkpoint", "val", "test", "wall_time_s")
 
 
-def _encoder_digests(job: Job, runtime: Runtime) -> dict[str, str]:
-    """The content digests of the job's pretrained encoders (models/sources.py), computed by rank 0
-    (every rank records rank 0's); {} at no cost when none is pretrained."""
+def _encoder_digests(job: Job, runtime: Runtime) -> dict[str, dict[str, str]]:
+    """The file digests of the job's pretrained encoders (models/sources.py), read by rank 0 (every
+    rank records rank 0's); {} at no cost when none is pretrained."""
     from mdfnet_hydra.models.sources import encoder_digests, pretrained_modalities
 
     if not pretrained_modalities(job.cfg.model, job.modalities):
         return {}
     started = time.perf_counter()
-    digests = encoder_digests(job.cfg.model, job.modalities, job.prep.tokenizer) if runtime.is_main else None
+    digests = encoder_digests(job.cfg.model, job.modalities) if runtime.is_main else None
     if runtime.is_main:
         log.info(
-            "pretrained encoders: %s (content digests in %.1fs)",
-            ", ".join(f"{m} {d[:12]}" for m, d in digests.items()),
+            "pretrained encoders: %s (file digests in %.1fs)",
+            ", ".join(f"{m} weights {d['weights'][:12]}" for m, d in digests.items()) or "not readable yet",
             time.perf_counter() - started,
         )
     return json.loads(broadcast_from_main(json.dumps(digests)))
 
 
 def phase_status(
-    directory: Path, started_from: str | None, encoders: dict[str, str] | None = None, cfg: DictConfig | None = None
+    directory: Path,
+    started_from: str | None,
+    encoders: dict[str, dict[str, str]] | None = None,
+    cfg: DictConfig | None = None,
 ) -> dict[str, Any] | None:
     """The phase's result if it is complete, else None (it runs, resuming where it can).
 
     A phase trained from another start than this job's (stage 1 trained again since stage 2
     started from its best) is out of date: its results are moved aside and it runs afresh. A
     complete phase trained from other contents of a pretrained encoder directory (`encoders`: this
-    job's digests) is refused: its results are not this job's, and retraining would replace them."""
+    job's digests; its weights count only where the phase did not start from a checkpoint) is
+    refused: its results are not this job's, and retraining would replace them."""
     recorded = _recorded_start(directory)
     if started_from is not None and recorded is not None and recorded != started_from:
         aside = move_aside(directory)
@@ -433,7 +437,9 @@ def phase_status(
             result.get(DIGEST_KEY),
             encoders,
             cfg.model,
-            f"give this job another run directory (hydra.run.dir=...), or move {directory} away to train it again",
+            f"give this job another run directory (hydra.run.dir=...), or move {directory} out of "
+            f"{directory.parent} to train it again",
+            from_checkpoint=started_from is not None,
         )
     return result
 

@@ -435,6 +435,7 @@ class PhaseTrainer:
                 self.cfg.model,
                 "set trainer.resume=false to train the stage again from the start (its checkpoints are moved "
                 "aside), or give this job another run directory (hydra.run.dir=...)",
+                from_checkpoint=self.extras.get("started_from_sha256") is not None,
             )
         except ConfigError as err:  # resuming would train on with the old encoder in the new one's features
             return {"refuse": str(err), "user": True}

@@ -680,3 +680,24 @@ def test_resuming_a_stage_after_its_encoder_directory_changed_is_refused(tmp_pat
     ok(_text_job(run_dir, output_root, encoder, "phases.stage1.epochs=2", "trainer.resume=false"))  # the fix it names
     retrained = json.loads((stage1 / "metrics.json").read_text())
     assert retrained["epochs_run"] == 2 and retrained["encoder_sha256"]["text"] != old["text"]
+
+
+def test_a_stage_started_from_a_checkpoint_counts_its_encoders_config_and_tokenizer_not_weights(tmp_path, output_root):
+    """Stage 2 from `stage.init_from` takes its encoder weights from that checkpoint: new weights in
+    the directory leave its result this job's (it was refused); a changed tokenizer does not."""
+    encoder, first, second = tmp_path / "bert", tmp_path / "first", tmp_path / "second"
+    save_hf_encoder(encoder, "bert")
+    ok(_text_job(first, output_root, encoder))
+    stage2 = ("stage=stage2", f"stage.init_from={first / 'stage1' / 'checkpoints' / 'best_mean.pth'}")
+    ok(_text_job(second, output_root, encoder, *stage2))
+    recorded = json.loads((second / "stage2" / "metrics.json").read_text())["encoder_sha256"]["text"]
+    assert set(recorded) == {"config", "tokenizer", "weights"}
+    _replace_weights_in_place(encoder)
+    again = ok(_text_job(second, output_root, encoder, *stage2))
+    assert "stage2: already complete" in again.stdout + again.stderr
+    tokenizer = json.loads((encoder / "tokenizer.json").read_text())
+    tokenizer["normalizer"]["lowercase"] = False
+    (encoder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    refused = _text_job(second, output_root, encoder, *stage2)
+    last = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 1 and f"model.text.name_or_path={encoder} (tokenizer changed)" in last

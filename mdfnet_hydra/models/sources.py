@@ -3,26 +3,46 @@
 A run directory's identity is its config (identity.py), and `model.<m>.name_or_path` names a
 directory, not its contents: a directory whose weights, architecture config or tokenizer were
 replaced in place would let a rerun take the old encoder's results as complete, or resume a stage
-whose checkpoint holds the old encoder. Each pretrained encoder of a job therefore gets a content
-digest when it is loaded (its architecture config, its tokenizer for text, and its weights as
-loaded), recorded with every checkpoint and result of a stage (`encoder_sha256`) and compared when a
-later job resumes the stage or finds it complete. Encoders built from a config (the synthetic
-default) have none and cost nothing.
+whose checkpoint holds the old encoder. Each pretrained encoder of a job therefore gets a digest of
+its files, in three parts (its architecture config as parsed, its tokenizer files, its weight
+files), recorded with every checkpoint and result of a stage (`encoder_sha256`) and compared when a
+later job resumes the stage or finds it complete. A phase that starts from a checkpoint (stage 2,
+`stage.init_from`) takes its encoder weights from there, so only config and tokenizer count for it.
+
+The files are read, not the model built: no second load, nothing a library version adds (its
+defaults, a randomly initialised missing weight), nothing that can fail on one rank only. A
+directory that cannot be read gets no digest: loading it fails later, on every rank, with the
+loader's own message. Encoders built from a config (the synthetic default) have none and cost nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Optional
-
-import torch
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 from mdfnet_hydra.config import ConfigError
-from mdfnet_hydra.data.feature_cache import encoder_architecture, weights_digest
+from mdfnet_hydra.data.feature_cache import IGNORED_BACKBONE_KEYS
 
-DIGEST_KEY = "encoder_sha256"  # in checkpoints and a stage's metrics.json: {modality: sha256}
+DIGEST_KEY = "encoder_sha256"  # in checkpoints and a stage's metrics.json: {modality: {part: sha256}}
 PRETRAINED = "pretrained"
+PARTS = ("config", "tokenizer", "weights")
+START_PARTS = ("config", "tokenizer")  # what counts for a phase that starts from a checkpoint
+# what transformers' tokenizers read from a model directory
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
 
 def pretrained_modalities(cfg_model: Any, modalities: list[str]) -> list[str]:
@@ -34,59 +54,101 @@ def pretrained_modalities(cfg_model: Any, modalities: list[str]) -> list[str]:
     ]
 
 
-def tokenizer_digest(tokenizer: Any) -> str:
-    """SHA-256 over what turns text into ids (data/token_cache.py: the fast tokenizer's pipeline
-    without the last call's truncation state) and its special tokens."""
-    from mdfnet_hydra.data.token_cache import tokenizer_digest as pipeline_digest
-
-    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
-    return hashlib.sha256((pipeline_digest(tokenizer) + special).encode()).hexdigest()
-
-
-def encoder_digest(encoder: torch.nn.Module, tokenizer: Any = None) -> str:
-    """SHA-256 over an encoder's architecture config, weights as loaded and (text) tokenizer."""
-    h = hashlib.sha256()
-    h.update(json.dumps(encoder_architecture(encoder), sort_keys=True, default=str).encode())
-    h.update(weights_digest(encoder).encode())
-    if tokenizer is not None:
-        h.update(tokenizer_digest(tokenizer).encode())
-    return h.hexdigest()
-
-
-def encoder_digests(cfg_model: Any, modalities: list[str], tokenizer: Any) -> dict[str, str]:
-    """{modality: digest} of the job's pretrained encoders, each loaded once more for it (about the
-    time of one load); {} without loading anything when none is pretrained. The random state is
-    left as it was, so a job trains as it did before digests existed."""
-    from mdfnet_hydra.models.text import build_text_encoder
-    from mdfnet_hydra.models.vision import build_vision_encoder
-
-    out: dict[str, str] = {}
+def encoder_digests(cfg_model: Any, modalities: list[str]) -> dict[str, dict[str, str]]:
+    """{modality: {part: sha256}} of the job's pretrained encoders whose files can be read now."""
+    out: dict[str, dict[str, str]] = {}
     for modality in pretrained_modalities(cfg_model, modalities):
-        with torch.random.fork_rng(devices=[]):
-            if modality == "vision":
-                out[modality] = encoder_digest(build_vision_encoder(cfg_model.vision))
-            else:
-                out[modality] = encoder_digest(build_text_encoder(cfg_model.text, tokenizer), tokenizer)
+        try:
+            digest = _vision_digest(cfg_model.vision) if modality == "vision" else _text_digest(cfg_model.text)
+        except Exception:  # noqa: BLE001 - unreadable now: the load reports it, on every rank
+            digest = None
+        if digest:
+            out[modality] = digest
     return out
 
 
-def changed_encoders(recorded: Optional[dict], current: dict[str, str], cfg_model: Any) -> list[str]:
-    """`model.<m>.name_or_path=<dir>` for each encoder whose recorded digest differs from now.
-    A stage recorded before digests existed (None, or a modality without one) is accepted."""
-    return [
-        f"model.{m}.name_or_path={cfg_model[m].name_or_path}"
-        for m in sorted(current)
-        if isinstance(recorded, dict) and recorded.get(m) not in (None, current[m])
-    ]
+def _text_digest(cfg: Any) -> Optional[dict[str, str]]:
+    directory = _text_directory(str(cfg.name_or_path))
+    if directory is None:
+        return None
+    config = json.loads((directory / "config.json").read_text())
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    return {
+        "config": _json_digest({k: v for k, v in config.items() if k not in IGNORED_BACKBONE_KEYS}),
+        "tokenizer": _files_digest(p for p in files if p.name in TOKENIZER_FILES),
+        "weights": _files_digest(p for p in files if p.name.endswith(WEIGHT_SUFFIXES)),
+    }
+
+
+def _text_directory(name_or_path: str) -> Optional[Path]:
+    """A local directory as is; a hub id's snapshot in the local cache, else None."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path, local_files_only=True))
+
+
+def _vision_digest(cfg: Any) -> dict[str, str]:
+    from mdfnet_hydra.models.vision import OPEN_CLIP_CONFIG, WEIGHT_FILES, _locate
+
+    files = _locate(cfg.name_or_path)
+    config = json.loads(files[OPEN_CLIP_CONFIG].read_text())
+    weights = next(files[name] for name in WEIGHT_FILES if name in files)  # the file the loader reads
+    return {
+        "config": _json_digest({k: config.get(k) for k in ("model_cfg", "preprocess_cfg")}),
+        "weights": _files_digest([weights]),
+    }
+
+
+def _json_digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _files_digest(paths: Iterable[Path]) -> str:
+    """SHA-256 over each file's name and bytes, in name order."""
+    h = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        h.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def changed_encoders(
+    recorded: Optional[dict], current: dict[str, dict[str, str]], cfg_model: Any, from_checkpoint: bool
+) -> list[str]:
+    """`model.<m>.name_or_path=<dir> (<parts>)` for each encoder whose recorded digest differs from
+    now in a part that counts (weights only where the phase did not start from a checkpoint). A
+    stage recorded before digests existed, or a part not recorded, is accepted."""
+    parts = START_PARTS if from_checkpoint else PARTS
+    out = []
+    for modality in sorted(current):
+        then = recorded.get(modality) if isinstance(recorded, dict) else None
+        if not isinstance(then, dict):
+            continue
+        differ = [p for p in parts if then.get(p) is not None and then.get(p) != current[modality].get(p)]
+        if differ:
+            out.append(
+                f"model.{modality}.name_or_path={cfg_model[modality].name_or_path} ({', '.join(differ)} changed)"
+            )
+    return out
 
 
 def refuse_changed_encoders(
-    where: str, recorded: Optional[dict], current: dict[str, str], cfg_model: Any, fix: str
+    where: str,
+    recorded: Optional[dict],
+    current: dict[str, dict[str, str]],
+    cfg_model: Any,
+    fix: str,
+    from_checkpoint: bool = False,
 ) -> None:
     """A ConfigError naming the encoder directories whose contents changed since `where` was trained."""
-    changed = changed_encoders(recorded, current, cfg_model)
+    changed = changed_encoders(recorded, current, cfg_model, from_checkpoint)
     if changed:
         raise ConfigError(
-            f"{where} was trained from other contents of {', '.join(changed)} (its weights, config or "
-            f"tokenizer changed since): put the directory back as it was, or {fix}"
+            f"{where} was trained from other contents of {', '.join(changed)}: put the directory back as it "
+            f"was, or {fix}"
         )
