@@ -1112,12 +1112,22 @@ def normalisation_problems(vision: VisionConfig) -> list[str]:
     for key in ("mean", "std"):
         values = [float(v) for v in vision[key]]
         positive = key == "std"
-        if len(values) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        if not three_channel_values(values, positive):
             problems.append(
                 f"model.vision.{key} must be 3 {'positive ' if positive else ''}values (one per RGB channel), "
                 f"got {values}"
             )
     return problems
+
+
+def three_channel_values(values: Any, positive: bool) -> bool:
+    """Three finite numbers, one per RGB channel (each > 0 where `positive`): what torchvision's
+    Normalize needs of a mean or std, from a config or a pretrained directory's preprocess_cfg."""
+    if not isinstance(values, (list, tuple)) or len(values) != 3:
+        return False
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        return False
+    return not positive or all(v > 0 for v in values)
 
 
 def bench_problems(cfg: DictConfig) -> list[str]:

@@ -37,6 +37,7 @@ from mdfnet_hydra.config import TEXT_RUNTIME_KEYS
 from mdfnet_hydra.data import cache_store
 from mdfnet_hydra.data.dataset import Collator, MultimodalDataset, padded_length, unreadable_image
 from mdfnet_hydra.data.loading import loader_settings
+from mdfnet_hydra.models.sources import IGNORED_BACKBONE_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +64,6 @@ def weights_digest(module: torch.nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         _update_with_tensor(h, name, tensor)
     return h.hexdigest()
-
-
-# config keys of a transformers backbone that do not change its outputs: where it was loaded from,
-# the library version that saved it, the attention kernel (model.text.attention, a runtime key),
-# the storage dtype (the weights' own dtype is hashed with them) and the class names
-IGNORED_BACKBONE_KEYS = (
-    "_name_or_path",
-    "_commit_hash",
-    "transformers_version",
-    "torch_dtype",
-    "dtype",
-    "architectures",
-)
 
 
 def encoder_architecture(encoder: torch.nn.Module) -> dict[str, Any]:

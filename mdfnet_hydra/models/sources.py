@@ -23,26 +23,27 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from mdfnet_hydra.config import ConfigError
-from mdfnet_hydra.data.feature_cache import IGNORED_BACKBONE_KEYS
+from mdfnet_hydra.models.text import TOKENIZER_FILES, local_directory
 
 DIGEST_KEY = "encoder_sha256"  # in checkpoints and a stage's metrics.json: {modality: {part: sha256}}
 PRETRAINED = "pretrained"
 PARTS = ("config", "tokenizer", "weights")
 START_PARTS = ("config", "tokenizer")  # what counts for a phase that starts from a checkpoint
-# what transformers' tokenizers read from a model directory
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-)
+# the weight files transformers reads (an optimizer.bin or training_args.bin beside them is not the model)
+WEIGHT_PREFIXES = ("model", "pytorch_model")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+# config keys of a transformers backbone that do not change its outputs: where it was loaded from,
+# the library version that saved it, the attention kernel (model.text.attention, a runtime key),
+# the storage dtype (the weights' own dtype is hashed with them) and the class names
+IGNORED_BACKBONE_KEYS = (
+    "_name_or_path",
+    "_commit_hash",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "architectures",
+)
 
 
 def pretrained_modalities(cfg_model: Any, modalities: list[str]) -> list[str]:
@@ -76,17 +77,19 @@ def _text_digest(cfg: Any) -> Optional[dict[str, str]]:
     return {
         "config": _json_digest({k: v for k, v in config.items() if k not in IGNORED_BACKBONE_KEYS}),
         "tokenizer": _files_digest(p for p in files if p.name in TOKENIZER_FILES),
-        "weights": _files_digest(p for p in files if p.name.endswith(WEIGHT_SUFFIXES)),
+        "weights": _files_digest(
+            p for p in files if p.name.startswith(WEIGHT_PREFIXES) and p.name.endswith(WEIGHT_SUFFIXES)
+        ),
     }
 
 
 def _text_directory(name_or_path: str) -> Optional[Path]:
-    """A local directory as is; a hub id's snapshot in the local cache, else None."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
+    """A local directory as the loader finds it (models/text.py); a hub id's snapshot in the local cache."""
     from huggingface_hub import snapshot_download
 
+    path = local_directory(name_or_path)
+    if path is not None:
+        return path
     return Path(snapshot_download(name_or_path, local_files_only=True))
 
 

@@ -12,6 +12,19 @@ from mdfnet_hydra.config import ConfigError, TextAttention, TextConfig, TextPool
 from mdfnet_hydra.models.hub import first_line
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# what transformers' tokenizers read from a model directory
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 
 
 class TextEncoder(nn.Module):
@@ -109,10 +122,6 @@ def build_tokenizer(cfg: TextConfig, train_texts: Sequence[str], saved_json: Opt
     return train_wordpiece(train_texts, cfg.tokenizer_vocab_size)
 
 
-# the files a transformers tokenizer is read from (one of the vocabulary files is needed)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model")
-
-
 def check_tokenizer(cfg: TextConfig, tokenizer, config) -> None:
     """Refuse a tokenizer that does not fit its model: one that would turn every report into
     unknown tokens, ids past the embedding table (an IndexError, a device-side assert on a GPU),
@@ -163,14 +172,14 @@ def serialise_tokenizer(cfg: TextConfig, tokenizer) -> Optional[str]:
 
 
 def build_text_encoder(cfg: TextConfig, tokenizer) -> TextEncoder:
-    """The backbone, checked at build time for every entry point: it must take max_length tokens,
-    fit the tokenizer, and be an encoder (each token sees the whole report)."""
+    """The backbone, checked at build time for every entry point: it must take max_length tokens and
+    be an encoder (each token sees the whole report). A pretrained tokenizer was checked against
+    the same config.json where build_tokenizer loaded it."""
     from transformers import AutoModel
 
     attention = TextAttention(cfg.attention).value
     if cfg.source is TextSource.pretrained:
         backbone = _from_pretrained(AutoModel, cfg, attn_implementation=attention)
-        check_tokenizer(cfg, tokenizer, backbone.config)
     else:
         config = _model_config(cfg, tokenizer)
         try:
@@ -317,7 +326,7 @@ def _from_pretrained(factory, cfg: TextConfig, **kwargs):
     directory lacks or holds damaged is refused in one line naming it."""
     from mdfnet_hydra.models.hub import hub_reachable, unavailable
 
-    directory = _local_directory(cfg.name_or_path)
+    directory = local_directory(cfg.name_or_path)
     if directory is not None:
         return _load_local(factory, directory, **kwargs)
     try:
@@ -328,7 +337,7 @@ def _from_pretrained(factory, cfg: TextConfig, **kwargs):
         ) from err
 
 
-def _local_directory(name_or_path: Optional[str]):
+def local_directory(name_or_path: Optional[str]):
     """The directory name_or_path names, None for a hub id. A path (/, ./, ../, ~) that is not a
     directory is refused here: the hub's 'not in the cache' would mislead."""
     from pathlib import Path

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mdfnet_hydra.config import ConfigError, TokenOutput, VisionConfig, VisionSource, to_plain
+from mdfnet_hydra.config import ConfigError, TokenOutput, VisionConfig, VisionSource, three_channel_values, to_plain
 from mdfnet_hydra.models.hub import first_line
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
         model_cfg = to_plain(cfg.open_clip_config)
         visual = _build_visual(model_cfg, "model.vision.open_clip_config")
     else:
-        model_cfg, state = load_open_clip_files(cfg.name_or_path)
-        preprocess_cfg = load_open_clip_config(cfg.name_or_path).get("preprocess_cfg")
+        config, state = load_open_clip_files(cfg.name_or_path)
+        model_cfg, preprocess_cfg = config["model_cfg"], config.get("preprocess_cfg")
         visual = _build_visual(
             model_cfg, f"model.vision.name_or_path={cfg.name_or_path}: its {OPEN_CLIP_CONFIG} model_cfg"
         )
@@ -143,7 +143,8 @@ def load_open_clip_config(name_or_path: str | None) -> dict[str, Any]:
 
 
 def load_open_clip_files(name_or_path: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read open_clip_config.json's model_cfg and the weights from `local-dir:<dir>` or `hf-hub:<id>`."""
+    """Read open_clip_config.json (its model_cfg checked) and the weights from `local-dir:<dir>` or
+    `hf-hub:<id>`."""
     files = _locate(name_or_path)
     config = _read_config(files[OPEN_CLIP_CONFIG], name_or_path)
     if not isinstance(config.get("model_cfg"), dict):
@@ -157,7 +158,7 @@ def load_open_clip_files(name_or_path: str | None) -> tuple[dict[str, Any], dict
             f"model.vision.name_or_path={name_or_path}: no weights (none of {', '.join(WEIGHT_FILES)}); "
             "copy the model's weights file into the directory"
         )
-    return config["model_cfg"], _read_weights(Path(weights), name_or_path)
+    return config, _read_weights(Path(weights), name_or_path)
 
 
 def _read_config(path: Path, name_or_path: str | None) -> dict[str, Any]:
@@ -275,7 +276,7 @@ def check_normalisation(cfg: VisionConfig, preprocess: dict[str, Any]) -> None:
         own = preprocess.get(key)
         if own is None:
             continue
-        if not _three_channel_values(own, positive=key == "std"):
+        if not three_channel_values(own, positive=key == "std"):
             raise ConfigError(
                 f"model.vision.name_or_path={cfg.name_or_path}: its {OPEN_CLIP_CONFIG}'s preprocess_cfg.{key} must be 3 "
                 f"{'positive ' if key == 'std' else ''}values (one per RGB channel), got {own!r}"
@@ -286,17 +287,6 @@ def check_normalisation(cfg: VisionConfig, preprocess: dict[str, Any]) -> None:
                 f"model.vision.{key}={given} is not used: the pretrained {cfg.name_or_path} normalises with its "
                 f"{OPEN_CLIP_CONFIG}'s preprocess_cfg.{key} {list(own)}; leave model.vision.{key} unset"
             )
-
-
-def _three_channel_values(values: Any, positive: bool) -> bool:
-    """Three finite numbers (one per RGB channel), each > 0 where `positive`."""
-    import math
-
-    if not isinstance(values, (list, tuple)) or len(values) != 3:
-        return False
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-        return False
-    return not positive or all(v > 0 for v in values)
 
 
 def check_patch_size(visual: nn.Module, image_size: int) -> None:
