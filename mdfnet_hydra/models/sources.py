@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from mdfnet_hydra.config import ConfigError
-from mdfnet_hydra.models.text import TOKENIZER_FILES, local_directory
 
 DIGEST_KEY = "encoder_sha256"  # in checkpoints and a stage's metrics.json: {modality: {part: sha256}}
 PRETRAINED = "pretrained"
@@ -69,6 +68,8 @@ def encoder_digests(cfg_model: Any, modalities: list[str]) -> dict[str, dict[str
 
 
 def _text_digest(cfg: Any) -> Optional[dict[str, str]]:
+    from mdfnet_hydra.models.text import TOKENIZER_FILES  # (not at start: a job without text never imports it)
+
     directory = _text_directory(str(cfg.name_or_path))
     if directory is None:
         return None
@@ -86,6 +87,8 @@ def _text_digest(cfg: Any) -> Optional[dict[str, str]]:
 def _text_directory(name_or_path: str) -> Optional[Path]:
     """A local directory as the loader finds it (models/text.py); a hub id's snapshot in the local cache."""
     from huggingface_hub import snapshot_download
+
+    from mdfnet_hydra.models.text import local_directory
 
     path = local_directory(name_or_path)
     if path is not None:
